@@ -1,0 +1,1 @@
+"""gRPC servicers: protobuf <-> domain translation and the one error-to-status mapping."""

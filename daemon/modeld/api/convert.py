@@ -1,0 +1,162 @@
+"""Protobuf <-> domain translation. No behaviour beyond shaping data."""
+
+from typing import Any
+
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from modeld._proto.modeld.v1 import modeld_pb2 as pb
+from modeld.errors import InvalidArgument
+from modeld.events import Event
+from modeld.info import ReplicaInfo
+from modeld.logstore import LogLine
+from modeld.spec import BackendSpec, ModelSpec, Settings
+from modeld.state import ReplicaState
+
+_MAX_SECONDS = 10 * 365 * 86400
+
+
+def timestamp(wall: float | None) -> Timestamp | None:
+    if wall is None:
+        return None
+    ts = Timestamp()
+    ts.FromNanoseconds(int(wall * 1e9))
+    return ts
+
+
+def duration(seconds: float) -> Duration:
+    d = Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+def seconds(field: str, d: Duration) -> float:
+    if d.seconds < 0 or d.nanos < 0 or d.seconds > _MAX_SECONDS:
+        raise InvalidArgument(f"{field} must be between 0 and 10 years")
+    return float(d.ToNanoseconds()) / 1e9
+
+
+def state(s: ReplicaState | None) -> Any:
+    return pb.ReplicaState.Value(s.value) if s else pb.REPLICA_STATE_UNSPECIFIED
+
+
+def protocol(name: str) -> Any:
+    return pb.HTTP if name == "http" else pb.GRPC
+
+
+def spec_from_proto(msg: pb.ModelSpec) -> ModelSpec:
+    def opt(name: str) -> float | None:
+        return seconds(name, getattr(msg, name)) if msg.HasField(name) else None
+
+    return ModelSpec(
+        name=msg.name,
+        backend=msg.backend,
+        model_file=msg.model_file,
+        options=tuple(sorted(msg.options.items())),
+        min_replicas=msg.min_replicas,
+        max_replicas=msg.max_replicas or max(1, msg.min_replicas),
+        pinned=msg.pinned,
+        groups=tuple(msg.groups),
+        idle_ttl=opt("idle_ttl"),
+        lease_ttl=opt("lease_ttl"),
+        busy_timeout=opt("busy_timeout"),
+        memory_estimate=msg.memory_estimate,
+        gpus=msg.gpus if msg.HasField("gpus") else None,
+        gpu_ids=tuple(msg.gpu_ids),
+        source="api",
+    )
+
+
+def spec_to_proto(spec: ModelSpec) -> pb.ModelSpec:
+    msg = pb.ModelSpec(
+        name=spec.name,
+        backend=spec.backend,
+        model_file=spec.model_file,
+        options=dict(spec.options),
+        min_replicas=spec.min_replicas,
+        max_replicas=spec.max_replicas,
+        pinned=spec.pinned,
+        groups=list(spec.groups),
+        memory_estimate=spec.memory_estimate,
+        gpu_ids=list(spec.gpu_ids),
+        source=spec.source,
+    )
+    for name in ("idle_ttl", "lease_ttl", "busy_timeout"):
+        value = getattr(spec, name)
+        if value is not None:
+            getattr(msg, name).CopyFrom(duration(value))
+    if spec.gpus is not None:
+        msg.gpus = spec.gpus
+    return msg
+
+
+def backend_to_proto(backend: BackendSpec) -> pb.Backend:
+    return pb.Backend(
+        name=backend.name, protocol=protocol(backend.protocol), aliases=backend.aliases
+    )
+
+
+def replica_to_proto(info: ReplicaInfo) -> pb.Replica:
+    return pb.Replica(
+        id=info.id,
+        model=info.model,
+        backend=info.backend,
+        state=state(info.state),
+        address=info.address,
+        pid=info.pid or 0,
+        in_flight=info.in_flight,
+        last_used=timestamp(info.last_used),
+        started_at=timestamp(info.started_at),
+        ready_at=timestamp(info.ready_at),
+        gpu=info.gpu,
+        last_error=info.last_error,
+        restarts=info.restarts,
+        memory=info.memory,
+        last_probe_ok=info.last_probe_ok,
+        last_probe_at=timestamp(info.last_probe_at),
+        node_id=info.node_id,
+    )
+
+
+def settings_to_proto(s: Settings) -> pb.Settings:
+    return pb.Settings(
+        busy_timeout=duration(s.busy_timeout),
+        idle_timeout=duration(s.idle_timeout),
+        max_loaded=s.max_loaded,
+        memory_threshold=s.memory_threshold,
+        force_eviction_when_busy=s.force_eviction_when_busy,
+        watchdog_interval=duration(s.watchdog_interval),
+    )
+
+
+def settings_changes(msg: pb.Settings) -> dict[str, Any]:
+    """Only the fields the client set."""
+    changes: dict[str, Any] = {}
+    for name in ("busy_timeout", "idle_timeout", "watchdog_interval"):
+        if msg.HasField(name):
+            changes[name] = seconds(name, getattr(msg, name))
+    for name in ("max_loaded", "memory_threshold", "force_eviction_when_busy"):
+        if msg.HasField(name):
+            changes[name] = getattr(msg, name)
+    return changes
+
+
+def event_to_proto(event: Event) -> pb.Event:
+    return pb.Event(
+        time=timestamp(event.time),
+        replica_id=event.replica_id,
+        model=event.model,
+        from_state=state(event.from_state),
+        to_state=state(event.to_state),
+        reason=event.reason,
+    )
+
+
+def log_line_to_proto(line: LogLine) -> pb.LogLine:
+    return pb.LogLine(
+        time=timestamp(line.time),
+        replica_id=line.replica_id,
+        stream=line.stream,
+        text=line.text,
+        model=line.model,
+    )

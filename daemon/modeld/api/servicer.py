@@ -1,0 +1,238 @@
+"""`modeld.v1.ModelControl`: validates requests, calls the owners, shapes replies."""
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from modeld._proto.modeld.v1 import modeld_pb2 as pb
+from modeld._proto.modeld.v1 import modeld_pb2_grpc as pb_grpc
+from modeld.api import convert
+from modeld.api.status import deadline_of, stream, unary
+from modeld.catalog import Catalog
+from modeld.clock import Clock
+from modeld.errors import FailedPrecondition, InvalidArgument, NotFound
+from modeld.events import EventBus
+from modeld.logstore import LogStore
+from modeld.router import Router
+from modeld.settings_store import SettingsStore
+from modeld.spec import check_name
+
+# Without a client deadline, a Route or Load waits at most this long for a start.
+DEFAULT_WAIT = 600.0
+MAX_LOG_TAIL = 10_000
+MAX_REPLICAS_PER_LOAD = 64
+
+
+class ModelControl(pb_grpc.ModelControlServicer):
+    def __init__(
+        self,
+        *,
+        clock: Clock,
+        catalog: Catalog,
+        router: Router,
+        settings: SettingsStore,
+        logs: LogStore,
+        events: EventBus,
+    ) -> None:
+        self._clock = clock
+        self._catalog = catalog
+        self._router = router
+        self._settings = settings
+        self._logs = logs
+        self._events = events
+
+    def _model(self, name: str) -> str:
+        check_name("model", name)
+        self._catalog.get(name)
+        return name
+
+    @unary
+    async def Ping(
+        self, request: pb.PingRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PingResponse:
+        return pb.PingResponse()
+
+    @unary
+    async def Route(
+        self, request: pb.RouteRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RouteResponse:
+        model = self._model(request.model)
+        deadline = deadline_of(context, self._clock.monotonic(), DEFAULT_WAIT)
+        lease = await self._router.route(model, deadline)
+        return pb.RouteResponse(
+            lease_id=lease.id,
+            replica_id=lease.replica_id,
+            address=lease.address,
+            protocol=convert.protocol(lease.protocol),
+            lease_expires_at=convert.timestamp(lease.expires_wall),
+            cold_start=lease.cold_start,
+        )
+
+    @unary
+    async def Release(
+        self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReleaseResponse:
+        if not request.lease_id:
+            raise InvalidArgument("lease_id is empty")
+        if request.outcome not in pb.ReleaseOutcome.values():
+            raise InvalidArgument(f"outcome {request.outcome} is not a known ReleaseOutcome")
+        outcome = pb.ReleaseOutcome.Name(request.outcome)
+        released = self._router.release(request.lease_id, outcome)
+        return pb.ReleaseResponse(released=released)
+
+    @unary
+    async def RenewLease(
+        self, request: pb.RenewLeaseRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RenewLeaseResponse:
+        if not request.lease_id:
+            raise InvalidArgument("lease_id is empty")
+        expires = self._router.renew(request.lease_id)
+        return pb.RenewLeaseResponse(lease_expires_at=convert.timestamp(expires))
+
+    @unary
+    async def Load(
+        self, request: pb.LoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LoadResponse:
+        model = self._model(request.model)
+        if not 0 <= request.replicas <= MAX_REPLICAS_PER_LOAD:
+            raise InvalidArgument(f"replicas must be 0..{MAX_REPLICAS_PER_LOAD}")
+        deadline = deadline_of(context, self._clock.monotonic(), DEFAULT_WAIT)
+        infos = await self._router.load(model, request.replicas or 1, deadline)
+        return pb.LoadResponse(replicas=[convert.replica_to_proto(i) for i in infos])
+
+    @unary
+    async def Unload(
+        self, request: pb.UnloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UnloadResponse:
+        target = request.WhichOneof("target")
+        if target is None:
+            raise InvalidArgument("name a model or a replica_id to unload")
+        drain = (
+            convert.seconds("drain_timeout", request.drain_timeout)
+            if request.HasField("drain_timeout")
+            else None
+        )
+        if target == "model":
+            check_name("model", request.model)
+            infos = await self._router.unload_model(request.model, request.force, drain)
+        else:
+            infos = await self._router.unload_replica(request.replica_id, request.force, drain)
+        return pb.UnloadResponse(stopped=[convert.replica_to_proto(i) for i in infos])
+
+    @unary
+    async def Health(
+        self, request: pb.HealthRequest, context: grpc.aio.ServicerContext
+    ) -> pb.HealthResponse:
+        models = (
+            [self._model(request.model)]
+            if request.model
+            else [s.name for s in self._catalog.list()]
+        )
+        report = await self._router.health(models, probe=request.probe)
+        return pb.HealthResponse(
+            models=[
+                pb.ModelHealth(model=m, replicas=[convert.replica_to_proto(i) for i in infos])
+                for m, infos in report.items()
+            ]
+        )
+
+    @unary
+    async def PutModel(
+        self, request: pb.PutModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelSpec:
+        if not request.HasField("spec"):
+            raise InvalidArgument("spec is required")
+        spec = await self._catalog.put(convert.spec_from_proto(request.spec))
+        return convert.spec_to_proto(spec)
+
+    @unary
+    async def DeleteModel(
+        self, request: pb.DeleteModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteModelResponse:
+        check_name("model", request.name)
+        if self._router.has_live(request.name):
+            raise FailedPrecondition(
+                f"model {request.name!r} has running replicas; Unload it first"
+            )
+        return pb.DeleteModelResponse(deleted=await self._catalog.delete(request.name))
+
+    @unary
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(
+            models=[convert.spec_to_proto(s) for s in self._catalog.list()]
+        )
+
+    @unary
+    async def ListBackends(
+        self, request: pb.ListBackendsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListBackendsResponse:
+        backends = [self._catalog.backends[n] for n in sorted(self._catalog.backends)]
+        return pb.ListBackendsResponse(backends=[convert.backend_to_proto(b) for b in backends])
+
+    @unary
+    async def ListReplicas(
+        self, request: pb.ListReplicasRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListReplicasResponse:
+        model = self._model(request.model) if request.model else None
+        infos = self._router.replicas(model)
+        return pb.ListReplicasResponse(replicas=[convert.replica_to_proto(i) for i in infos])
+
+    @unary
+    async def GetSettings(
+        self, request: pb.GetSettingsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Settings:
+        return convert.settings_to_proto(self._settings.current)
+
+    @unary
+    async def UpdateSettings(
+        self, request: pb.UpdateSettingsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Settings:
+        changes = convert.settings_changes(request.settings)
+        return convert.settings_to_proto(await self._settings.update(changes))
+
+    @stream
+    async def StreamLogs(
+        self, request: pb.StreamLogsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.LogLine]:
+        model, replica_id = self._log_target(request)
+        if not 0 <= request.tail <= MAX_LOG_TAIL:
+            raise InvalidArgument(f"tail must be 0..{MAX_LOG_TAIL}")
+        subscription = (
+            self._logs.subscribe(model=model, replica_id=replica_id) if request.follow else None
+        )
+        try:
+            for line in self._logs.tail(model=model, replica_id=replica_id, n=request.tail):
+                yield convert.log_line_to_proto(line)
+            if subscription is not None:
+                async for line in subscription:
+                    yield convert.log_line_to_proto(line)
+        finally:
+            if subscription is not None:
+                subscription.close()
+
+    def _log_target(self, request: pb.StreamLogsRequest) -> tuple[str | None, str | None]:
+        target = request.WhichOneof("target")
+        if target == "model":
+            model = self._model(request.model)
+            return model, None
+        if target == "replica_id":
+            if not self._logs.knows_replica(request.replica_id):
+                raise NotFound(
+                    f"replica {request.replica_id[:64]!r} has no logs (unknown or long gone)"
+                )
+            return None, request.replica_id
+        raise InvalidArgument("name a model or a replica_id")
+
+    @stream
+    async def WatchEvents(
+        self, request: pb.WatchEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.Event]:
+        model = self._model(request.model) if request.model else None
+        subscription = self._events.subscribe(model)
+        try:
+            async for event in subscription:
+                yield convert.event_to_proto(event)
+        finally:
+            subscription.close()

@@ -1,0 +1,130 @@
+"""The one place where domain errors become gRPC status codes.
+
+Every servicer method is wrapped by `unary` or `stream`: they bind a request id,
+log one canonical line per RPC, and turn a domain error into its status. An
+unexpected exception is logged with its traceback and reported as UNAVAILABLE
+with the request id, so a client never sees INTERNAL or a traceback.
+"""
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import wraps
+from typing import Any, TypeVar
+
+import grpc
+import structlog
+
+from modeld import errors
+
+log = structlog.get_logger(__name__)
+
+CODES: dict[type[errors.ModeldError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+S = TypeVar("S")
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+def status_of(exc: errors.ModeldError) -> grpc.StatusCode:
+    for kind in type(exc).__mro__:
+        if kind in CODES:
+            return CODES[kind]
+    return grpc.StatusCode.UNAVAILABLE
+
+
+def _begin(method: str, context: grpc.aio.ServicerContext) -> str:
+    request_id = uuid.uuid4().hex[:16]
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=request_id, method=method)
+    return request_id
+
+
+def _reply_for(exc: Exception, request_id: str) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, errors.ModeldError):
+        code = status_of(exc)
+        return code, str(exc) or code.name
+    log.exception("rpc_unexpected_error")
+    return (
+        grpc.StatusCode.UNAVAILABLE,
+        f"modeld hit an unexpected error (request {request_id}); see its log",
+    )
+
+
+def _finish(method: str, context: grpc.aio.ServicerContext, code: str, started: float) -> None:
+    log.debug(
+        "rpc",
+        method=method,
+        peer=context.peer(),
+        code=code,
+        duration_ms=round((time.perf_counter() - started) * 1000, 3),
+    )
+
+
+def unary(
+    fn: Callable[[S, Req, grpc.aio.ServicerContext], Awaitable[Resp]],
+) -> Callable[[S, Req, grpc.aio.ServicerContext], Awaitable[Resp]]:
+    method = fn.__name__
+
+    @wraps(fn)
+    async def wrapper(self: S, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+        started = time.perf_counter()
+        request_id = _begin(method, context)
+        code = "OK"
+        try:
+            return await fn(self, request, context)
+        except grpc.aio.AbortError:
+            code = "ABORTED"
+            raise
+        except Exception as exc:
+            status, message = _reply_for(exc, request_id)
+            code = status.name
+            await context.abort(status, message)
+            raise
+        finally:
+            _finish(method, context, code, started)
+
+    return wrapper
+
+
+def stream(
+    fn: Callable[[S, Req, grpc.aio.ServicerContext], AsyncIterator[Resp]],
+) -> Callable[[S, Req, grpc.aio.ServicerContext], AsyncIterator[Resp]]:
+    method = fn.__name__
+
+    @wraps(fn)
+    async def wrapper(
+        self: S, request: Req, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Resp]:
+        started = time.perf_counter()
+        request_id = _begin(method, context)
+        code = "OK"
+        try:
+            async for item in fn(self, request, context):
+                yield item
+        except grpc.aio.AbortError:
+            code = "ABORTED"
+            raise
+        except Exception as exc:
+            status, message = _reply_for(exc, request_id)
+            code = status.name
+            await context.abort(status, message)
+        finally:
+            _finish(method, context, code, started)
+
+    return wrapper
+
+
+def deadline_of(context: grpc.aio.ServicerContext, now: float, default: float) -> float:
+    """The caller's deadline as a monotonic time, or now + default when it set none."""
+    remaining: Any = context.time_remaining()
+    if remaining is None:
+        return now + default
+    return now + max(float(remaining), 0.0)

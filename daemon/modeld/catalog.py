@@ -1,0 +1,100 @@
+"""The model catalog: owns the merged set of model specs (config file + API).
+
+Specs from the config file are rewritten into the registry at every start (so
+tools reading the database see what runs); specs put through the API are
+durable and survive restarts. A config spec wins over an API spec of the same
+name, and the API may not overwrite or delete a config spec.
+"""
+
+from collections.abc import Mapping
+from dataclasses import replace
+
+import structlog
+
+from modeld.errors import FailedPrecondition, NotFound
+from modeld.registry import Registry
+from modeld.spec import BackendSpec, ModelSpec, check_model_spec
+
+log = structlog.get_logger(__name__)
+
+
+class Catalog:
+    def __init__(
+        self,
+        registry: Registry,
+        backends: Mapping[str, BackendSpec],
+        aliases: Mapping[str, str],
+        config_models: Mapping[str, ModelSpec],
+    ) -> None:
+        self._registry = registry
+        self.backends = dict(backends)
+        self.aliases = dict(aliases)
+        self._config_models = dict(config_models)
+        self._models: dict[str, ModelSpec] = {}
+
+    async def load(self) -> None:
+        """Merge durable API specs with the config's, and write the config's through."""
+        stored = {spec.name: spec for spec in await self._registry.list_models()}
+        merged: dict[str, ModelSpec] = {}
+        for name, spec in stored.items():
+            if spec.source == "config" and name not in self._config_models:
+                await self._registry.delete_model(name)
+            elif spec.source != "config":
+                merged[name] = spec
+        for name, spec in self._config_models.items():
+            if merged.get(name, spec).source != "config":
+                log.warning("config_model_shadows_api_model", model=name)
+            merged[name] = spec.with_source("config")
+            await self._registry.put_model(merged[name])
+        self._models = merged
+
+    def get(self, name: str) -> ModelSpec:
+        spec = self._models.get(name)
+        if spec is None:
+            raise NotFound(
+                f"model {name!r} is not defined; ListModels shows the models modeld knows"
+            )
+        return spec
+
+    def backend(self, name: str) -> BackendSpec:
+        backend = self.backends.get(self.aliases.get(name, name))
+        if backend is None:
+            raise NotFound(f"backend {name!r} is not in the catalog")
+        return backend
+
+    def list(self) -> list[ModelSpec]:
+        return [self._models[name] for name in sorted(self._models)]
+
+    async def put(self, spec: ModelSpec) -> ModelSpec:
+        spec = spec.with_source("api")
+        spec = check_model_spec(spec, self._backends_with_aliases())
+        spec = _canonical_backend(spec, self.aliases)
+        if spec.name in self._config_models:
+            raise FailedPrecondition(
+                f"model {spec.name!r} is defined in the config file; change it there"
+            )
+        await self._registry.put_model(spec)
+        self._models[spec.name] = spec
+        log.info("model_put", model=spec.name, backend=spec.backend)
+        return spec
+
+    async def delete(self, name: str) -> bool:
+        if name in self._config_models:
+            raise FailedPrecondition(
+                f"model {name!r} is defined in the config file; remove it there"
+            )
+        if name not in self._models:
+            return False
+        await self._registry.delete_model(name)
+        del self._models[name]
+        log.info("model_deleted", model=name)
+        return True
+
+    def _backends_with_aliases(self) -> dict[str, BackendSpec]:
+        out = dict(self.backends)
+        out.update({alias: self.backends[target] for alias, target in self.aliases.items()})
+        return out
+
+
+def _canonical_backend(spec: ModelSpec, aliases: Mapping[str, str]) -> ModelSpec:
+    return replace(spec, backend=aliases.get(spec.backend, spec.backend))

@@ -1,0 +1,1 @@
+"""The `modeld` command: `serve` and client verbs for people."""

@@ -1,0 +1,82 @@
+"""`modeld`: the daemon (`serve`), `config show`, and client verbs for people."""
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from modeld import __version__, config, logconfig
+from modeld.errors import ConfigError, RegistryError
+
+
+def _serve_args(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run the daemon in the foreground")
+    _config_flags(p)
+    p.set_defaults(func=_serve)
+
+
+def _config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML config file (also MODELD_CONFIG)")
+    p.add_argument("--listen", action="append", help="address to serve on; repeatable")
+    p.add_argument("--state-dir", help="directory of the registry database")
+    p.add_argument("--models-dir", help="directory model files are resolved in")
+    p.add_argument("--log-level", help="debug, info, warning or error")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    pairs = {
+        "listen": args.listen,
+        "state_dir": args.state_dir,
+        "models_dir": args.models_dir,
+        "log_level": args.log_level,
+    }
+    return {k: v for k, v in pairs.items() if v is not None}
+
+
+def _load_config(args: argparse.Namespace) -> config.Config:
+    return config.load(args.config, overrides=_overrides(args))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    cfg = _load_config(args)
+    logconfig.configure(cfg.log_level, cfg.log_format)
+    from modeld.cli.serve import run
+
+    return run(cfg)
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    print(_load_config(args).show())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modeld", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"modeld {__version__}")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    _serve_args(sub)
+    cfg = sub.add_parser("config", help="inspect the configuration")
+    cfg_sub = cfg.add_subparsers(dest="config_verb", required=True, metavar="VERB")
+    show = cfg_sub.add_parser("show", help="print the effective configuration")
+    _config_flags(show)
+    show.set_defaults(func=_config_show)
+    from modeld.cli.client import add_client_verbs
+
+    add_client_verbs(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except (ConfigError, RegistryError) as exc:
+        print(f"modeld: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""`modeld serve`: run the Daemon on uvloop until SIGTERM/SIGINT.
+
+The first signal shuts down gracefully; a second one kills every backend at
+once and exits, so even an impatient operator leaves no orphans behind.
+"""
+
+import asyncio
+import os
+import signal
+import sys
+
+import structlog
+import uvloop
+
+from modeld.config import Config
+from modeld.errors import ConfigError, RegistryError
+from modeld.server import Daemon
+
+log = structlog.get_logger(__name__)
+EXIT_FAST = 130
+
+
+def run(cfg: Config) -> int:
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(_main(cfg))
+
+
+async def _main(cfg: Config) -> int:
+    daemon = Daemon(cfg)
+    loop = asyncio.get_running_loop()
+    signals_seen = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen == 1:
+            log.info("signal_received", signal=signal.Signals(signum).name)
+            daemon.request_stop()
+            return
+        log.warning("second_signal_fast_exit", signal=signal.Signals(signum).name)
+        daemon.kill_backends()
+        os._exit(EXIT_FAST)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        await daemon.start()
+    except (ConfigError, RegistryError) as exc:
+        print(f"modeld: {exc}", file=sys.stderr)
+        await daemon.shutdown()
+        return 2
+    await daemon.run_until_stopped()
+    return 0

@@ -1,0 +1,406 @@
+"""The daemon's configuration: one frozen object built once.
+
+Sources, later ones winning: the embedded defaults, the TOML file (`--config`),
+`MODELD_*` environment variables, then command-line flags. Every key is parsed
+by the schema below; an unknown key or a bad value is a ConfigError naming it.
+"""
+
+import json
+import os
+import sys
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from modeld.errors import ConfigError, InvalidArgument
+from modeld.spec import (
+    BackendSpec,
+    ModelSpec,
+    Settings,
+    check_model_spec,
+    check_name,
+    check_settings,
+)
+from modeld.units import parse_duration, parse_size
+
+Parser = Callable[[Any], Any]
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"expected a string, got {v!r}")
+    return v
+
+
+def _int(v: Any) -> int:
+    if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+        return int(v)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"expected an integer, got {v!r}")
+    return v
+
+
+def _float(v: Any) -> float:
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            pass
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise ValueError(f"expected a number, got {v!r}")
+    return float(v)
+
+
+def _bool(v: Any) -> bool:
+    if isinstance(v, str) and v.lower() in ("true", "1", "yes", "false", "0", "no"):
+        return v.lower() in ("true", "1", "yes")
+    if not isinstance(v, bool):
+        raise ValueError(f"expected true or false, got {v!r}")
+    return v
+
+
+def _str_list(v: Any) -> tuple[str, ...]:
+    if isinstance(v, str):
+        v = [part.strip() for part in v.split(",") if part.strip()]
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise ValueError(f"expected a list of strings, got {v!r}")
+    return tuple(v)
+
+
+def _int_list(v: Any) -> tuple[int, ...]:
+    if not isinstance(v, list):
+        raise ValueError(f"expected a list of integers, got {v!r}")
+    return tuple(_int(x) for x in v)
+
+
+def _str_map(v: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(v, dict):
+        raise ValueError(f"expected a table, got {v!r}")
+    out = []
+    for key, value in v.items():
+        if isinstance(value, dict | list):
+            raise ValueError(f"{key}: expected a string, number or boolean, got {value!r}")
+        out.append((str(key), str(value).lower() if isinstance(value, bool) else str(value)))
+    return tuple(sorted(out))
+
+
+def _mode(v: Any) -> int:
+    if isinstance(v, str):
+        try:
+            v = int(v, 8)
+        except ValueError:
+            raise ValueError(f'expected an octal mode like "0660", got {v!r}') from None
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 0o777:
+        raise ValueError(f"expected a file mode 0..0777, got {v!r}")
+    return v
+
+
+def _choice(*options: str) -> Parser:
+    def parse(v: Any) -> str:
+        if not isinstance(v, str) or v.lower() not in options:
+            raise ValueError(f"expected one of {', '.join(options)}, got {v!r}")
+        return v.lower()
+
+    return parse
+
+
+TOP: dict[str, Parser] = {
+    "listen": _str_list,
+    "state_dir": _str,
+    "models_dir": _str,
+    "log_level": _choice("debug", "info", "warning", "error"),
+    "log_format": _choice("auto", "json", "console"),
+    "socket_mode": _mode,
+    "synchronous": _choice("off", "normal", "full", "extra"),
+    "node_id": _str,
+    "shutdown_grace": parse_duration,
+    "max_message_bytes": _int,
+}
+TABLES: dict[str, dict[str, Parser]] = {
+    "watchdog": {
+        "busy_timeout": parse_duration,
+        "idle_timeout": parse_duration,
+        "max_loaded": _int,
+        "memory_threshold": _float,
+        "force_eviction_when_busy": _bool,
+        "watchdog_interval": parse_duration,
+    },
+    "routing": {
+        "lease_ttl": parse_duration,
+        "probe_ttl": parse_duration,
+        "scale_up_in_flight": _int,
+    },
+    "logs": {"ring_lines": _int, "keep_stopped": _int, "subscriber_queue": _int},
+    "resources": {"fake_path": _str},
+}
+BACKEND_KEYS: dict[str, Parser] = {
+    "command": _str_list,
+    "protocol": _choice("grpc", "http"),
+    "health_path": _str,
+    "env": _str_map,
+    "workdir": _str,
+    "aliases": _str_list,
+    "ready_timeout": parse_duration,
+    "ready_ceiling": parse_duration,
+    "stop_grace": parse_duration,
+    "max_output_line": _int,
+    "start_attempts": _int,
+}
+MODEL_KEYS: dict[str, Parser] = {
+    "backend": _str,
+    "model_file": _str,
+    "options": _str_map,
+    "min_replicas": _int,
+    "max_replicas": _int,
+    "pinned": _bool,
+    "groups": _str_list,
+    "idle_ttl": parse_duration,
+    "lease_ttl": parse_duration,
+    "busy_timeout": parse_duration,
+    "memory_estimate": parse_size,
+    "gpus": _int,
+    "gpu_ids": _int_list,
+}
+
+DEFAULTS: dict[str, Any] = {
+    "listen": ["127.0.0.1:50051"],
+    "state_dir": "./var",
+    "models_dir": "./var/models",
+    "log_level": "info",
+    "log_format": "auto",
+    "socket_mode": "0660",
+    "synchronous": "normal",
+    "node_id": "local",
+    "shutdown_grace": "10s",
+    "max_message_bytes": 4 * 1024 * 1024,
+}
+DEMO_CATALOG: dict[str, Any] = {
+    "backends": {
+        "echo": {
+            "command": ["{python}", "-m", "modeld.backends.echo", "--addr", "{addr}"],
+            "protocol": "grpc",
+        }
+    },
+    "models": {"echo": {"backend": "echo"}},
+}
+# Environment variables the client verbs read; not config keys.
+CLIENT_ENV = frozenset({"MODELD_ADDR", "MODELD_CONFIG", "MODELD_TOKEN_FILE"})
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: tuple[str, ...]
+    state_dir: Path
+    models_dir: Path
+    log_level: str
+    log_format: str
+    socket_mode: int
+    synchronous: str
+    node_id: str
+    shutdown_grace: float
+    max_message_bytes: int
+    settings: Settings
+    backends: Mapping[str, BackendSpec]
+    aliases: Mapping[str, str]
+    models: Mapping[str, ModelSpec]
+    log_ring_lines: int = 1000
+    log_keep_stopped: int = 5
+    log_subscriber_queue: int = 1000
+    resources_fake_path: str = ""
+    python: str = sys.executable
+    source: str = "defaults"
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "modeld.db"
+
+    def backend(self, name: str) -> BackendSpec | None:
+        """A catalog entry by name or alias."""
+        return self.backends.get(self.aliases.get(name, name))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["state_dir"] = str(self.state_dir)
+        out["models_dir"] = str(self.models_dir)
+        out["socket_mode"] = oct(self.socket_mode)
+        out["backends"] = {n: asdict(b) for n, b in self.backends.items()}
+        out["models"] = {n: m.to_dict() for n, m in self.models.items()}
+        out["aliases"] = dict(self.aliases)
+        return out
+
+    def show(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+
+def load(
+    path: str | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the one Config: defaults, then the file, then env, then CLI overrides."""
+    env = os.environ if env is None else env
+    path = path or env.get("MODELD_CONFIG") or None
+    raw: dict[str, Any] = {k: v for k, v in DEFAULTS.items()}
+    file_raw = _read_file(path) if path else {}
+    if "backends" not in file_raw and "models" not in file_raw:
+        raw.update(DEMO_CATALOG)
+    raw.update(file_raw)
+    _apply_env(raw, env)
+    for key, value in (overrides or {}).items():
+        _set_dotted(raw, key, value)
+    return _build(raw, source=path or "defaults")
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    try:
+        with Path(path).open("rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: invalid TOML: {exc}") from exc
+
+
+def env_names() -> dict[str, str]:
+    """Every MODELD_* variable the daemon reads, mapped to its dotted config key."""
+    names = {f"MODELD_{key.upper()}": key for key in TOP}
+    for table, keys in TABLES.items():
+        names.update({f"MODELD_{table.upper()}_{key.upper()}": f"{table}.{key}" for key in keys})
+    return names
+
+
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+    known = env_names()
+    for name, value in env.items():
+        if not name.startswith("MODELD_") or name in CLIENT_ENV:
+            continue
+        if name not in known:
+            raise ConfigError(f"environment variable {name}: unknown modeld setting")
+        _set_dotted(raw, known[name], value)
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    table, _, leaf = key.rpartition(".")
+    target = raw.setdefault(table, {}) if table else raw
+    target[leaf] = value
+
+
+def _parse_table(where: str, data: Any, schema: Mapping[str, Parser]) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {where}: expected a table")
+    out = {}
+    for key, value in data.items():
+        name = f"{where}.{key}" if where else key
+        if key not in schema:
+            raise ConfigError(f"config: unknown key {name!r}")
+        try:
+            out[key] = schema[key](value)
+        except ValueError as exc:
+            raise ConfigError(f"config: {name}: {exc}") from None
+    return out
+
+
+def _build(raw: dict[str, Any], source: str) -> Config:
+    tables = {"backends", "models", *TABLES}
+    top = _parse_table("", {k: v for k, v in raw.items() if k not in tables}, TOP)
+    parsed = {t: _parse_table(t, raw.get(t, {}), TABLES[t]) for t in TABLES}
+    backends, aliases = _build_backends(raw.get("backends", {}))
+    models = _build_models(raw.get("models", {}), backends, aliases)
+    try:
+        settings = check_settings(Settings(**parsed["watchdog"], **parsed["routing"]))
+    except InvalidArgument as exc:
+        raise ConfigError(f"config: {exc}") from None
+    logs = parsed["logs"]
+    _check_positive(logs)
+    if not top.get("listen"):
+        raise ConfigError("config: listen: at least one address is needed")
+    return Config(
+        listen=top["listen"],
+        state_dir=Path(top["state_dir"]),
+        models_dir=Path(top["models_dir"]),
+        log_level=top["log_level"],
+        log_format=top["log_format"],
+        socket_mode=top["socket_mode"],
+        synchronous=top["synchronous"].upper(),
+        node_id=top["node_id"],
+        shutdown_grace=top["shutdown_grace"],
+        max_message_bytes=top["max_message_bytes"],
+        settings=settings,
+        backends=backends,
+        aliases=aliases,
+        models=models,
+        log_ring_lines=logs.get("ring_lines", 1000),
+        log_keep_stopped=logs.get("keep_stopped", 5),
+        log_subscriber_queue=logs.get("subscriber_queue", 1000),
+        resources_fake_path=parsed["resources"].get("fake_path", ""),
+        source=source,
+    )
+
+
+def _check_positive(logs: Mapping[str, int]) -> None:
+    for key, value in logs.items():
+        if not 1 <= value <= 1_000_000:
+            raise ConfigError(f"config: logs.{key}: expected 1..1000000, got {value}")
+
+
+def _build_backends(data: Any) -> tuple[dict[str, BackendSpec], dict[str, str]]:
+    if not isinstance(data, dict):
+        raise ConfigError("config: backends: expected a table of [backends.NAME] tables")
+    backends: dict[str, BackendSpec] = {}
+    aliases: dict[str, str] = {}
+    for name, table in data.items():
+        where = f"backends.{name}"
+        _check_config_name(where, "backend", name)
+        values = _parse_table(where, table, BACKEND_KEYS)
+        if not values.get("command"):
+            raise ConfigError(f"config: {where}.command: a non-empty argv list is required")
+        if values.get("protocol") == "http" and not str(
+            values.get("health_path", "/health")
+        ).startswith("/"):
+            raise ConfigError(f"config: {where}.health_path: must start with '/'")
+        for alias in values.get("aliases", ()):
+            _check_config_name(f"{where}.aliases", "backend alias", alias)
+            if alias in data or alias in aliases:
+                raise ConfigError(f"config: {where}.aliases: {alias!r} is already a backend name")
+            aliases[alias] = name
+        _check_backend_limits(where, values)
+        backends[name] = BackendSpec(name=name, **values)
+    return backends, aliases
+
+
+def _check_backend_limits(where: str, values: Mapping[str, Any]) -> None:
+    if not 1 <= values.get("start_attempts", 3) <= 10:
+        raise ConfigError(f"config: {where}.start_attempts: expected 1..10")
+    if not 256 <= values.get("max_output_line", 8192) <= 1 << 20:
+        raise ConfigError(f"config: {where}.max_output_line: expected 256..1048576")
+    if values.get("ready_timeout", 60.0) <= 0:
+        raise ConfigError(f"config: {where}.ready_timeout: must be positive")
+
+
+def _build_models(
+    data: Any, backends: Mapping[str, BackendSpec], aliases: Mapping[str, str]
+) -> dict[str, ModelSpec]:
+    if not isinstance(data, dict):
+        raise ConfigError("config: models: expected a table of [models.NAME] tables")
+    models = {}
+    for name, table in data.items():
+        where = f"models.{name}"
+        _check_config_name(where, "model", name)
+        values = _parse_table(where, table, MODEL_KEYS)
+        if "backend" not in values:
+            raise ConfigError(f"config: {where}.backend: required")
+        values["backend"] = aliases.get(values["backend"], values["backend"])
+        try:
+            models[name] = check_model_spec(ModelSpec(name=name, **values), dict(backends))
+        except InvalidArgument as exc:
+            raise ConfigError(f"config: {where}: {exc}") from None
+    return models
+
+
+def _check_config_name(where: str, kind: str, name: str) -> None:
+    try:
+        check_name(kind, name)
+    except InvalidArgument as exc:
+        raise ConfigError(f"config: {where}: {exc}") from None

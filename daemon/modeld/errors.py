@@ -1,0 +1,40 @@
+"""Domain errors. Each kind maps to exactly one gRPC status code in api/status.py.
+
+Messages are written for a person: they say what was wrong and what to do.
+"""
+
+
+class ModeldError(Exception):
+    """Base of every error the daemon reports to a client."""
+
+
+class InvalidArgument(ModeldError):
+    """The request itself is malformed; retrying it unchanged cannot succeed."""
+
+
+class NotFound(ModeldError):
+    """A named model, backend, replica or lease does not exist."""
+
+
+class FailedPrecondition(ModeldError):
+    """The request is valid but the system is not in a state that allows it."""
+
+
+class ResourceExhausted(ModeldError):
+    """There is no room (memory, replica slots) and nothing may be evicted for it."""
+
+
+class Unavailable(ModeldError):
+    """A transient failure: a backend failed to start, the registry cannot write."""
+
+
+class DeadlineExceeded(ModeldError):
+    """The caller's deadline passed before the work finished."""
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the daemon refuses to start (exit code 2)."""
+
+
+class RegistryError(Exception):
+    """The database cannot be used as it is (corrupt, foreign, or from a newer modeld)."""

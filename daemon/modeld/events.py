@@ -1,0 +1,66 @@
+"""In-process publish/subscribe of replica state changes.
+
+Publishing never blocks: each subscriber has a bounded queue, and a subscriber
+that falls behind loses events (counted) instead of slowing the publisher.
+"""
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from modeld.state import ReplicaState
+
+
+@dataclass(frozen=True)
+class Event:
+    time: float  # wall clock, seconds since the epoch
+    replica_id: str
+    model: str
+    from_state: ReplicaState | None
+    to_state: ReplicaState
+    reason: str = ""
+
+
+class Subscription:
+    def __init__(self, bus: "EventBus", model: str | None, maxsize: int) -> None:
+        self._bus = bus
+        self.model = model
+        self.queue: asyncio.Queue[Event] = asyncio.Queue(maxsize)
+        self.dropped = 0
+
+    def offer(self, event: Event) -> None:
+        if self.model is not None and event.model != self.model:
+            return
+        try:
+            self.queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.dropped += 1
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        while True:
+            yield await self.queue.get()
+
+    def close(self) -> None:
+        self._bus.unsubscribe(self)
+
+
+class EventBus:
+    def __init__(self, queue_size: int = 1024) -> None:
+        self._subs: set[Subscription] = set()
+        self._queue_size = queue_size
+
+    def publish(self, event: Event) -> None:
+        for sub in tuple(self._subs):
+            sub.offer(event)
+
+    def subscribe(self, model: str | None = None) -> Subscription:
+        sub = Subscription(self, model, self._queue_size)
+        self._subs.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        self._subs.discard(sub)
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subs)

@@ -1,0 +1,323 @@
+"""The registry: the only code that touches SQLite.
+
+One writer: every write is a job handed to a single writer task, which runs it as
+one `BEGIN IMMEDIATE` transaction on the write connection, so writes are
+serialized without any lock held by callers. Reads use a second connection
+(WAL lets them run beside the writer).
+"""
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from modeld.errors import RegistryError, Unavailable
+from modeld.events import Event
+from modeld.migrations import APPLICATION_ID, MIGRATIONS
+from modeld.spec import ModelSpec
+from modeld.state import TERMINAL
+
+T = TypeVar("T")
+EVENTS_KEPT = 10_000
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+_TERMINAL_VALUES = tuple(s.value for s in TERMINAL)
+
+
+@dataclass
+class ReplicaRow:
+    id: str
+    model: str
+    backend: str
+    state: str
+    address: str = ""
+    pid: int | None = None
+    pgid: int | None = None
+    proc_start: int | None = None
+    gpu: str = ""
+    started_at: float | None = None
+    ready_at: float | None = None
+    stopped_at: float | None = None
+    last_error: str = ""
+    restarts: int = 0
+    node_id: str = "local"
+
+
+REPLICA_COLUMNS = tuple(f.name for f in fields(ReplicaRow))
+_MODEL_COLUMNS = tuple(f.name for f in fields(ModelSpec))
+_JSON_MODEL_COLUMNS = frozenset({"options", "groups", "gpu_ids"})
+
+Job = Callable[[aiosqlite.Connection], Awaitable[Any]]
+
+
+class Registry:
+    def __init__(self, path: Path, writer: aiosqlite.Connection, reader: aiosqlite.Connection):
+        self.path = path
+        self._writer = writer
+        self._reader = reader
+        self._jobs: asyncio.Queue[tuple[Job, asyncio.Future[Any]] | None] = asyncio.Queue()
+        self._task = asyncio.create_task(self._run_writer(), name="registry-writer")
+
+    @classmethod
+    async def open(cls, path: Path, *, synchronous: str = "NORMAL") -> "Registry":
+        _refuse_non_sqlite(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writer = await _connect(path, synchronous)
+        try:
+            await _migrate(writer, path)
+            reader = await _connect(path, synchronous)
+        except BaseException:
+            await writer.close()
+            raise
+        return cls(path, writer, reader)
+
+    async def close(self) -> None:
+        await self._jobs.put(None)
+        await self._task
+        await self._reader.close()
+        await self._writer.close()
+
+    async def _run_writer(self) -> None:
+        while (item := await self._jobs.get()) is not None:
+            job, fut = item
+            if fut.cancelled():
+                continue
+            try:
+                await self._writer.execute("BEGIN IMMEDIATE")
+                result = await job(self._writer)
+                await self._writer.commit()
+            except sqlite3.Error as exc:
+                await self._rollback()
+                _settle(fut, exc=Unavailable(f"registry write failed ({self.path}): {exc}"))
+            except Exception as exc:
+                await self._rollback()
+                _settle(fut, exc=exc)
+            else:
+                _settle(fut, result=result)
+
+    async def _rollback(self) -> None:
+        try:
+            await self._writer.rollback()
+        except sqlite3.Error:
+            pass
+
+    async def write(self, job: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
+        """Run `job` as one serialized transaction and return its result."""
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        await self._jobs.put((job, fut))
+        return await fut
+
+    async def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        try:
+            async with self._reader.execute(sql, params) as cur:
+                return list(await cur.fetchall())
+        except sqlite3.Error as exc:
+            raise Unavailable(f"registry read failed ({self.path}): {exc}") from exc
+
+    # models
+
+    async def put_model(self, spec: ModelSpec) -> None:
+        row = spec.to_dict()
+        values = [
+            json.dumps(row[c]) if c in _JSON_MODEL_COLUMNS else row[c] for c in _MODEL_COLUMNS
+        ]
+        sql = (
+            f"INSERT OR REPLACE INTO models ({', '.join(_MODEL_COLUMNS)}) "
+            f"VALUES ({', '.join('?' * len(_MODEL_COLUMNS))})"
+        )
+
+        async def job(db: aiosqlite.Connection) -> None:
+            await db.execute(sql, values)
+
+        await self.write(job)
+
+    async def delete_model(self, name: str) -> bool:
+        async def job(db: aiosqlite.Connection) -> bool:
+            cur = await db.execute("DELETE FROM models WHERE name = ?", (name,))
+            return cur.rowcount > 0
+
+        return await self.write(job)
+
+    async def list_models(self) -> list[ModelSpec]:
+        rows = await self._read(f"SELECT {', '.join(_MODEL_COLUMNS)} FROM models ORDER BY name")
+        specs = []
+        for row in rows:
+            data = {
+                c: json.loads(row[c]) if c in _JSON_MODEL_COLUMNS else row[c] for c in row.keys()
+            }
+            data["pinned"] = bool(data["pinned"])
+            specs.append(ModelSpec.from_dict(data))
+        return specs
+
+    # settings
+
+    async def get_settings(self) -> dict[str, Any]:
+        rows = await self._read("SELECT key, value FROM settings")
+        return {row["key"]: json.loads(row["value"]) for row in rows}
+
+    async def put_settings(self, values: dict[str, Any]) -> None:
+        async def job(db: aiosqlite.Connection) -> None:
+            await db.executemany(
+                "INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)",
+                [(k, json.dumps(v)) for k, v in values.items()],
+            )
+
+        await self.write(job)
+
+    # replicas
+
+    async def insert_replica(self, row: ReplicaRow) -> None:
+        values = [getattr(row, c) for c in REPLICA_COLUMNS]
+        sql = (
+            f"INSERT INTO replicas ({', '.join(REPLICA_COLUMNS)}) "
+            f"VALUES ({', '.join('?' * len(REPLICA_COLUMNS))})"
+        )
+
+        async def job(db: aiosqlite.Connection) -> None:
+            await db.execute(sql, values)
+
+        await self.write(job)
+
+    async def update_replica(self, replica_id: str, **changes: object) -> None:
+        unknown = set(changes) - set(REPLICA_COLUMNS) - {"in_flight", "last_used"}
+        if unknown or "id" in changes:
+            raise ValueError(f"not replica columns: {sorted(unknown | ({'id'} & set(changes)))}")
+        if not changes:
+            return
+        assignments = ", ".join(f"{c} = ?" for c in changes)
+        params = (*changes.values(), replica_id)
+
+        async def job(db: aiosqlite.Connection) -> None:
+            await db.execute(f"UPDATE replicas SET {assignments} WHERE id = ?", params)
+
+        await self.write(job)
+
+    async def flush_counters(self, counters: list[tuple[str, int, float]]) -> None:
+        """Write ephemeral (in_flight, last_used) counters in one batch."""
+
+        async def job(db: aiosqlite.Connection) -> None:
+            await db.executemany(
+                "UPDATE replicas SET in_flight = ?, last_used = ? WHERE id = ?",
+                [(n, used, rid) for rid, n, used in counters],
+            )
+
+        await self.write(job)
+
+    async def live_replicas(self, node_id: str = "local") -> list[ReplicaRow]:
+        marks = ", ".join("?" * len(_TERMINAL_VALUES))
+        rows = await self._read(
+            f"SELECT {', '.join(REPLICA_COLUMNS)} FROM replicas "
+            f"WHERE node_id = ? AND state NOT IN ({marks}) ORDER BY started_at",
+            (node_id, *_TERMINAL_VALUES),
+        )
+        return [ReplicaRow(**dict(row)) for row in rows]
+
+    async def get_replica(self, replica_id: str) -> ReplicaRow | None:
+        rows = await self._read(
+            f"SELECT {', '.join(REPLICA_COLUMNS)} FROM replicas WHERE id = ?", (replica_id,)
+        )
+        return ReplicaRow(**dict(rows[0])) if rows else None
+
+    async def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        """Read-only SQL for inspection tools and tests (the SQL form of the picker)."""
+        return await self._read(sql, params)
+
+    # events
+
+    async def add_event(self, event: Event) -> None:
+        params = (
+            event.time,
+            event.replica_id,
+            event.model,
+            event.from_state.value if event.from_state else None,
+            event.to_state.value,
+            event.reason,
+        )
+
+        async def job(db: aiosqlite.Connection) -> None:
+            cur = await db.execute(
+                "INSERT INTO events (time, replica_id, model, from_state, to_state, reason) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                params,
+            )
+            if cur.lastrowid is not None and cur.lastrowid % 100 == 0:
+                await db.execute("DELETE FROM events WHERE id <= ?", (cur.lastrowid - EVENTS_KEPT,))
+
+        await self.write(job)
+
+    async def integrity_check(self) -> str:
+        rows = await self._read("PRAGMA integrity_check")
+        return "; ".join(str(row[0]) for row in rows)
+
+
+def _settle(
+    fut: asyncio.Future[Any], *, result: Any = None, exc: BaseException | None = None
+) -> None:
+    if fut.done():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)
+
+
+def _refuse_non_sqlite(path: Path) -> None:
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with path.open("rb") as fh:
+        header = fh.read(len(_SQLITE_MAGIC))
+    if header != _SQLITE_MAGIC:
+        raise RegistryError(f"{path} is not a SQLite database; refusing to touch it")
+
+
+async def _connect(path: Path, synchronous: str) -> aiosqlite.Connection:
+    db = await aiosqlite.connect(path, isolation_level=None)
+    db.row_factory = sqlite3.Row
+    try:
+        await db.execute("PRAGMA journal_mode = WAL")
+        await db.execute(f"PRAGMA synchronous = {synchronous}")
+        await db.execute("PRAGMA foreign_keys = ON")
+        await db.execute("PRAGMA busy_timeout = 5000")
+    except sqlite3.DatabaseError as exc:
+        await db.close()
+        raise RegistryError(f"{path} cannot be opened as a database: {exc}") from exc
+    return db
+
+
+async def _migrate(db: aiosqlite.Connection, path: Path) -> None:
+    try:
+        version = await _pragma_int(db, "user_version")
+        app_id = await _pragma_int(db, "application_id")
+        async with db.execute("SELECT count(*) FROM sqlite_master") as cur:
+            row = await cur.fetchone()
+        objects = int(row[0]) if row else 0
+    except sqlite3.DatabaseError as exc:
+        raise RegistryError(f"{path} is not a usable database: {exc}") from exc
+    if objects and app_id != APPLICATION_ID:
+        raise RegistryError(f"{path} is a database of another program; refusing to touch it")
+    if version > len(MIGRATIONS):
+        raise RegistryError(
+            f"{path} has schema version {version}, newer than this modeld knows "
+            f"({len(MIGRATIONS)}); upgrade modeld or point state_dir elsewhere"
+        )
+    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in script:
+                await db.execute(statement)
+            await db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            await db.execute(f"PRAGMA user_version = {number}")
+            await db.commit()
+        except sqlite3.Error:
+            await db.rollback()
+            raise
+
+
+async def _pragma_int(db: aiosqlite.Connection, name: str) -> int:
+    async with db.execute(f"PRAGMA {name}") as cur:
+        row = await cur.fetchone()
+    return int(row[0]) if row else 0

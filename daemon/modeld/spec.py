@@ -1,0 +1,213 @@
+"""The daemon's vocabulary as immutable values: backends, model specs, settings.
+
+Everything here is validated on construction paths (config, API) through the
+functions below, so the rest of the daemon can trust a spec it is handed.
+"""
+
+import re
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from modeld.errors import InvalidArgument
+
+Protocol = Literal["grpc", "http"]
+PROTOCOLS: tuple[Protocol, ...] = ("grpc", "http")
+
+MAX_NAME_LEN = 128
+MAX_OPTIONS = 64
+MAX_OPTION_LEN = 4096
+MAX_GROUPS = 16
+MAX_REPLICAS = 64
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/+-]*")
+
+
+def check_name(kind: str, name: str) -> str:
+    """Reject names that are empty, too long, or could be mistaken for something else."""
+    if not name:
+        raise InvalidArgument(f"{kind} name is empty")
+    if len(name) > MAX_NAME_LEN:
+        raise InvalidArgument(f"{kind} name is {len(name)} characters; the limit is {MAX_NAME_LEN}")
+    if not _NAME_RE.fullmatch(name) or ".." in name:
+        raise InvalidArgument(
+            f"{kind} name {name[:40]!r} may only use letters, digits and . _ : @ / + - "
+            "(starting with a letter or digit, no '..')"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """A catalog entry: how to start one kind of backend. Only config defines these."""
+
+    name: str
+    command: tuple[str, ...]
+    protocol: Protocol = "grpc"
+    health_path: str = "/health"
+    env: tuple[tuple[str, str], ...] = ()
+    workdir: str = ""
+    aliases: tuple[str, ...] = ()
+    # Seconds without any sign of progress before a start is given up.
+    ready_timeout: float = 60.0
+    # Hard ceiling on a start, however much output the backend prints.
+    ready_ceiling: float = 600.0
+    stop_grace: float = 10.0
+    max_output_line: int = 8192
+    start_attempts: int = 3
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to run for a model name. `None` durations mean "use the daemon default"."""
+
+    name: str
+    backend: str
+    model_file: str = ""
+    options: tuple[tuple[str, str], ...] = ()
+    min_replicas: int = 0
+    max_replicas: int = 1
+    pinned: bool = False
+    groups: tuple[str, ...] = ()
+    idle_ttl: float | None = None
+    lease_ttl: float | None = None
+    busy_timeout: float | None = None
+    memory_estimate: int = 0
+    gpus: int | None = None
+    gpu_ids: tuple[int, ...] = ()
+    source: str = "config"
+
+    def option_map(self) -> dict[str, str]:
+        return dict(self.options)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["options"] = dict(self.options)
+        out["groups"] = list(self.groups)
+        out["gpu_ids"] = list(self.gpu_ids)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
+        data = dict(data)
+        data["options"] = tuple(sorted((str(k), str(v)) for k, v in data["options"].items()))
+        data["groups"] = tuple(data["groups"])
+        data["gpu_ids"] = tuple(data["gpu_ids"])
+        return cls(**data)
+
+    def with_source(self, source: str) -> "ModelSpec":
+        return replace(self, source=source)
+
+
+def check_model_spec(spec: ModelSpec, backends: dict[str, BackendSpec]) -> ModelSpec:
+    """Validate a spec against the catalog; returns it unchanged or raises InvalidArgument."""
+    check_name("model", spec.name)
+    if spec.backend not in backends:
+        known = ", ".join(sorted(backends)) or "none"
+        raise InvalidArgument(
+            f"model {spec.name!r}: backend {spec.backend!r} is not in the catalog (known: {known})"
+        )
+    if spec.model_file:
+        check_relative_path(spec.model_file)
+    _check_counts(spec)
+    if len(spec.options) > MAX_OPTIONS:
+        raise InvalidArgument(f"model {spec.name!r}: more than {MAX_OPTIONS} options")
+    for key, value in spec.options:
+        if not key or len(key) > MAX_NAME_LEN or len(value) > MAX_OPTION_LEN or "\0" in key + value:
+            raise InvalidArgument(f"model {spec.name!r}: option {key[:40]!r} is empty or too long")
+    if len(spec.groups) > MAX_GROUPS:
+        raise InvalidArgument(f"model {spec.name!r}: more than {MAX_GROUPS} groups")
+    for group in spec.groups:
+        check_name("group", group)
+    for label, value in (
+        ("idle_ttl", spec.idle_ttl),
+        ("lease_ttl", spec.lease_ttl),
+        ("busy_timeout", spec.busy_timeout),
+    ):
+        if value is not None and not 0 <= value <= 365 * 86400:
+            raise InvalidArgument(f"model {spec.name!r}: {label} must be between 0 and 365 days")
+    return spec
+
+
+def _check_counts(spec: ModelSpec) -> None:
+    if not 0 <= spec.min_replicas <= MAX_REPLICAS:
+        raise InvalidArgument(f"model {spec.name!r}: min_replicas must be 0..{MAX_REPLICAS}")
+    if not 1 <= spec.max_replicas <= MAX_REPLICAS:
+        raise InvalidArgument(f"model {spec.name!r}: max_replicas must be 1..{MAX_REPLICAS}")
+    if spec.min_replicas > spec.max_replicas:
+        raise InvalidArgument(
+            f"model {spec.name!r}: min_replicas ({spec.min_replicas}) exceeds "
+            f"max_replicas ({spec.max_replicas})"
+        )
+    if spec.memory_estimate < 0 or spec.memory_estimate > 1 << 50:
+        raise InvalidArgument(f"model {spec.name!r}: memory_estimate is out of range")
+    if spec.gpus is not None and not 0 <= spec.gpus <= 16:
+        raise InvalidArgument(f"model {spec.name!r}: gpus must be 0..16")
+    if any(not 0 <= i < 64 for i in spec.gpu_ids) or len(set(spec.gpu_ids)) != len(spec.gpu_ids):
+        raise InvalidArgument(f"model {spec.name!r}: gpu_ids must be distinct indexes 0..63")
+
+
+def check_relative_path(rel: str) -> str:
+    """A model file is named relative to models_dir: no absolute paths, no '..', no NUL."""
+    if "\0" in rel or len(rel) > 1024:
+        raise InvalidArgument("model_file contains a NUL byte or is longer than 1024 characters")
+    path = Path(rel)
+    if path.is_absolute() or rel.startswith("~"):
+        raise InvalidArgument(f"model_file {rel[:80]!r} must be relative to the models directory")
+    if ".." in path.parts:
+        raise InvalidArgument(f"model_file {rel[:80]!r} must not contain '..'")
+    return rel
+
+
+def resolve_model_file(models_dir: Path, rel: str) -> Path:
+    """The real path of a model file, which must lie inside models_dir (symlinks resolved)."""
+    check_relative_path(rel)
+    root = models_dir.resolve()
+    target = (root / rel).resolve()
+    if not target.is_relative_to(root):
+        raise InvalidArgument(
+            f"model_file {rel[:80]!r} resolves outside the models directory {str(root)!r}"
+        )
+    return target
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Runtime settings: start from config, changed through UpdateSettings, persisted."""
+
+    busy_timeout: float = 0.0
+    idle_timeout: float = 0.0
+    max_loaded: int = 0
+    memory_threshold: float = 0.0
+    force_eviction_when_busy: bool = False
+    watchdog_interval: float = 0.5
+    lease_ttl: float = 600.0
+    probe_ttl: float = 30.0
+    scale_up_in_flight: int = 0
+
+    def merged(self, changes: dict[str, Any]) -> "Settings":
+        merged = replace(self, **changes)
+        check_settings(merged)
+        return merged
+
+
+SETTINGS_KEYS = frozenset(f.name for f in fields(Settings))
+
+
+def check_settings(s: Settings) -> Settings:
+    if not 0 <= s.busy_timeout <= 7 * 86400:
+        raise InvalidArgument("busy_timeout must be between 0 (off) and 7 days")
+    if not 0 <= s.idle_timeout <= 365 * 86400:
+        raise InvalidArgument("idle_timeout must be between 0 (never) and 365 days")
+    if not 0 <= s.max_loaded <= 1024:
+        raise InvalidArgument("max_loaded must be between 0 (unlimited) and 1024")
+    if not 0 <= s.memory_threshold <= 1:
+        raise InvalidArgument("memory_threshold must be a fraction between 0 (off) and 1")
+    if not 0.01 <= s.watchdog_interval <= 3600:
+        raise InvalidArgument("watchdog_interval must be between 10ms and 1h")
+    if not 1 <= s.lease_ttl <= 7 * 86400:
+        raise InvalidArgument("lease_ttl must be between 1s and 7 days")
+    if not 0 <= s.probe_ttl <= 3600:
+        raise InvalidArgument("probe_ttl must be between 0 and 1h")
+    if not 0 <= s.scale_up_in_flight <= 1 << 16:
+        raise InvalidArgument("scale_up_in_flight must be 0 (off) or a positive count")
+    return s
