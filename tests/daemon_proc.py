@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from backend_proc import free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from backend_proc import free_port
 from modeld._proto.modeld.v1 import modeld_pb2_grpc
 
 ECHO_BACKEND = """
@@ -36,8 +36,7 @@ def write_config(tmp_path: Path, body: str, port: int | None = None) -> tuple[Pa
     (tmp_path / "models").mkdir(exist_ok=True)
     text = (
         f'listen = ["{addr}"]\nstate_dir = "{tmp_path / "state"}"\n'
-        f'models_dir = "{tmp_path / "models"}"\nlog_level = "debug"\nshutdown_grace = "5s"\n'
-        + body
+        f'models_dir = "{tmp_path / "models"}"\nlog_level = "debug"\nshutdown_grace = "5s"\n' + body
     )
     path = tmp_path / "modeld.toml"
     path.write_text(text)
@@ -66,7 +65,9 @@ class DaemonProc:
             async with self._changed:
                 self._changed.notify_all()
 
-    async def wait_log(self, match: Callable[[dict[str, Any]], bool], limit_s: float = 10.0) -> dict[str, Any]:
+    async def wait_log(
+        self, match: Callable[[dict[str, Any]], bool], limit_s: float = 10.0
+    ) -> dict[str, Any]:
         async def seen() -> dict[str, Any]:
             async with self._changed:
                 while True:
@@ -74,7 +75,9 @@ class DaemonProc:
                     if hit is not None:
                         return hit
                     if self.proc.returncode is not None:
-                        raise AssertionError("daemon exited; log tail:\n" + "\n".join(self.raw[-20:]))
+                        raise AssertionError(
+                            "daemon exited; log tail:\n" + "\n".join(self.raw[-20:])
+                        )
                     await self._changed.wait()
 
         return await asyncio.wait_for(seen(), limit_s)
@@ -110,7 +113,13 @@ class DaemonProc:
 async def start_daemon(config: Path, addr: str, *args: str, wait: bool = True) -> DaemonProc:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODELD_")}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "modeld.cli.main", "serve", "--config", str(config), *args,
+        sys.executable,
+        "-m",
+        "modeld.cli.main",
+        "serve",
+        "--config",
+        str(config),
+        *args,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
@@ -127,7 +136,9 @@ async def start_daemon(config: Path, addr: str, *args: str, wait: bool = True) -
 
 
 @contextlib.asynccontextmanager
-async def running_daemon(tmp_path: Path, body: str = "", port: int | None = None) -> AsyncIterator[DaemonProc]:
+async def running_daemon(
+    tmp_path: Path, body: str = "", port: int | None = None
+) -> AsyncIterator[DaemonProc]:
     config, addr = write_config(tmp_path, body, port)
     daemon = await start_daemon(config, addr)
     try:
@@ -153,3 +164,25 @@ def pids_alive(pids: list[int]) -> list[int]:
     return alive
 
 
+async def wait_pids_gone(pids: list[int], limit_s: float) -> list[int]:
+    """Wait (on pidfds, not by polling) until every pid has exited; returns survivors."""
+    loop = asyncio.get_running_loop()
+    waits = []
+    fds = []
+    for pid in pids_alive(pids):
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        fds.append(fd)
+        done = loop.create_future()
+        loop.add_reader(fd, lambda f=done: f.done() or f.set_result(None))
+        waits.append(done)
+    try:
+        if waits:
+            await asyncio.wait(waits, timeout=limit_s)
+    finally:
+        for fd in fds:
+            loop.remove_reader(fd)
+            os.close(fd)
+    return pids_alive(pids)

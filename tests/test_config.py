@@ -26,7 +26,9 @@ def test_defaults_hold_the_demo_catalog() -> None:
 
 
 def test_layers_file_then_env_then_flags(tmp_path: Path) -> None:
-    path = write(tmp_path, 'log_level = "warning"\n[watchdog]\nmax_loaded = 2\nidle_timeout = "5m"\n')
+    path = write(
+        tmp_path, 'log_level = "warning"\n[watchdog]\nmax_loaded = 2\nidle_timeout = "5m"\n'
+    )
     env = {"MODELD_WATCHDOG_MAX_LOADED": "3", "MODELD_LOG_LEVEL": "error"}
     cfg = config.load(path, env=env, overrides={"log_level": "debug"})
     assert cfg.settings.max_loaded == 3
@@ -42,7 +44,7 @@ def test_layers_file_then_env_then_flags(tmp_path: Path) -> None:
         ("bogus = 1\n", "unknown key 'bogus'"),
         ("[watchdog]\nidle_timeout = '5 parsecs'\n", "watchdog.idle_timeout"),
         ("[watchdog]\nmemory_threshold = 1.5\n", "memory_threshold"),
-        ('[backends.b]\ncommand = []\n', "backends.b.command"),
+        ("[backends.b]\ncommand = []\n", "backends.b.command"),
         ('[backends.b]\ncommand = ["x"]\nprotocl = "grpc"\n', "unknown key 'backends.b.protocl'"),
         ('[backends.b]\ncommand = ["x"]\n[models.m]\nbackend = "nope"\n', "models.m"),
         ('[backends.b]\ncommand = ["x"]\n[models.m]\nbackend = "b"\nmodel_file = "../x"\n', "'..'"),
@@ -67,7 +69,10 @@ def test_client_env_vars_are_not_config() -> None:
 
 
 def test_aliases_map_to_one_backend(tmp_path: Path) -> None:
-    text = '[backends.llama]\ncommand = ["x"]\naliases = ["llama-cpp"]\n[models.m]\nbackend = "llama-cpp"\n'
+    text = (
+        '[backends.llama]\ncommand = ["x"]\naliases = ["llama-cpp"]\n'
+        '[models.m]\nbackend = "llama-cpp"\n'
+    )
     cfg = config.load(write(tmp_path, text), env={})
     assert cfg.models["m"].backend == "llama"
     assert cfg.backend("llama-cpp") is cfg.backends["llama"]

@@ -20,8 +20,13 @@ def test_stub_matches_proto(tmp_path: Path, proto: str, module: object) -> None:
     out = tmp_path / "set.pb"
     include = str(Path(protoc.__file__).parent / "_proto")
     code = protoc.main(
-        ["protoc", f"-Imodeld/_proto={ROOT / 'protos'}", f"-I{include}",
-         f"--descriptor_set_out={out}", str(ROOT / "protos" / proto)]
+        [
+            "protoc",
+            f"-Imodeld/_proto={ROOT / 'protos'}",
+            f"-I{include}",
+            f"--descriptor_set_out={out}",
+            str(ROOT / "protos" / proto),
+        ]
     )
     assert code == 0
     fresh = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file[0]

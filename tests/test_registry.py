@@ -36,14 +36,18 @@ async def test_models_survive_reopen(tmp_path: Path) -> None:
 
 async def test_concurrent_writes_are_all_applied(tmp_path: Path) -> None:
     reg = await Registry.open(tmp_path / "m.db")
-    await asyncio.gather(*(reg.put_model(ModelSpec(name=f"m{i}", backend="echo")) for i in range(200)))
+    await asyncio.gather(
+        *(reg.put_model(ModelSpec(name=f"m{i}", backend="echo")) for i in range(200))
+    )
     assert len(await reg.list_models()) == 200
     await reg.close()
 
 
 async def test_replica_rows_and_events(tmp_path: Path) -> None:
     reg = await Registry.open(tmp_path / "m.db")
-    await reg.insert_replica(ReplicaRow(id="r1", model="a", backend="echo", state="STARTING", pid=12))
+    await reg.insert_replica(
+        ReplicaRow(id="r1", model="a", backend="echo", state="STARTING", pid=12)
+    )
     await reg.update_replica("r1", state="READY", address="127.0.0.1:1")
     assert [r.id for r in await reg.live_replicas()] == ["r1"]
     await reg.update_replica("r1", state="STOPPED")

@@ -117,6 +117,14 @@ TOP: dict[str, Parser] = {
     "node_id": _str,
     "shutdown_grace": parse_duration,
     "max_message_bytes": _int,
+    "metrics_listen": _str,
+    "tls_cert": _str,
+    "tls_key": _str,
+    "tls_client_ca": _str,
+    "auth_token_file": _str,
+    "auth_open_health": _bool,
+    "auth_open_reflection": _bool,
+    "allow_insecure_remote": _bool,
 }
 TABLES: dict[str, dict[str, Parser]] = {
     "watchdog": {
@@ -175,6 +183,14 @@ DEFAULTS: dict[str, Any] = {
     "node_id": "local",
     "shutdown_grace": "10s",
     "max_message_bytes": 4 * 1024 * 1024,
+    "metrics_listen": "",
+    "tls_cert": "",
+    "tls_key": "",
+    "tls_client_ca": "",
+    "auth_token_file": "",
+    "auth_open_health": True,
+    "auth_open_reflection": False,
+    "allow_insecure_remote": False,
 }
 DEMO_CATALOG: dict[str, Any] = {
     "backends": {
@@ -185,6 +201,16 @@ DEMO_CATALOG: dict[str, Any] = {
     },
     "models": {"echo": {"backend": "echo"}},
 }
+_SECURITY_KEYS = (
+    "metrics_listen",
+    "tls_cert",
+    "tls_key",
+    "tls_client_ca",
+    "auth_token_file",
+    "auth_open_health",
+    "auth_open_reflection",
+    "allow_insecure_remote",
+)
 # Environment variables the client verbs read; not config keys.
 CLIENT_ENV = frozenset({"MODELD_ADDR", "MODELD_CONFIG", "MODELD_TOKEN_FILE"})
 
@@ -209,6 +235,14 @@ class Config:
     log_keep_stopped: int = 5
     log_subscriber_queue: int = 1000
     resources_fake_path: str = ""
+    metrics_listen: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    auth_token_file: str = ""
+    auth_open_health: bool = True
+    auth_open_reflection: bool = False
+    allow_insecure_remote: bool = False
     python: str = sys.executable
     source: str = "defaults"
 
@@ -242,7 +276,7 @@ def load(
     """Build the one Config: defaults, then the file, then env, then CLI overrides."""
     env = os.environ if env is None else env
     path = path or env.get("MODELD_CONFIG") or None
-    raw: dict[str, Any] = {k: v for k, v in DEFAULTS.items()}
+    raw: dict[str, Any] = dict(DEFAULTS)
     file_raw = _read_file(path) if path else {}
     if "backends" not in file_raw and "models" not in file_raw:
         raw.update(DEMO_CATALOG)
@@ -336,6 +370,7 @@ def _build(raw: dict[str, Any], source: str) -> Config:
         log_subscriber_queue=logs.get("subscriber_queue", 1000),
         resources_fake_path=parsed["resources"].get("fake_path", ""),
         source=source,
+        **{key: top[key] for key in _SECURITY_KEYS},
     )
 
 

@@ -25,20 +25,26 @@ class Subscription:
     def __init__(self, bus: "EventBus", model: str | None, maxsize: int) -> None:
         self._bus = bus
         self.model = model
-        self.queue: asyncio.Queue[Event] = asyncio.Queue(maxsize)
+        # One slot beyond maxsize keeps room for the end-of-stream marker (None).
+        self.queue: asyncio.Queue[Event | None] = asyncio.Queue(maxsize + 1)
+        self._maxsize = maxsize
         self.dropped = 0
 
     def offer(self, event: Event) -> None:
         if self.model is not None and event.model != self.model:
             return
-        try:
-            self.queue.put_nowait(event)
-        except asyncio.QueueFull:
+        if self.queue.qsize() >= self._maxsize:
             self.dropped += 1
+            return
+        self.queue.put_nowait(event)
+
+    def finish(self) -> None:
+        """End iteration once the queued events are read."""
+        self.queue.put_nowait(None)
 
     async def __aiter__(self) -> AsyncIterator[Event]:
-        while True:
-            yield await self.queue.get()
+        while (event := await self.queue.get()) is not None:
+            yield event
 
     def close(self) -> None:
         self._bus.unsubscribe(self)
@@ -57,6 +63,12 @@ class EventBus:
         sub = Subscription(self, model, self._queue_size)
         self._subs.add(sub)
         return sub
+
+    def close_all(self) -> None:
+        """The daemon is stopping: every watcher's stream ends."""
+        for sub in tuple(self._subs):
+            sub.finish()
+            self._subs.discard(sub)
 
     def unsubscribe(self, sub: Subscription) -> None:
         self._subs.discard(sub)

@@ -29,7 +29,9 @@ STDERR = "stderr"
 MODELD = "modeld"  # the daemon's own notes on a replica's lifecycle
 
 CONTINUED = "[…continued] "
-READ_CHUNK = 64 * 1024
+# Small enough that one chunk of short lines is a few ms of work, so a backend
+# flooding its output cannot hold the event loop away from RPCs for long.
+READ_CHUNK = 16 * 1024
 MIN_MAX_LINE = 64
 
 
@@ -366,6 +368,18 @@ class LogStore:
             self._everything.add(sub)
         return sub
 
+    def close_all(self) -> None:
+        """The daemon is stopping: every follower ends once it has drained its queue."""
+        subs = [*self._everything, *_members(self._by_model), *_members(self._by_replica)]
+        for sub in subs:
+            sub.finish()
+
+    @property
+    def dropped_total(self) -> int:
+        """Lines dropped for slow followers, over every live subscription."""
+        subs = [*self._everything, *_members(self._by_model), *_members(self._by_replica)]
+        return sum(sub.dropped for sub in subs)
+
     def unsubscribe(self, sub: LogSubscription) -> None:
         if sub.replica_id is not None:
             _discard(self._by_replica, sub.replica_id, sub)
@@ -416,3 +430,7 @@ def _discard(index: dict[str, set[LogSubscription]], key: str, sub: LogSubscript
     subs.discard(sub)
     if not subs:
         del index[key]
+
+
+def _members(index: dict[str, set[LogSubscription]]) -> list[LogSubscription]:
+    return [sub for subs in index.values() for sub in subs]

@@ -86,7 +86,7 @@ class ModelPool:
         """A replica that is starting, or a new start when none is: cold loads coalesce."""
         starting = [r for r in self.replicas.values() if r.state in STARTING_STATES]
         if starting:
-            return _ensure(starting[0])
+            return ready(starting[0])
         if self._starts:
             return next(iter(self._starts))
         return self.start(spec, deadline)
@@ -105,7 +105,8 @@ class ModelPool:
         return replica
 
 
-async def _ensure(replica: Replica) -> Replica:
+async def ready(replica: Replica) -> Replica:
+    """The replica once READY (its start is shared with every other caller)."""
     await replica.ensure_ready()
     return replica
 

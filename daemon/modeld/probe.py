@@ -41,9 +41,7 @@ class ProbeCache:
     def fresh(self, replica_id: str) -> bool:
         result = self._results.get(replica_id)
         return (
-            result is not None
-            and result.ok
-            and self._clock.monotonic() - result.at < self._ttl()
+            result is not None and result.ok and self._clock.monotonic() - result.at < self._ttl()
         )
 
     def record_ok(self, replica_id: str) -> None:

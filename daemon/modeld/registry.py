@@ -7,8 +7,10 @@ serialized without any lock held by callers. Reads use a second connection
 """
 
 import asyncio
+import contextlib
 import json
 import sqlite3
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -55,15 +57,29 @@ Job = Callable[[aiosqlite.Connection], Awaitable[Any]]
 
 
 class Registry:
-    def __init__(self, path: Path, writer: aiosqlite.Connection, reader: aiosqlite.Connection):
+    def __init__(
+        self,
+        path: Path,
+        writer: aiosqlite.Connection,
+        reader: aiosqlite.Connection,
+        observe: Callable[[float], None] | None = None,
+    ) -> None:
         self.path = path
+        self._observe = observe
         self._writer = writer
         self._reader = reader
         self._jobs: asyncio.Queue[tuple[Job, asyncio.Future[Any]] | None] = asyncio.Queue()
         self._task = asyncio.create_task(self._run_writer(), name="registry-writer")
 
     @classmethod
-    async def open(cls, path: Path, *, synchronous: str = "NORMAL") -> "Registry":
+    async def open(
+        cls,
+        path: Path,
+        *,
+        synchronous: str = "NORMAL",
+        observe: Callable[[float], None] | None = None,
+    ) -> "Registry":
+        """Open (creating and migrating) the database; `observe` gets each write's seconds."""
         _refuse_non_sqlite(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         writer = await _connect(path, synchronous)
@@ -73,7 +89,7 @@ class Registry:
         except BaseException:
             await writer.close()
             raise
-        return cls(path, writer, reader)
+        return cls(path, writer, reader, observe)
 
     async def close(self) -> None:
         await self._jobs.put(None)
@@ -86,10 +102,13 @@ class Registry:
             job, fut = item
             if fut.cancelled():
                 continue
+            started = time.perf_counter()
             try:
                 await self._writer.execute("BEGIN IMMEDIATE")
                 result = await job(self._writer)
                 await self._writer.commit()
+                if self._observe is not None:
+                    self._observe(time.perf_counter() - started)
             except sqlite3.Error as exc:
                 await self._rollback()
                 _settle(fut, exc=Unavailable(f"registry write failed ({self.path}): {exc}"))
@@ -100,10 +119,8 @@ class Registry:
                 _settle(fut, result=result)
 
     async def _rollback(self) -> None:
-        try:
+        with contextlib.suppress(sqlite3.Error):
             await self._writer.rollback()
-        except sqlite3.Error:
-            pass
 
     async def write(self, job: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
         """Run `job` as one serialized transaction and return its result."""
@@ -147,7 +164,8 @@ class Registry:
         specs = []
         for row in rows:
             data = {
-                c: json.loads(row[c]) if c in _JSON_MODEL_COLUMNS else row[c] for c in row.keys()
+                c: json.loads(row[c]) if c in _JSON_MODEL_COLUMNS else row[c]
+                for c in _MODEL_COLUMNS
             }
             data["pinned"] = bool(data["pinned"])
             specs.append(ModelSpec.from_dict(data))

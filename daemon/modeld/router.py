@@ -21,9 +21,11 @@ from modeld.errors import DeadlineExceeded, FailedPrecondition, NotFound, Unavai
 from modeld.events import Event, EventBus
 from modeld.info import ReplicaInfo
 from modeld.leases import Lease, LeaseTable
+from modeld.metrics import Metrics
+from modeld.policy.eviction import Eviction
 from modeld.policy.picker import pick_replica
-from modeld.policy.view import ReplicaView
-from modeld.pool import Admit, Factory, ModelPool
+from modeld.policy.view import HostView, ReplicaView
+from modeld.pool import Admit, Factory, ModelPool, ready
 from modeld.probe import ProbeCache
 from modeld.settings_store import SettingsStore
 from modeld.spec import ModelSpec
@@ -36,7 +38,8 @@ T = TypeVar("T")
 # A Route retries a pick this often after a start it joined ended without a usable replica.
 ROUTE_ATTEMPTS = 4
 DEFAULT_DRAIN = 30.0
-SHUTDOWN_GRACE_DRAIN = 0.0
+# How long a background start for min_replicas may wait for admission.
+MIN_REPLICA_WAIT = 600.0
 _CRASH_SOURCES = frozenset({ReplicaState.READY, ReplicaState.DRAINING})
 
 
@@ -51,6 +54,7 @@ class Router:
         factory: Factory,
         admit: Admit,
         prober: ProbeCache,
+        metrics: Metrics | None = None,
     ) -> None:
         self._clock = clock
         self._catalog = catalog
@@ -59,12 +63,15 @@ class Router:
         self._factory = factory
         self._admit = admit
         self._prober = prober
+        self._metrics = metrics
         self._pools: dict[str, ModelPool] = {}
         self._leases = LeaseTable()
         self._wake = asyncio.Event()
         self._wake_at: float | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.free_memory: Mapping[int | None, int] = {}
+        self._measured: dict[int, int] = {}
+        self._capacity: asyncio.Event | None = None
         self.counters: Counter[str] = Counter()
 
     # lifecycle
@@ -153,6 +160,7 @@ class Router:
         if lease is None:
             return False
         lease.replica.release()
+        self._capacity_changed()
         if outcome == "BACKEND_UNREACHABLE":
             replica = self.pool(lease.model).replicas.get(lease.replica_id)
             if replica is not None:
@@ -162,7 +170,9 @@ class Router:
     def renew(self, lease_id: str) -> float:
         lease = self._leases.get(lease_id)
         if lease is None:
-            raise NotFound(f"lease {lease_id[:64]!r} is not held: it was released or expired; Route again")
+            raise NotFound(
+                f"lease {lease_id[:64]!r} is not held: it was released or expired; Route again"
+            )
         self._leases.renew(lease, self._clock.monotonic(), self._clock.wall())
         return lease.expires_wall
 
@@ -179,7 +189,9 @@ class Router:
     async def _expiry_loop(self) -> None:
         while True:
             self._wake_at = self._leases.next_expiry()
-            timeout = None if self._wake_at is None else max(self._wake_at - self._clock.monotonic(), 0)
+            timeout = (
+                None if self._wake_at is None else max(self._wake_at - self._clock.monotonic(), 0)
+            )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
             self._wake.clear()
@@ -189,12 +201,19 @@ class Router:
         expired = self._leases.pop_expired(self._clock.monotonic())
         for lease in expired:
             lease.replica.release()
+            self._capacity_changed()
             self.counters["leases_expired"] += 1
-            log.info("lease_expired", lease_id=lease.id, replica_id=lease.replica_id, model=lease.model)
+            if self._metrics is not None:
+                self._metrics.lease_expired()
+            log.info(
+                "lease_expired", lease_id=lease.id, replica_id=lease.replica_id, model=lease.model
+            )
             replica = self.pool(lease.model).replicas.get(lease.replica_id)
             state = replica.state if replica else ReplicaState.STOPPED
             self._events.publish(
-                Event(self._clock.wall(), lease.replica_id, lease.model, state, state, "lease_expired")
+                Event(
+                    self._clock.wall(), lease.replica_id, lease.model, state, state, "lease_expired"
+                )
             )
         return len(expired)
 
@@ -219,7 +238,7 @@ class Router:
                 f"model {model!r} allows at most {spec.max_replicas} replicas (max_replicas)"
             )
         pool = self.pool(model)
-        waits: list[Awaitable[Replica]] = [_ready(r) for r in pool.servable()[:replicas]]
+        waits: list[Awaitable[Replica]] = [ready(r) for r in pool.servable()[:replicas]]
         waits += [pool.start(spec, deadline) for _ in range(replicas - len(waits))]
         await wait_until(asyncio.gather(*waits), deadline, self._clock, model)
         return [self.info(r) for r in pool.servable()]
@@ -233,7 +252,9 @@ class Router:
         await asyncio.gather(*(self._stop(r, "unload", force, drain) for r in targets))
         return [self.info(r) for r in targets]
 
-    async def unload_replica(self, replica_id: str, force: bool, drain: float | None) -> list[ReplicaInfo]:
+    async def unload_replica(
+        self, replica_id: str, force: bool, drain: float | None
+    ) -> list[ReplicaInfo]:
         replica = self.find(replica_id)
         if replica is None:
             raise NotFound(f"replica {replica_id[:64]!r} is not running")
@@ -246,15 +267,92 @@ class Router:
     async def _stop(self, replica: Replica, reason: str, force: bool, drain: float | None) -> None:
         if force:
             self.drop_leases(replica.id)
-        await replica.stop(reason, force=force, drain_timeout=DEFAULT_DRAIN if drain is None else drain)
+        await replica.stop(
+            reason, force=force, drain_timeout=DEFAULT_DRAIN if drain is None else drain
+        )
         self.drop_leases(replica.id)
         self._prober.forget(replica.id)
         self.pool(replica.model).prune()
+        self._capacity_changed()
+
+    # the watchdog's and admission's side
+
+    def capacity_event(self) -> asyncio.Event:
+        """Set the next time a lease ends or a replica stops (admission waits on it)."""
+        if self._capacity is None:
+            self._capacity = asyncio.Event()
+        return self._capacity
+
+    def _capacity_changed(self) -> None:
+        if self._capacity is not None:
+            self._capacity.set()
+            self._capacity = None
+
+    async def evict(self, eviction: Eviction, force: bool) -> None:
+        replica = self.find(eviction.replica_id)
+        if replica is None or replica.state not in LIVE:
+            return
+        log.info(
+            "replica_evicted",
+            replica_id=replica.id,
+            model=replica.model,
+            reason=eviction.reason,
+            detail=eviction.detail,
+        )
+        self.counters[f"evictions_{eviction.reason}"] += 1
+        if self._metrics is not None:
+            self._metrics.evicted(eviction.reason)
+        await self._stop(replica, eviction.reason, force, None)
+
+    def views(self) -> list[ReplicaView]:
+        oldest = self._leases.oldest_started()
+        return [self.view(r, r.spec, oldest) for pool in self._pools.values() for r in pool.live()]
+
+    def observe(self, host: HostView, process_memory: dict[int, int]) -> None:
+        """Resource readings from the watchdog tick: free memory for the picker, per-pid use."""
+        free: dict[int | None, int] = {g.index: g.free for g in host.gpus}
+        free[None] = host.ram_available
+        self.free_memory = free
+        self._measured = process_memory
+
+    def memory_of(self, replica: Replica) -> int:
+        measured = self._measured.get(replica.pid) if replica.pid else None
+        return measured if measured is not None else replica.spec.memory_estimate
+
+    def maintain(self) -> list[asyncio.Task[Replica]]:
+        """Keep every model's min_replicas running; returns the starts it began."""
+        started = []
+        for spec in self._catalog.list():
+            if spec.min_replicas <= 0:
+                continue
+            pool = self.pool(spec.name)
+            missing = spec.min_replicas - len(pool.servable()) - pool.pending()
+            for _ in range(max(missing, 0)):
+                try:
+                    started.append(pool.start(spec, self._clock.monotonic() + MIN_REPLICA_WAIT))
+                except Unavailable:
+                    break
+        return started
+
+    def state_counts(self) -> dict[tuple[str, str], int]:
+        counts: Counter[tuple[str, str]] = Counter()
+        for pool in self._pools.values():
+            for replica in pool.all():
+                counts[(pool.model, replica.state.value)] += 1
+        return dict(counts)
+
+    def in_flight_counts(self) -> dict[str, int]:
+        return {pool.model: sum(r.in_flight for r in pool.live()) for pool in self._pools.values()}
 
     def find(self, replica_id: str) -> Replica | None:
+        """A replica by id, live or among the recently ended ones."""
         for pool in self._pools.values():
             if replica_id in pool.replicas:
                 return pool.replicas[replica_id]
+        for pool in self._pools.values():
+            for replica in pool.all():
+                if replica.id == replica_id:
+                    return replica
         return None
 
     # health and listings
@@ -296,7 +394,7 @@ class Router:
             gpu=r.gpu,
             last_error=r.last_error,
             restarts=r.restarts,
-            memory=r.memory,
+            memory=self.memory_of(r),
             last_probe_ok=probe.ok if probe else False,
             last_probe_at=probe.wall if probe else None,
             node_id=r.node_id,
@@ -312,7 +410,7 @@ class Router:
             idle_since=r.idle_since,
             oldest_lease_started=oldest.get(r.id),
             gpu_ids=r.gpu_ids,
-            memory=r.memory,
+            memory=self.memory_of(r),
             pinned=spec.pinned,
             groups=spec.groups,
             idle_ttl=spec.idle_ttl,
@@ -331,6 +429,10 @@ class Router:
             subscription.close()
 
     def _on_event(self, event: Event) -> None:
+        if event.to_state is ReplicaState.READY:
+            # Readiness was a successful health probe: no need to probe again at once.
+            self._prober.record_ok(event.replica_id)
+            return
         if event.to_state not in (ReplicaState.FAILED, ReplicaState.STOPPED):
             return
         pool = self._pools.get(event.model)
@@ -341,11 +443,6 @@ class Router:
             self.counters["crashes"] += 1
         self._prober.forget(event.replica_id)
         pool.prune()
-
-
-async def _ready(replica: Replica) -> Replica:
-    await replica.ensure_ready()
-    return replica
 
 
 async def wait_until(awaitable: Awaitable[T], deadline: float, clock: Clock, model: str) -> T:

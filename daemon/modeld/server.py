@@ -1,13 +1,16 @@
 """The daemon's one lifecycle object: builds every component once, serves, shuts down.
 
-Start order: registry (refuses a foreign or newer database), orphans of a
-previous life stopped, catalog and settings loaded, gRPC listening, health
-SERVING, then min_replicas started. Shutdown runs the same way backwards.
+Start order: security settings checked, registry opened (a foreign or newer
+database is refused), orphans of a previous life stopped, catalog and settings
+loaded, gRPC listening, health SERVING, min_replicas started, then READY=1 to
+systemd. Shutdown runs the same way backwards and stops every backend.
 """
 
 import asyncio
 import uuid
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import grpc
 import structlog
@@ -16,6 +19,8 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from modeld._proto.modeld.v1 import modeld_pb2, modeld_pb2_grpc
+from modeld.admission import Admission
+from modeld.api.security import TokenAuth, check_listen_security, server_credentials, token_auth
 from modeld.api.servicer import ModelControl
 from modeld.catalog import Catalog
 from modeld.clock import Clock, SystemClock
@@ -23,24 +28,40 @@ from modeld.config import Config
 from modeld.errors import ConfigError
 from modeld.events import EventBus
 from modeld.logstore import LogStore
+from modeld.metrics import Metrics, MetricsServer
+from modeld.notify import Notifier
+from modeld.observer import Observer
 from modeld.probe import ProbeCache
 from modeld.registry import Registry
+from modeld.resources import ResourceReader, make_reader
 from modeld.router import Router
 from modeld.settings_store import SettingsStore
 from modeld.spec import ModelSpec
 from modeld.supervisor.orphans import reap_orphans
 from modeld.supervisor.process import ProcessSpawner, Spawner
 from modeld.supervisor.replica import Replica, ReplicaDeps
+from modeld.watchdog import Watchdog
 
 log = structlog.get_logger(__name__)
 SERVICE = modeld_pb2.DESCRIPTOR.services_by_name["ModelControl"].full_name
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
 class Daemon:
-    def __init__(self, config: Config, *, clock: Clock | None = None, spawner: Spawner | None = None):
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Clock | None = None,
+        spawner: Spawner | None = None,
+        reader: ResourceReader | None = None,
+    ) -> None:
         self.config = config
         self.clock = clock or SystemClock()
         self.spawner = spawner or ProcessSpawner()
+        self.reader = reader or make_reader(config.resources_fake_path or None)
+        self.notifier = Notifier.from_environ()
+        self.metrics = Metrics()
         self.events = EventBus()
         self.logs = LogStore(
             self.clock,
@@ -49,15 +70,20 @@ class Daemon:
             subscriber_queue=config.log_subscriber_queue,
         )
         self.health = HealthServicer()
-        self.stopped = asyncio.Event()
         self._stop_requested = asyncio.Event()
         self._server: grpc.aio.Server | None = None
+        self._metrics_server: MetricsServer | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self.registry: Registry | None = None
         self.router: Router | None = None
+        self.watchdog: Watchdog | None = None
 
     async def start(self) -> None:
         cfg = self.config
-        self.registry = registry = await Registry.open(cfg.db_path, synchronous=cfg.synchronous)
+        creds, auth = self._security()
+        self.registry = registry = await Registry.open(
+            cfg.db_path, synchronous=cfg.synchronous, observe=self.metrics.transaction
+        )
         handled = await reap_orphans(registry, node_id=cfg.node_id)
         if handled:
             log.info("orphans_cleaned", replicas=len(handled))
@@ -66,11 +92,39 @@ class Daemon:
         settings = SettingsStore(registry, cfg.settings)
         await settings.load()
         self.router = router = self._build_router(catalog, settings)
-        await self._serve_grpc(catalog, router, settings)
+        self.watchdog = self._build_watchdog(router, settings)
+        await self._serve_grpc(catalog, router, settings, creds, auth)
+        await self._serve_metrics(router)
         router.start()
+        self._spawn(self.watchdog.run(), "watchdog")
+        self._spawn(Observer(self.events, router, self.metrics, self.notifier).run(), "observer")
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        log.info("daemon_started", listen=list(cfg.listen), db=str(cfg.db_path), models=len(catalog.list()))
+        log.info(
+            "daemon_started",
+            listen=list(cfg.listen),
+            db=str(cfg.db_path),
+            models=len(catalog.list()),
+        )
+        await self._start_min_replicas(router)
+        self.notifier.ready()
+        self._spawn(self.notifier.watchdog_loop(), "systemd-watchdog")
+
+    def _security(self) -> tuple[grpc.ServerCredentials | None, TokenAuth | None]:
+        cfg = self.config
+        creds = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+        auth = token_auth(
+            cfg.auth_token_file,
+            open_health=cfg.auth_open_health,
+            open_reflection=cfg.auth_open_reflection,
+        )
+        check_listen_security(
+            cfg.listen,
+            tls_enabled=creds is not None,
+            token_enabled=auth is not None,
+            allow_insecure_remote=cfg.allow_insecure_remote,
+        )
+        return creds, auth
 
     def _build_router(self, catalog: Catalog, settings: SettingsStore) -> Router:
         assert self.registry is not None
@@ -86,31 +140,62 @@ class Daemon:
         )
 
         def factory(spec: ModelSpec, gpu_ids: tuple[int, ...]) -> Replica:
-            replica_id = f"{uuid.uuid4().hex[:12]}"
-            return Replica(replica_id, spec, catalog.backend(spec.backend), deps, gpu_ids=gpu_ids)
+            backend = catalog.backend(spec.backend)
+            return Replica(uuid.uuid4().hex[:12], spec, backend, deps, gpu_ids=gpu_ids)
+
+        admission: list[Admission] = []
 
         async def admit(spec: ModelSpec, deadline: float) -> tuple[int, ...]:
-            return ()
+            return await admission[0].admit(spec, deadline)
 
-        prober = ProbeCache(self.clock, lambda: settings.current.probe_ttl)
-        return Router(
+        router = Router(
             clock=self.clock,
             catalog=catalog,
             settings=settings,
             events=self.events,
             factory=factory,
             admit=admit,
-            prober=prober,
+            prober=ProbeCache(self.clock, lambda: settings.current.probe_ttl),
+            metrics=self.metrics,
+        )
+        admission.append(
+            Admission(clock=self.clock, reader=self.reader, settings=settings, evictor=router)
+        )
+        return router
+
+    def _build_watchdog(self, router: Router, settings: SettingsStore) -> Watchdog:
+        return Watchdog(
+            clock=self.clock,
+            reader=self.reader,
+            settings=settings,
+            views=router.views,
+            observe=router.observe,
+            evict=router.evict,
+            maintain=router.maintain,
         )
 
-    async def _serve_grpc(self, catalog: Catalog, router: Router, settings: SettingsStore) -> None:
+    async def _start_min_replicas(self, router: Router) -> None:
+        starts = router.maintain()
+        if starts:
+            log.info("min_replicas_starting", replicas=len(starts))
+            await asyncio.wait(starts)
+
+    async def _serve_grpc(
+        self,
+        catalog: Catalog,
+        router: Router,
+        settings: SettingsStore,
+        creds: grpc.ServerCredentials | None,
+        auth: TokenAuth | None,
+    ) -> None:
         limit = self.config.max_message_bytes
         server = grpc.aio.server(
+            interceptors=[auth] if auth else None,
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         servicer = ModelControl(
             clock=self.clock,
@@ -119,30 +204,48 @@ class Daemon:
             settings=settings,
             logs=self.logs,
             events=self.events,
+            metrics=self.metrics,
+            on_settings=self.watchdog.poke if self.watchdog else None,
         )
-        modeld_pb2_grpc.add_ModelControlServicer_to_server(servicer, server)
+        modeld_pb2_grpc.add_ModelControlServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        names = (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
-        reflection.enable_server_reflection(names, server)
-        sockets = [self._bind(server, address) for address in self.config.listen]
+        reflection.enable_server_reflection(
+            (SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server
+        )
+        sockets = [self._bind(server, address, creds) for address in self.config.listen]
         await server.start()
         for path in sockets:
-            path.chmod(self.config.socket_mode)
+            if path is not None:
+                path.chmod(self.config.socket_mode)
         self._server = server
 
-    def _bind(self, server: grpc.aio.Server, address: str) -> Path | None:
+    def _bind(
+        self, server: grpc.aio.Server, address: str, creds: grpc.ServerCredentials | None
+    ) -> Path | None:
         path = None
         if address.startswith("unix://"):
             path = Path(address.removeprefix("unix://"))
             path.parent.mkdir(parents=True, exist_ok=True)
             path.unlink(missing_ok=True)
         try:
-            port = server.add_insecure_port(address)
+            if creds is not None and path is None:
+                port = server.add_secure_port(address, creds)
+            else:
+                port = server.add_insecure_port(address)
         except RuntimeError as exc:
             raise ConfigError(f"listen: cannot bind {address}: {exc}") from None
         if path is None and port == 0:
             raise ConfigError(f"listen: cannot bind {address} (in use, or not a valid host:port)")
         return path
+
+    async def _serve_metrics(self, router: Router) -> None:
+        self.metrics.set_sources(replicas=router.state_counts, in_flight=router.in_flight_counts)
+        if self.config.metrics_listen:
+            self._metrics_server = MetricsServer(self.metrics, self.config.metrics_listen)
+            await self._metrics_server.start()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        self._tasks.append(asyncio.create_task(coro, name=name))
 
     def request_stop(self) -> None:
         self._stop_requested.set()
@@ -153,24 +256,38 @@ class Daemon:
 
     async def shutdown(self) -> None:
         log.info("daemon_stopping")
+        self.notifier.stopping()
         await self.health.enter_graceful_shutdown()
+        self.events.close_all()
+        self.logs.close_all()
         if self._server is not None:
             await self._server.stop(self.config.shutdown_grace)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.watchdog is not None:
+            await self.watchdog.close()
         if self.router is not None:
             await self.router.close()
+        if self._metrics_server is not None:
+            await self._metrics_server.close()
         if self.registry is not None:
             await self.registry.close()
-        for address in self.config.listen:
-            if address.startswith("unix://"):
-                Path(address.removeprefix("unix://")).unlink(missing_ok=True)
+        _remove_sockets(self.config.listen)
+        self.notifier.close()
         log.info("daemon_stopped")
-        self.stopped.set()
 
     def kill_backends(self) -> None:
         """Second signal: no grace for anyone, but still no orphans."""
         if self.router is None:
             return
-        for replica in self.router.live_replicas():
+        live = self.router.live_replicas()
+        for replica in live:
             replica.kill()
-        log.warning("backends_killed", replicas=len(self.router.live_replicas()))
+        log.warning("backends_killed", replicas=len(live))
 
+
+def _remove_sockets(listen: tuple[str, ...]) -> None:
+    for address in listen:
+        if address.startswith("unix://"):
+            Path(address.removeprefix("unix://")).unlink(missing_ok=True)

@@ -118,12 +118,13 @@ def check_model_spec(spec: ModelSpec, backends: dict[str, BackendSpec]) -> Model
         raise InvalidArgument(f"model {spec.name!r}: more than {MAX_GROUPS} groups")
     for group in spec.groups:
         check_name("group", group)
-    for label, value in (
-        ("idle_ttl", spec.idle_ttl),
-        ("lease_ttl", spec.lease_ttl),
-        ("busy_timeout", spec.busy_timeout),
-    ):
-        if value is not None and not 0 <= value <= 365 * 86400:
+    durations = {
+        "idle_ttl": spec.idle_ttl,
+        "lease_ttl": spec.lease_ttl,
+        "busy_timeout": spec.busy_timeout,
+    }
+    for label, seconds in durations.items():
+        if seconds is not None and not 0 <= seconds <= 365 * 86400:
             raise InvalidArgument(f"model {spec.name!r}: {label} must be between 0 and 365 days")
     return spec
 

@@ -1,9 +1,9 @@
 """The replica state machine: states and the only edges a replica may take."""
 
-from enum import Enum
+from enum import StrEnum
 
 
-class ReplicaState(str, Enum):
+class ReplicaState(StrEnum):
     STARTING = "STARTING"
     WAITING_READY = "WAITING_READY"
     LOADING = "LOADING"

@@ -1,18 +1,17 @@
 """`modeld.v1.ModelControl`: validates requests, calls the owners, shapes replies."""
 
-from collections.abc import AsyncIterator
-
-import grpc
+from collections.abc import AsyncIterator, Callable
 
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld._proto.modeld.v1 import modeld_pb2_grpc as pb_grpc
 from modeld.api import convert
-from modeld.api.status import deadline_of, stream, unary
+from modeld.api.status import Ctx, deadline_of, status_of, stream, unary
 from modeld.catalog import Catalog
 from modeld.clock import Clock
-from modeld.errors import FailedPrecondition, InvalidArgument, NotFound
+from modeld.errors import FailedPrecondition, InvalidArgument, ModeldError, NotFound
 from modeld.events import EventBus
 from modeld.logstore import LogStore
+from modeld.metrics import Metrics
 from modeld.router import Router
 from modeld.settings_store import SettingsStore
 from modeld.spec import check_name
@@ -33,8 +32,12 @@ class ModelControl(pb_grpc.ModelControlServicer):
         settings: SettingsStore,
         logs: LogStore,
         events: EventBus,
+        metrics: Metrics,
+        on_settings: Callable[[], None] | None = None,
     ) -> None:
         self._clock = clock
+        self._metrics = metrics
+        self._on_settings = on_settings
         self._catalog = catalog
         self._router = router
         self._settings = settings
@@ -47,18 +50,23 @@ class ModelControl(pb_grpc.ModelControlServicer):
         return name
 
     @unary
-    async def Ping(
-        self, request: pb.PingRequest, context: grpc.aio.ServicerContext
-    ) -> pb.PingResponse:
+    async def Ping(self, request: pb.PingRequest, context: Ctx) -> pb.PingResponse:
         return pb.PingResponse()
 
     @unary
-    async def Route(
-        self, request: pb.RouteRequest, context: grpc.aio.ServicerContext
-    ) -> pb.RouteResponse:
+    async def Route(self, request: pb.RouteRequest, context: Ctx) -> pb.RouteResponse:
         model = self._model(request.model)
-        deadline = deadline_of(context, self._clock.monotonic(), DEFAULT_WAIT)
-        lease = await self._router.route(model, deadline)
+        started = self._clock.monotonic()
+        try:
+            lease = await self._router.route(model, deadline_of(context, started, DEFAULT_WAIT))
+        except ModeldError as exc:
+            self._metrics.route(
+                model, status_of(exc).name.lower(), self._clock.monotonic() - started
+            )
+            raise
+        self._metrics.route(model, "ok", self._clock.monotonic() - started)
+        if lease.cold_start:
+            self._metrics.cold_start(model)
         return pb.RouteResponse(
             lease_id=lease.id,
             replica_id=lease.replica_id,
@@ -69,9 +77,7 @@ class ModelControl(pb_grpc.ModelControlServicer):
         )
 
     @unary
-    async def Release(
-        self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ReleaseResponse:
+    async def Release(self, request: pb.ReleaseRequest, context: Ctx) -> pb.ReleaseResponse:
         if not request.lease_id:
             raise InvalidArgument("lease_id is empty")
         if request.outcome not in pb.ReleaseOutcome.values():
@@ -82,7 +88,7 @@ class ModelControl(pb_grpc.ModelControlServicer):
 
     @unary
     async def RenewLease(
-        self, request: pb.RenewLeaseRequest, context: grpc.aio.ServicerContext
+        self, request: pb.RenewLeaseRequest, context: Ctx
     ) -> pb.RenewLeaseResponse:
         if not request.lease_id:
             raise InvalidArgument("lease_id is empty")
@@ -90,9 +96,7 @@ class ModelControl(pb_grpc.ModelControlServicer):
         return pb.RenewLeaseResponse(lease_expires_at=convert.timestamp(expires))
 
     @unary
-    async def Load(
-        self, request: pb.LoadRequest, context: grpc.aio.ServicerContext
-    ) -> pb.LoadResponse:
+    async def Load(self, request: pb.LoadRequest, context: Ctx) -> pb.LoadResponse:
         model = self._model(request.model)
         if not 0 <= request.replicas <= MAX_REPLICAS_PER_LOAD:
             raise InvalidArgument(f"replicas must be 0..{MAX_REPLICAS_PER_LOAD}")
@@ -101,9 +105,7 @@ class ModelControl(pb_grpc.ModelControlServicer):
         return pb.LoadResponse(replicas=[convert.replica_to_proto(i) for i in infos])
 
     @unary
-    async def Unload(
-        self, request: pb.UnloadRequest, context: grpc.aio.ServicerContext
-    ) -> pb.UnloadResponse:
+    async def Unload(self, request: pb.UnloadRequest, context: Ctx) -> pb.UnloadResponse:
         target = request.WhichOneof("target")
         if target is None:
             raise InvalidArgument("name a model or a replica_id to unload")
@@ -120,9 +122,7 @@ class ModelControl(pb_grpc.ModelControlServicer):
         return pb.UnloadResponse(stopped=[convert.replica_to_proto(i) for i in infos])
 
     @unary
-    async def Health(
-        self, request: pb.HealthRequest, context: grpc.aio.ServicerContext
-    ) -> pb.HealthResponse:
+    async def Health(self, request: pb.HealthRequest, context: Ctx) -> pb.HealthResponse:
         models = (
             [self._model(request.model)]
             if request.model
@@ -137,9 +137,7 @@ class ModelControl(pb_grpc.ModelControlServicer):
         )
 
     @unary
-    async def PutModel(
-        self, request: pb.PutModelRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelSpec:
+    async def PutModel(self, request: pb.PutModelRequest, context: Ctx) -> pb.ModelSpec:
         if not request.HasField("spec"):
             raise InvalidArgument("spec is required")
         spec = await self._catalog.put(convert.spec_from_proto(request.spec))
@@ -147,7 +145,7 @@ class ModelControl(pb_grpc.ModelControlServicer):
 
     @unary
     async def DeleteModel(
-        self, request: pb.DeleteModelRequest, context: grpc.aio.ServicerContext
+        self, request: pb.DeleteModelRequest, context: Ctx
     ) -> pb.DeleteModelResponse:
         check_name("model", request.name)
         if self._router.has_live(request.name):
@@ -158,7 +156,7 @@ class ModelControl(pb_grpc.ModelControlServicer):
 
     @unary
     async def ListModels(
-        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListModelsRequest, context: Ctx
     ) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(
             models=[convert.spec_to_proto(s) for s in self._catalog.list()]
@@ -166,35 +164,34 @@ class ModelControl(pb_grpc.ModelControlServicer):
 
     @unary
     async def ListBackends(
-        self, request: pb.ListBackendsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListBackendsRequest, context: Ctx
     ) -> pb.ListBackendsResponse:
         backends = [self._catalog.backends[n] for n in sorted(self._catalog.backends)]
         return pb.ListBackendsResponse(backends=[convert.backend_to_proto(b) for b in backends])
 
     @unary
     async def ListReplicas(
-        self, request: pb.ListReplicasRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListReplicasRequest, context: Ctx
     ) -> pb.ListReplicasResponse:
         model = self._model(request.model) if request.model else None
         infos = self._router.replicas(model)
         return pb.ListReplicasResponse(replicas=[convert.replica_to_proto(i) for i in infos])
 
     @unary
-    async def GetSettings(
-        self, request: pb.GetSettingsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.Settings:
+    async def GetSettings(self, request: pb.GetSettingsRequest, context: Ctx) -> pb.Settings:
         return convert.settings_to_proto(self._settings.current)
 
     @unary
-    async def UpdateSettings(
-        self, request: pb.UpdateSettingsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.Settings:
+    async def UpdateSettings(self, request: pb.UpdateSettingsRequest, context: Ctx) -> pb.Settings:
         changes = convert.settings_changes(request.settings)
-        return convert.settings_to_proto(await self._settings.update(changes))
+        updated = await self._settings.update(changes)
+        if self._on_settings is not None:
+            self._on_settings()
+        return convert.settings_to_proto(updated)
 
     @stream
     async def StreamLogs(
-        self, request: pb.StreamLogsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.StreamLogsRequest, context: Ctx
     ) -> AsyncIterator[pb.LogLine]:
         model, replica_id = self._log_target(request)
         if not 0 <= request.tail <= MAX_LOG_TAIL:
@@ -227,7 +224,7 @@ class ModelControl(pb_grpc.ModelControlServicer):
 
     @stream
     async def WatchEvents(
-        self, request: pb.WatchEventsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.WatchEventsRequest, context: Ctx
     ) -> AsyncIterator[pb.Event]:
         model = self._model(request.model) if request.model else None
         subscription = self._events.subscribe(model)

@@ -28,6 +28,8 @@ CODES: dict[type[errors.ModeldError], grpc.StatusCode] = {
     errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
+# The servicer context type, with the request/response parameters the stubs leave open.
+Ctx = grpc.aio.ServicerContext[Any, Any]
 S = TypeVar("S")
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -40,7 +42,7 @@ def status_of(exc: errors.ModeldError) -> grpc.StatusCode:
     return grpc.StatusCode.UNAVAILABLE
 
 
-def _begin(method: str, context: grpc.aio.ServicerContext) -> str:
+def _begin(method: str, context: Ctx) -> str:
     request_id = uuid.uuid4().hex[:16]
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id, method=method)
@@ -58,7 +60,7 @@ def _reply_for(exc: Exception, request_id: str) -> tuple[grpc.StatusCode, str]:
     )
 
 
-def _finish(method: str, context: grpc.aio.ServicerContext, code: str, started: float) -> None:
+def _finish(method: str, context: Ctx, code: str, started: float) -> None:
     log.debug(
         "rpc",
         method=method,
@@ -69,12 +71,12 @@ def _finish(method: str, context: grpc.aio.ServicerContext, code: str, started: 
 
 
 def unary(
-    fn: Callable[[S, Req, grpc.aio.ServicerContext], Awaitable[Resp]],
-) -> Callable[[S, Req, grpc.aio.ServicerContext], Awaitable[Resp]]:
+    fn: Callable[[S, Req, Ctx], Awaitable[Resp]],
+) -> Callable[[S, Req, Ctx], Awaitable[Resp]]:
     method = fn.__name__
 
     @wraps(fn)
-    async def wrapper(self: S, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+    async def wrapper(self: S, request: Req, context: Ctx) -> Resp:
         started = time.perf_counter()
         request_id = _begin(method, context)
         code = "OK"
@@ -95,14 +97,12 @@ def unary(
 
 
 def stream(
-    fn: Callable[[S, Req, grpc.aio.ServicerContext], AsyncIterator[Resp]],
-) -> Callable[[S, Req, grpc.aio.ServicerContext], AsyncIterator[Resp]]:
+    fn: Callable[[S, Req, Ctx], AsyncIterator[Resp]],
+) -> Callable[[S, Req, Ctx], AsyncIterator[Resp]]:
     method = fn.__name__
 
     @wraps(fn)
-    async def wrapper(
-        self: S, request: Req, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[Resp]:
+    async def wrapper(self: S, request: Req, context: Ctx) -> AsyncIterator[Resp]:
         started = time.perf_counter()
         request_id = _begin(method, context)
         code = "OK"
@@ -122,7 +122,7 @@ def stream(
     return wrapper
 
 
-def deadline_of(context: grpc.aio.ServicerContext, now: float, default: float) -> float:
+def deadline_of(context: Ctx, now: float, default: float) -> float:
     """The caller's deadline as a monotonic time, or now + default when it set none."""
     remaining: Any = context.time_remaining()
     if remaining is None:

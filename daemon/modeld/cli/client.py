@@ -67,8 +67,15 @@ def _models(args: argparse.Namespace, stub: Stub) -> None:
         _dump(reply)
         return
     rows = [
-        (m.name, m.backend, m.model_file or "-", f"{m.min_replicas}..{m.max_replicas}",
-         "yes" if m.pinned else "", ",".join(m.groups), m.source)
+        (
+            m.name,
+            m.backend,
+            m.model_file or "-",
+            f"{m.min_replicas}..{m.max_replicas}",
+            "yes" if m.pinned else "",
+            ",".join(m.groups),
+            m.source,
+        )
         for m in reply.models
     ]
     print_table(("MODEL", "BACKEND", "FILE", "REPLICAS", "PINNED", "GROUPS", "SOURCE"), rows)
@@ -78,15 +85,20 @@ def _load(args: argparse.Namespace, stub: Stub) -> None:
     started = time.monotonic()
     stop = threading.Event()
     if not args.json:
-        threading.Thread(target=_progress, args=(stub, args.model, started, stop), daemon=True).start()
+        threading.Thread(
+            target=_progress, args=(stub, args.model, started, stop), daemon=True
+        ).start()
     try:
-        reply = stub.Load(pb.LoadRequest(model=args.model, replicas=args.replicas), timeout=args.timeout)
+        reply = stub.Load(
+            pb.LoadRequest(model=args.model, replicas=args.replicas), timeout=args.timeout
+        )
     finally:
         stop.set()
     if args.json:
         _dump(reply)
     else:
-        print(f"{args.model}: {len(reply.replicas)} replica(s) ready in {time.monotonic() - started:.2f}s")
+        elapsed = time.monotonic() - started
+        print(f"{args.model}: {len(reply.replicas)} replica(s) ready in {elapsed:.2f}s")
         print_replicas(reply.replicas)
 
 
@@ -98,7 +110,10 @@ def _progress(stub: Stub, model: str, started: float, stop: threading.Event) -> 
         for event in stream:
             state = pb.ReplicaState.Name(event.to_state).lower().replace("_", " ")
             reason = f" ({event.reason})" if event.reason else ""
-            print(f"  {time.monotonic() - started:6.2f}s  {event.replica_id}  {state}{reason}", flush=True)
+            print(
+                f"  {time.monotonic() - started:6.2f}s  {event.replica_id}  {state}{reason}",
+                flush=True,
+            )
     except grpc.RpcError:
         return
 
@@ -131,8 +146,8 @@ def _route(args: argparse.Namespace, stub: Stub) -> None:
 
 
 def _release(args: argparse.Namespace, stub: Stub) -> None:
-    outcome = pb.ReleaseOutcome.Value(args.outcome.upper())
-    reply = stub.Release(pb.ReleaseRequest(lease_id=args.lease, outcome=outcome), timeout=args.timeout)
+    request = pb.ReleaseRequest(lease_id=args.lease, outcome=args.outcome.upper())
+    reply = stub.Release(request, timeout=args.timeout)
     if args.json:
         _dump(reply)
     else:
@@ -140,7 +155,9 @@ def _release(args: argparse.Namespace, stub: Stub) -> None:
 
 
 def _health(args: argparse.Namespace, stub: Stub) -> None:
-    reply = stub.Health(pb.HealthRequest(model=args.model or "", probe=args.probe), timeout=args.timeout)
+    reply = stub.Health(
+        pb.HealthRequest(model=args.model or "", probe=args.probe), timeout=args.timeout
+    )
     if args.json:
         _dump(reply)
         return
@@ -183,13 +200,17 @@ def _settings(args: argparse.Namespace, stub: Stub) -> None:
     if args.force_eviction_when_busy is not None:
         changes.force_eviction_when_busy = args.force_eviction_when_busy == "true"
     if changes.ListFields():
-        reply = stub.UpdateSettings(pb.UpdateSettingsRequest(settings=changes), timeout=args.timeout)
+        reply = stub.UpdateSettings(
+            pb.UpdateSettingsRequest(settings=changes), timeout=args.timeout
+        )
     else:
         reply = stub.GetSettings(pb.GetSettingsRequest(), timeout=args.timeout)
     if args.json:
         _dump(reply)
         return
-    shown = MessageToDict(reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    shown = MessageToDict(
+        reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
     print_table(("SETTING", "VALUE"), sorted((k, str(v)) for k, v in shown.items()))
 
 
@@ -216,7 +237,9 @@ def add_client_verbs(sub: Any) -> None:
     _add(sub, "route", _route, "lease a ready replica of a model").add_argument("model")
     p = _add(sub, "release", _release, "give a lease back")
     p.add_argument("lease")
-    p.add_argument("--outcome", default="ok", choices=("ok", "backend_unreachable", "backend_error"))
+    p.add_argument(
+        "--outcome", default="ok", choices=("ok", "backend_unreachable", "backend_error")
+    )
     p = _add(sub, "health", _health, "replica health (cached unless --probe)")
     p.add_argument("model", nargs="?")
     p.add_argument("--probe", action="store_true", help="probe every replica now")
@@ -232,5 +255,3 @@ def add_client_verbs(sub: Any) -> None:
     p.add_argument("--max-loaded", type=int)
     p.add_argument("--memory-threshold", type=float)
     p.add_argument("--force-eviction-when-busy", choices=("true", "false"))
-
-

@@ -11,7 +11,9 @@ from modeld.units import format_size
 
 def print_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
     rows = [tuple(str(c) for c in row) for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)
+    ]
     for row in (tuple(header), *rows):
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 

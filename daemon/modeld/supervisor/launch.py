@@ -12,7 +12,9 @@ from pathlib import Path
 
 from modeld._proto.backend import backend_pb2 as pb
 from modeld.errors import InvalidArgument
+from modeld.logstore import MIN_MAX_LINE
 from modeld.spec import BackendSpec, ModelSpec, resolve_model_file
+from modeld.supervisor.backend_client import host_port
 
 _PLACEHOLDER = re.compile(r"\{(addr|host|port|model_file|models_dir|python)\}")
 _INT32 = (-(2**31), 2**31 - 1)
@@ -57,7 +59,7 @@ class LaunchPlan:
 
     def argv(self, host: str, port: int) -> list[str]:
         values = {
-            "addr": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+            "addr": host_port(host, port),
             "host": host,
             "port": str(port),
             "model_file": self.model_file,
@@ -79,6 +81,10 @@ def plan_launch(
     """Resolve the model file and options of `spec`; raises InvalidArgument."""
     if not backend.command:
         raise InvalidArgument(f"backend {backend.name!r} has an empty command")
+    if backend.max_output_line < MIN_MAX_LINE:
+        raise InvalidArgument(
+            f"backend {backend.name!r}: max_output_line must be at least {MIN_MAX_LINE}"
+        )
     root = models_dir.resolve()
     model_file = str(resolve_model_file(root, spec.model_file)) if spec.model_file else ""
     env = {**base_env, **dict(backend.env)}

@@ -1,9 +1,15 @@
 """Spawning backend processes, and what Linux tells us about processes.
 
 Every backend runs in a session (and so a process group) of its own, so one
-signal reaches it and every worker it forks. The child also asks the kernel for
-SIGKILL when its parent dies (PR_SET_PDEATHSIG), so even a daemon killed by
+signal reaches it and every worker it forks. It also asks the kernel for
+SIGKILL when the daemon dies (PR_SET_PDEATHSIG), so even a daemon killed by
 SIGKILL leaves no backend behind.
+
+That request is made by a tiny launcher (`python -I -S -c LAUNCHER`) which then
+execs the backend in the same process, rather than by a preexec_fn: under
+uvloop a preexec_fn runs Python in the forked child of a process full of
+threads (gRPC, SQLite), and such children were seen to die of SIGSEGV now and
+then. subprocess.Popen without preexec_fn forks (or vforks) and execs in C.
 
 Processes are identified by (pid, start time): a pid alone may have been
 handed to an unrelated process since it was recorded. A zombie counts as gone:
@@ -13,20 +19,79 @@ linger forever.
 
 import asyncio
 import contextlib
-import ctypes
+import errno
 import os
+import shutil
 import signal
 import socket
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import IO, Protocol
 
 _PROC = Path("/proc")
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True)
-_prctl = _libc.prctl
-_prctl.restype = ctypes.c_int
-_prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+EXIT_LAUNCH_FAILED = 127
+
+# argv: PARENT_PID COMMAND [ARGS...]. If the daemon died before prctl took effect
+# the signal will never come, so the launcher also checks who its parent is.
+LAUNCHER = f"""\
+import ctypes, os, sys
+PR_SET_PDEATHSIG, SIGKILL = 1, 9
+ok = ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(SIGKILL), ctypes.c_ulong(0),
+                             ctypes.c_ulong(0), ctypes.c_ulong(0)) == 0
+if not ok or os.getppid() != int(sys.argv[1]):
+    os._exit({EXIT_LAUNCH_FAILED})
+try:
+    os.execvp(sys.argv[2], sys.argv[2:])
+except OSError as exc:
+    sys.stderr.write(f"modeld launcher: cannot run {{sys.argv[2]!r}}: {{exc.strerror}}\\n")
+    os._exit({EXIT_LAUNCH_FAILED})
+"""
+
+
+class BackendProcess:
+    """A spawned backend: its pid, its output pipes as StreamReaders, and its exit.
+
+    The exit is awaited on a pidfd, which becomes readable when the process
+    exits; the process is then reaped here, by pid, and by no one else.
+    """
+
+    def __init__(
+        self,
+        popen: "subprocess.Popen[bytes]",
+        stdout: asyncio.StreamReader,
+        stderr: asyncio.StreamReader,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self._popen = popen
+        self.stdout = stdout
+        self.stderr = stderr
+        self._loop = loop
+        self._exited: asyncio.Future[int] = loop.create_future()
+        self._pidfd = os.pidfd_open(popen.pid)
+        loop.add_reader(self._pidfd, self._reap)
+
+    @property
+    def pid(self) -> int:
+        return self._popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        """Exit code, or minus the signal that killed it; None until it is reaped."""
+        return self._popen.returncode
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._exited)
+
+    def _reap(self) -> None:
+        code = self._popen.poll()
+        if code is None:
+            return
+        self._loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        if not self._exited.done():
+            self._exited.set_result(code)
 
 
 class Spawner(Protocol):
@@ -34,39 +99,59 @@ class Spawner(Protocol):
 
     async def spawn(
         self, argv: Sequence[str], *, env: Mapping[str, str], cwd: str | None
-    ) -> asyncio.subprocess.Process: ...
+    ) -> BackendProcess: ...
 
 
 class ProcessSpawner:
-    """The real spawner: new session, stdin closed, death tied to this process."""
+    """The real spawner: new session, stdin closed, death tied to this process.
+
+    Call it from the event loop's thread, which lives as long as the daemon:
+    the kernel sends PR_SET_PDEATHSIG when the *thread* that forked the child ends.
+    """
+
+    def __init__(self, python: str = sys.executable) -> None:
+        self._python = python
 
     async def spawn(
         self, argv: Sequence[str], *, env: Mapping[str, str], cwd: str | None
-    ) -> asyncio.subprocess.Process:
-        return await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=dict(env),
-            cwd=cwd,
-            start_new_session=True,
-            preexec_fn=die_with_parent(os.getpid()),
+    ) -> BackendProcess:
+        if not argv:
+            raise ValueError("empty argv")
+        if shutil.which(argv[0], path=env.get("PATH", os.defpath)) is None:
+            raise FileNotFoundError(errno.ENOENT, "no such executable", argv[0])
+        popen = _launch(
+            [self._python, "-I", "-S", "-c", LAUNCHER, str(os.getpid()), *argv], env, cwd
         )
+        try:
+            loop = asyncio.get_running_loop()
+            stdout = await _stream(loop, popen.stdout)
+            stderr = await _stream(loop, popen.stderr)
+            return BackendProcess(popen, stdout, stderr, loop)
+        except BaseException:
+            kill_group(popen.pid, signal.SIGKILL)
+            popen.wait()
+            raise
 
 
-def die_with_parent(parent_pid: int) -> Callable[[], None]:
-    """A preexec_fn (runs in the child between fork and exec; works under uvloop too).
+def _launch(argv: list[str], env: Mapping[str, str], cwd: str | None) -> "subprocess.Popen[bytes]":
+    """Fork (or vfork) and exec, all in C; blocks only until the exec (a few ms)."""
+    return subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=dict(env),
+        cwd=cwd,
+        start_new_session=True,
+    )
 
-    If the parent died before prctl took effect the signal will never come, so
-    the child checks its parent is still the one that forked it, and quits if not.
-    """
 
-    def preexec() -> None:
-        if _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0 or os.getppid() != parent_pid:
-            os._exit(1)
-
-    return preexec
+async def _stream(loop: asyncio.AbstractEventLoop, pipe: IO[bytes] | None) -> asyncio.StreamReader:
+    if pipe is None:
+        raise RuntimeError("the child's output is not a pipe")
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    return reader
 
 
 def free_port(host: str) -> int:

@@ -1,0 +1,220 @@
+"""What the route benchmark is built from: server processes and a closed-loop load.
+
+A `Server` is a gRPC server in its own process (the daemon or the reference),
+started with its output in a log file and awaited on `Ping` racing its exit. A
+`Series` accumulates one workload's pairs over several timed slices, so that
+workloads measured in alternating slices see the same drift.
+"""
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from modeld._proto.modeld.v1 import modeld_pb2 as pb
+from modeld._proto.modeld.v1 import modeld_pb2_grpc as pb_grpc
+
+START_LIMIT_S = 30.0
+STOP_LIMIT_S = 20.0
+CALL_LIMIT_S = 30.0
+
+Pair = Callable[[], Awaitable[None]]
+
+
+class BenchError(Exception):
+    """A measurement could not be taken; the message says why."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def rpc_error(exc: grpc.aio.AioRpcError) -> str:
+    return f"{exc.code().name}: {exc.details()}"
+
+
+@dataclass
+class Server:
+    name: str
+    addr: str
+    proc: asyncio.subprocess.Process
+    log_path: Path
+    channel: grpc.aio.Channel = field(init=False)
+    stub: pb_grpc.ModelControlStub = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.channel = grpc.aio.insecure_channel(self.addr)
+        self.stub = pb_grpc.ModelControlStub(self.channel)  # type: ignore[no-untyped-call]
+
+    async def wait_serving(self) -> None:
+        ping = asyncio.ensure_future(
+            self.stub.Ping(pb.PingRequest(), wait_for_ready=True, timeout=START_LIMIT_S)
+        )
+        exited = asyncio.ensure_future(self.proc.wait())
+        done, _ = await asyncio.wait({ping, exited}, return_when=asyncio.FIRST_COMPLETED)
+        exited.cancel()
+        if ping not in done:
+            ping.cancel()
+            raise BenchError(f"{self.name} exited with {self.proc.returncode}; see {self.log_path}")
+        try:
+            ping.result()
+        except grpc.aio.AioRpcError as exc:
+            raise BenchError(
+                f"{self.name} is not serving ({rpc_error(exc)}); see {self.log_path}"
+            ) from None
+
+    async def stop(self) -> None:
+        await self.channel.close(None)
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.proc.wait(), STOP_LIMIT_S)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+async def launch(name: str, argv: list[str], addr: str, log_path: Path) -> Server:
+    """Start `argv` with its output in `log_path` and wait until it answers Ping."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELD_")}
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, env=env
+        )
+    server = Server(name, addr, proc, log_path)
+    try:
+        await server.wait_serving()
+    except BaseException:
+        await server.stop()
+        raise
+    return server
+
+
+def route_pair(stub: pb_grpc.ModelControlStub, model: str) -> Pair:
+    """Route then Release: what every client does around each inference request."""
+    route = pb.RouteRequest(model=model)
+
+    async def pair() -> None:
+        lease = await stub.Route(route, timeout=CALL_LIMIT_S)
+        reply = await stub.Release(pb.ReleaseRequest(lease_id=lease.lease_id), timeout=CALL_LIMIT_S)
+        if not reply.released:
+            raise BenchError(f"lease {lease.lease_id} was not released")
+
+    return pair
+
+
+def empty_pair(stub: pb_grpc.ModelControlStub) -> Pair:
+    """Two empty unary calls: the floor a Route+Release pair is compared with."""
+    ping = pb.PingRequest()
+
+    async def pair() -> None:
+        await stub.Ping(ping, timeout=CALL_LIMIT_S)
+        await stub.Ping(ping, timeout=CALL_LIMIT_S)
+
+    return pair
+
+
+@dataclass
+class Series:
+    """One workload at one concurrency, accumulated over timed slices."""
+
+    kind: str
+    concurrency: int
+    seconds: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+
+    async def run(self, pair: Pair, seconds: float) -> None:
+        """`concurrency` tasks call `pair` back to back for `seconds`."""
+        started = time.perf_counter()
+        end = started + seconds
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(self.concurrency):
+                    group.create_task(self._worker(pair, end))
+        except ExceptionGroup as failed:
+            # The first failure is the story; the group cancelled the other workers.
+            raise failed.exceptions[0] from None
+        self.seconds += time.perf_counter() - started
+
+    async def _worker(self, pair: Pair, end: float) -> None:
+        while (started := time.perf_counter()) < end:
+            await pair()
+            self.latencies.append(time.perf_counter() - started)
+
+    @property
+    def rate(self) -> float:
+        return len(self.latencies) / self.seconds if self.seconds else 0.0
+
+    def quantile_ms(self, q: float) -> float:
+        ordered = sorted(self.latencies)
+        if not ordered:
+            return 0.0
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "concurrency": self.concurrency,
+            "pairs": len(self.latencies),
+            "seconds": round(self.seconds, 3),
+            "pairs_per_s": round(self.rate, 1),
+            "p50_ms": round(self.quantile_ms(0.50), 3),
+            "p99_ms": round(self.quantile_ms(0.99), 3),
+        }
+
+
+async def warm_up(pair: Pair, concurrency: int, seconds: float) -> None:
+    await Series("warm-up", concurrency).run(pair, seconds)
+
+
+class EventWatch:
+    """The replica state changes of one model, as `WatchEvents` streams them."""
+
+    def __init__(self, stub: pb_grpc.ModelControlStub, model: str) -> None:
+        self._reached: dict[int, set[str]] = defaultdict(set)
+        self._changed = asyncio.Condition()
+        self._call = stub.WatchEvents(pb.WatchEventsRequest(model=model))
+        self._task = asyncio.create_task(self._follow())
+
+    async def _follow(self) -> None:
+        try:
+            async for event in self._call:
+                self._reached[event.to_state].add(event.replica_id)
+                async with self._changed:
+                    self._changed.notify_all()
+        finally:
+            async with self._changed:
+                self._changed.notify_all()
+
+    def reached(self, state: int) -> set[str]:
+        """Ids of the replicas seen entering `state` so far."""
+        return set(self._reached[state])
+
+    async def wait(self, replica_ids: set[str], states: set[int]) -> None:
+        """Until each replica was seen entering one of `states`, within CALL_LIMIT_S."""
+
+        def seen() -> bool:
+            return replica_ids <= set().union(*(self._reached[s] for s in states))
+
+        async with asyncio.timeout(CALL_LIMIT_S), self._changed:
+            await self._changed.wait_for(lambda: seen() or self._task.done())
+        if not seen():
+            raise BenchError(f"WatchEvents ended before {sorted(replica_ids)} reached {states}")
+
+    async def close(self) -> None:
+        self._call.cancel()
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+            await self._task

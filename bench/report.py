@@ -1,0 +1,140 @@
+"""The route benchmark's verdicts and its printed table."""
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+HEADLINE_CONCURRENCY = "16"
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    value: float | None
+    goal: str
+    ok: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def dig(results: dict[str, Any], *keys: str) -> Any:
+    """results[k1][k2]...; None where a section failed or a figure was not taken."""
+    node: Any = results
+    for key in keys:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def _target(name: str, value: Any, goal: str, ok: Callable[[float], bool]) -> Target:
+    if not isinstance(value, int | float):
+        return Target(name, None, goal, False)
+    return Target(name, float(value), goal, ok(value))
+
+
+def targets(results: dict[str, Any]) -> list[Target]:
+    ratios = dig(results, "throughput", "ratios", HEADLINE_CONCURRENCY) or {}
+    coalesce = results.get("coalesce", {})
+    spawns = coalesce.get("spawns") if coalesce.get("leases") == coalesce.get("routes") else None
+    routes = results["setup"]["cold_routes"]
+    c = HEADLINE_CONCURRENCY
+    return [
+        _target(
+            f"route/empty @ c{c}", ratios.get("route_over_empty"), ">= 0.85", lambda v: v >= 0.85
+        ),
+        _target(
+            f"modeld/reference @ c{c}",
+            ratios.get("modeld_over_reference"),
+            ">= 1.8",
+            lambda v: v >= 1.8,
+        ),
+        _target(
+            "cold-start overhead, median ms",
+            dig(results, "cold_start", "overhead_median_ms"),
+            "< 25",
+            lambda v: v < 25,
+        ),
+        _target(
+            f"spawns for {routes} cold Routes (all leased)",
+            spawns,
+            "== 1",
+            lambda v: v == 1,
+        ),
+    ]
+
+
+def _load(section: dict[str, Any]) -> list[str]:
+    return [f"{section['replicas']} READY replicas in {section['ms']:.0f} ms"]
+
+
+def _throughput(section: dict[str, Any]) -> list[str]:
+    lines = [f"{'conc':>5}  {'workload':<10}{'pairs/s':>10}{'p50 ms':>9}{'p99 ms':>9}"]
+    for s in section["series"]:
+        lines.append(
+            f"{s['concurrency']:>5}  {s['kind']:<10}{s['pairs_per_s']:>10.1f}"
+            f"{s['p50_ms']:>9.3f}{s['p99_ms']:>9.3f}"
+        )
+    lines.append(f"\n{'conc':>5}  {'route/empty':>12}{'modeld/reference':>18}")
+    for conc, r in section["ratios"].items():
+        lines.append(
+            f"{conc:>5}  {r['route_over_empty']:>12.3f}{r['modeld_over_reference']:>18.3f}"
+        )
+    lines.append(
+        f"in-flight left on the daemon's replicas afterwards: {section['in_flight_after']}"
+    )
+    return lines
+
+
+def _cold(section: dict[str, Any]) -> list[str]:
+    runs = ", ".join(f"{r['overhead_ms']:.1f}" for r in section["runs"])
+    return [
+        f"Route -> lease, median {section['total_median_ms']:.1f} ms; the backend's own "
+        f"spawn->listening + LoadModel, median {section['backend_median_ms']:.1f} ms",
+        f"daemon overhead: median {section['overhead_median_ms']:.1f} ms, "
+        f"min {section['overhead_min_ms']:.1f} ms (runs: {runs})",
+    ]
+
+
+def _coalesce(section: dict[str, Any]) -> list[str]:
+    lines = [
+        f"{section['leases']}/{section['routes']} leased in {section['all_leased_ms']:.1f} ms; "
+        f"spawns seen {section['spawns']}, replicas leased {section['replicas_leased']}, "
+        f"live replicas {section['live_replicas']}"
+    ]
+    if section["errors"]:
+        lines.append(f"{section['errors']} Routes failed, first: {section['first_error']}")
+    return lines
+
+
+def _section(results: dict[str, Any], key: str, title: str, body: Any) -> list[str]:
+    section = results.get(key)
+    if section is None:
+        return [f"\n{title}\n  not measured"]
+    if "error" in section:
+        return [f"\n{title}\n  ERROR: {section['error']}"]
+    return [f"\n{title}", *(f"  {line}" for line in body(section))]
+
+
+def render(results: dict[str, Any], checks: list[Target]) -> str:
+    setup = results["setup"]
+    lines = [
+        f"modeld route benchmark: {setup['cpus']} CPUs, Python {setup['python']}, "
+        f"grpcio {setup['grpcio']}, {setup['seconds_per_figure']} s per figure "
+        f"in {setup['slices']} alternating slices, measured in {setup.get('measured_s', '?')} s"
+    ]
+    lines += _section(results, "load", f"Load {setup['model']}", _load)
+    lines += _section(
+        results,
+        "throughput",
+        "1-2. Route+Release vs empty Ping+Ping (same daemon) vs reference (SQLite txn per call)",
+        _throughput,
+    )
+    lines += _section(results, "cold_start", f"3. Cold start ({setup['model']})", _cold)
+    lines += _section(results, "coalesce", "4. Concurrent Routes on a cold model", _coalesce)
+    lines += ["\nTargets", f"  {'figure':<44}{'value':>10}  {'target':<8}"]
+    for t in checks:
+        value = "ERROR" if t.value is None else f"{t.value:.3g}"
+        lines.append(f"  {t.name:<44}{value:>10}  {t.goal:<8}{'ok' if t.ok else 'MISSED'}")
+    return "\n".join(lines)

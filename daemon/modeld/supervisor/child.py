@@ -1,0 +1,110 @@
+"""One spawned backend process and its process group, as a replica holds it.
+
+A replica may spawn more than one (a start retries on a fresh port when the
+last one was taken); each is a `Child`. The replica decides what to do; a Child
+only knows how to signal, await and clean up its own process group.
+"""
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from modeld.supervisor.backend_client import host_port
+from modeld.supervisor.process import BackendProcess, group_alive, kill_group, wait_group_gone
+
+PIPE_DRAIN_S = 0.5
+KILL_WAIT_S = 5.0
+
+
+@dataclass(eq=False)
+class Child:
+    proc: BackendProcess
+    host: str
+    port: int
+    spawned_at: float  # monotonic
+    spawned_wall: float
+    proc_start: int | None  # /proc start time: with the pid, names this very process
+    # Set by the exit watch once the process is reaped and its pipes are read out.
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+    exit_code: int | None = None
+    pumps: list["asyncio.Task[None]"] = field(default_factory=list)
+    watch: "asyncio.Task[None] | None" = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def pgid(self) -> int:
+        # The spawner starts every backend in a session of its own, which it leads.
+        return self.proc.pid
+
+    @property
+    def address(self) -> str:
+        return host_port(self.host, self.port)
+
+    def signal_group(self, sig: int) -> None:
+        # The group id stays ours while its leader is unreaped or any member lives;
+        # after that Linux may hand the number to someone else.
+        if self.proc.returncode is None or group_alive(self.pgid):
+            kill_group(self.pgid, sig)
+
+    async def wait_exited(self, limit_s: float) -> bool:
+        return await wait_event(self.exited, limit_s)
+
+    async def wait_group_exit(self, limit_s: float) -> bool:
+        """True once the leader and every other member of the group have exited."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit_s
+        if not await self.wait_exited(limit_s):
+            return False
+        return not await wait_group_gone(self.pgid, max(0.0, deadline - loop.time()))
+
+    async def reap_group(self) -> list[int]:
+        """After the leader exited: no member of its group may live on. Returns survivors."""
+        survivors = await wait_group_gone(self.pgid, KILL_WAIT_S)
+        if survivors:
+            kill_group(self.pgid, signal.SIGKILL)
+            survivors = await wait_group_gone(self.pgid, KILL_WAIT_S)
+        if not self.exited.is_set():
+            survivors = [self.pid, *survivors]
+        # Pipes still open now are held by a process outside the group; stop reading.
+        await wait_tasks(self.pumps, PIPE_DRAIN_S)
+        discard(self.pumps)
+        return survivors
+
+
+def describe_exit(code: int) -> str:
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = str(-code)
+    return f"killed by signal {name}"
+
+
+async def wait_event(event: asyncio.Event, limit_s: float) -> bool:
+    """True once `event` is set, False if `limit_s` passes first."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(limit_s):
+            await event.wait()
+    return event.is_set()
+
+
+async def wait_tasks(tasks: Iterable["asyncio.Future[Any]"], limit_s: float) -> None:
+    pending = [t for t in tasks if not t.done()]
+    if pending:
+        await asyncio.wait(pending, timeout=limit_s)
+
+
+def discard(futures: Iterable["asyncio.Future[Any]"]) -> None:
+    """Cancel what is still running; mark the errors of finished ones as seen."""
+    for fut in futures:
+        if not fut.done():
+            fut.cancel()
+        elif not fut.cancelled():
+            fut.exception()

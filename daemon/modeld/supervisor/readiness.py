@@ -1,0 +1,123 @@
+"""The waits of one start: every one races the process exit, a stop request and a deadline.
+
+The deadline is `ready_timeout` after the backend's newest output line (a
+backend that keeps printing is making progress), and never later than
+`ready_ceiling` after the start began. Health is probed with a fresh
+short-deadline call, first after 5 ms, backing off to 250 ms between probes,
+and sooner when the backend prints something (often: "listening").
+"""
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from modeld.clock import Clock
+from modeld.logstore import LogStore, LogSubscription
+from modeld.spec import BackendSpec
+from modeld.supervisor.child import Child, describe_exit, discard
+
+T = TypeVar("T")
+
+PROBE_FIRST_S = 0.005
+PROBE_BACKOFF = 1.5
+PROBE_CAP_S = 0.25
+PROBE_LIMIT_S = 0.5
+# New output cuts the wait before the next probe short, but not below this gap,
+# so a chatty backend is not probed in a tight loop.
+PROBE_OUTPUT_GAP_S = 0.02
+
+
+class StartFailed(Exception):
+    """A start gave up; `phase` is spawn, ready or load."""
+
+    def __init__(self, phase: str, detail: str, exit_code: int | None = None) -> None:
+        super().__init__(f"{phase}: {detail}")
+        self.phase = phase
+        self.detail = detail
+        self.exit_code = exit_code
+
+
+class StopRequested(Exception):
+    """The replica is being stopped; the start stops waiting and leaves the rest to stop()."""
+
+
+class StartRace:
+    def __init__(
+        self,
+        *,
+        clock: Clock,
+        logs: LogStore,
+        replica_id: str,
+        backend: BackendSpec,
+        stop_requested: asyncio.Event,
+    ) -> None:
+        self._clock = clock
+        self._logs = logs
+        self._replica_id = replica_id
+        self._backend = backend
+        self._stop_requested = stop_requested
+        self.began = clock.monotonic()
+
+    def elapsed(self) -> float:
+        return self._clock.monotonic() - self.began
+
+    def ceiling_left(self) -> float:
+        return self._backend.ready_ceiling - self.elapsed()
+
+    async def run(self, child: Child, work: Awaitable[T], phase: str) -> T:
+        """`work`'s result, unless the child exits, a stop is asked for, or time runs out."""
+        task = asyncio.ensure_future(work)
+        exited = asyncio.ensure_future(child.exited.wait())
+        stopping = asyncio.ensure_future(self._stop_requested.wait())
+        waits = (task, exited, stopping)
+        try:
+            while not any(w.done() for w in waits):
+                left = self._deadline(child) - self._clock.monotonic()
+                if left <= 0:
+                    raise StartFailed(phase, self._timeout_detail())
+                await asyncio.wait(waits, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            if stopping.done():
+                raise StopRequested
+            if exited.done():
+                raise exit_failure(child, phase)
+            return task.result()
+        finally:
+            discard(waits)
+
+    async def wait_healthy(self, child: Child, probe: Callable[[float], Awaitable[bool]]) -> None:
+        """Probe until healthy, backing off, and sooner when the backend prints something."""
+        delay = PROBE_FIRST_S
+        with self._logs.subscribe(replica_id=self._replica_id) as output:
+            while not await self.run(child, probe(PROBE_LIMIT_S), "ready"):
+                await self.run(child, _pause(output, delay), "ready")
+                delay = min(delay * PROBE_BACKOFF, PROBE_CAP_S)
+
+    def _deadline(self, child: Child) -> float:
+        last = self._logs.last_output_at(self._replica_id)
+        since = child.spawned_at if last is None else max(last, child.spawned_at)
+        return min(since + self._backend.ready_timeout, self.began + self._backend.ready_ceiling)
+
+    def _timeout_detail(self) -> str:
+        waited = self.elapsed()
+        if waited >= self._backend.ready_ceiling:
+            return f"not ready after {waited:.1f}s (ready_ceiling {self._backend.ready_ceiling}s)"
+        return (
+            f"no progress for ready_timeout {self._backend.ready_timeout}s: "
+            f"no new output and not ready (waited {waited:.1f}s in all)"
+        )
+
+
+def exit_failure(child: Child, phase: str) -> StartFailed:
+    code = child.exit_code if child.exit_code is not None else child.proc.returncode
+    what = describe_exit(code) if code is not None else "exited"
+    return StartFailed(phase, f"the backend {what} before it was ready", code)
+
+
+async def _pause(output: LogSubscription, delay: float) -> None:
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    with contextlib.suppress(TimeoutError, StopAsyncIteration):
+        async with asyncio.timeout(delay):
+            await anext(output)
+            await asyncio.sleep(max(0.0, began + PROBE_OUTPUT_GAP_S - loop.time()))

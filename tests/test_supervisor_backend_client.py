@@ -1,0 +1,79 @@
+"""Backend calls with their own deadlines: HTTP health, gRPC health and load."""
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from backend_proc import BackendProc, running_backend
+from modeld._proto.backend import backend_pb2 as pb
+from modeld.supervisor.backend_client import (
+    BackendCallError,
+    GrpcBackend,
+    HttpBackend,
+    grpc_health_once,
+)
+from modeld.supervisor.process import free_port
+
+
+@pytest.fixture
+async def echo() -> AsyncIterator[BackendProc]:
+    async with running_backend() as backend:
+        yield backend
+
+
+async def http_server(status: bytes) -> asyncio.Server:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(answer, "127.0.0.1", 0)
+
+
+@pytest.mark.parametrize(("status", "healthy"), [(b"200 OK", True), (b"503 Loading", False)])
+async def test_http_health_wants_200(status: bytes, healthy: bool) -> None:
+    server = await http_server(status)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        assert await HttpBackend("127.0.0.1", port, "/health").health(1.0) is healthy
+
+
+async def test_http_health_of_a_closed_port_is_false() -> None:
+    assert not await HttpBackend("127.0.0.1", free_port("127.0.0.1"), "/").health(1.0)
+
+
+async def test_http_health_respects_its_deadline() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        assert not await HttpBackend("127.0.0.1", port, "/").health(0.1)
+        assert loop.time() - began < 1.0
+
+
+async def test_grpc_health_of_a_closed_port_is_false_and_quick() -> None:
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    assert not await grpc_health_once(f"127.0.0.1:{free_port('127.0.0.1')}", 2.0)
+    assert loop.time() - began < 1.0
+
+
+async def test_grpc_calls_against_the_echo_backend(echo: BackendProc) -> None:
+    assert await grpc_health_once(echo.addr, 1.0)
+    client = GrpcBackend(echo.addr)
+    try:
+        assert "loaded" in await client.load_model(pb.ModelOptions(), 2.0)
+        assert (await client.status(1.0)).state == pb.StatusResponse.READY
+        assert await client.free(1.0)
+        with pytest.raises(BackendCallError, match="load failed on purpose"):
+            await client.load_model(pb.ModelOptions(Options=["fail=1"]), 2.0)
+        with pytest.raises(BackendCallError, match="DEADLINE_EXCEEDED"):
+            await client.load_model(pb.ModelOptions(Options=["load_delay=5"]), 0.1)
+    finally:
+        await client.close()
