@@ -85,21 +85,32 @@ class Server:
             await self.proc.wait()
 
 
-async def launch(name: str, argv: list[str], addr: str, log_path: Path) -> Server:
-    """Start `argv` with its output in `log_path` and wait until it answers Ping."""
+@dataclass(frozen=True)
+class Command:
+    name: str
+    argv: list[str]
+    addr: str
+    log_path: Path
+
+
+async def spawn_all(commands: list[Command]) -> list[Server]:
+    """Start each command with its output in its log; `Server.wait_serving` awaits one.
+
+    Every process is forked before any channel exists: a fork while gRPC is busy
+    makes gRPC skip its fork handlers (and say so on stderr).
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODELD_")}
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("wb") as log:
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, env=env
-        )
-    server = Server(name, addr, proc, log_path)
-    try:
-        await server.wait_serving()
-    except BaseException:
-        await server.stop()
-        raise
-    return server
+    procs = []
+    for command in commands:
+        command.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with command.log_path.open("wb") as log:
+            proc = await asyncio.create_subprocess_exec(
+                *command.argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, env=env
+            )
+        procs.append(proc)
+    return [
+        Server(c.name, c.addr, proc, c.log_path) for c, proc in zip(commands, procs, strict=True)
+    ]
 
 
 def route_pair(stub: pb_grpc.ModelControlStub, model: str) -> Pair:

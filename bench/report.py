@@ -76,7 +76,7 @@ def _throughput(section: dict[str, Any]) -> list[str]:
             f"{s['concurrency']:>5}  {s['kind']:<10}{s['pairs_per_s']:>10.1f}"
             f"{s['p50_ms']:>9.3f}{s['p99_ms']:>9.3f}"
         )
-    lines.append(f"\n{'conc':>5}  {'route/empty':>12}{'modeld/reference':>18}")
+    lines += ["", f"{'conc':>5}  {'route/empty':>12}{'modeld/reference':>18}"]
     for conc, r in section["ratios"].items():
         lines.append(
             f"{conc:>5}  {r['route_over_empty']:>12.3f}{r['modeld_over_reference']:>18.3f}"
@@ -89,11 +89,14 @@ def _throughput(section: dict[str, Any]) -> list[str]:
 
 def _cold(section: dict[str, Any]) -> list[str]:
     runs = ", ".join(f"{r['overhead_ms']:.1f}" for r in section["runs"])
+    warm = sum(not r["cold_start_flag"] for r in section["runs"])
     return [
+        *([f"WARNING: {warm} Route(s) were not flagged cold_start"] if warm else []),
         f"Route -> lease, median {section['total_median_ms']:.1f} ms; the backend's own "
         f"spawn->listening + LoadModel, median {section['backend_median_ms']:.1f} ms",
         f"daemon overhead: median {section['overhead_median_ms']:.1f} ms, "
         f"min {section['overhead_min_ms']:.1f} ms (runs: {runs})",
+        "(the backend dates its start from /proc in clock ticks, so a run may be off by 10 ms)",
     ]
 
 
@@ -114,7 +117,7 @@ def _section(results: dict[str, Any], key: str, title: str, body: Any) -> list[s
         return [f"\n{title}\n  not measured"]
     if "error" in section:
         return [f"\n{title}\n  ERROR: {section['error']}"]
-    return [f"\n{title}", *(f"  {line}" for line in body(section))]
+    return [f"\n{title}", *(f"  {line}" if line else "" for line in body(section))]
 
 
 def render(results: dict[str, Any], checks: list[Target]) -> str:

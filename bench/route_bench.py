@@ -36,15 +36,16 @@ import uvloop
 from harness import (
     CALL_LIMIT_S,
     BenchError,
+    Command,
     EventWatch,
     Pair,
     Series,
     Server,
     empty_pair,
     free_port,
-    launch,
     route_pair,
     rpc_error,
+    spawn_all,
     warm_up,
 )
 from modeld._proto.backend import backend_pb2, backend_pb2_grpc
@@ -55,7 +56,7 @@ from report import render, targets
 HERE = Path(__file__).resolve().parent
 MODEL = "echo"
 REPLICAS = 2
-SLICES = 4
+SLICES = 8
 WARM_UP_S = 0.5
 LIVE_STATES = frozenset({pb.STARTING, pb.WAITING_READY, pb.LOADING, pb.READY, pb.DRAINING})
 CONFIG = """listen = ["{addr}"]
@@ -75,7 +76,7 @@ max_replicas = {replicas}
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=3.5, help="per figure (default 3.5)")
+    parser.add_argument("--seconds", type=float, default=7.0, help="per figure (default 7)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--cold-runs", type=int, default=5, help="cold starts timed")
     parser.add_argument("--cold-routes", type=int, default=100, help="concurrent cold Routes")
@@ -87,7 +88,7 @@ def progress(text: str) -> None:
     print(f"route_bench: {text}", file=sys.stderr, flush=True)
 
 
-async def start_daemon(tmp: Path, logs: Path) -> Server:
+def daemon_command(tmp: Path, logs: Path) -> Command:
     addr = f"127.0.0.1:{free_port()}"
     (tmp / "models").mkdir()
     config = tmp / "modeld.toml"
@@ -95,14 +96,14 @@ async def start_daemon(tmp: Path, logs: Path) -> Server:
         CONFIG.format(addr=addr, state=tmp / "state", models=tmp / "models", replicas=REPLICAS)
     )
     argv = [sys.executable, "-m", "modeld.cli.main", "serve", "--config", str(config)]
-    return await launch("modeld", argv, addr, logs / "modeld.log")
+    return Command("modeld", argv, addr, logs / "modeld.log")
 
 
-async def start_reference(tmp: Path, logs: Path) -> Server:
+def reference_command(tmp: Path, logs: Path) -> Command:
     addr = f"127.0.0.1:{free_port()}"
     db = tmp / "reference" / "reference.db"
     argv = [sys.executable, str(HERE / "reference.py"), "--addr", addr, "--db", str(db)]
-    return await launch("reference", argv, addr, logs / "reference.log")
+    return Command("reference", argv, addr, logs / "reference.log")
 
 
 async def load_replicas(stub: pb_grpc.ModelControlStub) -> dict[str, Any]:
@@ -132,13 +133,17 @@ async def throughput(daemon: Server, reference: Server, args: argparse.Namespace
 
 
 async def measure_level(pairs: dict[str, Pair], concurrency: int, seconds: float) -> list[Series]:
-    """Every workload in turn, in SLICES alternating rounds, after a warm-up each."""
+    """Every workload in SLICES rounds, after a warm-up each.
+
+    The reference opens each round and route/empty swap places every round, so each
+    of the two follows the reference (whose fsyncs linger in the kernel) equally often.
+    """
     series = {kind: Series(kind, concurrency) for kind in pairs}
     for pair in pairs.values():
         await warm_up(pair, concurrency, WARM_UP_S)
-    kinds = list(pairs)
     for n in range(SLICES):
-        for kind in kinds if n % 2 == 0 else reversed(kinds):
+        order = ("reference", "route", "empty") if n % 2 == 0 else ("reference", "empty", "route")
+        for kind in order:
             await series[kind].run(pairs[kind], seconds / SLICES)
     return list(series.values())
 
@@ -207,7 +212,9 @@ async def coalesced_cold_routes(stub: pb_grpc.ModelControlStub, n: int) -> dict[
     await stub.Load(pb.LoadRequest(model=MODEL, replicas=1), timeout=CALL_LIMIT_S)
     watch = EventWatch(stub, MODEL)
     try:
-        unloaded = await stub.Unload(pb.UnloadRequest(model=MODEL, force=True), timeout=30)
+        unloaded = await stub.Unload(
+            pb.UnloadRequest(model=MODEL, force=True), timeout=CALL_LIMIT_S
+        )
         # Seeing the unloaded replicas stop proves the stream is live before the Routes.
         await watch.wait({r.id for r in unloaded.stopped}, {pb.STOPPED, pb.FAILED})
         before = set(watch.reached(pb.STARTING))
@@ -218,7 +225,9 @@ async def coalesced_cold_routes(stub: pb_grpc.ModelControlStub, n: int) -> dict[
         leases = [r for r in replies if isinstance(r, pb.RouteResponse)]
         try:
             await watch.wait({lease.replica_id for lease in leases}, {pb.READY})
-            listed = await stub.ListReplicas(pb.ListReplicasRequest(model=MODEL), timeout=30)
+            listed = await stub.ListReplicas(
+                pb.ListReplicasRequest(model=MODEL), timeout=CALL_LIMIT_S
+            )
         finally:
             await release_all(stub, leases)
     finally:
@@ -238,7 +247,10 @@ async def coalesced_cold_routes(stub: pb_grpc.ModelControlStub, n: int) -> dict[
 
 async def release_all(stub: pb_grpc.ModelControlStub, leases: list[pb.RouteResponse]) -> None:
     await asyncio.gather(
-        *(stub.Release(pb.ReleaseRequest(lease_id=x.lease_id), timeout=30) for x in leases)
+        *(
+            stub.Release(pb.ReleaseRequest(lease_id=x.lease_id), timeout=CALL_LIMIT_S)
+            for x in leases
+        )
     )
 
 
@@ -286,10 +298,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="modeld-bench-") as tmp:
         async with contextlib.AsyncExitStack() as stack:
             progress("starting the daemon and the reference")
-            daemon = await start_daemon(Path(tmp), logs)
+            commands = [daemon_command(Path(tmp), logs), reference_command(Path(tmp), logs)]
+            daemon, reference = await spawn_all(commands)
             stack.push_async_callback(daemon.stop)
-            reference = await start_reference(Path(tmp), logs)
             stack.push_async_callback(reference.stop)
+            await daemon.wait_serving()
+            await reference.wait_serving()
             started = time.perf_counter()
             results = await measure(daemon, reference, args)
             results["setup"]["measured_s"] = round(time.perf_counter() - started, 1)

@@ -14,7 +14,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,13 @@ def write_config(tmp_path: Path, body: str, port: int | None = None) -> tuple[Pa
 
 
 class DaemonProc:
-    def __init__(self, proc: asyncio.subprocess.Process, addr: str, config: Path) -> None:
+    def __init__(
+        self,
+        proc: asyncio.subprocess.Process,
+        addr: str,
+        config: Path,
+        creds: grpc.ChannelCredentials | None = None,
+    ) -> None:
         self.proc = proc
         self.addr = addr
         self.config = config
@@ -52,7 +58,9 @@ class DaemonProc:
         self.raw: list[str] = []
         self._changed = asyncio.Condition()
         self._pump = asyncio.create_task(self._drain())
-        self.channel = grpc.aio.insecure_channel(addr)
+        self.channel = (
+            grpc.aio.secure_channel(addr, creds) if creds else grpc.aio.insecure_channel(addr)
+        )
         self.stub = modeld_pb2_grpc.ModelControlStub(self.channel)  # type: ignore[no-untyped-call]
 
     async def _drain(self) -> None:
@@ -110,8 +118,18 @@ class DaemonProc:
         await self._pump
 
 
-async def start_daemon(config: Path, addr: str, *args: str, wait: bool = True) -> DaemonProc:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELD_")}
+async def start_daemon(
+    config: Path,
+    addr: str,
+    *args: str,
+    wait: bool = True,
+    env: Mapping[str, str] | None = None,
+    creds: grpc.ChannelCredentials | None = None,
+) -> DaemonProc:
+    """`env` adds variables (NOTIFY_SOCKET, ...) to the daemon's; `creds` makes `d.channel`
+    a TLS channel, for a daemon with tls_cert."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MODELD_")}
+    full_env = {**base, **(env or {})}
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -123,9 +141,9 @@ async def start_daemon(config: Path, addr: str, *args: str, wait: bool = True) -
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
-        env=env,
+        env=full_env,
     )
-    daemon = DaemonProc(proc, addr, config)
+    daemon = DaemonProc(proc, addr, config, creds)
     if wait:
         try:
             await daemon.wait_serving()

@@ -1,5 +1,6 @@
 """The real daemon as a subprocess: health, reflection, durability, shutdown, bad input."""
 
+import asyncio
 import signal
 import sqlite3
 import time
@@ -151,3 +152,26 @@ async def test_bad_requests_get_precise_status(tmp_path: Path) -> None:
         health = health_pb2_grpc.HealthStub(d.channel)  # type: ignore[no-untyped-call]
         reply = await health.Check(health_pb2.HealthCheckRequest())
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+STUBBORN = """
+[backends.stubborn]
+command = ["{python}", "-m", "modeld.backends.echo", "--addr", "{addr}", "--ignore-sigterm"]
+stop_grace = "30s"
+[models.stubborn]
+backend = "stubborn"
+"""
+
+
+async def test_second_signal_exits_fast_and_leaves_no_backend(tmp_path: Path) -> None:
+    async with running_daemon(tmp_path, STUBBORN) as d:
+        loaded = await d.stub.Load(pb.LoadRequest(model="stubborn"), timeout=30)
+        pid = loaded.replicas[0].pid
+        d.proc.send_signal(signal.SIGTERM)
+        await d.wait_log(lambda e: e.get("to_state") == "STOPPING")
+        started = time.monotonic()
+        d.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(d.proc.wait(), 10)
+        assert code == 130
+        assert time.monotonic() - started < 5, "the second signal did not cut the 30s grace"
+        assert await wait_pids_gone([pid], 2) == []

@@ -343,3 +343,15 @@ async def _collect(sub: LogSubscription) -> list[LogLine]:
 def test_rejects_a_max_line_too_small_for_the_marker() -> None:
     with pytest.raises(ValueError, match="max_line"):
         LogStore(FakeClock(), max_line=10)
+
+
+def test_dropped_lines_are_reported_once_per_marker() -> None:
+    reported: list[int] = []
+    store = LogStore(FakeClock(), subscriber_queue=2, on_dropped=reported.append)
+    store.open("r1", "m")
+    sub = store.subscribe(replica_id="r1")
+    for i in range(10):
+        store.append("r1", "stdout", f"line {i}")
+    assert reported == []
+    sub.close()
+    assert reported == [8]

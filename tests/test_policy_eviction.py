@@ -10,6 +10,7 @@ from modeld.policy.eviction import (
     idle_evictions,
     memory_pressure,
     plan_admission,
+    still_due,
 )
 from modeld.policy.view import GpuView, HostView, ReplicaView
 from modeld.spec import Settings
@@ -405,3 +406,16 @@ def test_admission_invariants(
             v for v in victims if (target in v.gpu_ids if target is not None else not v.gpu_ids)
         ]
         assert free + sum(v.memory for v in on_device) >= memory
+
+
+# carrying a decision out
+
+
+def test_a_decision_is_still_due_only_while_its_victim_is_as_it_was_chosen() -> None:
+    assert still_due(rv("a"), force=False)
+    assert not still_due(None, force=False)
+    assert not still_due(busy("a"), force=False)
+    assert not still_due(rv("a", state=R.STOPPING), force=False)
+    assert still_due(busy("a"), force=True)
+    assert still_due(busy("a", state=R.DRAINING), force=True)
+    assert not still_due(rv("a", state=R.STOPPED), force=True)

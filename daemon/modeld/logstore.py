@@ -10,7 +10,7 @@ import asyncio
 import codecs
 import heapq
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import islice
 from operator import attrgetter
@@ -164,6 +164,9 @@ class LogSubscription:
         if self._closed:
             return
         self._closed = True
+        if self._unreported:
+            self._store.report_dropped(self._unreported)
+            self._unreported = 0
         self._queue.clear()
         self._store.unsubscribe(self)
         self._wake()
@@ -211,6 +214,7 @@ class LogSubscription:
     def _marker(self) -> LogLine:
         last = self._last_dropped
         count, self._unreported = self._unreported, 0
+        self._store.report_dropped(count)
         return LogLine(
             time=self._store.clock.wall(),
             replica_id=last.replica_id if last else self.replica_id or "",
@@ -240,11 +244,14 @@ class LogStore:
         keep_stopped: int = 5,
         subscriber_queue: int = 1000,
         max_line: int = 8192,
+        on_dropped: Callable[[int], None] | None = None,
     ) -> None:
         if ring_lines < 1 or keep_stopped < 0 or subscriber_queue < 1:
             raise ValueError("ring_lines and subscriber_queue must be >= 1, keep_stopped >= 0")
         _LineSplitter(max_line)  # validates max_line now rather than at the first long line
         self.clock = clock
+        # Told how many lines followers lost, once per drop marker (not per line).
+        self._on_dropped = on_dropped
         self._ring_lines = ring_lines
         self._keep_stopped = keep_stopped
         self._subscriber_queue = subscriber_queue
@@ -368,17 +375,15 @@ class LogStore:
             self._everything.add(sub)
         return sub
 
+    def report_dropped(self, lines: int) -> None:
+        if self._on_dropped is not None and lines:
+            self._on_dropped(lines)
+
     def close_all(self) -> None:
         """The daemon is stopping: every follower ends once it has drained its queue."""
         subs = [*self._everything, *_members(self._by_model), *_members(self._by_replica)]
         for sub in subs:
             sub.finish()
-
-    @property
-    def dropped_total(self) -> int:
-        """Lines dropped for slow followers, over every live subscription."""
-        subs = [*self._everything, *_members(self._by_model), *_members(self._by_replica)]
-        return sum(sub.dropped for sub in subs)
 
     def unsubscribe(self, sub: LogSubscription) -> None:
         if sub.replica_id is not None:

@@ -46,9 +46,10 @@ class Observer:
             self._crashed[event.model] += 1
             self._metrics.backend_crashed(event.model)
         if event.from_state != event.to_state:
-            self._notifier.status(self._summary())
+            self._notifier.status(self.summary())
 
-    def _summary(self) -> str:
+    def summary(self) -> str:
+        """The systemd STATUS line: what a person running `systemctl status` wants first."""
         counts = Counter(r.state for r in self._router.live_replicas())
         loading = sum(counts[s] for s in STARTING_STATES)
         return f"{counts[S.READY]} ready, {loading} loading"

@@ -34,6 +34,8 @@ class ModelPool:
         self.replicas: dict[str, Replica] = {}
         self._ended: deque[Replica] = deque(maxlen=RECENT_TERMINAL)
         self._starts: set[asyncio.Task[Replica]] = set()
+        # Starts still in admission: their replica does not exist yet.
+        self._admitting: set[asyncio.Future[Replica]] = set()
         self.backoff: backoff.BackoffState | None = None
 
     def live(self) -> list[Replica]:
@@ -52,6 +54,10 @@ class ModelPool:
 
     def pending(self) -> int:
         return len(self._starts)
+
+    def planned(self) -> int:
+        """Replicas that serve, are starting, or are about to start (in admission)."""
+        return len(self.servable()) + len(self._admitting)
 
     def prune(self) -> None:
         """Move replicas that reached a terminal state out of the live set."""
@@ -78,7 +84,9 @@ class ModelPool:
         self.check_backoff()
         task = asyncio.create_task(self._start(spec, deadline), name=f"start-{self.model}")
         self._starts.add(task)
+        self._admitting.add(task)
         task.add_done_callback(self._starts.discard)
+        task.add_done_callback(self._admitting.discard)
         task.add_done_callback(_consume)
         return task
 
@@ -94,11 +102,16 @@ class ModelPool:
     async def _start(self, spec: ModelSpec, deadline: float) -> Replica:
         gpu_ids = await self._admit(spec, deadline)
         replica = self._factory(spec, gpu_ids)
+        self._admitting.discard(asyncio.current_task())
         self.replicas[replica.id] = replica
         try:
             await replica.ensure_ready()
         except ModeldError as exc:
-            self.backoff = backoff.after_failure(self.backoff, self._clock.monotonic(), str(exc))
+            # A start cut short by a stop (unload, shutdown) says nothing about the model.
+            if replica.state is ReplicaState.FAILED:
+                self.backoff = backoff.after_failure(
+                    self.backoff, self._clock.monotonic(), str(exc)
+                )
             self.prune()
             raise
         self.backoff = None

@@ -2,7 +2,9 @@
 
 A healthy result is reused for `ttl` seconds; a failed one is recorded (so
 Health can show it) but never reused: the next check probes again. Concurrent
-checks of one replica share a single probe.
+checks of one replica share a single probe. Forgetting a replica also disowns
+its probe in flight, so a result that predates a failure report or a stop is
+never recorded.
 """
 
 import asyncio
@@ -11,6 +13,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from modeld.clock import Clock
+
+# A local backend answers Health in milliseconds; one that takes a second is not serving.
+PROBE_LIMIT_S = 1.0
 
 
 class Probeable(Protocol):
@@ -28,7 +33,9 @@ class ProbeResult:
 
 
 class ProbeCache:
-    def __init__(self, clock: Clock, ttl: Callable[[], float], limit_s: float = 2.0) -> None:
+    def __init__(
+        self, clock: Clock, ttl: Callable[[], float], limit_s: float = PROBE_LIMIT_S
+    ) -> None:
         self._clock = clock
         self._ttl = ttl
         self._limit_s = limit_s
@@ -48,27 +55,30 @@ class ProbeCache:
         """A replica that just became ready was probed healthy by its readiness wait."""
         self._results[replica_id] = ProbeResult(True, self._clock.monotonic(), self._clock.wall())
 
-    def invalidate(self, replica_id: str) -> None:
-        self._results.pop(replica_id, None)
-
     def forget(self, replica_id: str) -> None:
+        """Drop the cached result and disown a probe in flight (the next check starts anew)."""
         self._results.pop(replica_id, None)
         self._inflight.pop(replica_id, None)
 
     async def check(self, replica: Probeable, *, force: bool = False) -> ProbeResult:
+        """A fresh healthy result, else the outcome of a probe (shared with concurrent checks)."""
         if not force and self.fresh(replica.id):
             return self._results[replica.id]
         task = self._inflight.get(replica.id)
         if task is None:
             task = asyncio.create_task(self._probe(replica), name=f"probe-{replica.id}")
             self._inflight[replica.id] = task
+            task.add_done_callback(lambda t: self._settled(replica.id, t))
         return await asyncio.shield(task)
 
     async def _probe(self, replica: Probeable) -> ProbeResult:
-        try:
-            ok = await replica.probe(self._limit_s)
-        finally:
-            self._inflight.pop(replica.id, None)
-        result = ProbeResult(ok, self._clock.monotonic(), self._clock.wall())
-        self._results[replica.id] = result
-        return result
+        ok = await replica.probe(self._limit_s)
+        return ProbeResult(ok, self._clock.monotonic(), self._clock.wall())
+
+    def _settled(self, replica_id: str, task: "asyncio.Task[ProbeResult]") -> None:
+        failed = task.cancelled() or task.exception() is not None
+        if self._inflight.get(replica_id) is not task:
+            return
+        del self._inflight[replica_id]
+        if not failed:
+            self._results[replica_id] = task.result()

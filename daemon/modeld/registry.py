@@ -11,23 +11,30 @@ import contextlib
 import json
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiosqlite
+import structlog
 
 from modeld.errors import RegistryError, Unavailable
 from modeld.events import Event
 from modeld.migrations import APPLICATION_ID, MIGRATIONS
+from modeld.policy.picker import CounterRow
 from modeld.spec import ModelSpec
 from modeld.state import TERMINAL
 
 T = TypeVar("T")
+log = structlog.get_logger(__name__)
 EVENTS_KEPT = 10_000
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _TERMINAL_VALUES = tuple(s.value for s in TERMINAL)
+_MOVE_ASIDE = (
+    "refusing to touch it: move it aside (modeld then starts with an empty registry) "
+    "or restore a copy"
+)
 
 
 @dataclass
@@ -52,6 +59,12 @@ class ReplicaRow:
 REPLICA_COLUMNS = tuple(f.name for f in fields(ReplicaRow))
 _MODEL_COLUMNS = tuple(f.name for f in fields(ModelSpec))
 _JSON_MODEL_COLUMNS = frozenset({"options", "groups", "gpu_ids"})
+
+# policy.picker as SQL over the rows written by flush_counters (policy.picker.counter_row).
+PICK_SQL = (
+    "SELECT id FROM replicas WHERE node_id = ? AND model = ? AND state = 'READY' "
+    "ORDER BY in_flight ASC, last_used ASC, free_memory DESC, id ASC LIMIT 1"
+)
 
 Job = Callable[[aiosqlite.Connection], Awaitable[Any]]
 
@@ -81,9 +94,16 @@ class Registry:
     ) -> "Registry":
         """Open (creating and migrating) the database; `observe` gets each write's seconds."""
         _refuse_non_sqlite(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        writer = await _connect(path, synchronous)
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RegistryError(f"cannot create the state directory {path.parent}: {exc}") from None
+        writer = await _connect(path)
+        try:
+            # Nothing may be written (not even the switch to WAL) before the file is
+            # known to be ours and sound: a refused file stays byte for byte as it was.
+            await _check_identity(writer, path)
+            await _configure(writer, path, synchronous)
             await _migrate(writer, path)
             reader = await _connect(path, synchronous)
         except BaseException:
@@ -111,7 +131,8 @@ class Registry:
                     self._observe(time.perf_counter() - started)
             except sqlite3.Error as exc:
                 await self._rollback()
-                _settle(fut, exc=Unavailable(f"registry write failed ({self.path}): {exc}"))
+                log.error("registry_write_failed", path=str(self.path), error=str(exc))
+                _settle(fut, exc=write_failed(self.path, exc))
             except Exception as exc:
                 await self._rollback()
                 _settle(fut, exc=exc)
@@ -119,8 +140,13 @@ class Registry:
                 _settle(fut, result=result)
 
     async def _rollback(self) -> None:
+        # A rollback that fails too (the disk is gone) must not leave the connection
+        # inside a transaction, or every later BEGIN would fail after the disk is back.
         with contextlib.suppress(sqlite3.Error):
             await self._writer.rollback()
+        if self._writer.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                await self._writer.execute("ROLLBACK")
 
     async def write(self, job: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
         """Run `job` as one serialized transaction and return its result."""
@@ -214,16 +240,24 @@ class Registry:
 
         await self.write(job)
 
-    async def flush_counters(self, counters: list[tuple[str, int, float]]) -> None:
-        """Write ephemeral (in_flight, last_used) counters in one batch."""
+    async def flush_counters(self, counters: Sequence[CounterRow]) -> None:
+        """Write the ephemeral (in_flight, last_used, free_memory) counters in one batch."""
 
         async def job(db: aiosqlite.Connection) -> None:
             await db.executemany(
-                "UPDATE replicas SET in_flight = ?, last_used = ? WHERE id = ?",
-                [(n, used, rid) for rid, n, used in counters],
+                "UPDATE replicas SET in_flight = ?, last_used = ?, free_memory = ? WHERE id = ?",
+                [(n, used, free, rid) for rid, n, used, free in counters],
             )
 
         await self.write(job)
+
+    async def pick_replica(self, model: str, node_id: str = "local") -> str | None:
+        """The routing policy as SQL, for tools that read the database.
+
+        Must order rows exactly as policy.picker.sort_key does; a property test checks it.
+        """
+        rows = await self._read(PICK_SQL, (node_id, model))
+        return str(rows[0]["id"]) if rows else None
 
     async def live_replicas(self, node_id: str = "local") -> list[ReplicaRow]:
         marks = ", ".join("?" * len(_TERMINAL_VALUES))
@@ -292,29 +326,51 @@ def _refuse_non_sqlite(path: Path) -> None:
         raise RegistryError(f"{path} is not a SQLite database; refusing to touch it")
 
 
-async def _connect(path: Path, synchronous: str) -> aiosqlite.Connection:
-    db = await aiosqlite.connect(path, isolation_level=None)
+def write_failed(path: Path, exc: sqlite3.Error) -> Unavailable:
+    """The client's view of a failed write: nothing was saved, and why."""
+    return Unavailable(
+        f"the registry could not save the change, so nothing was changed: writing {path} "
+        f"failed ({exc}); check that its disk is not full or read-only, then retry"
+    )
+
+
+async def _connect(path: Path, synchronous: str | None = None) -> aiosqlite.Connection:
+    """A connection; configured for use (WAL) only when `synchronous` is given."""
+    try:
+        db = await aiosqlite.connect(path, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise RegistryError(f"{path} cannot be opened: {exc}") from exc
     db.row_factory = sqlite3.Row
+    if synchronous is not None:
+        try:
+            await _configure(db, path, synchronous)
+        except BaseException:
+            await db.close()
+            raise
+    return db
+
+
+async def _configure(db: aiosqlite.Connection, path: Path, synchronous: str) -> None:
     try:
         await db.execute("PRAGMA journal_mode = WAL")
         await db.execute(f"PRAGMA synchronous = {synchronous}")
         await db.execute("PRAGMA foreign_keys = ON")
         await db.execute("PRAGMA busy_timeout = 5000")
-    except sqlite3.DatabaseError as exc:
-        await db.close()
+    except sqlite3.Error as exc:
         raise RegistryError(f"{path} cannot be opened as a database: {exc}") from exc
-    return db
 
 
-async def _migrate(db: aiosqlite.Connection, path: Path) -> None:
+async def _check_identity(db: aiosqlite.Connection, path: Path) -> None:
+    """Refuse, by reading only, a file of another program, a newer schema or a damaged one."""
     try:
         version = await _pragma_int(db, "user_version")
         app_id = await _pragma_int(db, "application_id")
         async with db.execute("SELECT count(*) FROM sqlite_master") as cur:
             row = await cur.fetchone()
         objects = int(row[0]) if row else 0
+        problems = [] if not objects else await _quick_check(db)
     except sqlite3.DatabaseError as exc:
-        raise RegistryError(f"{path} is not a usable database: {exc}") from exc
+        raise RegistryError(f"{path} is damaged ({exc}); {_MOVE_ASIDE}") from exc
     if objects and app_id != APPLICATION_ID:
         raise RegistryError(f"{path} is a database of another program; refusing to touch it")
     if version > len(MIGRATIONS):
@@ -322,6 +378,21 @@ async def _migrate(db: aiosqlite.Connection, path: Path) -> None:
             f"{path} has schema version {version}, newer than this modeld knows "
             f"({len(MIGRATIONS)}); upgrade modeld or point state_dir elsewhere"
         )
+    if problems:
+        raise RegistryError(f"{path} is damaged ({'; '.join(problems[:3])}); {_MOVE_ASIDE}")
+
+
+async def _quick_check(db: aiosqlite.Connection) -> list[str]:
+    async with db.execute("PRAGMA quick_check") as cur:
+        rows = await cur.fetchall()
+    return [str(r[0]) for r in rows if str(r[0]) != "ok"]
+
+
+async def _migrate(db: aiosqlite.Connection, path: Path) -> None:
+    try:
+        version = await _pragma_int(db, "user_version")
+    except sqlite3.DatabaseError as exc:
+        raise RegistryError(f"{path} is not a usable database: {exc}") from exc
     for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
         await db.execute("BEGIN IMMEDIATE")
         try:

@@ -3,7 +3,7 @@
 The router owns the model pools, the lease table and the probe cache. A warm
 Route is a pure pick over in-memory views plus a dict insert: no disk I/O and no
 lock. Cold starts are coalesced by the pool; lease expiry is one task waiting
-for the earliest expiry.
+for the earliest expiry; the counters reach the registry in batches (counters.py).
 """
 
 import asyncio
@@ -17,6 +17,7 @@ import structlog
 
 from modeld.catalog import Catalog
 from modeld.clock import Clock
+from modeld.counters import FLUSH_INTERVAL_S, CounterFlusher, Flush
 from modeld.errors import DeadlineExceeded, FailedPrecondition, NotFound, Unavailable
 from modeld.events import Event, EventBus
 from modeld.info import ReplicaInfo
@@ -55,6 +56,8 @@ class Router:
         admit: Admit,
         prober: ProbeCache,
         metrics: Metrics | None = None,
+        flush: Flush | None = None,
+        flush_interval: float = FLUSH_INTERVAL_S,
     ) -> None:
         self._clock = clock
         self._catalog = catalog
@@ -64,6 +67,8 @@ class Router:
         self._admit = admit
         self._prober = prober
         self._metrics = metrics
+        self._flush = flush
+        self._flush_interval = flush_interval
         self._pools: dict[str, ModelPool] = {}
         self._leases = LeaseTable()
         self._wake = asyncio.Event()
@@ -72,6 +77,8 @@ class Router:
         self.free_memory: Mapping[int | None, int] = {}
         self._measured: dict[int, int] = {}
         self._capacity: asyncio.Event | None = None
+        # Replicas a client reported unreachable, while their probe runs: routed to last.
+        self._suspects: set[str] = set()
         self.counters: Counter[str] = Counter()
 
     # lifecycle
@@ -79,6 +86,15 @@ class Router:
     def start(self) -> None:
         self._spawn(self._expiry_loop(), "lease-expiry")
         self._spawn(self._watch_events(), "router-events")
+        if self._flush is not None:
+            flusher = CounterFlusher(
+                clock=self._clock,
+                views=self.views,
+                free_memory=lambda: self.free_memory,
+                flush=self._flush,
+                interval=self._flush_interval,
+            )
+            self._spawn(flusher.run(), "counter-flush")
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -110,15 +126,20 @@ class Router:
         cold = False
         for _ in range(ROUTE_ATTEMPTS):
             replica = self._pick(pool, spec)
-            if replica is not None and replica.acquire():
-                self._maybe_scale_up(pool, spec, deadline)
-                return self._grant(replica, spec, cold)
+            if replica is not None:
+                # The least-loaded replica's leases before this one: the scale-up signal.
+                load = replica.in_flight
+                if replica.acquire():
+                    self._maybe_scale_up(pool, spec, load)
+                    return self._grant(replica, spec, cold)
             cold = True
             await wait_until(pool.start_or_join(spec, deadline), deadline, self._clock, model)
         raise Unavailable(f"model {model!r}: replicas kept failing right after starting")
 
     def _pick(self, pool: ModelPool, spec: ModelSpec) -> Replica | None:
         ready = [r for r in pool.replicas.values() if r.state is ReplicaState.READY]
+        if self._suspects and len(ready) > 1:
+            ready = [r for r in ready if r.id not in self._suspects] or ready
         if len(ready) <= 1:
             return ready[0] if ready else None
         oldest = self._leases.oldest_started() if spec.busy_timeout else {}
@@ -146,14 +167,16 @@ class Router:
         self.counters["routes"] += 1
         return lease
 
-    def _maybe_scale_up(self, pool: ModelPool, spec: ModelSpec, deadline: float) -> None:
+    def _maybe_scale_up(self, pool: ModelPool, spec: ModelSpec, load: int) -> None:
+        """Start one more replica in the background when even the least-loaded one is busy."""
         threshold = self._settings.current.scale_up_in_flight
-        if not threshold or pool.pending() or len(pool.servable()) >= spec.max_replicas:
+        if not threshold or load < threshold:
             return
-        if all(r.in_flight >= threshold for r in pool.servable()):
-            with contextlib.suppress(Unavailable):
-                pool.start(spec, deadline)
-                log.info("scale_up", model=spec.name, threshold=threshold)
+        if pool.pending() or pool.planned() >= spec.max_replicas:
+            return
+        with contextlib.suppress(Unavailable):
+            pool.start(spec, self._clock.monotonic() + MIN_REPLICA_WAIT)
+            log.info("scale_up", model=spec.name, threshold=threshold, in_flight=load)
 
     def release(self, lease_id: str, outcome: str) -> bool:
         lease = self._leases.pop(lease_id)
@@ -178,11 +201,15 @@ class Router:
 
     async def _suspect(self, replica: Replica) -> None:
         """A client could not reach this replica: probe now; replace it if it is dead."""
-        self._prober.invalidate(replica.id)
-        result = await self._prober.check(replica, force=True)
-        if not result.ok and replica.state in LIVE:
-            log.warning("replica_unreachable", replica_id=replica.id, model=replica.model)
-            await self._stop(replica, "unreachable", True, 0.0)
+        self._suspects.add(replica.id)
+        self._prober.forget(replica.id)
+        try:
+            result = await self._prober.check(replica, force=True)
+            if not result.ok and replica.state in LIVE:
+                log.warning("replica_unreachable", replica_id=replica.id, model=replica.model)
+                await self._stop(replica, "unreachable", True, 0.0)
+        finally:
+            self._suspects.discard(replica.id)
 
     # leases
 
@@ -326,7 +353,7 @@ class Router:
             if spec.min_replicas <= 0:
                 continue
             pool = self.pool(spec.name)
-            missing = spec.min_replicas - len(pool.servable()) - pool.pending()
+            missing = spec.min_replicas - pool.planned()
             for _ in range(max(missing, 0)):
                 try:
                     started.append(pool.start(spec, self._clock.monotonic() + MIN_REPLICA_WAIT))

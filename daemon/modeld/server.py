@@ -18,10 +18,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from modeld._proto.modeld.v1 import modeld_pb2, modeld_pb2_grpc
+from modeld._proto.modeld.v1 import modeld_pb2
 from modeld.admission import Admission
 from modeld.api.security import TokenAuth, check_listen_security, server_credentials, token_auth
-from modeld.api.servicer import ModelControl
+from modeld.api.servicer import ModelControl, add_to_server
 from modeld.catalog import Catalog
 from modeld.clock import Clock, SystemClock
 from modeld.config import Config
@@ -57,6 +57,8 @@ class Daemon:
         reader: ResourceReader | None = None,
     ) -> None:
         self.config = config
+        # Checked before anything is opened, so a refusal leaves nothing to undo.
+        self._creds, self._auth = self._security()
         self.clock = clock or SystemClock()
         self.spawner = spawner or ProcessSpawner()
         self.reader = reader or make_reader(config.resources_fake_path or None)
@@ -68,6 +70,7 @@ class Daemon:
             ring_lines=config.log_ring_lines,
             keep_stopped=config.log_keep_stopped,
             subscriber_queue=config.log_subscriber_queue,
+            on_dropped=self.metrics.log_dropped,
         )
         self.health = HealthServicer()
         self._stop_requested = asyncio.Event()
@@ -79,8 +82,33 @@ class Daemon:
         self.watchdog: Watchdog | None = None
 
     async def start(self) -> None:
+        catalog, settings = await self._open_state()
+        self.router = router = self._build_router(catalog, settings)
+        self.watchdog = self._build_watchdog(router, settings)
+        await self._serve_grpc(catalog, router, settings)
+        await self._serve_metrics(router)
+        router.start()
+        observer = Observer(self.events, router, self.metrics, self.notifier)
+        self._spawn(observer.run(), "observer")
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "daemon_started",
+            listen=list(self.config.listen),
+            db=str(self.config.db_path),
+            models=len(catalog.list()),
+        )
+        # The watchdog's tick tops up min_replicas too: it starts once they are up, so
+        # the first starts have one starter.
+        await self._start_min_replicas(router)
+        self._spawn(self.watchdog.run(), "watchdog")
+        self.notifier.ready()
+        self.notifier.status(observer.summary())
+        self._spawn(self.notifier.watchdog_loop(self._responsive), "systemd-watchdog")
+
+    async def _open_state(self) -> tuple[Catalog, SettingsStore]:
+        """The registry (after stopping what an earlier life left running), catalog, settings."""
         cfg = self.config
-        creds, auth = self._security()
         self.registry = registry = await Registry.open(
             cfg.db_path, synchronous=cfg.synchronous, observe=self.metrics.transaction
         )
@@ -91,24 +119,11 @@ class Daemon:
         await catalog.load()
         settings = SettingsStore(registry, cfg.settings)
         await settings.load()
-        self.router = router = self._build_router(catalog, settings)
-        self.watchdog = self._build_watchdog(router, settings)
-        await self._serve_grpc(catalog, router, settings, creds, auth)
-        await self._serve_metrics(router)
-        router.start()
-        self._spawn(self.watchdog.run(), "watchdog")
-        self._spawn(Observer(self.events, router, self.metrics, self.notifier).run(), "observer")
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        await self.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        log.info(
-            "daemon_started",
-            listen=list(cfg.listen),
-            db=str(cfg.db_path),
-            models=len(catalog.list()),
-        )
-        await self._start_min_replicas(router)
-        self.notifier.ready()
-        self._spawn(self.notifier.watchdog_loop(), "systemd-watchdog")
+        return catalog, settings
+
+    def _responsive(self) -> bool:
+        """False once a task the daemon cannot work without has died: systemd restarts us."""
+        return not any(task.done() for task in self._tasks)
 
     def _security(self) -> tuple[grpc.ServerCredentials | None, TokenAuth | None]:
         cfg = self.config
@@ -185,9 +200,8 @@ class Daemon:
         catalog: Catalog,
         router: Router,
         settings: SettingsStore,
-        creds: grpc.ServerCredentials | None,
-        auth: TokenAuth | None,
     ) -> None:
+        creds, auth = self._creds, self._auth
         limit = self.config.max_message_bytes
         server = grpc.aio.server(
             interceptors=[auth] if auth else None,
@@ -207,7 +221,7 @@ class Daemon:
             metrics=self.metrics,
             on_settings=self.watchdog.poke if self.watchdog else None,
         )
-        modeld_pb2_grpc.add_ModelControlServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+        add_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server

@@ -14,12 +14,20 @@ from modeld.errors import InvalidArgument
 Protocol = Literal["grpc", "http"]
 PROTOCOLS: tuple[Protocol, ...] = ("grpc", "http")
 
+# Limits on what a spec may hold (README "Limits"): a request can never make the
+# daemon store or log an unbounded amount, and every value is checked on the way in.
 MAX_NAME_LEN = 128
 MAX_OPTIONS = 64
 MAX_OPTION_LEN = 4096
+# All keys and values of one spec together: keeps a spec (and ListModels) small.
+MAX_OPTIONS_BYTES = 16384
 MAX_GROUPS = 16
 MAX_REPLICAS = 64
+MAX_PATH_LEN = 1024
+MAX_TTL_S = 365 * 86400
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/+-]*")
+# Option keys become "key=value" LoadModel entries: no '=', ':', spaces or controls.
+_OPTION_KEY_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 def check_name(kind: str, name: str) -> str:
@@ -109,11 +117,7 @@ def check_model_spec(spec: ModelSpec, backends: dict[str, BackendSpec]) -> Model
     if spec.model_file:
         check_relative_path(spec.model_file)
     _check_counts(spec)
-    if len(spec.options) > MAX_OPTIONS:
-        raise InvalidArgument(f"model {spec.name!r}: more than {MAX_OPTIONS} options")
-    for key, value in spec.options:
-        if not key or len(key) > MAX_NAME_LEN or len(value) > MAX_OPTION_LEN or "\0" in key + value:
-            raise InvalidArgument(f"model {spec.name!r}: option {key[:40]!r} is empty or too long")
+    _check_options(spec)
     if len(spec.groups) > MAX_GROUPS:
         raise InvalidArgument(f"model {spec.name!r}: more than {MAX_GROUPS} groups")
     for group in spec.groups:
@@ -124,9 +128,29 @@ def check_model_spec(spec: ModelSpec, backends: dict[str, BackendSpec]) -> Model
         "busy_timeout": spec.busy_timeout,
     }
     for label, seconds in durations.items():
-        if seconds is not None and not 0 <= seconds <= 365 * 86400:
+        if seconds is not None and not 0 <= seconds <= MAX_TTL_S:
             raise InvalidArgument(f"model {spec.name!r}: {label} must be between 0 and 365 days")
     return spec
+
+
+def _check_options(spec: ModelSpec) -> None:
+    if len(spec.options) > MAX_OPTIONS:
+        raise InvalidArgument(f"model {spec.name!r}: more than {MAX_OPTIONS} options")
+    if sum(len(k) + len(v) for k, v in spec.options) > MAX_OPTIONS_BYTES:
+        raise InvalidArgument(
+            f"model {spec.name!r}: options hold more than {MAX_OPTIONS_BYTES} characters in all"
+        )
+    for key, value in spec.options:
+        if len(key) > MAX_NAME_LEN or not _OPTION_KEY_RE.fullmatch(key):
+            raise InvalidArgument(
+                f"model {spec.name!r}: option name {key[:40]!r} must be 1..{MAX_NAME_LEN} "
+                "letters, digits and . _ - (starting with a letter, digit or _)"
+            )
+        if len(value) > MAX_OPTION_LEN or "\0" in value:
+            raise InvalidArgument(
+                f"model {spec.name!r}: option {key!r} is longer than {MAX_OPTION_LEN} "
+                "characters or contains a NUL byte"
+            )
 
 
 def _check_counts(spec: ModelSpec) -> None:
@@ -149,8 +173,10 @@ def _check_counts(spec: ModelSpec) -> None:
 
 def check_relative_path(rel: str) -> str:
     """A model file is named relative to models_dir: no absolute paths, no '..', no NUL."""
-    if "\0" in rel or len(rel) > 1024:
-        raise InvalidArgument("model_file contains a NUL byte or is longer than 1024 characters")
+    if "\0" in rel or len(rel) > MAX_PATH_LEN:
+        raise InvalidArgument(
+            f"model_file contains a NUL byte or is longer than {MAX_PATH_LEN} characters"
+        )
     path = Path(rel)
     if path.is_absolute() or rel.startswith("~"):
         raise InvalidArgument(f"model_file {rel[:80]!r} must be relative to the models directory")

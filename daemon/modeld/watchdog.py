@@ -2,8 +2,11 @@
 
 Each tick reads the clock and the resources once, asks policy which replicas
 must go (busy timeout, idle, memory pressure), and asks the router to stop
-them. Stops run as their own tasks, so a slow stop never delays the next tick;
-a replica already being stopped is not asked twice.
+them. A tick is synchronous, so it never waits while holding what it read; the
+stops run as their own tasks, so a slow stop never delays the next tick, and a
+replica already being stopped is not asked twice. Memory pressure stops one
+replica at a time: the next is chosen only once that stop has finished and the
+memory has been read again.
 """
 
 import asyncio
@@ -13,6 +16,7 @@ from typing import Any
 
 import structlog
 
+from modeld.admission import evict_if_due
 from modeld.clock import Clock
 from modeld.policy.eviction import Eviction, busy_timeouts, idle_evictions, memory_pressure
 from modeld.policy.view import HostView, ReplicaView
@@ -20,6 +24,9 @@ from modeld.resources import ResourceReader
 from modeld.settings_store import SettingsStore
 
 log = structlog.get_logger(__name__)
+
+# Evictions that must take a busy replica: a stuck backend's leases are never released.
+_FORCED = frozenset({"busy_timeout"})
 
 
 class Watchdog:
@@ -41,8 +48,9 @@ class Watchdog:
         self._observe = observe
         self._evict = evict
         self._maintain = maintain
-        self._stopping: dict[str, asyncio.Task[None]] = {}
+        self._stopping: dict[str, tuple[Eviction, asyncio.Task[bool]]] = {}
         self._wake = asyncio.Event()
+        self._read_error = ""
 
     async def run(self) -> None:
         while True:
@@ -50,8 +58,10 @@ class Watchdog:
                 self.tick()
             except Exception:
                 log.exception("watchdog_tick_failed")
+            # Read on every round, so a changed interval applies from the next wait.
+            interval = self._settings.current.watchdog_interval
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._settings.current.watchdog_interval)
+                await asyncio.wait_for(self._wake.wait(), interval)
             self._wake.clear()
 
     def poke(self) -> None:
@@ -59,35 +69,64 @@ class Watchdog:
         self._wake.set()
 
     def tick(self) -> list[Eviction]:
+        """Decide and start this tick's evictions; returns them (the stops run on)."""
         now = self._clock.monotonic()
         settings = self._settings.current
-        host = self._reader.read()
-        self._observe(host, self._reader.process_gpu_memory())
+        host = self._read()
         views = [v for v in self._views() if v.id not in self._stopping]
         decisions = busy_timeouts(views, settings, now) + idle_evictions(views, settings, now)
-        chosen = {d.replica_id for d in decisions}
-        pressure = memory_pressure([v for v in views if v.id not in chosen], settings, host)
-        if pressure is not None:
-            decisions.append(pressure)
+        if host is not None and not self._memory_stop_running():
+            chosen = {d.replica_id for d in decisions}
+            pressure = memory_pressure([v for v in views if v.id not in chosen], settings, host)
+            if pressure is not None:
+                decisions.append(pressure)
         for decision in decisions:
-            self._carry_out(decision, force=decision.reason == "busy_timeout")
+            self._carry_out(decision)
         self._maintain()
         return decisions
 
-    def _carry_out(self, decision: Eviction, *, force: bool) -> None:
-        task = asyncio.create_task(
-            self._evict(decision, force), name=f"evict-{decision.replica_id}"
+    async def settle(self) -> None:
+        """Wait for the evictions started so far to finish."""
+        await asyncio.gather(
+            *(task for _, task in list(self._stopping.values())), return_exceptions=True
         )
-        self._stopping[decision.replica_id] = task
+
+    def _read(self) -> HostView | None:
+        """This tick's readings, or None when they cannot be had; the timeouts still apply."""
+        try:
+            host = self._reader.read()
+            processes = self._reader.process_gpu_memory()
+        except (OSError, ValueError) as exc:
+            if str(exc) != self._read_error:
+                self._read_error = str(exc)
+                log.warning("resources_unreadable", error=str(exc))
+            return None
+        if self._read_error:
+            self._read_error = ""
+            log.info("resources_readable")
+        self._observe(host, processes)
+        return host
+
+    def _memory_stop_running(self) -> bool:
+        return any(e.reason == "memory" for e, _ in self._stopping.values())
+
+    def _carry_out(self, decision: Eviction) -> None:
+        force = decision.reason in _FORCED
+        task = asyncio.create_task(
+            evict_if_due(self._views, self._evict, decision, force),
+            name=f"evict-{decision.replica_id}",
+        )
+        self._stopping[decision.replica_id] = (decision, task)
         task.add_done_callback(lambda _: self._stopping.pop(decision.replica_id, None))
         task.add_done_callback(_report)
 
     async def close(self) -> None:
-        for task in list(self._stopping.values()):
+        tasks = [task for _, task in self._stopping.values()]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._stopping.values(), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _report(task: asyncio.Task[None]) -> None:
+def _report(task: asyncio.Task[bool]) -> None:
     if not task.cancelled() and (exc := task.exception()) is not None:
         log.error("eviction_failed", error=str(exc))

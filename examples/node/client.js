@@ -23,6 +23,8 @@ options:
   --token-file FILE  send the first token of FILE as 'authorization: Bearer <token>'
                      (default: $MODELD_TOKEN_FILE)
   --ca FILE          talk TLS to modeld, trusting this PEM CA bundle
+  --cert FILE        client certificate (PEM) for mutual TLS; with --key and --ca
+  --key FILE         client private key (PEM) for mutual TLS
   -h, --help         show this help`;
 
 function options(argv) {
@@ -35,10 +37,14 @@ function options(argv) {
       timeout: { type: "string", default: "60" },
       "token-file": { type: "string", default: process.env.MODELD_TOKEN_FILE || "" },
       ca: { type: "string", default: "" },
+      cert: { type: "string", default: "" },
+      key: { type: "string", default: "" },
       help: { type: "boolean", short: "h", default: false },
     },
   });
   if (positionals.length > 1) throw new Error(`expected at most one MODEL, got ${positionals.join(" ")}`);
+  if (Boolean(values.cert) !== Boolean(values.key)) throw new Error("--cert and --key go together");
+  if (values.cert && !values.ca) throw new Error("--cert and --key need --ca");
   const timeout = Number(values.timeout);
   if (!(timeout > 0)) throw new Error(`--timeout must be a positive number, got ${values.timeout}`);
   return { ...values, timeout, model: positionals[0] || "echo" };
@@ -67,8 +73,9 @@ function firstToken(file) {
 
 // Channel credentials for modeld, and the metadata every call to it carries.
 function connection(opts) {
+  const read = (file) => (file ? fs.readFileSync(file) : null);
   const creds = opts.ca
-    ? grpc.credentials.createSsl(fs.readFileSync(opts.ca))
+    ? grpc.credentials.createSsl(read(opts.ca), read(opts.key), read(opts.cert))
     : grpc.credentials.createInsecure();
   const metadata = new grpc.Metadata();
   if (opts["token-file"]) metadata.set("authorization", `Bearer ${firstToken(opts["token-file"])}`);

@@ -1,8 +1,11 @@
 """Protobuf <-> domain translation. No behaviour beyond shaping data."""
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import DecodeError, Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
@@ -14,6 +17,31 @@ from modeld.spec import BackendSpec, ModelSpec, Settings
 from modeld.state import ReplicaState
 
 _MAX_SECONDS = 10 * 365 * 86400
+_MAX_NANOS = 999_999_999
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """Request bytes that do not parse as the method's message; answered INVALID_ARGUMENT.
+
+    gRPC would report a deserializer's exception as UNKNOWN, so parsing never raises:
+    the handler receives this instead and refuses it like any other bad request.
+    """
+
+    type_name: str
+    error: str
+
+
+def lenient(cls: type[Message]) -> Callable[[bytes], Message | Malformed]:
+    """A request deserializer for `cls` that returns Malformed instead of raising."""
+
+    def parse(data: bytes) -> Message | Malformed:
+        try:
+            return cls.FromString(data)
+        except DecodeError as exc:
+            return Malformed(cls.DESCRIPTOR.full_name, str(exc))
+
+    return parse
 
 
 def timestamp(wall: float | None) -> Timestamp | None:
@@ -30,10 +58,14 @@ def duration(seconds: float) -> Duration:
     return d
 
 
-def seconds(field: str, d: Duration) -> float:
-    if d.seconds < 0 or d.nanos < 0 or d.seconds > _MAX_SECONDS:
-        raise InvalidArgument(f"{field} must be between 0 and 10 years")
-    return float(d.ToNanoseconds()) / 1e9
+def seconds(field: str, d: Duration, limit: float = _MAX_SECONDS) -> float:
+    """A non-negative Duration as seconds, at most `limit`; anything else is refused."""
+    if not 0 <= d.nanos <= _MAX_NANOS or d.seconds < 0:
+        raise InvalidArgument(f"{field} must be a non-negative duration (nanos 0..{_MAX_NANOS})")
+    value = d.seconds + d.nanos / 1e9
+    if value > limit:
+        raise InvalidArgument(f"{field} must be at most {limit:g} seconds")
+    return value
 
 
 def state(s: ReplicaState | None) -> Any:

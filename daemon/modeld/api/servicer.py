@@ -2,6 +2,8 @@
 
 from collections.abc import AsyncIterator, Callable
 
+import grpc
+
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld._proto.modeld.v1 import modeld_pb2_grpc as pb_grpc
 from modeld.api import convert
@@ -20,6 +22,30 @@ from modeld.spec import check_name
 DEFAULT_WAIT = 600.0
 MAX_LOG_TAIL = 10_000
 MAX_REPLICAS_PER_LOAD = 64
+MAX_DRAIN_S = 86_400.0
+SERVICE = pb.DESCRIPTOR.services_by_name["ModelControl"]
+
+
+def add_to_server(servicer: "ModelControl", server: grpc.aio.Server) -> None:
+    """Register `servicer` like the generated helper does, but with lenient parsing:
+    request bytes that do not parse reach the handler as `convert.Malformed`."""
+    handlers = {}
+    for method in SERVICE.methods:
+        request = getattr(pb, method.input_type.name)
+        response = getattr(pb, method.output_type.name)
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=convert.lenient(request),
+            response_serializer=response.SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),)
+    )
 
 
 class ModelControl(pb_grpc.ModelControlServicer):
@@ -97,9 +123,9 @@ class ModelControl(pb_grpc.ModelControlServicer):
 
     @unary
     async def Load(self, request: pb.LoadRequest, context: Ctx) -> pb.LoadResponse:
-        model = self._model(request.model)
         if not 0 <= request.replicas <= MAX_REPLICAS_PER_LOAD:
             raise InvalidArgument(f"replicas must be 0..{MAX_REPLICAS_PER_LOAD}")
+        model = self._model(request.model)
         deadline = deadline_of(context, self._clock.monotonic(), DEFAULT_WAIT)
         infos = await self._router.load(model, request.replicas or 1, deadline)
         return pb.LoadResponse(replicas=[convert.replica_to_proto(i) for i in infos])
@@ -110,7 +136,7 @@ class ModelControl(pb_grpc.ModelControlServicer):
         if target is None:
             raise InvalidArgument("name a model or a replica_id to unload")
         drain = (
-            convert.seconds("drain_timeout", request.drain_timeout)
+            convert.seconds("drain_timeout", request.drain_timeout, MAX_DRAIN_S)
             if request.HasField("drain_timeout")
             else None
         )
@@ -193,9 +219,9 @@ class ModelControl(pb_grpc.ModelControlServicer):
     async def StreamLogs(
         self, request: pb.StreamLogsRequest, context: Ctx
     ) -> AsyncIterator[pb.LogLine]:
-        model, replica_id = self._log_target(request)
         if not 0 <= request.tail <= MAX_LOG_TAIL:
             raise InvalidArgument(f"tail must be 0..{MAX_LOG_TAIL}")
+        model, replica_id = self._log_target(request)
         subscription = (
             self._logs.subscribe(model=model, replica_id=replica_id) if request.follow else None
         )

@@ -3,7 +3,9 @@
 Every servicer method is wrapped by `unary` or `stream`: they bind a request id,
 log one canonical line per RPC, and turn a domain error into its status. An
 unexpected exception is logged with its traceback and reported as UNAVAILABLE
-with the request id, so a client never sees INTERNAL or a traceback.
+with the request id, so a client never sees INTERNAL or a traceback. Request
+bytes that do not parse arrive as `Malformed` (see `convert.lenient`) and are
+refused with INVALID_ARGUMENT here, like any other bad request.
 """
 
 import time
@@ -16,6 +18,7 @@ import grpc
 import structlog
 
 from modeld import errors
+from modeld.api.convert import Malformed
 
 log = structlog.get_logger(__name__)
 
@@ -60,6 +63,13 @@ def _reply_for(exc: Exception, request_id: str) -> tuple[grpc.StatusCode, str]:
     )
 
 
+def _check_parsed(request: object) -> None:
+    if isinstance(request, Malformed):
+        raise errors.InvalidArgument(
+            f"the request is not a valid {request.type_name}: {request.error}"
+        )
+
+
 def _finish(method: str, context: Ctx, code: str, started: float) -> None:
     log.debug(
         "rpc",
@@ -81,6 +91,7 @@ def unary(
         request_id = _begin(method, context)
         code = "OK"
         try:
+            _check_parsed(request)
             return await fn(self, request, context)
         except grpc.aio.AbortError:
             code = "ABORTED"
@@ -107,6 +118,7 @@ def stream(
         request_id = _begin(method, context)
         code = "OK"
         try:
+            _check_parsed(request)
             async for item in fn(self, request, context):
                 yield item
         except grpc.aio.AbortError:

@@ -1,6 +1,13 @@
-"""`modeld`: the daemon (`serve`), `config show`, and client verbs for people."""
+"""`modeld`: the daemon (`serve`), `config show`, and client verbs for people.
+
+Client verbs reach the daemon at --addr, else $MODELD_ADDR, else the socket
+/run/modeld/modeld.sock if it exists, else 127.0.0.1:50051. Every verb takes
+--json. A failed call prints `modeld: CODE: message` and exits 1; a bad
+configuration or flag exits 2.
+"""
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -51,7 +58,9 @@ def _config_show(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="modeld", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="modeld", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"modeld {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     _serve_args(sub)
@@ -75,6 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `modeld logs -f | head`: the reader left; exit quietly, as other tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return code
 
 

@@ -49,5 +49,10 @@ async def _main(cfg: Config) -> int:
         print(f"modeld: {exc}", file=sys.stderr)
         await daemon.shutdown()
         return 2
+    except BaseException:
+        # Whatever failed, what did start (registry thread, backends) must not outlive us.
+        log.exception("daemon_start_failed")
+        await daemon.shutdown()
+        return 1
     await daemon.run_until_stopped()
     return 0

@@ -102,6 +102,17 @@ def memory_pressure(
     return None
 
 
+def still_due(current: ReplicaView | None, force: bool) -> bool:
+    """Whether an eviction decided a moment ago may still be carried out, given the
+    victim's view now: a replica routed to since is no longer idle, so only a forced
+    eviction may take it."""
+    if current is None:
+        return False
+    if force:
+        return current.state in (_READY, ReplicaState.DRAINING)
+    return _is_idle(current)
+
+
 def plan_admission(
     replicas: Sequence[ReplicaView],
     incoming_model: str,

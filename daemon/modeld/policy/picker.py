@@ -2,6 +2,12 @@
 
 Order: fewest in-flight leases, then least recently used, then most free memory on
 the replica's device (its first GPU, or host RAM under key None), then id.
+
+The registry holds the same policy as SQL (`registry.PICK_SQL`) over rows written
+by `counter_row`. Last use is compared on a microsecond grid in both forms: the
+registry stores it as wall-clock seconds, and adding the wall-clock offset to raw
+monotonic floats could round two distinct values to one (or keep two apart that
+the grid would tie), so the two forms would disagree on near ties.
 """
 
 from collections.abc import Mapping, Sequence
@@ -9,13 +15,29 @@ from collections.abc import Mapping, Sequence
 from modeld.policy.view import ReplicaView
 from modeld.state import ReplicaState
 
-SortKey = tuple[int, float, int, str]
+SortKey = tuple[int, int, int, str]
+# (replica id, in_flight, last_used as wall-clock seconds, free memory): one registry row.
+CounterRow = tuple[str, int, float, int]
+TICKS_PER_SECOND = 1_000_000
+
+
+def used_tick(seconds: float) -> int:
+    """A time on the microsecond grid on which last use is compared."""
+    return round(seconds * TICKS_PER_SECOND)
+
+
+def free_on_device(replica: ReplicaView, free_memory: Mapping[int | None, int]) -> int:
+    return free_memory.get(replica.device, 0)
 
 
 def sort_key(replica: ReplicaView, free_memory: Mapping[int | None, int]) -> SortKey:
-    """Smaller is better; the SQL form of the picker must order rows the same way."""
-    free = free_memory.get(replica.device, 0)
-    return (replica.in_flight, replica.last_used, -free, replica.id)
+    """Smaller is better; PICK_SQL orders `counter_row`s exactly the same way."""
+    return (
+        replica.in_flight,
+        used_tick(replica.last_used),
+        -free_on_device(replica, free_memory),
+        replica.id,
+    )
 
 
 def pick_replica(
@@ -26,3 +48,20 @@ def pick_replica(
     if not ready:
         return None
     return min(ready, key=lambda r: sort_key(r, free_memory))
+
+
+def counter_row(
+    replica: ReplicaView, free_memory: Mapping[int | None, int], wall_offset: float
+) -> CounterRow:
+    """The registry row of a replica's counters; `wall_offset` is wall minus monotonic.
+
+    Integer ticks add exactly, and distinct ticks stay distinct seconds as doubles
+    (until the year 2242), so the stored order is exactly the order of `sort_key`.
+    """
+    ticks = used_tick(replica.last_used) + used_tick(wall_offset)
+    return (
+        replica.id,
+        replica.in_flight,
+        ticks / TICKS_PER_SECOND,
+        free_on_device(replica, free_memory),
+    )

@@ -89,6 +89,8 @@ def plan_launch(
     model_file = str(resolve_model_file(root, spec.model_file)) if spec.model_file else ""
     env = {**base_env, **dict(backend.env)}
     if gpu_ids:
+        # Indexes are NVML's, which follow PCI bus order; CUDA must number GPUs the same way.
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in gpu_ids)
     return LaunchPlan(
         command=backend.command,

@@ -228,8 +228,8 @@ class Replica:
         await asyncio.shield(self._stop_task)
 
     def acquire(self) -> bool:
-        """Take one in-flight slot; only a READY replica gives one."""
-        if self._state is not S.READY:
+        """Take one in-flight slot; only a READY replica that is not being stopped gives one."""
+        if self._state is not S.READY or self._stop_requested.is_set():
             return False
         self._in_flight += 1
         self._idle.clear()

@@ -1,0 +1,79 @@
+"""The lease table: expiry order, renewals, releases and the lazy heap."""
+
+from dataclasses import dataclass
+
+from modeld.leases import Lease, LeaseTable
+
+
+@dataclass
+class Holder:
+    id: str
+    released: int = 0
+
+    def release(self) -> None:
+        self.released += 1
+
+
+def lease(lid: str, holder: Holder, started: float, ttl: float) -> Lease:
+    return Lease(
+        id=lid,
+        replica=holder,
+        model="m",
+        address="a",
+        protocol="grpc",
+        started=started,
+        expires=started + ttl,
+        expires_wall=started + ttl + 1e9,
+        ttl=ttl,
+        cold_start=False,
+    )
+
+
+def test_expired_leases_come_out_in_order_exactly_once() -> None:
+    r = Holder("r")
+    table = LeaseTable()
+    for n, ttl in enumerate((3.0, 1.0, 2.0)):
+        table.add(lease(f"l{n}", r, 0.0, ttl))
+    assert table.next_expiry() == 1.0
+    assert table.pop_expired(0.999) == []
+    assert [x.id for x in table.pop_expired(2.0)] == ["l1", "l2"]
+    assert [x.id for x in table.pop_expired(10.0)] == ["l0"]
+    assert table.pop_expired(10.0) == []
+    assert len(table) == 0
+
+
+def test_a_released_or_renewed_lease_does_not_expire_at_its_old_time() -> None:
+    r = Holder("r")
+    table = LeaseTable()
+    table.add(released := lease("gone", r, 0.0, 1.0))
+    table.add(renewed := lease("kept", r, 0.0, 1.0))
+    assert table.pop(released.id) is released
+    assert table.pop(released.id) is None
+    table.renew(renewed, now=0.9, wall=1e9 + 0.9)
+    assert (renewed.expires, renewed.expires_wall) == (1.9, 1e9 + 1.9)
+    assert table.pop_expired(1.5) == []
+    assert table.pop_expired(1.9) == [renewed]
+
+
+def test_per_replica_views() -> None:
+    a, b = Holder("a"), Holder("b")
+    table = LeaseTable()
+    table.add(lease("1", a, 5.0, 10.0))
+    table.add(lease("2", a, 3.0, 10.0))
+    table.add(lease("3", b, 4.0, 10.0))
+    assert sorted(x.id for x in table.of_replica("a")) == ["1", "2"]
+    assert table.oldest_started() == {"a": 3.0, "b": 4.0}
+
+
+def test_the_heap_stays_bounded_under_churn() -> None:
+    r = Holder("r")
+    table = LeaseTable()
+    keep = lease("keep", r, 0.0, 1000.0)
+    table.add(keep)
+    for n in range(10_000):
+        table.add(lease(f"x{n}", r, float(n), 600.0))
+        table.renew(keep, now=float(n), wall=float(n))
+        assert table.pop(f"x{n}") is not None
+    assert len(table) == 1
+    assert len(table._heap) <= 4 * 64
+    assert table.pop_expired(20_000.0) == [keep]

@@ -1,0 +1,317 @@
+"""The router on a fake clock with fake replicas: leases, expiry, coalescing, backoff,
+scale-up, suspects and cached health probes."""
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from modeld.counters import CounterFlusher
+from modeld.errors import NotFound, Unavailable
+from modeld.events import Event
+from modeld.policy.picker import pick_replica
+from modeld.registry import ReplicaRow
+from modeld.spec import ModelSpec, Settings
+from modeld.state import ReplicaState
+from routing_fakes import router_harness, settle
+
+S = ReplicaState
+M = ModelSpec(name="m", backend="echo", max_replicas=2)
+
+
+async def test_lease_expires_after_its_ttl_and_frees_the_slot(tmp_path: Path) -> None:
+    async with router_harness(tmp_path, M, settings=Settings(lease_ttl=600)) as h:
+        events = h.events.subscribe("m")
+        lease = await h.router.route("m", h.deadline())
+        replica = h.replica(lease.replica_id)
+        assert lease.expires == h.clock.monotonic() + 600
+        h.clock.advance(599.9)
+        assert h.router.expire_leases() == 0
+        assert replica.in_flight == 1
+        h.clock.advance(0.1)
+        assert h.router.expire_leases() == 1
+        assert replica.in_flight == 0
+        assert h.router.counters["leases_expired"] == 1
+        event = events.queue.get_nowait()
+        assert isinstance(event, Event)
+        assert (event.replica_id, event.reason) == (replica.id, "lease_expired")
+        assert h.router.release(lease.id, "OK") is False
+        assert replica.in_flight == 0
+        with pytest.raises(NotFound, match="Route again"):
+            h.router.renew(lease.id)
+        assert h.router.expire_leases() == 0
+
+
+async def test_a_model_lease_ttl_overrides_the_setting(tmp_path: Path) -> None:
+    spec = ModelSpec(name="short", backend="echo", lease_ttl=0.5)
+    async with router_harness(tmp_path, spec, settings=Settings(lease_ttl=600)) as h:
+        lease = await h.router.route("short", h.deadline())
+        assert lease.ttl == 0.5
+        h.clock.advance(0.5)
+        assert h.router.expire_leases() == 1
+
+
+async def test_renew_pushes_the_expiry_out(tmp_path: Path) -> None:
+    async with router_harness(tmp_path, M, settings=Settings(lease_ttl=600)) as h:
+        lease = await h.router.route("m", h.deadline())
+        first = lease.expires_wall
+        h.clock.advance(400)
+        assert h.router.renew(lease.id) == first + 400
+        h.clock.advance(300)
+        assert h.router.expire_leases() == 0
+        h.clock.advance(300)
+        assert h.router.expire_leases() == 1
+
+
+async def test_release_is_idempotent_and_in_flight_never_negative(tmp_path: Path) -> None:
+    async with router_harness(tmp_path, ModelSpec(name="m", backend="echo")) as h:
+        first = await h.router.route("m", h.deadline())
+        second = await h.router.route("m", h.deadline())
+        replica = h.replica(first.replica_id)
+        assert replica.in_flight == 2
+        assert h.router.release(first.id, "OK") is True
+        assert h.router.release(first.id, "OK") is False
+        assert replica.in_flight == 1
+        assert h.router.release(second.id, "OK") is True
+        assert h.router.release(second.id, "OK") is False
+        assert h.router.release("never-granted", "OK") is False
+        assert replica.in_flight == 0
+
+
+async def test_concurrent_cold_routes_share_one_start(tmp_path: Path) -> None:
+    spec = ModelSpec(name="m", backend="echo", max_replicas=3)
+    async with router_harness(tmp_path, spec) as h:
+        leases = await asyncio.gather(*(h.router.route("m", h.deadline()) for _ in range(50)))
+        assert len(h.made) == 1
+        assert h.admitted == ["m"]
+        assert {lease.replica_id for lease in leases} == {h.made[0].id}
+        assert h.made[0].in_flight == 50
+        assert sum(lease.cold_start for lease in leases) == 50
+
+
+async def test_a_failed_cold_start_fails_every_waiter_alike_then_backs_off(
+    tmp_path: Path,
+) -> None:
+    async with router_harness(tmp_path, M) as h:
+        h.scripts["m"] = [{"fail": "exit code 7"}]
+        results = await asyncio.gather(
+            *(h.router.route("m", h.deadline()) for _ in range(20)), return_exceptions=True
+        )
+        assert all(isinstance(r, Unavailable) for r in results)
+        assert len({str(r) for r in results}) == 1
+        assert len(h.made) == 1
+        with pytest.raises(Unavailable) as info:
+            await h.router.route("m", h.deadline())
+        message = str(info.value)
+        assert "backing off after 1 failed start" in message
+        assert "next attempt allowed in 1.0s" in message
+        assert "exit code 7" in message
+        assert len(h.made) == 1
+        h.clock.advance(1.0)
+        lease = await h.router.route("m", h.deadline())
+        assert lease.replica_id == h.made[1].id
+        assert h.router.pool("m").backoff is None
+
+
+async def test_pool_backoff_doubles_up_to_the_cap_and_resets_after_success(
+    tmp_path: Path,
+) -> None:
+    async with router_harness(tmp_path, M) as h:
+        pool = h.router.pool("m")
+        h.scripts["m"] = [{"fail": f"failure {n}"} for n in range(1, 12)]
+        waits = []
+        for _ in range(11):
+            with pytest.raises(Unavailable):
+                await pool.start(M, h.deadline())
+            assert pool.backoff is not None
+            waits.append(pool.backoff.not_before - h.clock.monotonic())
+            with pytest.raises(Unavailable, match=r"failure \d+"):
+                pool.check_backoff()
+            h.clock.advance(waits[-1])
+            pool.check_backoff()
+        assert waits == [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300]
+        await pool.start(M, h.deadline())
+        assert pool.backoff is None
+        h.scripts["m"] = [{"fail": "again"}]
+        with pytest.raises(Unavailable):
+            await pool.start(M, h.deadline())
+        assert pool.backoff.not_before - h.clock.monotonic() == 1.0
+
+
+async def test_a_start_cut_short_by_a_stop_does_not_back_off(tmp_path: Path) -> None:
+    async with router_harness(tmp_path, M) as h:
+        gate = asyncio.Event()
+        h.scripts["m"] = [{"gate": gate}]
+        start = h.router.pool("m").start(M, h.deadline())
+        route = asyncio.ensure_future(h.router.route("m", h.deadline()))
+        replica = await h.made_replica(1)
+        await h.router.unload_model("m", force=True, drain=0)
+        gate.set()
+        for waiter in (start, route):
+            with pytest.raises(Unavailable, match="STOPPED"):
+                await waiter
+        assert h.router.pool("m").backoff is None
+        lease = await h.router.route("m", h.deadline())
+        assert lease.replica_id != replica.id
+
+
+async def test_scale_up_starts_a_replica_when_every_one_is_busy(tmp_path: Path) -> None:
+    async with router_harness(tmp_path, M, settings=Settings(scale_up_in_flight=1)) as h:
+        pool = h.router.pool("m")
+        first = await h.router.route("m", h.deadline())
+        assert pool.pending() == 0, "a replica that had no lease must not scale up"
+        gate = asyncio.Event()
+        h.scripts["m"] = [{"gate": gate}]
+        second = await h.router.route("m", h.deadline())
+        assert second.replica_id == first.replica_id
+        assert not second.cold_start
+        assert pool.pending() == 1
+        assert pool.planned() == 2
+        third = await h.router.route("m", h.deadline())
+        assert third.replica_id == first.replica_id
+        assert pool.pending() == 1, "one scale-up at a time"
+        gate.set()
+        added = await pool.start_or_join(M, h.deadline())
+        fourth = await h.router.route("m", h.deadline())
+        assert fourth.replica_id == added.id
+        for _ in range(3):
+            await h.router.route("m", h.deadline())
+        assert pool.pending() == 0, "max_replicas reached"
+        assert len(h.made) == 2
+
+
+async def test_scale_up_is_off_by_default(tmp_path: Path) -> None:
+    async with router_harness(tmp_path, M) as h:
+        for _ in range(5):
+            await h.router.route("m", h.deadline())
+        assert h.router.pool("m").pending() == 0
+        assert len(h.made) == 1
+
+
+async def test_unreachable_replica_is_avoided_while_probed_and_stopped_when_dead(
+    tmp_path: Path,
+) -> None:
+    async with router_harness(tmp_path, M) as h:
+        await h.router.load("m", 2, h.deadline())
+        lease = await h.router.route("m", h.deadline())
+        suspect = h.replica(lease.replica_id)
+        other = next(r for r in h.made if r is not suspect)
+        suspect.healthy = False
+        suspect.probe_gate = asyncio.Event()
+        assert h.router.release(lease.id, "BACKEND_UNREACHABLE") is True
+        health = asyncio.ensure_future(h.router.health(["m"], probe=False))
+        await asyncio.wait_for(suspect.probing.wait(), 1)
+        picks = [await h.router.route("m", h.deadline()) for _ in range(3)]
+        assert {p.replica_id for p in picks} == {other.id}
+        suspect.probe_gate.set()
+        await asyncio.wait_for(suspect.stopped.wait(), 1)
+        assert suspect.stops == ["unreachable"]
+        assert suspect.probes == 1, "Health and the suspect check share one probe"
+        report = await health
+        assert [i.last_probe_ok for i in report["m"] if i.id == suspect.id] == [False]
+
+
+async def test_unreachable_report_on_a_healthy_replica_keeps_it(tmp_path: Path) -> None:
+    async with router_harness(tmp_path, M) as h:
+        lease = await h.router.route("m", h.deadline())
+        replica = h.replica(lease.replica_id)
+        h.router.release(lease.id, "BACKEND_UNREACHABLE")
+        report = await h.router.health(["m"], probe=False)
+        assert [(i.state, i.last_probe_ok) for i in report["m"]] == [(S.READY, True)]
+        assert replica.stops == []
+        assert (await h.router.route("m", h.deadline())).replica_id == replica.id
+
+
+async def test_health_reuses_fresh_probes_and_probes_on_request(tmp_path: Path) -> None:
+    async with router_harness(tmp_path, M, settings=Settings(probe_ttl=30)) as h:
+        lease = await h.router.route("m", h.deadline())
+        replica = h.replica(lease.replica_id)
+        await h.router.health(["m"], probe=False)
+        await h.router.health(["m"], probe=False)
+        assert replica.probes == 1
+        h.clock.advance(29)
+        await h.router.health(["m"], probe=False)
+        assert replica.probes == 1
+        h.clock.advance(1)
+        await h.router.health(["m"], probe=False)
+        assert replica.probes == 2
+        report = await h.router.health(["m"], probe=True)
+        assert replica.probes == 3
+        assert report["m"][0].last_probe_at == h.clock.wall()
+        assert report["m"][0].in_flight == 1
+
+
+async def test_a_failed_probe_is_never_reused(tmp_path: Path) -> None:
+    async with router_harness(tmp_path, M) as h:
+        lease = await h.router.route("m", h.deadline())
+        replica = h.replica(lease.replica_id)
+        replica.healthy = False
+        for expected in (1, 2, 3):
+            report = await h.router.health(["m"], probe=False)
+            assert report["m"][0].last_probe_ok is False
+            assert replica.probes == expected
+
+
+async def test_counters_flush_only_when_changed_and_sql_agrees(tmp_path: Path) -> None:
+    async with router_harness(tmp_path, M) as h:
+        written: list[int] = []
+
+        async def flush(rows):  # type: ignore[no-untyped-def]
+            written.append(len(rows))
+            await h.registry.flush_counters(rows)
+
+        await h.router.load("m", 2, h.deadline())
+        for r in h.made:
+            await h.registry.insert_replica(
+                ReplicaRow(id=r.id, model="m", backend="echo", state="READY")
+            )
+        flusher = CounterFlusher(
+            clock=h.clock,
+            views=h.router.views,
+            free_memory=lambda: h.router.free_memory,
+            flush=flush,
+        )
+        assert await flusher.flush_once() is True
+        assert await flusher.flush_once() is False
+        h.clock.advance(1)
+        lease = await h.router.route("m", h.deadline())
+        assert await flusher.flush_once() is True
+        rows = await h.registry.query("SELECT id, in_flight, last_used FROM replicas ORDER BY id")
+        assert {r["id"]: r["in_flight"] for r in rows} == {
+            r.id: (1 if r.id == lease.replica_id else 0) for r in h.made
+        }
+        used = next(r["last_used"] for r in rows if r["id"] == lease.replica_id)
+        assert used == pytest.approx(h.clock.wall())
+        expected = pick_replica(h.router.views(), h.router.free_memory)
+        assert expected is not None
+        assert await h.registry.pick_replica("m") == expected.id
+        assert written == [2, 2]
+
+
+async def test_router_flushes_in_the_background(tmp_path: Path) -> None:
+    flushed = asyncio.Event()
+
+    async def flush(rows):  # type: ignore[no-untyped-def]
+        if rows and rows[0][1] == 1:
+            flushed.set()
+
+    async with router_harness(tmp_path, M, flush=flush, flush_interval=0.01) as h:
+        h.router.start()
+        await h.router.route("m", h.deadline())
+        await asyncio.wait_for(flushed.wait(), 2)
+
+
+async def test_min_replicas_are_not_over_started(tmp_path: Path) -> None:
+    spec = ModelSpec(name="m", backend="echo", min_replicas=2, max_replicas=3)
+    async with router_harness(tmp_path, spec) as h:
+        gate = asyncio.Event()
+        h.scripts["m"] = [{"gate": gate}, {"gate": gate}]
+        first = h.router.maintain()
+        assert len(first) == 2
+        assert h.router.maintain() == [], "starts in admission count"
+        await h.made_replica(2)
+        assert h.router.maintain() == [], "starting replicas count"
+        gate.set()
+        await settle(first)
+        assert h.router.maintain() == []
+        assert len(h.made) == 2
