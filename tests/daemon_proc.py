@@ -24,9 +24,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from backend_proc import free_port
 from modeld._proto.modeld.v1 import modeld_pb2_grpc
 
-ECHO_BACKEND = """
+# The demo backend and model most end-to-end tests run; append to it for more.
+ECHO_CATALOG = """
 [backends.echo]
 command = ["{python}", "-m", "modeld.backends.echo", "--addr", "{addr}"]
+stop_grace = "2s"
+[models.echo]
+backend = "echo"
 """
 
 

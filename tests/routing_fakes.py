@@ -57,6 +57,7 @@ class FakeReplica:
         self.probing = asyncio.Event()
         self.probe_gate: asyncio.Event | None = None
         self.stops: list[str] = []
+        self.stop_requested = False
         self.stopped = asyncio.Event()
         self.address = f"fake:{rid}"
         self.protocol = "grpc"
@@ -112,8 +113,16 @@ class FakeReplica:
             await self.probe_gate.wait()
         return self.healthy
 
-    async def stop(self, reason: str, *, force: bool = False, drain_timeout: float = 30.0) -> None:
+    async def stop(
+        self,
+        reason: str,
+        *,
+        force: bool = False,
+        drain_timeout: float = 30.0,
+        responsive: bool = True,
+    ) -> None:
         self.stops.append(reason)
+        self.stop_requested = True
         self.state = S.STOPPED
         self.stopped.set()
 

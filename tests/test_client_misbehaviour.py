@@ -6,6 +6,7 @@ Figures (leases expired, RSS before/after, Ping/Route latency with and without
 """
 
 import asyncio
+import contextlib
 import statistics
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,6 +23,8 @@ from modeld._proto.modeld.v1 import modeld_pb2_grpc as pb_grpc
 
 CLIENTS = 1000
 CHANNELS = 10
+# grpc itself cancels some calls once ~1800 are in flight on one server (a bare
+# grpc.aio server does the same), so bigger floods come in waves of CLIENTS.
 SUBSCRIBERS = 200
 FLOOD_LINES = 30_000
 # Expired leases: more events than a watcher's queue (1024) holds.
@@ -44,14 +47,30 @@ async def daemon(tmp_path: Path) -> AsyncIterator[DaemonProc]:
         yield d
 
 
-async def _wait_expired(events: AsyncIterator[pb.Event], count: int) -> int:
-    seen = 0
-    async for event in events:
-        if event.reason == "lease_expired":
-            seen += 1
-            if seen >= count:
-                break
-    return seen
+async def _until_idle(stub: pb_grpc.ModelControlStub, model: str, limit_s: float) -> None:
+    """Until no replica of `model` holds a lease. ListReplicas is the truth; the
+    model's events (lease expiries among them) only say when to look again."""
+    wake = asyncio.Event()
+
+    async def follow() -> None:
+        async for _ in stub.WatchEvents(pb.WatchEventsRequest(model=model)):
+            wake.set()
+
+    follower = asyncio.ensure_future(follow())
+    try:
+        async with asyncio.timeout(limit_s):
+            while any(r.in_flight for r in await _replicas(stub, model)):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), 0.25)
+                wake.clear()
+    finally:
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+
+
+async def _replicas(stub: pb_grpc.ModelControlStub, model: str) -> list[pb.Replica]:
+    reply = await stub.ListReplicas(pb.ListReplicasRequest(model=model), timeout=10)
+    return [r for r in reply.replicas if r.state == pb.READY]
 
 
 async def _route_and_vanish(addr: str, routes: int) -> int:
@@ -59,33 +78,39 @@ async def _route_and_vanish(addr: str, routes: int) -> int:
     async with grpc.aio.insecure_channel(addr) as channel:
         stub = pb_grpc.ModelControlStub(channel)  # type: ignore[no-untyped-call]
         replies = await asyncio.gather(
-            *(stub.Route(pb.RouteRequest(model="m"), timeout=20) for _ in range(routes)), return_exceptions=True
+            *(stub.Route(pb.RouteRequest(model="m"), timeout=20) for _ in range(routes))
         )
-    errs = [r for r in replies if isinstance(r, BaseException)]
-    if errs:
-        print("ERRS", len(errs), repr(errs[0].debug_error_string()), errs[0].details())
-    return len({r.lease_id for r in replies if not isinstance(r, BaseException)})
+    return len({r.lease_id for r in replies})
+
+
+async def _vanishing_clients(addr: str, routes: int) -> int:
+    """`routes` leases taken, CLIENTS at a time over CHANNELS connections, never released."""
+    granted = 0
+    for _ in range(routes // CLIENTS):
+        per = CLIENTS // CHANNELS
+        granted += sum(
+            await asyncio.gather(*(_route_and_vanish(addr, per) for _ in range(CHANNELS)))
+        )
+    return granted
 
 
 async def test_leases_of_vanished_clients_come_back_at_expiry(daemon: DaemonProc) -> None:
     await daemon.stub.Load(pb.LoadRequest(model="m"), timeout=30)
-    watch = daemon.stub.WatchEvents(pb.WatchEventsRequest(model="m"))
-    expired = asyncio.ensure_future(_wait_expired(watch.__aiter__(), CLIENTS))
     started = time.monotonic()
-    granted = await asyncio.gather(
-        *(_route_and_vanish(daemon.addr, CLIENTS // CHANNELS) for _ in range(CHANNELS))
-    )
+    granted = await _vanishing_clients(daemon.addr, CLIENTS)
     routed_s = time.monotonic() - started
-    assert sum(granted) == CLIENTS
-    assert await asyncio.wait_for(expired, 20) == CLIENTS
+    assert granted == CLIENTS
+    held = [r.in_flight for r in await _replicas(daemon.stub, "m")]
+    assert held and held[0] > 0, "the leases of the vanished clients are not held"
+    # Nobody releases them: only expiry (lease_ttl 1s) can bring the slots back.
+    await _until_idle(daemon.stub, "m", 20)
     back_s = time.monotonic() - started
-    watch.cancel()
-    replicas = (await daemon.stub.ListReplicas(pb.ListReplicasRequest(model="m"))).replicas
-    assert [r.in_flight for r in replicas if r.state == pb.READY] == [0]
+    assert sum(1 for e in daemon.log if e.get("event") == "lease_expired") <= CLIENTS
     lease = await daemon.stub.Route(pb.RouteRequest(model="m"), timeout=5)
     assert (await daemon.stub.Release(pb.ReleaseRequest(lease_id=lease.lease_id))).released
     print(
-        f"\n{CLIENTS} leases over {CHANNELS} vanished connections: routed in {routed_s:.2f}s, "
+        f"\n{CLIENTS} leases over {CHANNELS} vanished connections: "
+        f"routed in {routed_s:.2f}s, "
         f"all expired and in_flight 0 after {back_s:.2f}s (lease_ttl 1s)"
     )
 
@@ -103,6 +128,45 @@ async def _latencies(call: Callable[[], Awaitable[Any]]) -> tuple[float, float]:
 async def _route_release(stub: pb_grpc.ModelControlStub) -> None:
     lease = await stub.Route(pb.RouteRequest(model="m"), timeout=5)
     await stub.Release(pb.ReleaseRequest(lease_id=lease.lease_id))
+
+
+def _stalled_followers(channel: grpc.aio.Channel) -> list[Any]:
+    """SUBSCRIBERS streams, half logs of the flooding model and half events, never read."""
+    stub = pb_grpc.ModelControlStub(channel)  # type: ignore[no-untyped-call]
+    return [
+        stub.StreamLogs(pb.StreamLogsRequest(model="chatty", follow=True))
+        if i % 2
+        else stub.WatchEvents(pb.WatchEventsRequest())
+        for i in range(SUBSCRIBERS)
+    ]
+
+
+async def _vanish(daemon: DaemonProc, stalled: list[Any], channel: grpc.aio.Channel) -> None:
+    """Half the followers cancel, then their connection goes; every handler must end
+    and the daemon live through it (reading the context of a stream ended this way
+    once crashed it with SIGSEGV)."""
+    before = sum(1 for e in daemon.log if e.get("code") == "CANCELLED")
+    for call in stalled[::2]:
+        call.cancel()
+    await channel.close(None)
+    try:
+        await daemon.wait_log(_count_cancelled_streams(before + SUBSCRIBERS), limit_s=20)
+    except TimeoutError:
+        assert daemon.proc.returncode is None, f"daemon died: {daemon.proc.returncode}"
+        raise
+    assert (await daemon.stub.Ping(pb.PingRequest(), timeout=5)) == pb.PingResponse()
+
+
+def _count_cancelled_streams(count: int) -> Callable[[dict[str, Any]], bool]:
+    seen: set[int] = set()
+
+    def match(entry: dict[str, Any]) -> bool:
+        rpc = (entry.get("event"), entry.get("method"), entry.get("code"))
+        if rpc in (("rpc", "StreamLogs", "CANCELLED"), ("rpc", "WatchEvents", "CANCELLED")):
+            seen.add(id(entry))
+        return len(seen) >= count
+
+    return match
 
 
 async def _tail_has(stub: pb_grpc.ModelControlStub, text: str) -> bool:
@@ -127,47 +191,52 @@ async def _follow_until(stub: pb_grpc.ModelControlStub, text: str) -> None:
 async def test_stalled_and_many_followers_cost_bounded_memory(daemon: DaemonProc) -> None:
     stub = daemon.stub
     await stub.Load(pb.LoadRequest(model="m"), timeout=30)
-    ping_before = await _latencies(lambda: stub.Ping(pb.PingRequest(), timeout=5))
-    route_before = await _latencies(lambda: _route_release(stub))
+    ping = lambda: stub.Ping(pb.PingRequest(), timeout=30)  # noqa: E731
+    before = (await _latencies(ping), await _latencies(lambda: _route_release(stub)))
     rss_before = rss_kib(daemon.proc.pid)
 
     # Followers that never read: their streams stall on HTTP/2 flow control, and
     # the daemon's queue for each fills up and then drops.
-    stalled = [
-        stub.StreamLogs(pb.StreamLogsRequest(model="chatty", follow=True))
-        if i % 2
-        else stub.WatchEvents(pb.WatchEventsRequest())
-        for i in range(SUBSCRIBERS)
-    ]
+    quiet = grpc.aio.insecure_channel(daemon.addr)
+    stalled = _stalled_followers(quiet)
     reader = asyncio.ensure_future(_follow_until(stub, f"flood line {FLOOD_LINES - 1}"))
-    watch = stub.WatchEvents(pb.WatchEventsRequest(model="m"))
-    expired = asyncio.ensure_future(_wait_expired(watch.__aiter__(), EVENT_FLOOD))
     await stub.Load(pb.LoadRequest(model="chatty"), timeout=30)
+    # Measured while the daemon fans the flood out to every follower, the worst moment
+    # for other RPCs: reported, and each Ping must be answered (within 30 s).
+    in_flood = asyncio.ensure_future(_latencies(ping))
     # Every lease that expires is an event for each of the 100 stalled watchers.
-    await asyncio.gather(
-        *(_route_and_vanish(daemon.addr, EVENT_FLOOD // CHANNELS) for _ in range(CHANNELS))
-    )
+    assert await _vanishing_clients(daemon.addr, EVENT_FLOOD) == EVENT_FLOOD
     # The backend's pipe is drained, and expiry goes on, while 200 streams read nothing.
     await asyncio.wait_for(reader, 60)
-    assert await asyncio.wait_for(expired, 30) == EVENT_FLOOD
-    watch.cancel()
-    ping_during = await _latencies(lambda: stub.Ping(pb.PingRequest(), timeout=5))
-    route_during = await _latencies(lambda: _route_release(stub))
-    rss_during = rss_kib(daemon.proc.pid)
-    for call in stalled:
-        call.cancel()
-    assert (await stub.Ping(pb.PingRequest(), timeout=5)) == pb.PingResponse()
+    await _until_idle(stub, "m", 30)
+    flood = await in_flood
+    after = (await _latencies(ping), await _latencies(lambda: _route_release(stub)))
+    rss_after = rss_kib(daemon.proc.pid)
+    await _vanish(daemon, stalled, quiet)
 
-    growth = rss_during - rss_before
+    growth = rss_after - rss_before
     print(
         f"\n{SUBSCRIBERS} stalled followers, {FLOOD_LINES} lines and {EVENT_FLOOD} events "
-        f"flooded: daemon RSS {rss_before / 1024:.1f} -> {rss_during / 1024:.1f} MiB "
+        f"flooded: daemon RSS {rss_before / 1024:.1f} -> {rss_after / 1024:.1f} MiB "
         f"(+{growth / 1024:.1f} MiB)\n"
-        f"Ping p50/p99 ms: {ping_before[0]:.2f}/{ping_before[1]:.2f} before, "
-        f"{ping_during[0]:.2f}/{ping_during[1]:.2f} with them\n"
-        f"Route+Release p50/p99 ms: {route_before[0]:.2f}/{route_before[1]:.2f} before, "
-        f"{route_during[0]:.2f}/{route_during[1]:.2f} with them"
+        f"Ping p50/p99 ms: {_ms(before[0])} before, {_ms(flood)} during the flood, "
+        f"{_ms(after[0])} after it, the 200 still stalled\n"
+        f"Route+Release p50/p99 ms: {_ms(before[1])} before, {_ms(after[1])} with them"
     )
     assert growth < RSS_GROWTH_LIMIT_KIB, f"RSS grew {growth} KiB"
-    assert ping_during[1] < max(10 * ping_before[1], 50.0)
-    assert route_during[1] < max(10 * route_before[1], 50.0)
+    for p50, p99 in after:
+        assert p50 < 50 and p99 < 250, after
+
+
+def _ms(latency: tuple[float, float]) -> str:
+    return f"{latency[0]:.2f}/{latency[1]:.2f}"
+
+
+async def test_followers_vanishing_mid_flood_leave_the_daemon_serving(daemon: DaemonProc) -> None:
+    for _ in range(3):
+        quiet = grpc.aio.insecure_channel(daemon.addr)
+        stalled = _stalled_followers(quiet)
+        await daemon.stub.Load(pb.LoadRequest(model="chatty"), timeout=30)
+        await _vanish(daemon, stalled, quiet)
+        await daemon.stub.Unload(pb.UnloadRequest(model="chatty", force=True), timeout=30)
+    assert daemon.proc.returncode is None

@@ -12,20 +12,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from daemon_proc import running_daemon, start_daemon, wait_pids_gone, write_config
+from daemon_proc import ECHO_CATALOG, running_daemon, start_daemon, wait_pids_gone, write_config
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
-
-ECHO = """
-[backends.echo]
-command = ["{python}", "-m", "modeld.backends.echo", "--addr", "{addr}"]
-stop_grace = "2s"
-[models.echo]
-backend = "echo"
-"""
 
 
 async def test_serves_health_and_reflection(tmp_path: Path) -> None:
-    async with running_daemon(tmp_path, ECHO) as d:
+    async with running_daemon(tmp_path, ECHO_CATALOG) as d:
         health = health_pb2_grpc.HealthStub(d.channel)  # type: ignore[no-untyped-call]
         for service in ("", "modeld.v1.ModelControl"):
             reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
@@ -41,7 +33,7 @@ async def test_serves_health_and_reflection(tmp_path: Path) -> None:
 
 
 async def test_put_model_survives_restart(tmp_path: Path) -> None:
-    config, addr = write_config(tmp_path, ECHO)
+    config, addr = write_config(tmp_path, ECHO_CATALOG)
     d = await start_daemon(config, addr)
     spec = pb.ModelSpec(
         name="mine", backend="echo", options={"context_size": "512"}, max_replicas=2
@@ -64,7 +56,7 @@ async def test_put_model_survives_restart(tmp_path: Path) -> None:
 
 
 async def test_sigterm_with_a_ready_replica_exits_0_and_stops_it(tmp_path: Path) -> None:
-    async with running_daemon(tmp_path, ECHO) as d:
+    async with running_daemon(tmp_path, ECHO_CATALOG) as d:
         loaded = await d.stub.Load(pb.LoadRequest(model="echo"), timeout=30)
         pid = loaded.replicas[0].pid
         started = time.monotonic()
@@ -143,7 +135,7 @@ BAD_REQUESTS: list[tuple[Any, grpc.StatusCode, str]] = [
 
 
 async def test_bad_requests_get_precise_status(tmp_path: Path) -> None:
-    async with running_daemon(tmp_path, ECHO) as d:
+    async with running_daemon(tmp_path, ECHO_CATALOG) as d:
         for number, (call, code, needle) in enumerate(BAD_REQUESTS):
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await call(d.stub)

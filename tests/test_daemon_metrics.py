@@ -7,16 +7,9 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from backend_proc import free_port
-from daemon_proc import running_daemon
+from daemon_proc import ECHO_CATALOG, running_daemon
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 
-ECHO = """
-[backends.echo]
-command = ["{python}", "-m", "modeld.backends.echo", "--addr", "{addr}"]
-stop_grace = "2s"
-[models.echo]
-backend = "echo"
-"""
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
@@ -40,7 +33,9 @@ def value(samples: Samples, name: str, **labels: str) -> float | None:
 
 async def test_scrape_after_a_cold_route_and_release(tmp_path: Path) -> None:
     port = free_port()
-    async with running_daemon(tmp_path, f'metrics_listen = "127.0.0.1:{port}"\n' + ECHO) as d:
+    async with running_daemon(
+        tmp_path, f'metrics_listen = "127.0.0.1:{port}"\n' + ECHO_CATALOG
+    ) as d:
         lease = await d.stub.Route(pb.RouteRequest(model="echo"), timeout=30)
         assert lease.cold_start
         busy = await scrape(port)

@@ -9,16 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon_proc import running_daemon
+from daemon_proc import ECHO_CATALOG, running_daemon
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 
-ECHO = """
-[backends.echo]
-command = ["{python}", "-m", "modeld.backends.echo", "--addr", "{addr}"]
-stop_grace = "2s"
-[models.echo]
-backend = "echo"
-"""
 README = Path(__file__).resolve().parent.parent / "README.md"
 README_ADDR = "127.0.0.1:50051"
 
@@ -73,7 +66,7 @@ async def test_readme_commands_work_through_reflection(tmp_path: Path) -> None:
         "modeld.v1.ModelControl/Health",
         "modeld.v1.ModelControl/Release",
     }
-    async with running_daemon(tmp_path, ECHO) as d:
+    async with running_daemon(tmp_path, ECHO_CATALOG) as d:
 
         async def run(name: str, **fill: str) -> str:
             return await grpcurl(*with_addr(commands[name], d.addr, **fill))

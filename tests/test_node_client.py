@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from daemon_proc import running_daemon, start_daemon, write_config
+from daemon_proc import ECHO_CATALOG, running_daemon, start_daemon, write_config
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from pki import have_openssl, make_pki
 
@@ -20,13 +20,6 @@ NEEDED = ("@grpc/grpc-js", "@grpc/proto-loader")
 NETWORK_ERRORS = ("ENOTFOUND", "EAI_AGAIN", "ECONNREFUSED", "ECONNRESET", "ETIMEDOUT",
                   "ENETUNREACH", "EHOSTUNREACH", "network")  # fmt: skip
 TOKEN = "node-client-token-0123456789abcdef"
-ECHO = """
-[backends.echo]
-command = ["{python}", "-m", "modeld.backends.echo", "--addr", "{addr}"]
-stop_grace = "2s"
-[models.echo]
-backend = "echo"
-"""
 
 
 def installed() -> bool:
@@ -76,7 +69,7 @@ async def ensure_installed() -> None:
 
 async def test_route_predict_release(tmp_path: Path, node: str) -> None:
     await ensure_installed()
-    async with running_daemon(tmp_path, ECHO) as d:
+    async with running_daemon(tmp_path, ECHO_CATALOG) as d:
         argv = (node, "client.js", "echo", "--prompt", "hello from node", "--addr", d.addr)
         code, out, err = await run(*argv, cwd=EXAMPLE, limit_s=60)
         assert code == 0, err
@@ -101,7 +94,7 @@ async def test_tls_mutual_tls_and_token(tmp_path: Path, node: str) -> None:
     token.write_text(f"# node\n{TOKEN}\n")
     body = (
         f'tls_cert = "{pki / "server.crt"}"\ntls_key = "{pki / "server.key"}"\n'
-        f'tls_client_ca = "{pki / "ca.crt"}"\nauth_token_file = "{token}"\n' + ECHO
+        f'tls_client_ca = "{pki / "ca.crt"}"\nauth_token_file = "{token}"\n' + ECHO_CATALOG
     )
     config, addr = write_config(tmp_path, body)
     creds = grpc.ssl_channel_credentials(

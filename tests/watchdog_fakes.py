@@ -151,6 +151,7 @@ class FakeReplica:
         self.last_used = clock.monotonic()
         self.idle_since: float | None = None
         self.stops: list[tuple[str, bool]] = []
+        self.stop_requested = False
         # When set by a test, a stop waits for it: a slow backend.
         self.stop_gate: asyncio.Event | None = None
 
@@ -176,8 +177,16 @@ class FakeReplica:
         if self.in_flight == 0:
             self.idle_since = self.last_used
 
-    async def stop(self, reason: str, *, force: bool = False, drain_timeout: float = 30.0) -> None:
+    async def stop(
+        self,
+        reason: str,
+        *,
+        force: bool = False,
+        drain_timeout: float = 30.0,
+        responsive: bool = True,
+    ) -> None:
         self.stops.append((reason, force))
+        self.stop_requested = True
         if self.state in (R.STOPPED, R.FAILED):
             return
         self.state = R.STOPPING

@@ -133,7 +133,12 @@ class Router:
                     self._maybe_scale_up(pool, spec, load)
                     return self._grant(replica, spec, cold)
             cold = True
-            await wait_until(pool.start_or_join(spec, deadline), deadline, self._clock, model)
+            try:
+                await wait_until(pool.start_or_join(spec, deadline), deadline, self._clock, model)
+            except DeadlineExceeded:
+                # A joined start may have run out of its first caller's (shorter) deadline.
+                if self._clock.monotonic() >= deadline:
+                    raise
         raise Unavailable(f"model {model!r}: replicas kept failing right after starting")
 
     def _pick(self, pool: ModelPool, spec: ModelSpec) -> Replica | None:
@@ -207,7 +212,7 @@ class Router:
             result = await self._prober.check(replica, force=True)
             if not result.ok and replica.state in LIVE:
                 log.warning("replica_unreachable", replica_id=replica.id, model=replica.model)
-                await self._stop(replica, "unreachable", True, 0.0)
+                await self._stop(replica, "unreachable", True, 0.0, responsive=False)
         finally:
             self._suspects.discard(replica.id)
 
@@ -291,11 +296,22 @@ class Router:
     async def stop_replica(self, replica: Replica, reason: str, force: bool) -> None:
         await self._stop(replica, reason, force, None)
 
-    async def _stop(self, replica: Replica, reason: str, force: bool, drain: float | None) -> None:
+    async def _stop(
+        self,
+        replica: Replica,
+        reason: str,
+        force: bool,
+        drain: float | None,
+        *,
+        responsive: bool = True,
+    ) -> None:
         if force:
             self.drop_leases(replica.id)
         await replica.stop(
-            reason, force=force, drain_timeout=DEFAULT_DRAIN if drain is None else drain
+            reason,
+            force=force,
+            drain_timeout=DEFAULT_DRAIN if drain is None else drain,
+            responsive=responsive,
         )
         self.drop_leases(replica.id)
         self._prober.forget(replica.id)
@@ -317,7 +333,8 @@ class Router:
 
     async def evict(self, eviction: Eviction, force: bool) -> None:
         replica = self.find(eviction.replica_id)
-        if replica is None or replica.state not in LIVE:
+        if replica is None or replica.state not in LIVE or (replica.stop_requested and not force):
+            # Someone else (admission or the watchdog) is already stopping it.
             return
         log.info(
             "replica_evicted",
@@ -459,9 +476,12 @@ class Router:
         if event.to_state is ReplicaState.READY:
             # Readiness was a successful health probe: no need to probe again at once.
             self._prober.record_ok(event.replica_id)
+            # A loading replica that admission waited on may now be evictable.
+            self._capacity_changed()
             return
         if event.to_state not in (ReplicaState.FAILED, ReplicaState.STOPPED):
             return
+        self._capacity_changed()
         pool = self._pools.get(event.model)
         if pool is None:
             return

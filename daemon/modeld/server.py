@@ -172,6 +172,7 @@ class Daemon:
             admit=admit,
             prober=ProbeCache(self.clock, lambda: settings.current.probe_ttl),
             metrics=self.metrics,
+            flush=self.registry.flush_counters,
         )
         admission.append(
             Admission(clock=self.clock, reader=self.reader, settings=settings, evictor=router)

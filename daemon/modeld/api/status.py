@@ -8,9 +8,11 @@ bytes that do not parse arrive as `Malformed` (see `convert.lenient`) and are
 refused with INVALID_ARGUMENT here, like any other bad request.
 """
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from functools import wraps
 from typing import Any, TypeVar
 
@@ -45,11 +47,21 @@ def status_of(exc: errors.ModeldError) -> grpc.StatusCode:
     return grpc.StatusCode.UNAVAILABLE
 
 
-def _begin(method: str, context: Ctx) -> str:
+@dataclass(frozen=True)
+class _Rpc:
+    method: str
+    request_id: str
+    # Read while the call is alive: the context of a finished (e.g. cancelled) call
+    # must not be touched, and peer() on one was seen to crash the process (SIGSEGV).
+    peer: str
+    started: float
+
+
+def _begin(method: str, context: Ctx) -> _Rpc:
     request_id = uuid.uuid4().hex[:16]
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id, method=method)
-    return request_id
+    return _Rpc(method, request_id, context.peer(), time.perf_counter())
 
 
 def _reply_for(exc: Exception, request_id: str) -> tuple[grpc.StatusCode, str]:
@@ -70,13 +82,13 @@ def _check_parsed(request: object) -> None:
         )
 
 
-def _finish(method: str, context: Ctx, code: str, started: float) -> None:
+def _finish(rpc: _Rpc, code: str) -> None:
     log.debug(
         "rpc",
-        method=method,
-        peer=context.peer(),
+        method=rpc.method,
+        peer=rpc.peer,
         code=code,
-        duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        duration_ms=round((time.perf_counter() - rpc.started) * 1000, 3),
     )
 
 
@@ -87,8 +99,7 @@ def unary(
 
     @wraps(fn)
     async def wrapper(self: S, request: Req, context: Ctx) -> Resp:
-        started = time.perf_counter()
-        request_id = _begin(method, context)
+        rpc = _begin(method, context)
         code = "OK"
         try:
             _check_parsed(request)
@@ -96,13 +107,16 @@ def unary(
         except grpc.aio.AbortError:
             code = "ABORTED"
             raise
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
         except Exception as exc:
-            status, message = _reply_for(exc, request_id)
+            status, message = _reply_for(exc, rpc.request_id)
             code = status.name
             await context.abort(status, message)
             raise
         finally:
-            _finish(method, context, code, started)
+            _finish(rpc, code)
 
     return wrapper
 
@@ -114,8 +128,7 @@ def stream(
 
     @wraps(fn)
     async def wrapper(self: S, request: Req, context: Ctx) -> AsyncIterator[Resp]:
-        started = time.perf_counter()
-        request_id = _begin(method, context)
+        rpc = _begin(method, context)
         code = "OK"
         try:
             _check_parsed(request)
@@ -124,12 +137,16 @@ def stream(
         except grpc.aio.AbortError:
             code = "ABORTED"
             raise
+        except (asyncio.CancelledError, GeneratorExit):
+            # GeneratorExit: gRPC closed the stream because the client went away.
+            code = "CANCELLED"
+            raise
         except Exception as exc:
-            status, message = _reply_for(exc, request_id)
+            status, message = _reply_for(exc, rpc.request_id)
             code = status.name
             await context.abort(status, message)
         finally:
-            _finish(method, context, code, started)
+            _finish(rpc, code)
 
     return wrapper
 

@@ -109,6 +109,7 @@ class Replica:
         self._idle = asyncio.Event()
         self._idle.set()
         self._stop_requested = asyncio.Event()
+        self._unresponsive = False
         self._forced = asyncio.Event()
         self._terminal = asyncio.Event()
         self._start_task: asyncio.Task[None] | None = None
@@ -186,6 +187,10 @@ class Replica:
         return self._child.exit_code if self._child else None
 
     @property
+    def stop_requested(self) -> bool:
+        return self._stop_requested.is_set()
+
+    @property
     def in_flight(self) -> int:
         return self._in_flight
 
@@ -215,10 +220,23 @@ class Replica:
         if self._state is not S.READY:
             raise Unavailable(f"{self._name()} is {self._state.value}: {self._last_error}")
 
-    async def stop(self, reason: str, *, force: bool = False, drain_timeout: float = 30.0) -> None:
-        """Drain (unless forced), stop and reap; idempotent, and safe in any state."""
+    async def stop(
+        self,
+        reason: str,
+        *,
+        force: bool = False,
+        drain_timeout: float = 30.0,
+        responsive: bool = True,
+    ) -> None:
+        """Drain (unless forced), stop and reap; idempotent, and safe in any state.
+
+        `responsive=False` (the backend stopped answering) skips the Free call, which
+        would only wait out its deadline.
+        """
         if force:
             self._forced.set()
+        if not responsive:
+            self._unresponsive = True
         if self._stop_task is None:
             self._stop_requested.set()
             self._stop_task = asyncio.create_task(
@@ -560,7 +578,7 @@ class Replica:
 
     async def _kill(self, child: Child) -> list[int]:
         """Free → SIGTERM the group → grace → SIGKILL the group → reap; returns survivors."""
-        if self._client is not None and child.proc.returncode is None:
+        if self._client is not None and child.proc.returncode is None and not self._unresponsive:
             freed = await self._client.free(FREE_LIMIT_S)
             self._deps.logs.note(self._id, "model freed" if freed else "Free failed; stopping")
         child.signal_group(signal.SIGTERM)
