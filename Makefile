@@ -38,5 +38,8 @@ lint: $(STUBS)
 bench: $(STUBS)
 	$(BIN)/python bench/route_bench.py $(ARGS)
 
+soak: $(STUBS)
+	$(BIN)/python bench/soak.py $(ARGS)
+
 clean:
 	rm -rf $(VENV) daemon/modeld/_proto var .mypy_cache .ruff_cache .pytest_cache

@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from daemon_proc import ECHO_CATALOG, running_daemon, start_daemon, wait_pids_gone, write_config
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
+from modeld.catalog import MAX_API_MODELS
 
 
 async def test_serves_health_and_reflection(tmp_path: Path) -> None:
@@ -167,3 +168,17 @@ async def test_second_signal_exits_fast_and_leaves_no_backend(tmp_path: Path) ->
         assert code == 130
         assert time.monotonic() - started < 5, "the second signal did not cut the 30s grace"
         assert await wait_pids_gone([pid], 2) == []
+
+
+async def test_api_models_are_capped(tmp_path: Path) -> None:
+    async with running_daemon(tmp_path, ECHO_CATALOG) as d:
+        puts = [
+            d.stub.PutModel(pb.PutModelRequest(spec=pb.ModelSpec(name=f"m{i}", backend="echo")))
+            for i in range(MAX_API_MODELS + 5)
+        ]
+        results = await asyncio.gather(*puts, return_exceptions=True)
+        refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+        assert len(refused) == 5
+        assert {r.code() for r in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+        listed = await d.stub.ListModels(pb.ListModelsRequest())
+        assert len(listed.models) == MAX_API_MODELS + 1

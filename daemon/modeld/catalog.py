@@ -11,11 +11,14 @@ from dataclasses import replace
 
 import structlog
 
-from modeld.errors import FailedPrecondition, NotFound
+from modeld.errors import FailedPrecondition, NotFound, ResourceExhausted
 from modeld.registry import Registry
 from modeld.spec import BackendSpec, ModelSpec, check_model_spec
 
 log = structlog.get_logger(__name__)
+
+# Bounds what ListModels returns, so the list always fits in one gRPC message.
+MAX_API_MODELS = 128
 
 
 class Catalog:
@@ -31,6 +34,8 @@ class Catalog:
         self.aliases = dict(aliases)
         self._config_models = dict(config_models)
         self._models: dict[str, ModelSpec] = {}
+        # Names of new API models whose registry write is in flight (they count too).
+        self._adding: set[str] = set()
 
     async def load(self) -> None:
         """Merge durable API specs with the config's, and write the config's through."""
@@ -73,7 +78,18 @@ class Catalog:
             raise FailedPrecondition(
                 f"model {spec.name!r} is defined in the config file; change it there"
             )
-        await self._registry.put_model(spec)
+        is_new = spec.name not in self._models and spec.name not in self._adding
+        if is_new and self._api_count() + len(self._adding) >= MAX_API_MODELS:
+            raise ResourceExhausted(
+                f"modeld holds {MAX_API_MODELS} models put through the API, its limit; "
+                "delete one first"
+            )
+        if is_new:
+            self._adding.add(spec.name)
+        try:
+            await self._registry.put_model(spec)
+        finally:
+            self._adding.discard(spec.name)
         self._models[spec.name] = spec
         log.info("model_put", model=spec.name, backend=spec.backend)
         return spec
@@ -89,6 +105,9 @@ class Catalog:
         del self._models[name]
         log.info("model_deleted", model=name)
         return True
+
+    def _api_count(self) -> int:
+        return sum(1 for spec in self._models.values() if spec.source != "config")
 
     def _backends_with_aliases(self) -> dict[str, BackendSpec]:
         out = dict(self.backends)

@@ -10,7 +10,7 @@ import asyncio
 import codecs
 import heapq
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from operator import attrgetter
@@ -144,16 +144,21 @@ class LogSubscription:
         """Lines this subscriber lost, in total, because it read too slowly."""
         return self._dropped
 
-    def offer(self, line: LogLine) -> None:
-        if len(self._queue) >= self._maxsize:
-            self._dropped += 1
-            self._unreported += 1
-            self._last_dropped = line
-            return
-        if self._unreported:
+    def offer_many(self, lines: Sequence[LogLine]) -> None:
+        """Queue what fits, in order; count the rest as dropped (never blocks)."""
+        room = self._maxsize - len(self._queue)
+        if room > 0 and self._unreported:
             self._queue.append(self._marker())
-        self._queue.append(line)
-        self._wake()
+        if room >= len(lines):
+            self._queue.extend(lines)
+        else:
+            taken = max(room, 0)
+            self._queue.extend(lines[:taken])
+            self._dropped += len(lines) - taken
+            self._unreported += len(lines) - taken
+            self._last_dropped = lines[-1]
+        if room > 0:
+            self._wake()
 
     def finish(self) -> None:
         """No more lines will come: iteration ends once the queue is drained."""
@@ -406,11 +411,12 @@ class LogStore:
             *self._by_model.get(model, ()),
             *self._everything,
         ]
-        for text in texts:
-            line = LogLine(now, replica_id, model, stream, text)
-            ring.lines.append(line)
-            for sub in targets:
-                sub.offer(line)
+        lines = [LogLine(now, replica_id, model, stream, text) for text in texts]
+        ring.lines.extend(lines)
+        # One call per follower per batch (a pipe chunk), not per line: a flood with
+        # many followers costs the loop what one line at a time would cost one follower.
+        for sub in targets:
+            sub.offer_many(lines)
 
     def _drop(self, replica_id: str) -> None:
         ring = self._rings.pop(replica_id)

@@ -23,6 +23,7 @@ MAX_OPTION_LEN = 4096
 MAX_OPTIONS_BYTES = 16384
 MAX_GROUPS = 16
 MAX_REPLICAS = 64
+MIN_LEASE_TTL_S = 0.1
 MAX_PATH_LEN = 1024
 MAX_TTL_S = 365 * 86400
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/+-]*")
@@ -130,6 +131,9 @@ def check_model_spec(spec: ModelSpec, backends: dict[str, BackendSpec]) -> Model
     for label, seconds in durations.items():
         if seconds is not None and not 0 <= seconds <= MAX_TTL_S:
             raise InvalidArgument(f"model {spec.name!r}: {label} must be between 0 and 365 days")
+    if spec.lease_ttl is not None and spec.lease_ttl < MIN_LEASE_TTL_S:
+        # A lease that expires before the client can use it is never what was meant.
+        raise InvalidArgument(f"model {spec.name!r}: lease_ttl must be at least 100ms")
     return spec
 
 
