@@ -15,36 +15,11 @@ from modeld.policy.eviction import (
 from modeld.policy.view import GpuView, HostView, ReplicaView
 from modeld.spec import Settings
 from modeld.state import ReplicaState
+from watchdog_fakes import GIB, busy
+from watchdog_fakes import view as rv
 
-GIB = 1 << 30
 NOW = 1000.0
 R = ReplicaState
-
-
-def rv(id: str, model: str | None = None, **kw: object) -> ReplicaView:
-    base = ReplicaView(
-        id=id,
-        model=model or f"model-{id}",
-        state=R.READY,
-        in_flight=0,
-        last_used=900.0,
-        idle_since=900.0,
-        oldest_lease_started=None,
-        gpu_ids=(0,),
-        memory=2 * GIB,
-        pinned=False,
-        groups=(),
-        idle_ttl=None,
-        busy_timeout=None,
-        started_at=0.0,
-    )
-    return replace(base, **kw)  # type: ignore[arg-type]
-
-
-def busy(id: str, model: str | None = None, **kw: object) -> ReplicaView:
-    """A replica with one lease, started at 950."""
-    kw = {"in_flight": 1, "idle_since": None, "oldest_lease_started": 950.0, **kw}
-    return rv(id, model, **kw)
 
 
 def host(*gpus: GpuView, ram_total: int = 64 * GIB, ram_available: int = 32 * GIB) -> HostView:
