@@ -10,6 +10,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 MODELD = (sys.executable, "-m", "modeld.cli.main")
 
@@ -27,13 +28,21 @@ def cli_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 async def modeld(*args: str, env: Mapping[str, str] | None = None, limit_s: float = 30) -> Result:
+    return await run(*MODELD, *args, env=cli_env(env), limit_s=limit_s)
+
+
+async def run(
+    *argv: str, env: Mapping[str, str] | None = None, cwd: Path | None = None, limit_s: float = 30
+) -> Result:
+    """Run a command to its end with a deadline; it is killed if it overstays."""
     proc = await asyncio.create_subprocess_exec(
-        *MODELD, *args,
+        *argv,
+        cwd=cwd,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env=cli_env(env),
-    )  # fmt: skip
+        env=env,
+    )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), limit_s)
     finally:

@@ -4,13 +4,13 @@ Needs `node`; installs the example's locked dependencies with `npm ci` when they
 are missing (a fresh clone), and skips when that cannot reach the npm registry.
 """
 
-import asyncio
 import shutil
 from pathlib import Path
 
 import grpc
 import pytest
 
+import cli_proc
 from daemon_proc import ECHO_CATALOG, running_daemon, start_daemon, write_config
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from pki import have_openssl, make_pki
@@ -27,21 +27,8 @@ def installed() -> bool:
 
 
 async def run(*argv: str, cwd: Path, limit_s: float) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        cwd=cwd,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), limit_s)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    result = await cli_proc.run(*argv, cwd=cwd, limit_s=limit_s)
+    return result.code, result.out, result.err
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,6 @@
 """TLS, mutual TLS and bearer tokens against real grpc.aio servers; listen address checks."""
 
 import re
-import shutil
-import subprocess
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -22,40 +20,19 @@ from modeld.api.security import (
     token_auth,
 )
 from modeld.errors import ConfigError
+from pki import have_openssl, make_pki
 
 WAIT = 5.0
 TOKEN = "a-right-token-0123456789abcdef"
 OTHER_TOKEN = "another-token-0123456789abcdef"
-EC_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
 HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-
-
-def openssl(cwd: Path, *args: str) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
-
-
-def issue(cwd: Path, name: str, cn: str, ext: str) -> None:
-    """A key and a certificate for `name`, signed by the CA in cwd."""
-    openssl(cwd, "req", "-new", *EC_KEY, "-keyout", f"{name}.key", "-out", f"{name}.csr",
-            "-subj", f"/CN={cn}")  # fmt: skip
-    (cwd / f"{name}.ext").write_text(ext)
-    openssl(cwd, "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-            "-CAcreateserial", "-days", "2", "-out", f"{name}.crt",
-            "-extfile", f"{name}.ext")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if shutil.which("openssl") is None:
+    if not have_openssl():
         pytest.skip("the openssl command is not installed; it makes the test certificates")
-    cwd = tmp_path_factory.mktemp("pki")
-    openssl(cwd, "req", "-x509", *EC_KEY, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
-            "-subj", "/CN=modeld-test-ca", "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign")  # fmt: skip
-    issue(cwd, "server", "localhost",
-          "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")  # fmt: skip
-    issue(cwd, "client", "modeld-client", "extendedKeyUsage=clientAuth\n")
-    return cwd
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @asynccontextmanager
