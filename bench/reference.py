@@ -25,8 +25,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld._proto.modeld.v1 import modeld_pb2_grpc as pb_grpc
-from modeld.registry import Registry, ReplicaRow
 from modeld.state import ReplicaState
+from modeld.storage.registry import Registry, ReplicaRow
 
 MODEL = "echo"
 LEASE_TTL_S = 600.0

@@ -15,16 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from modeld.catalog import Catalog
 from modeld.clock import FakeClock
 from modeld.errors import Unavailable
-from modeld.events import EventBus
-from modeld.probe import ProbeCache
-from modeld.registry import Registry
-from modeld.router import Router
-from modeld.settings_store import SettingsStore
+from modeld.ops.events import EventBus
+from modeld.routing.probe import ProbeCache
+from modeld.routing.router import Router
 from modeld.spec import BackendSpec, ModelSpec, Settings
 from modeld.state import ReplicaState
+from modeld.storage.catalog import Catalog
+from modeld.storage.registry import Registry
+from modeld.storage.settings_store import SettingsStore
 from modeld.supervisor.replica import Replica
 
 S = ReplicaState

@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 
-from modeld.admission import Admission
+from modeld.capacity.admission import Admission
 from modeld.clock import FakeClock
 from modeld.errors import DeadlineExceeded, ResourceExhausted
 from modeld.policy.view import ReplicaView

@@ -30,8 +30,8 @@ import pytest
 from daemon_proc import DaemonProc, start_daemon, wait_pids_gone, write_config
 from faults import echo_backend_toml, integrity, marked_pids, new_marker
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
-from modeld.registry import Registry
 from modeld.spec import ModelSpec
+from modeld.storage.registry import Registry
 
 KILL_ROUNDS = 20
 PUTS_PER_ROUND = 12

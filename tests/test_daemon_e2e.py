@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from daemon_proc import ECHO_CATALOG, running_daemon, start_daemon, wait_pids_gone, write_config
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
-from modeld.catalog import MAX_API_MODELS
+from modeld.storage.catalog import MAX_API_MODELS
 
 
 async def test_serves_health_and_reflection(tmp_path: Path) -> None:

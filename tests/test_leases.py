@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from modeld.leases import Lease, LeaseTable
+from modeld.routing.leases import Lease, LeaseTable
 
 
 @dataclass

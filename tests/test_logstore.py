@@ -7,7 +7,15 @@ import pytest
 
 from modeld.clock import FakeClock
 from modeld.errors import InvalidArgument
-from modeld.logstore import CONTINUED, MODELD, STDERR, STDOUT, LogLine, LogStore, LogSubscription
+from modeld.ops.logstore import (
+    CONTINUED,
+    MODELD,
+    STDERR,
+    STDOUT,
+    LogLine,
+    LogStore,
+    LogSubscription,
+)
 
 DROP_MARKER = "lines dropped: subscriber too slow"
 

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from modeld.errors import ConfigError
-from modeld.metrics import Metrics, MetricsServer
+from modeld.ops.metrics import Metrics, MetricsServer
 from modeld.state import ReplicaState
 
 WAIT = 5.0

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from modeld.clock import FakeClock
-from modeld.notify import Notifier, ping_due, socket_address, watchdog_interval
+from modeld.ops.notify import Notifier, ping_due, socket_address, watchdog_interval
 
 WAIT = 5.0
 

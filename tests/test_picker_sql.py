@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 from modeld.policy.picker import counter_row, pick_replica
 from modeld.policy.view import ReplicaView
-from modeld.registry import Registry, ReplicaRow
 from modeld.state import ReplicaState
+from modeld.storage.registry import Registry, ReplicaRow
 
 MODEL = "m"
 DEVICES: tuple[int | None, ...] = (None, 0, 1, 2)

@@ -3,7 +3,7 @@
 import asyncio
 
 from modeld.clock import FakeClock
-from modeld.probe import PROBE_LIMIT_S, ProbeCache
+from modeld.routing.probe import PROBE_LIMIT_S, ProbeCache
 
 
 class Backend:

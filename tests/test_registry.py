@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 from modeld.errors import RegistryError
-from modeld.events import Event
-from modeld.migrations import MIGRATIONS
-from modeld.registry import Registry, ReplicaRow
+from modeld.ops.events import Event
 from modeld.spec import ModelSpec
 from modeld.state import ReplicaState
+from modeld.storage.migrations import MIGRATIONS
+from modeld.storage.registry import Registry, ReplicaRow
 
 
 async def test_fresh_database_is_migrated_and_marked(tmp_path: Path) -> None:

@@ -5,8 +5,7 @@ from typing import Any
 
 import pytest
 
-from modeld.policy.view import GpuView, HostView
-from modeld.resources import (
+from modeld.capacity.resources import (
     FakeReader,
     NvmlReader,
     SystemReader,
@@ -14,6 +13,7 @@ from modeld.resources import (
     read_meminfo,
     write_fake,
 )
+from modeld.policy.view import GpuView, HostView
 
 GIB = 1 << 30
 

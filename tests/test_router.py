@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from modeld.counters import CounterFlusher
 from modeld.errors import NotFound, Unavailable
-from modeld.events import Event
+from modeld.ops.events import Event
 from modeld.policy.picker import pick_replica
-from modeld.registry import ReplicaRow
+from modeld.routing.counters import CounterFlusher
 from modeld.spec import ModelSpec, Settings
 from modeld.state import ReplicaState
+from modeld.storage.registry import ReplicaRow
 from routing_fakes import router_harness, settle
 
 S = ReplicaState

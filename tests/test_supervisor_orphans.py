@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from modeld.clock import FakeClock
-from modeld.registry import Registry, ReplicaRow
+from modeld.storage.registry import Registry, ReplicaRow
 from modeld.supervisor.orphans import reap_orphans
 from modeld.supervisor.process import kill_group, pid_alive, proc_start_time
 

@@ -17,11 +17,11 @@ import uvloop
 
 from modeld.clock import SystemClock
 from modeld.errors import InvalidArgument, Unavailable
-from modeld.events import Event, EventBus, Subscription
-from modeld.logstore import STDERR, STDOUT, LogStore
-from modeld.registry import Registry
+from modeld.ops.events import Event, EventBus, Subscription
+from modeld.ops.logstore import STDERR, STDOUT, LogStore
 from modeld.spec import BackendSpec, ModelSpec
 from modeld.state import ReplicaState
+from modeld.storage.registry import Registry
 from modeld.supervisor.process import (
     BackendProcess,
     ProcessSpawner,

@@ -11,17 +11,17 @@ from dataclasses import dataclass, replace
 import pytest
 import structlog
 
-from modeld.admission import Admission
+from modeld.capacity.admission import Admission
+from modeld.capacity.watchdog import Watchdog
 from modeld.clock import FakeClock
 from modeld.errors import NotFound, ResourceExhausted
-from modeld.events import EventBus
-from modeld.leases import Lease
-from modeld.metrics import Metrics
+from modeld.ops.events import EventBus
+from modeld.ops.metrics import Metrics
 from modeld.policy.eviction import Eviction
-from modeld.probe import ProbeCache
-from modeld.router import Router
+from modeld.routing.leases import Lease
+from modeld.routing.probe import ProbeCache
+from modeld.routing.router import Router
 from modeld.spec import ModelSpec, Settings
-from modeld.watchdog import Watchdog
 from watchdog_fakes import (
     WAIT,
     FakeCatalog,

@@ -20,8 +20,8 @@ from backend_proc import free_port
 from daemon_proc import DaemonProc, pids_alive, running_daemon, start_daemon, wait_pids_gone
 from daemon_proc import write_config as daemon_config
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
+from modeld.capacity.resources import write_fake
 from modeld.policy.view import GpuView, HostView
-from modeld.resources import write_fake
 
 GIB = 1 << 30
 WAIT = 20.0

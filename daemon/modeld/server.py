@@ -19,28 +19,28 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from modeld._proto.modeld.v1 import modeld_pb2
-from modeld.admission import Admission
 from modeld.api.security import TokenAuth, check_listen_security, server_credentials, token_auth
 from modeld.api.servicer import ModelControl, add_to_server
-from modeld.catalog import Catalog
+from modeld.capacity.admission import Admission
+from modeld.capacity.resources import ResourceReader, make_reader
+from modeld.capacity.watchdog import Watchdog
 from modeld.clock import Clock, SystemClock
 from modeld.config import Config
 from modeld.errors import ConfigError
-from modeld.events import EventBus
-from modeld.logstore import LogStore
-from modeld.metrics import Metrics, MetricsServer
-from modeld.notify import Notifier
-from modeld.observer import Observer
-from modeld.probe import ProbeCache
-from modeld.registry import Registry
-from modeld.resources import ResourceReader, make_reader
-from modeld.router import Router
-from modeld.settings_store import SettingsStore
+from modeld.ops.events import EventBus
+from modeld.ops.logstore import LogStore
+from modeld.ops.metrics import Metrics, MetricsServer
+from modeld.ops.notify import Notifier
+from modeld.ops.observer import Observer
+from modeld.routing.probe import ProbeCache
+from modeld.routing.router import Router
 from modeld.spec import ModelSpec
+from modeld.storage.catalog import Catalog
+from modeld.storage.registry import Registry
+from modeld.storage.settings_store import SettingsStore
 from modeld.supervisor.orphans import reap_orphans
 from modeld.supervisor.process import ProcessSpawner, Spawner
 from modeld.supervisor.replica import Replica, ReplicaDeps
-from modeld.watchdog import Watchdog
 
 log = structlog.get_logger(__name__)
 SERVICE = modeld_pb2.DESCRIPTOR.services_by_name["ModelControl"].full_name

@@ -10,9 +10,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld.errors import InvalidArgument
-from modeld.events import Event
 from modeld.info import ReplicaInfo
-from modeld.logstore import LogLine
+from modeld.ops.events import Event
+from modeld.ops.logstore import LogLine
 from modeld.spec import BackendSpec, ModelSpec, Settings
 from modeld.state import ReplicaState
 

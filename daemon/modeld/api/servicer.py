@@ -8,15 +8,15 @@ from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld._proto.modeld.v1 import modeld_pb2_grpc as pb_grpc
 from modeld.api import convert
 from modeld.api.status import Ctx, deadline_of, status_of, stream, unary
-from modeld.catalog import Catalog
 from modeld.clock import Clock
 from modeld.errors import FailedPrecondition, InvalidArgument, ModeldError, NotFound
-from modeld.events import EventBus
-from modeld.logstore import LogStore
-from modeld.metrics import Metrics
-from modeld.router import Router
-from modeld.settings_store import SettingsStore
+from modeld.ops.events import EventBus
+from modeld.ops.logstore import LogStore
+from modeld.ops.metrics import Metrics
+from modeld.routing.router import Router
 from modeld.spec import check_name
+from modeld.storage.catalog import Catalog
+from modeld.storage.settings_store import SettingsStore
 
 # Without a client deadline, a Route or Load waits at most this long for a start.
 DEFAULT_WAIT = 600.0

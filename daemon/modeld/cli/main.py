@@ -12,8 +12,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from modeld import __version__, config, logconfig
+from modeld import __version__, config
 from modeld.errors import ConfigError, RegistryError
+from modeld.ops import logconfig
 
 
 def _serve_args(sub: Any) -> None:

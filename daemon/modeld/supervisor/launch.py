@@ -12,7 +12,7 @@ from pathlib import Path
 
 from modeld._proto.backend import backend_pb2 as pb
 from modeld.errors import InvalidArgument
-from modeld.logstore import MIN_MAX_LINE
+from modeld.ops.logstore import MIN_MAX_LINE
 from modeld.spec import BackendSpec, ModelSpec, resolve_model_file
 from modeld.supervisor.backend_client import host_port
 

@@ -12,9 +12,9 @@ import signal
 import structlog
 
 from modeld.clock import Clock, SystemClock
-from modeld.events import Event
-from modeld.registry import Registry, ReplicaRow
+from modeld.ops.events import Event
 from modeld.state import ReplicaState
+from modeld.storage.registry import Registry, ReplicaRow
 from modeld.supervisor.process import kill_group, proc_pgid, process_matches, wait_group_gone
 
 log = structlog.get_logger(__name__)

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from modeld.clock import Clock
-from modeld.logstore import LogStore, LogSubscription
+from modeld.ops.logstore import LogStore, LogSubscription
 from modeld.spec import BackendSpec
 from modeld.supervisor.child import Child, describe_exit, discard
 

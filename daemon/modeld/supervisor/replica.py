@@ -27,11 +27,11 @@ import structlog
 
 from modeld.clock import Clock
 from modeld.errors import InvalidArgument, Unavailable
-from modeld.events import Event, EventBus
-from modeld.logstore import STDERR, STDOUT, LogStore
-from modeld.registry import Registry, ReplicaRow
+from modeld.ops.events import Event, EventBus
+from modeld.ops.logstore import STDERR, STDOUT, LogStore
 from modeld.spec import BackendSpec, ModelSpec
 from modeld.state import ALLOWED, TERMINAL, ReplicaState
+from modeld.storage.registry import Registry, ReplicaRow
 from modeld.supervisor.backend_client import (
     BackendCallError,
     GrpcBackend,

@@ -16,12 +16,12 @@ from typing import Any
 
 import structlog
 
-from modeld.admission import evict_if_due
+from modeld.capacity.admission import evict_if_due
+from modeld.capacity.resources import ResourceReader
 from modeld.clock import Clock
 from modeld.policy.eviction import Eviction, busy_timeouts, idle_evictions, memory_pressure
 from modeld.policy.view import HostView, ReplicaView
-from modeld.resources import ResourceReader
-from modeld.settings_store import SettingsStore
+from modeld.storage.settings_store import SettingsStore
 
 log = structlog.get_logger(__name__)
 

@@ -6,10 +6,10 @@ know about metrics or systemd.
 
 from collections import Counter
 
-from modeld.events import Event, EventBus
-from modeld.metrics import Metrics
-from modeld.notify import Notifier
-from modeld.router import Router
+from modeld.ops.events import Event, EventBus
+from modeld.ops.metrics import Metrics
+from modeld.ops.notify import Notifier
+from modeld.routing.router import Router
 from modeld.state import STARTING_STATES, ReplicaState
 
 S = ReplicaState

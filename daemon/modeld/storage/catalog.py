@@ -12,8 +12,8 @@ from dataclasses import replace
 import structlog
 
 from modeld.errors import FailedPrecondition, NotFound, ResourceExhausted
-from modeld.registry import Registry
 from modeld.spec import BackendSpec, ModelSpec, check_model_spec
+from modeld.storage.registry import Registry
 
 log = structlog.get_logger(__name__)
 

@@ -15,16 +15,16 @@ from typing import Protocol
 
 import structlog
 
+from modeld.capacity.resources import ResourceReader
 from modeld.clock import Clock
 from modeld.errors import DeadlineExceeded, ResourceExhausted
 from modeld.policy.eviction import Admission as Plan
 from modeld.policy.eviction import Eviction, plan_admission, still_due
 from modeld.policy.placement import default_gpu_count, place
 from modeld.policy.view import HostView, ReplicaView
-from modeld.resources import ResourceReader
-from modeld.settings_store import SettingsStore
 from modeld.spec import ModelSpec
 from modeld.state import STARTING_STATES
+from modeld.storage.settings_store import SettingsStore
 
 log = structlog.get_logger(__name__)
 

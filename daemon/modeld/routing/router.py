@@ -15,22 +15,22 @@ from typing import TypeVar
 
 import structlog
 
-from modeld.catalog import Catalog
 from modeld.clock import Clock
-from modeld.counters import FLUSH_INTERVAL_S, CounterFlusher, Flush
 from modeld.errors import DeadlineExceeded, FailedPrecondition, NotFound, Unavailable
-from modeld.events import Event, EventBus
 from modeld.info import ReplicaInfo
-from modeld.leases import Lease, LeaseTable
-from modeld.metrics import Metrics
+from modeld.ops.events import Event, EventBus
+from modeld.ops.metrics import Metrics
 from modeld.policy.eviction import Eviction
 from modeld.policy.picker import pick_replica
 from modeld.policy.view import HostView, ReplicaView
-from modeld.pool import Admit, Factory, ModelPool, ready
-from modeld.probe import ProbeCache
-from modeld.settings_store import SettingsStore
+from modeld.routing.counters import FLUSH_INTERVAL_S, CounterFlusher, Flush
+from modeld.routing.leases import Lease, LeaseTable
+from modeld.routing.pool import Admit, Factory, ModelPool, ready
+from modeld.routing.probe import ProbeCache
 from modeld.spec import ModelSpec
 from modeld.state import LIVE, ReplicaState
+from modeld.storage.catalog import Catalog
+from modeld.storage.settings_store import SettingsStore
 from modeld.supervisor.replica import Replica
 
 log = structlog.get_logger(__name__)

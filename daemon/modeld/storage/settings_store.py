@@ -11,8 +11,8 @@ from typing import Any
 import structlog
 
 from modeld.errors import InvalidArgument
-from modeld.registry import Registry
 from modeld.spec import SETTINGS_KEYS, Settings
+from modeld.storage.registry import Registry
 
 log = structlog.get_logger(__name__)
 

@@ -20,11 +20,11 @@ import aiosqlite
 import structlog
 
 from modeld.errors import RegistryError, Unavailable
-from modeld.events import Event
-from modeld.migrations import APPLICATION_ID, MIGRATIONS
+from modeld.ops.events import Event
 from modeld.policy.picker import CounterRow
 from modeld.spec import ModelSpec
 from modeld.state import TERMINAL
+from modeld.storage.migrations import APPLICATION_ID, MIGRATIONS
 
 T = TypeVar("T")
 log = structlog.get_logger(__name__)

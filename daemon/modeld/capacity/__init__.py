@@ -1,0 +1,1 @@
+"""Capacity: resource readings, admission of new replicas, and the watchdog that evicts."""

@@ -1,0 +1,1 @@
+"""Operations: events, backend output, metrics, systemd notification and logging setup."""

@@ -1,0 +1,1 @@
+"""Routing: the Route hot path, leases, model pools, probes and counter flushing."""
