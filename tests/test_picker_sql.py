@@ -65,7 +65,6 @@ def view(
         groups=(),
         idle_ttl=None,
         busy_timeout=None,
-        started_at=0.0,
     )
 
 

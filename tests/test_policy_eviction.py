@@ -66,14 +66,14 @@ def evicted(admission: Admission) -> list[tuple[str, str]]:
 def test_idle_clock_starts_when_the_last_lease_ends() -> None:
     settings = Settings(idle_timeout=60)
     # Started long ago, but its last lease ended 10 s ago.
-    recent = rv("a", started_at=0.0, last_used=990.0, idle_since=990.0)
+    recent = rv("a", last_used=990.0, idle_since=990.0)
     assert idle_evictions([recent], settings, NOW) == []
     assert [e.replica_id for e in idle_evictions([recent], settings, 1050.0)] == ["a"]
 
 
 def test_a_busy_replica_is_never_idle_however_old() -> None:
     settings = Settings(idle_timeout=1)
-    assert idle_evictions([busy("a", started_at=0.0)], settings, NOW) == []
+    assert idle_evictions([busy("a")], settings, NOW) == []
 
 
 def test_idle_eviction_reports_reason_and_times() -> None:

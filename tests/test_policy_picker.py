@@ -25,7 +25,6 @@ def rv(id: str, **kw: object) -> ReplicaView:
         groups=(),
         idle_ttl=None,
         busy_timeout=None,
-        started_at=0.0,
     )
     return replace(base, **kw)  # type: ignore[arg-type]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from modeld.errors import NotFound, Unavailable
-from modeld.ops.events import Event
+from modeld.ops.events import LEASE_EXPIRED, Event
 from modeld.policy.picker import pick_replica
 from modeld.routing.counters import CounterFlusher
 from modeld.spec import ModelSpec, Settings
@@ -31,10 +31,14 @@ async def test_lease_expires_after_its_ttl_and_frees_the_slot(tmp_path: Path) ->
         h.clock.advance(0.1)
         assert h.router.expire_leases() == 1
         assert replica.in_flight == 0
-        assert h.router.counters["leases_expired"] == 1
-        event = events.queue.get_nowait()
-        assert isinstance(event, Event)
-        assert (event.replica_id, event.reason) == (replica.id, "lease_expired")
+        assert h.router.leases.expired_total == 1
+        expiries = []
+        while not events.queue.empty():
+            event = events.queue.get_nowait()
+            assert isinstance(event, Event)
+            if event.kind == LEASE_EXPIRED:
+                expiries.append((event.replica_id, event.reason, event.to_state))
+        assert expiries == [(replica.id, "lease_expired", S.READY)]
         assert h.router.release(lease.id, "OK") is False
         assert replica.in_flight == 0
         with pytest.raises(NotFound, match="Route again"):
@@ -122,7 +126,7 @@ async def test_pool_backoff_doubles_up_to_the_cap_and_resets_after_success(
         waits = []
         for _ in range(11):
             with pytest.raises(Unavailable):
-                await pool.start(M, h.deadline())
+                await h.router.lifecycle.start(pool, M, h.deadline())
             assert pool.backoff is not None
             waits.append(pool.backoff.not_before - h.clock.monotonic())
             with pytest.raises(Unavailable, match=r"failure \d+"):
@@ -130,11 +134,11 @@ async def test_pool_backoff_doubles_up_to_the_cap_and_resets_after_success(
             h.clock.advance(waits[-1])
             pool.check_backoff()
         assert waits == [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300]
-        await pool.start(M, h.deadline())
+        await h.router.lifecycle.start(pool, M, h.deadline())
         assert pool.backoff is None
         h.scripts["m"] = [{"fail": "again"}]
         with pytest.raises(Unavailable):
-            await pool.start(M, h.deadline())
+            await h.router.lifecycle.start(pool, M, h.deadline())
         assert pool.backoff.not_before - h.clock.monotonic() == 1.0
 
 
@@ -142,13 +146,13 @@ async def test_a_start_cut_short_by_a_stop_does_not_back_off(tmp_path: Path) -> 
     async with router_harness(tmp_path, M) as h:
         gate = asyncio.Event()
         h.scripts["m"] = [{"gate": gate}]
-        start = h.router.pool("m").start(M, h.deadline())
+        start = h.router.lifecycle.start(h.router.pool("m"), M, h.deadline())
         route = asyncio.ensure_future(h.router.route("m", h.deadline()))
         replica = await h.made_replica(1)
         await h.router.unload_model("m", force=True, drain=0)
         gate.set()
         for waiter in (start, route):
-            with pytest.raises(Unavailable, match="STOPPED"):
+            with pytest.raises(Unavailable, match="stopped while starting"):
                 await waiter
         assert h.router.pool("m").backoff is None
         lease = await h.router.route("m", h.deadline())
@@ -171,7 +175,7 @@ async def test_scale_up_starts_a_replica_when_every_one_is_busy(tmp_path: Path) 
         assert third.replica_id == first.replica_id
         assert pool.pending() == 1, "one scale-up at a time"
         gate.set()
-        added = await pool.start_or_join(M, h.deadline())
+        added = await h.router.lifecycle.start_or_join(pool, M, h.deadline())
         fourth = await h.router.route("m", h.deadline())
         assert fourth.replica_id == added.id
         for _ in range(3):
@@ -226,17 +230,20 @@ async def test_health_reuses_fresh_probes_and_probes_on_request(tmp_path: Path) 
     async with router_harness(tmp_path, M, settings=Settings(probe_ttl=30)) as h:
         lease = await h.router.route("m", h.deadline())
         replica = h.replica(lease.replica_id)
+        # Becoming READY was a healthy probe: it is reused until probe_ttl.
         await h.router.health(["m"], probe=False)
         await h.router.health(["m"], probe=False)
-        assert replica.probes == 1
+        assert replica.probes == 0
         h.clock.advance(29)
         await h.router.health(["m"], probe=False)
-        assert replica.probes == 1
+        assert replica.probes == 0
         h.clock.advance(1)
         await h.router.health(["m"], probe=False)
-        assert replica.probes == 2
+        assert replica.probes == 1
+        await h.router.health(["m"], probe=False)
+        assert replica.probes == 1
         report = await h.router.health(["m"], probe=True)
-        assert replica.probes == 3
+        assert replica.probes == 2
         assert report["m"][0].last_probe_at == h.clock.wall()
         assert report["m"][0].in_flight == 1
 
@@ -246,6 +253,7 @@ async def test_a_failed_probe_is_never_reused(tmp_path: Path) -> None:
         lease = await h.router.route("m", h.deadline())
         replica = h.replica(lease.replica_id)
         replica.healthy = False
+        h.clock.advance(30)  # past the readiness probe's probe_ttl
         for expected in (1, 2, 3):
             report = await h.router.health(["m"], probe=False)
             assert report["m"][0].last_probe_ok is False
@@ -268,7 +276,7 @@ async def test_counters_flush_only_when_changed_and_sql_agrees(tmp_path: Path) -
         flusher = CounterFlusher(
             clock=h.clock,
             views=h.router.views,
-            free_memory=lambda: h.router.free_memory,
+            free_memory=lambda: h.router.index.free_memory,
             flush=flush,
         )
         assert await flusher.flush_once() is True
@@ -282,7 +290,7 @@ async def test_counters_flush_only_when_changed_and_sql_agrees(tmp_path: Path) -
         }
         used = next(r["last_used"] for r in rows if r["id"] == lease.replica_id)
         assert used == pytest.approx(h.clock.wall())
-        expected = pick_replica(h.router.views(), h.router.free_memory)
+        expected = pick_replica(h.router.views(), h.router.index.free_memory)
         assert expected is not None
         assert await h.registry.pick_replica("m") == expected.id
         assert written == [2, 2]

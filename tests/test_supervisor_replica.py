@@ -19,6 +19,7 @@ from modeld.clock import SystemClock
 from modeld.errors import InvalidArgument, Unavailable
 from modeld.ops.events import Event, EventBus, Subscription
 from modeld.ops.logstore import STDERR, STDOUT, LogStore
+from modeld.routing.slots import SlotError
 from modeld.spec import BackendSpec, ModelSpec
 from modeld.state import ReplicaState
 from modeld.storage.registry import Registry
@@ -211,7 +212,7 @@ async def test_crash_is_failed_and_published_within_500ms(harness: Harness) -> N
 
     assert event.from_state is S.READY and event.reason == "killed by signal SIGKILL"
     assert replica.state is S.FAILED
-    assert not replica.acquire()
+    assert not replica.acquire("lease-1")
     await replica.wait_terminal()
     assert not pid_alive(grandchild)
     row = await harness.registry.get_replica(replica.id)
@@ -312,18 +313,19 @@ async def test_stop_during_start_stops_the_process(harness: Harness) -> None:
 async def test_drain_waits_for_leases_then_stops(harness: Harness) -> None:
     replica = harness.replica()
     await replica.ensure_ready()
-    assert replica.acquire()
+    assert replica.acquire("lease-1")
     sub = harness.bus.subscribe()
     stopping = asyncio.create_task(replica.stop("idle", drain_timeout=10.0))
     await next_event(sub, S.DRAINING, limit_s=2.0)
 
-    assert not replica.acquire()
+    assert not replica.acquire("lease-1")
     assert not stopping.done()
-    replica.release()
+    replica.release("lease-1")
     await stopping
     assert replica.state is S.STOPPED
     assert replica.in_flight == 0
-    replica.release()
+    with pytest.raises(SlotError, match="given back but not held"):
+        replica.release("lease-1")
     assert replica.in_flight == 0
 
 

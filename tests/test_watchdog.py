@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 import pytest
 import structlog
 
-from modeld.capacity.admission import Admission
+from modeld.capacity.admission import Admission, Evictor
 from modeld.capacity.watchdog import Watchdog
 from modeld.clock import FakeClock
 from modeld.errors import NotFound, ResourceExhausted
@@ -19,8 +19,10 @@ from modeld.ops.events import EventBus
 from modeld.ops.metrics import Metrics
 from modeld.policy.eviction import Eviction
 from modeld.routing.leases import Lease
+from modeld.routing.lifecycle import Admit
 from modeld.routing.probe import ProbeCache
-from modeld.routing.router import Router
+from modeld.routing.routed import Listener
+from modeld.routing.router import Router, build_router
 from modeld.spec import ModelSpec, Settings
 from watchdog_fakes import (
     WAIT,
@@ -57,16 +59,12 @@ class Rig:
 
     async def tick(self) -> list[tuple[str, str]]:
         """One tick; returns (model, reason) of what it evicted, once the stops are done."""
-        decisions = self.watchdog.tick()
+        decisions = await self.watchdog.tick()
         await asyncio.wait_for(self.watchdog.settle(), WAIT)
         return [(d.model, d.reason) for d in decisions]
 
-    def evictions(self, reason: str) -> tuple[int, float | None]:
-        counted = self.router.counters[f"evictions_{reason}"]
-        exported = self.metrics.registry.get_sample_value(
-            "modeld_evictions_total", {"reason": reason}
-        )
-        return counted, exported
+    def evictions(self, reason: str) -> float | None:
+        return self.metrics.registry.get_sample_value("modeld_evictions_total", {"reason": reason})
 
 
 @pytest.fixture
@@ -76,25 +74,24 @@ async def rig() -> AsyncIterator[Rig]:
     reader = StubReader(CALM)
     made: list[FakeReplica] = []
 
-    def factory(spec: ModelSpec, gpu_ids: tuple[int, ...]) -> FakeReplica:
-        made.append(FakeReplica(f"{spec.name}{len(made)}", spec, gpu_ids, clock))
+    def factory(spec: ModelSpec, gpu_ids: tuple[int, ...], listener: Listener) -> FakeReplica:
+        made.append(FakeReplica(f"{spec.name}{len(made)}", spec, gpu_ids, clock, listener))
         return made[-1]
 
-    async def admit(spec: ModelSpec, deadline: float) -> tuple[int, ...]:
-        return await admission.admit(spec, deadline)
+    def admission(evictor: Evictor) -> Admit:
+        return Admission(clock=clock, reader=reader, settings=settings, evictor=evictor).admit  # type: ignore[arg-type]
 
     metrics = Metrics(process=False)
-    router = Router(
+    router = build_router(
         clock=clock,
         catalog=FakeCatalog(A, B, C, PINNED),  # type: ignore[arg-type]
         settings=settings,  # type: ignore[arg-type]
         events=EventBus(),
-        factory=factory,  # type: ignore[arg-type]
-        admit=admit,
+        factory=factory,
+        admission=admission,
         prober=ProbeCache(clock, lambda: 30.0),
         metrics=metrics,
     )
-    admission = Admission(clock=clock, reader=reader, settings=settings, evictor=router)  # type: ignore[arg-type]
     watchdog = Watchdog(
         clock=clock,
         reader=reader,
@@ -128,7 +125,7 @@ async def test_idle_clock_starts_when_the_last_lease_ends(rig: Rig) -> None:
     assert [(e["event"], e["reason"]) for e in logs if e["event"] == "replica_evicted"] == [
         ("replica_evicted", "idle")
     ]
-    assert rig.evictions("idle") == (1, 1.0)
+    assert rig.evictions("idle") == 1.0
     assert await rig.tick() == []
 
 
@@ -145,7 +142,7 @@ async def test_a_replica_routed_to_after_the_decision_is_not_stopped(rig: Rig) -
     rig.settings.current = Settings(idle_timeout=1)
     rig.router.release((await rig.route("a")).id, "OK")
     rig.clock.advance(2)
-    decisions = rig.watchdog.tick()
+    decisions = await rig.watchdog.tick()
     assert [d.reason for d in decisions] == ["idle"]
     # The Route runs before the eviction task gets its turn.
     lease = await rig.route("a")
@@ -153,7 +150,7 @@ async def test_a_replica_routed_to_after_the_decision_is_not_stopped(rig: Rig) -
         await asyncio.wait_for(rig.watchdog.settle(), WAIT)
     assert rig.replica(lease).stops == [] and rig.replica(lease).in_flight == 1
     assert [e["event"] for e in logs] == ["eviction_dropped"]
-    assert rig.evictions("idle") == (0, None)
+    assert rig.evictions("idle") is None
 
 
 # pinned
@@ -190,7 +187,7 @@ async def test_busy_timeout_restarts_the_replica_and_the_next_route_replaces_it(
     assert rig.router.release(stuck.id, "OK") is False
     fresh = await rig.route("a")
     assert fresh.replica_id != stuck.replica_id and fresh.cold_start
-    assert rig.evictions("busy_timeout") == (1, 1.0)
+    assert rig.evictions("busy_timeout") == 1.0
 
 
 async def test_forced_eviction_expires_the_victims_leases(rig: Rig) -> None:
@@ -202,8 +199,8 @@ async def test_forced_eviction_expires_the_victims_leases(rig: Rig) -> None:
     for lease in (first, second):
         with pytest.raises(NotFound):
             rig.router.renew(lease.id)
-    assert rig.router.counters["leases_expired"] == 2
-    assert rig.evictions("lru") == (1, 1.0)
+    assert rig.router.leases.expired_total == 2
+    assert rig.evictions("lru") == 1.0
 
 
 # max_loaded through the router
@@ -219,7 +216,7 @@ async def test_max_loaded_stops_the_least_recently_used_for_a_new_model(rig: Rig
     c = await rig.route("c")
     assert rig.replica(a).stops == [("lru", False)] and rig.replica(b).stops == []
     assert rig.replica(c).state is R.READY
-    assert rig.evictions("lru") == (1, 1.0)
+    assert rig.evictions("lru") == 1.0
 
 
 async def test_capacity_event_is_set_when_a_lease_ends_or_a_replica_stops(rig: Rig) -> None:
@@ -229,7 +226,7 @@ async def test_capacity_event_is_set_when_a_lease_ends_or_a_replica_stops(rig: R
     rig.router.release(lease.id, "OK")
     assert event.is_set()
     event = rig.router.capacity_event()
-    await rig.router.stop_replica(rig.replica(lease), "unload", force=False)
+    await rig.router.stopper.stop(rig.replica(lease), "unload", False, None)
     assert event.is_set()
 
 
@@ -246,10 +243,10 @@ async def test_memory_pressure_stops_one_per_tick_and_reads_again(rig: Rig) -> N
     oldest.stop_gate = asyncio.Event()
     rig.reader.set(HOT)
     reads = rig.reader.reads
-    decisions = rig.watchdog.tick()
+    decisions = await rig.watchdog.tick()
     assert [(d.replica_id, d.reason) for d in decisions] == [(oldest.id, "memory")]
     # While that stop runs, the reading cannot show its effect yet: choose no other.
-    assert rig.watchdog.tick() == []
+    assert await rig.watchdog.tick() == []
     assert rig.reader.reads == reads + 2
     oldest.stop_gate.set()
     await asyncio.wait_for(rig.watchdog.settle(), WAIT)
@@ -257,7 +254,7 @@ async def test_memory_pressure_stops_one_per_tick_and_reads_again(rig: Rig) -> N
     assert await rig.tick() == [("b", "memory")]
     rig.reader.set(CALM)
     assert await rig.tick() == [] and newer.stops == [("memory", False)]
-    assert rig.evictions("memory") == (2, 2.0)
+    assert rig.evictions("memory") == 2.0
 
 
 async def test_memory_pressure_leaves_busy_replicas_alone(rig: Rig) -> None:
@@ -275,7 +272,7 @@ async def test_unreadable_resources_still_apply_the_timeouts(rig: Rig) -> None:
     rig.reader.error = ValueError("fake resources file: 'ram_total' is missing")
     with structlog.testing.capture_logs() as logs:
         assert await rig.tick() == [("a", "idle")]
-        assert rig.watchdog.tick() == []
+        assert await rig.watchdog.tick() == []
     assert [e["event"] for e in logs if e["event"] == "resources_unreadable"] == [
         "resources_unreadable"
     ]

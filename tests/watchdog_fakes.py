@@ -1,19 +1,21 @@
 """Fakes for the watchdog and admission tests: readings, settings, replicas, an evictor.
 
-`FakeReplica` keeps a real Replica's lease bookkeeping (the idle clock starts when
-the last lease ends) without a process, so a real Router can route to it on a
-FakeClock.
+`FakeReplica` is the shared test replica of routing_fakes (real `Slots`: the idle
+clock starts when the last lease ends) without a process, so a real Router can
+route to it on a FakeClock.
 """
 
 import asyncio
 import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
+import routing_fakes
 from modeld.clock import FakeClock
 from modeld.errors import NotFound
 from modeld.policy.eviction import Eviction
 from modeld.policy.view import GpuView, HostView, ReplicaView
+from modeld.routing.routed import Listener
 from modeld.spec import ModelSpec, Settings
 from modeld.state import ReplicaState
 
@@ -32,6 +34,8 @@ def host(*gpus: GpuView, ram_total: int = 64 * GIB, ram_available: int = 32 * GI
 
 class StubReader:
     """Readings from a list: each read takes the next one, the last one repeats."""
+
+    blocking = False  # in memory: the sampler reads it inline
 
     def __init__(self, *readings: HostView, processes: dict[int, int] | None = None) -> None:
         self.readings = list(readings) or [host()]
@@ -57,6 +61,10 @@ class StubSettings:
     """What Admission and the Watchdog read of the SettingsStore."""
 
     current: Settings = field(default_factory=Settings)
+    watchers: list[Callable[[], None]] = field(default_factory=list)
+
+    def watch(self, changed: Callable[[], None]) -> None:
+        self.watchers.append(changed)
 
 
 def view(id: str, model: str | None = None, **kw: object) -> ReplicaView:
@@ -75,7 +83,6 @@ def view(id: str, model: str | None = None, **kw: object) -> ReplicaView:
         groups=(),
         idle_ttl=None,
         busy_timeout=None,
-        started_at=0.0,
     )
     return replace(base, **kw)  # type: ignore[arg-type]
 
@@ -133,69 +140,25 @@ class FakeEvictor:
 _pids = itertools.count(40000)
 
 
-class FakeReplica:
-    """A replica without a process: READY once started, stopped when asked."""
+class FakeReplica(routing_fakes.FakeReplica):
+    """The shared test replica with a pid (so measured memory applies); `stops` records
+    (reason, force) pairs. `stop_gate`, set by a test, holds a stop: a slow backend."""
 
-    def __init__(self, rid: str, spec: ModelSpec, gpu_ids: tuple[int, ...], clock: FakeClock):
-        self.id = rid
-        self.spec = spec
-        self.model = spec.name
-        self.gpu_ids = gpu_ids
-        self.pid = next(_pids)
-        self.address = f"127.0.0.1:{self.pid}"
-        self.protocol = "grpc"
-        self.backend_name = "fake"
-        self.state = R.STARTING
-        self.in_flight = 0
-        self._clock = clock
-        self.last_used = clock.monotonic()
-        self.idle_since: float | None = None
-        self.stops: list[tuple[str, bool]] = []
-        self.stop_requested = False
-        # When set by a test, a stop waits for it: a slow backend.
-        self.stop_gate: asyncio.Event | None = None
-
-    async def ensure_ready(self) -> None:
-        if self.state is R.STARTING:
-            self.state = R.READY
-            self.last_used = self._clock.monotonic()
-            self.idle_since = self.last_used
-
-    def acquire(self) -> bool:
-        if self.state is not R.READY:
-            return False
-        self.in_flight += 1
-        self.idle_since = None
-        self.last_used = self._clock.monotonic()
-        return True
-
-    def release(self) -> None:
-        if self.in_flight == 0:
-            return
-        self.in_flight -= 1
-        self.last_used = self._clock.monotonic()
-        if self.in_flight == 0:
-            self.idle_since = self.last_used
-
-    async def stop(
+    def __init__(
         self,
-        reason: str,
-        *,
-        force: bool = False,
-        drain_timeout: float = 30.0,
-        responsive: bool = True,
+        rid: str,
+        spec: ModelSpec,
+        gpu_ids: tuple[int, ...],
+        clock: FakeClock,
+        listener: Listener | None = None,
     ) -> None:
-        self.stops.append((reason, force))
-        self.stop_requested = True
-        if self.state in (R.STOPPED, R.FAILED):
-            return
-        self.state = R.STOPPING
-        if self.stop_gate is not None:
-            await self.stop_gate.wait()
-        self.state = R.STOPPED
+        super().__init__(rid, spec, clock, gpu_ids=gpu_ids, pid=next(_pids), listener=listener)
+        self.address = f"127.0.0.1:{self.pid}"
+        self.backend_name = "fake"
 
-    def kill(self) -> None:
-        self.state = R.STOPPED
+    @property
+    def stops(self) -> list[tuple[str, bool]]:  # type: ignore[override]
+        return list(self.stop_calls)
 
 
 class FakeCatalog:

@@ -25,6 +25,10 @@ from modeld.spec import (
 )
 from modeld.units import parse_duration, parse_size
 
+# Bounds on leases (`[leases]`): a client that never releases cannot grow the table forever.
+DEFAULT_MAX_LEASES_PER_REPLICA = 10_000
+DEFAULT_MAX_LEASES = 100_000
+
 Parser = Callable[[Any], Any]
 
 
@@ -141,6 +145,7 @@ TABLES: dict[str, dict[str, Parser]] = {
         "scale_up_in_flight": _int,
     },
     "logs": {"ring_lines": _int, "keep_stopped": _int, "subscriber_queue": _int},
+    "leases": {"max_per_replica": _int, "max_total": _int},
     "resources": {"fake_path": _str},
 }
 BACKEND_KEYS: dict[str, Parser] = {
@@ -234,6 +239,8 @@ class Config:
     log_ring_lines: int = 1000
     log_keep_stopped: int = 5
     log_subscriber_queue: int = 1000
+    max_leases_per_replica: int = DEFAULT_MAX_LEASES_PER_REPLICA
+    max_leases: int = DEFAULT_MAX_LEASES
     resources_fake_path: str = ""
     metrics_listen: str = ""
     tls_cert: str = ""
@@ -348,6 +355,10 @@ def _build(raw: dict[str, Any], source: str) -> Config:
         raise ConfigError(f"config: {exc}") from None
     logs = parsed["logs"]
     _check_positive(logs)
+    leases = parsed["leases"]
+    for key, value in leases.items():
+        if not 1 <= value <= 10_000_000:
+            raise ConfigError(f"config: leases.{key}: expected 1..10000000, got {value}")
     if not top.get("listen"):
         raise ConfigError("config: listen: at least one address is needed")
     return Config(
@@ -368,6 +379,8 @@ def _build(raw: dict[str, Any], source: str) -> Config:
         log_ring_lines=logs.get("ring_lines", 1000),
         log_keep_stopped=logs.get("keep_stopped", 5),
         log_subscriber_queue=logs.get("subscriber_queue", 1000),
+        max_leases_per_replica=leases.get("max_per_replica", DEFAULT_MAX_LEASES_PER_REPLICA),
+        max_leases=leases.get("max_total", DEFAULT_MAX_LEASES),
         resources_fake_path=parsed["resources"].get("fake_path", ""),
         source=source,
         **{key: top[key] for key in _SECURITY_KEYS},

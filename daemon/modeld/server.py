@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from modeld._proto.modeld.v1 import modeld_pb2
 from modeld.api.security import TokenAuth, check_listen_security, server_credentials, token_auth
 from modeld.api.servicer import ModelControl, add_to_server
-from modeld.capacity.admission import Admission
+from modeld.capacity.admission import Admission, Evictor
 from modeld.capacity.resources import ResourceReader, make_reader
 from modeld.capacity.watchdog import Watchdog
 from modeld.clock import Clock, SystemClock
@@ -32,8 +32,12 @@ from modeld.ops.logstore import LogStore
 from modeld.ops.metrics import Metrics, MetricsServer
 from modeld.ops.notify import Notifier
 from modeld.ops.observer import Observer
+from modeld.ops.tasks import TaskSupervisor
+from modeld.routing.leases import LeaseLimits
+from modeld.routing.lifecycle import Admit
 from modeld.routing.probe import ProbeCache
-from modeld.routing.router import Router
+from modeld.routing.routed import Listener
+from modeld.routing.router import Router, build_router
 from modeld.spec import ModelSpec
 from modeld.storage.catalog import Catalog
 from modeld.storage.registry import Registry
@@ -76,7 +80,10 @@ class Daemon:
         self._stop_requested = asyncio.Event()
         self._server: grpc.aio.Server | None = None
         self._metrics_server: MetricsServer | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        # Background tasks the daemon cannot work without; one that dies turns health
+        # NOT_SERVING and stops feeding the systemd watchdog.
+        self.tasks = TaskSupervisor(on_death=self._task_died)
+        self._oneshots: set[asyncio.Future[None]] = set()
         self.registry: Registry | None = None
         self.router: Router | None = None
         self.watchdog: Watchdog | None = None
@@ -104,7 +111,10 @@ class Daemon:
         self._spawn(self.watchdog.run(), "watchdog")
         self.notifier.ready()
         self.notifier.status(observer.summary())
-        self._spawn(self.notifier.watchdog_loop(self._responsive), "systemd-watchdog")
+        # Returns at once when systemd asked for no watchdog pings.
+        self.tasks.spawn(
+            self.notifier.watchdog_loop(self._responsive), "systemd-watchdog", forever=False
+        )
 
     async def _open_state(self) -> tuple[Catalog, SettingsStore]:
         """The registry (after stopping what an earlier life left running), catalog, settings."""
@@ -123,7 +133,21 @@ class Daemon:
 
     def _responsive(self) -> bool:
         """False once a task the daemon cannot work without has died: systemd restarts us."""
-        return not any(task.done() for task in self._tasks)
+        return self.tasks.healthy()
+
+    def _task_died(self, name: str) -> None:
+        self._spawn_once(self._not_serving(name))
+
+    async def _not_serving(self, name: str) -> None:
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set("", not_serving)
+        await self.health.set(SERVICE, not_serving)
+        self.notifier.status(f"degraded: background task {name} died")
+
+    def _spawn_once(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._oneshots.add(task)
+        task.add_done_callback(self._oneshots.discard)
 
     def _security(self) -> tuple[grpc.ServerCredentials | None, TokenAuth | None]:
         cfg = self.config
@@ -154,30 +178,30 @@ class Daemon:
             node_id=self.config.node_id,
         )
 
-        def factory(spec: ModelSpec, gpu_ids: tuple[int, ...]) -> Replica:
+        def factory(spec: ModelSpec, gpu_ids: tuple[int, ...], listener: Listener) -> Replica:
             backend = catalog.backend(spec.backend)
-            return Replica(uuid.uuid4().hex[:12], spec, backend, deps, gpu_ids=gpu_ids)
+            return Replica(
+                uuid.uuid4().hex[:12], spec, backend, deps, gpu_ids=gpu_ids, listener=listener
+            )
 
-        admission: list[Admission] = []
+        def admission(evictor: Evictor) -> Admit:
+            return Admission(
+                clock=self.clock, reader=self.reader, settings=settings, evictor=evictor
+            ).admit
 
-        async def admit(spec: ModelSpec, deadline: float) -> tuple[int, ...]:
-            return await admission[0].admit(spec, deadline)
-
-        router = Router(
+        return build_router(
             clock=self.clock,
             catalog=catalog,
             settings=settings,
             events=self.events,
             factory=factory,
-            admit=admit,
+            admission=admission,
             prober=ProbeCache(self.clock, lambda: settings.current.probe_ttl),
             metrics=self.metrics,
             flush=self.registry.flush_counters,
+            limits=LeaseLimits(self.config.max_leases_per_replica, self.config.max_leases),
+            tasks=self.tasks,
         )
-        admission.append(
-            Admission(clock=self.clock, reader=self.reader, settings=settings, evictor=router)
-        )
-        return router
 
     def _build_watchdog(self, router: Router, settings: SettingsStore) -> Watchdog:
         return Watchdog(
@@ -254,13 +278,15 @@ class Daemon:
         return path
 
     async def _serve_metrics(self, router: Router) -> None:
-        self.metrics.set_sources(replicas=router.state_counts, in_flight=router.in_flight_counts)
+        self.metrics.set_sources(
+            replicas=router.index.state_counts, in_flight=router.index.in_flight_counts
+        )
         if self.config.metrics_listen:
             self._metrics_server = MetricsServer(self.metrics, self.config.metrics_listen)
             await self._metrics_server.start()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
-        self._tasks.append(asyncio.create_task(coro, name=name))
+        self.tasks.spawn(coro, name)
 
     def request_stop(self) -> None:
         self._stop_requested.set()
@@ -271,15 +297,14 @@ class Daemon:
 
     async def shutdown(self) -> None:
         log.info("daemon_stopping")
+        self.tasks.stopping()
         self.notifier.stopping()
         await self.health.enter_graceful_shutdown()
         self.events.close_all()
         self.logs.close_all()
         if self._server is not None:
             await self._server.stop(self.config.shutdown_grace)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.tasks.close()
         if self.watchdog is not None:
             await self.watchdog.close()
         if self.router is not None:

@@ -4,6 +4,9 @@ from enum import StrEnum
 
 
 class ReplicaState(StrEnum):
+    # A start waiting in admission: no replica (no process) exists yet. Only the pool's
+    # pending starts carry it; a replica's own state machine never enters it.
+    ADMITTING = "ADMITTING"
     STARTING = "STARTING"
     WAITING_READY = "WAITING_READY"
     LOADING = "LOADING"
@@ -17,6 +20,7 @@ class ReplicaState(StrEnum):
 S = ReplicaState
 
 ALLOWED: dict[ReplicaState, frozenset[ReplicaState]] = {
+    S.ADMITTING: frozenset(),
     S.STARTING: frozenset({S.WAITING_READY, S.STOPPING, S.FAILED}),
     S.WAITING_READY: frozenset({S.LOADING, S.READY, S.STOPPING, S.FAILED}),
     S.LOADING: frozenset({S.READY, S.STOPPING, S.FAILED}),

@@ -1,11 +1,13 @@
 """Carries out admission: what must stop before a new replica may start, and where it goes.
 
 The decision is policy.eviction.plan_admission (pure); this module reads the
-resources, stops the chosen victims, waits (on the evictor's capacity event, up
-to the caller's deadline) when only busy replicas stand in the way, and
-re-plans until the new replica is admitted or refused. It returns with no await
-between the final decision and the caller registering the new replica, so two
-admissions can never both take the last slot.
+resources (in a worker thread, through the sampler: never blocking the event
+loop), stops the chosen victims, waits (on the evictor's capacity event, up to
+the caller's deadline) when only busy replicas stand in the way, and re-plans
+until the new replica is admitted or refused. The capacity event is set by
+whoever changes capacity (a lease ends, a replica stops, a setting changes).
+It returns with no await between the final decision and the caller registering
+the new replica, so two admissions can never both take the last slot.
 """
 
 import asyncio
@@ -16,6 +18,7 @@ from typing import Protocol
 import structlog
 
 from modeld.capacity.resources import ResourceReader
+from modeld.capacity.sampler import Sampler
 from modeld.clock import Clock
 from modeld.errors import DeadlineExceeded, ResourceExhausted
 from modeld.policy.eviction import Admission as Plan
@@ -57,7 +60,7 @@ class Admission:
         freed_interval: float = FREED_INTERVAL,
     ) -> None:
         self._clock = clock
-        self._reader = reader
+        self._sampler = Sampler(reader)
         self._settings = settings
         self._evictor = evictor
         self._freed_reads = freed_reads
@@ -74,7 +77,7 @@ class Admission:
         while True:
             # Taken before the reading, so a change during this round is never missed.
             capacity = self._evictor.capacity_event()
-            host = self._reader.read()
+            host = await self._sampler.host()
             views = self._evictor.views()
             gpu_ids, plan = self._plan(spec, host, views)
             if plan.refuse is not None:
@@ -139,17 +142,20 @@ class Admission:
     async def _await_freed(self, before: HostView, freed: Mapping[int, int]) -> None:
         """Give the driver a short, bounded window to report the victims' memory as free.
 
-        NVML has no change notification, so this is the one place that re-reads on
-        an interval; it gives up after a few reads and lets the re-plan decide.
+        NVML has no change notification: between reads this waits on the capacity
+        event (another stop, a lease ending) with a short deadline, for a few reads,
+        then lets the re-plan decide.
         """
         expected = {
             gpu.index: gpu.used - freed[gpu.index] for gpu in before.gpus if gpu.index in freed
         }
         for _ in range(self._freed_reads):
-            now = self._reader.read()
+            changed = self._evictor.capacity_event()
+            now = await self._sampler.host()
             if all(g.used <= expected[g.index] for g in now.gpus if g.index in expected):
                 return
-            await asyncio.sleep(self._freed_interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), self._freed_interval)
         log.info("freed_memory_not_seen", gpus=sorted(expected))
 
 

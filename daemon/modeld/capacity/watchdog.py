@@ -1,9 +1,10 @@
 """The watchdog: one small loop that applies the eviction rules on every tick.
 
-Each tick reads the clock and the resources once, asks policy which replicas
-must go (busy timeout, idle, memory pressure), and asks the router to stop
-them. A tick is synchronous, so it never waits while holding what it read; the
-stops run as their own tasks, so a slow stop never delays the next tick, and a
+Each tick reads the resources once (in a worker thread, through the sampler, so
+NVML and /proc never block the event loop), then reads the clock, asks policy
+which replicas must go (busy timeout, idle, memory pressure), and asks the
+router to stop them. The deciding part runs with no await, so it never acts on
+a stale read; the stops run as their own tasks, so a slow stop never delays the next tick, and a
 replica already being stopped is not asked twice. Memory pressure stops one
 replica at a time: the next is chosen only once that stop has finished and the
 memory has been read again.
@@ -18,6 +19,7 @@ import structlog
 
 from modeld.capacity.admission import evict_if_due
 from modeld.capacity.resources import ResourceReader
+from modeld.capacity.sampler import Sampler
 from modeld.clock import Clock
 from modeld.policy.eviction import Eviction, busy_timeouts, idle_evictions, memory_pressure
 from modeld.policy.view import HostView, ReplicaView
@@ -42,7 +44,7 @@ class Watchdog:
         maintain: Callable[[], object],
     ) -> None:
         self._clock = clock
-        self._reader = reader
+        self._sampler = Sampler(reader)
         self._settings = settings
         self._views = views
         self._observe = observe
@@ -55,7 +57,7 @@ class Watchdog:
     async def run(self) -> None:
         while True:
             try:
-                self.tick()
+                await self.tick()
             except Exception:
                 log.exception("watchdog_tick_failed")
             # Read on every round, so a changed interval applies from the next wait.
@@ -68,11 +70,11 @@ class Watchdog:
         """Run the next tick now (a setting changed)."""
         self._wake.set()
 
-    def tick(self) -> list[Eviction]:
+    async def tick(self) -> list[Eviction]:
         """Decide and start this tick's evictions; returns them (the stops run on)."""
+        host = await self._read()
         now = self._clock.monotonic()
         settings = self._settings.current
-        host = self._read()
         views = [v for v in self._views() if v.id not in self._stopping]
         decisions = busy_timeouts(views, settings, now) + idle_evictions(views, settings, now)
         if host is not None and not self._memory_stop_running():
@@ -91,11 +93,11 @@ class Watchdog:
             *(task for _, task in list(self._stopping.values())), return_exceptions=True
         )
 
-    def _read(self) -> HostView | None:
+    async def _read(self) -> HostView | None:
         """This tick's readings, or None when they cannot be had; the timeouts still apply."""
         try:
-            host = self._reader.read()
-            processes = self._reader.process_gpu_memory()
+            host = await self._sampler.host()
+            processes = await self._sampler.processes()
         except (OSError, ValueError) as exc:
             if str(exc) != self._read_error:
                 self._read_error = str(exc)

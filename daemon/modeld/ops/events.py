@@ -19,6 +19,13 @@ class Event:
     from_state: ReplicaState | None
     to_state: ReplicaState
     reason: str = ""
+    # STATE: a replica changed state. LEASE_EXPIRED: a lease ran out (the states are the
+    # replica's current one, unchanged); observers that count state changes skip it.
+    kind: str = "state"
+
+
+STATE = "state"
+LEASE_EXPIRED = "lease_expired"
 
 
 class Subscription:

@@ -6,7 +6,7 @@ know about metrics or systemd.
 
 from collections import Counter
 
-from modeld.ops.events import Event, EventBus
+from modeld.ops.events import STATE, Event, EventBus
 from modeld.ops.metrics import Metrics
 from modeld.ops.notify import Notifier
 from modeld.routing.router import Router
@@ -33,6 +33,9 @@ class Observer:
             subscription.close()
 
     def on_event(self, event: Event) -> None:
+        if event.kind != STATE:
+            # A lease expiry names the replica's current state; it is no state change.
+            return
         replica = self._router.find(event.replica_id)
         backend = replica.backend_name if replica else ""
         if event.to_state is S.STARTING and self._crashed[event.model]:

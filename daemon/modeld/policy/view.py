@@ -30,7 +30,6 @@ class ReplicaView:
     # Model overrides: None means "use the settings"; 0 means never/off.
     idle_ttl: float | None
     busy_timeout: float | None
-    started_at: float
 
     @property
     def device(self) -> int | None:

@@ -1,21 +1,69 @@
-"""The lease table: who holds which in-flight slot, and when each slot expires.
+"""The lease service: the only owner of leases, their expiry and their bounds.
 
-Owned by the router. Expiry uses a heap with lazy deletion, so adding, renewing
-and releasing are O(log n) and finding what expired is cheap.
+A lease is one in-flight slot on one replica. `grant` takes the slot from the
+replica's `Slots` under the lease's id and `end` gives that same id back, and
+nothing else takes or gives back slots: a replica's in-flight count is its
+number of live leases by construction, and a double release is impossible (the
+table pops a lease once) instead of being clamped away.
+
+Expiry uses a heap with lazy deletion, so granting, renewing and releasing are
+O(log n); one task sleeps until the earliest expiry. Lease expiry is published
+on the bus as its own kind of event (observers only; nothing that must happen
+depends on the bus).
 """
 
+import asyncio
+import contextlib
 import heapq
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+import structlog
+
+from modeld.clock import Clock
+from modeld.config import DEFAULT_MAX_LEASES, DEFAULT_MAX_LEASES_PER_REPLICA
+from modeld.errors import NotFound, ResourceExhausted
+from modeld.ops.events import LEASE_EXPIRED, Event, EventBus
+from modeld.ops.metrics import Metrics
+from modeld.state import ReplicaState
+
+log = structlog.get_logger(__name__)
+
 
 class LeaseHolder(Protocol):
-    """What a lease needs from its replica: give the slot back exactly once."""
+    """What a lease needs from its replica: one slot, taken and given back by lease id."""
 
     @property
     def id(self) -> str: ...
 
-    def release(self) -> None: ...
+    @property
+    def model(self) -> str: ...
+
+    @property
+    def state(self) -> ReplicaState: ...
+
+    @property
+    def address(self) -> str: ...
+
+    @property
+    def protocol(self) -> str: ...
+
+    @property
+    def in_flight(self) -> int: ...
+
+    def acquire(self, holder: str) -> bool: ...
+
+    def release(self, holder: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseLimits:
+    """Bounds on leases (config `[leases]`): past them a Route gets RESOURCE_EXHAUSTED."""
+
+    per_replica: int = DEFAULT_MAX_LEASES_PER_REPLICA
+    total: int = DEFAULT_MAX_LEASES
 
 
 @dataclass(slots=True)
@@ -79,6 +127,12 @@ class LeaseTable:
     def of_replica(self, replica_id: str) -> list[Lease]:
         return [lease for lease in self._leases.values() if lease.replica.id == replica_id]
 
+    def per_replica(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for lease in self._leases.values():
+            counts[lease.replica.id] = counts.get(lease.replica.id, 0) + 1
+        return counts
+
     def oldest_started(self) -> dict[str, float]:
         """Per replica id, the start of its oldest active lease (busy-timeout input)."""
         oldest: dict[str, float] = {}
@@ -93,3 +147,144 @@ class LeaseTable:
         if len(self._heap) > 64 and len(self._heap) > 4 * len(self._leases):
             self._heap = [(lease.expires, lease.id) for lease in self._leases.values()]
             heapq.heapify(self._heap)
+
+
+class LeaseService:
+    def __init__(
+        self,
+        *,
+        clock: Clock,
+        events: EventBus,
+        on_freed: Callable[[], None],
+        limits: LeaseLimits | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._clock = clock
+        self._events = events
+        self._on_freed = on_freed
+        self.limits = limits or LeaseLimits()
+        self._metrics = metrics
+        self._table = LeaseTable()
+        self._wake = asyncio.Event()
+        self._wake_at: float | None = None
+        self.expired_total = 0
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def holds(self, lease_id: str) -> bool:
+        return self._table.get(lease_id) is not None
+
+    def room_on(self, replica: LeaseHolder) -> bool:
+        return replica.in_flight < self.limits.per_replica
+
+    def check_total(self) -> None:
+        if len(self._table) >= self.limits.total:
+            raise ResourceExhausted(
+                f"{len(self._table)} leases are held, the most this daemon grants "
+                f"(max_leases = {self.limits.total}); release or let some expire"
+            )
+
+    def full(self, model: str) -> ResourceExhausted:
+        return ResourceExhausted(
+            f"every ready replica of model {model!r} holds the most leases it may "
+            f"(max_leases_per_replica = {self.limits.per_replica}); release some or add replicas"
+        )
+
+    def grant(self, replica: LeaseHolder, ttl: float, cold: bool) -> Lease | None:
+        """A lease on `replica`, or None when it gives no slot (not READY, or stopping)."""
+        self.check_total()
+        if not self.room_on(replica):
+            raise self.full(replica.model)
+        now = self._clock.monotonic()
+        lease = Lease(
+            id=uuid.uuid4().hex,
+            replica=replica,
+            model=replica.model,
+            address=replica.address,
+            protocol=replica.protocol,
+            started=now,
+            expires=now + ttl,
+            expires_wall=self._clock.wall() + ttl,
+            ttl=ttl,
+            cold_start=cold,
+        )
+        if not replica.acquire(lease.id):
+            return None
+        self._table.add(lease)
+        if self._wake_at is None or lease.expires < self._wake_at:
+            self._wake.set()
+        return lease
+
+    def release(self, lease_id: str) -> Lease | None:
+        lease = self._table.pop(lease_id)
+        if lease is not None:
+            self._end(lease)
+        return lease
+
+    def renew(self, lease_id: str) -> float:
+        lease = self._table.get(lease_id)
+        if lease is None:
+            raise NotFound(
+                f"lease {lease_id[:64]!r} is not held: it was released or expired; Route again"
+            )
+        self._table.renew(lease, self._clock.monotonic(), self._clock.wall())
+        return lease.expires_wall
+
+    def drop(self, replica_id: str) -> int:
+        """Expire every lease on a replica that is being stopped by force or has ended."""
+        leases = [self._table.pop(lease.id) for lease in self._table.of_replica(replica_id)]
+        for lease in leases:
+            if lease is not None:
+                self._end(lease)
+                self._count_expired(1)
+        return len(leases)
+
+    def expire(self) -> int:
+        expired = self._table.pop_expired(self._clock.monotonic())
+        for lease in expired:
+            self._end(lease)
+            log.info(
+                "lease_expired", lease_id=lease.id, replica_id=lease.replica_id, model=lease.model
+            )
+            state = lease.replica.state
+            self._events.publish(
+                Event(
+                    self._clock.wall(),
+                    lease.replica_id,
+                    lease.model,
+                    state,
+                    state,
+                    "lease_expired",
+                    kind=LEASE_EXPIRED,
+                )
+            )
+        self._count_expired(len(expired))
+        return len(expired)
+
+    async def run(self) -> None:
+        """Expire leases as their time comes: one wait for the earliest expiry."""
+        while True:
+            self._wake_at = self._table.next_expiry()
+            now = self._clock.monotonic()
+            timeout = None if self._wake_at is None else max(self._wake_at - now, 0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            self._wake.clear()
+            self.expire()
+
+    def per_replica(self) -> dict[str, int]:
+        return self._table.per_replica()
+
+    def oldest_started(self) -> dict[str, float]:
+        return self._table.oldest_started()
+
+    def _end(self, lease: Lease) -> None:
+        lease.replica.release(lease.id)
+        self._on_freed()
+
+    def _count_expired(self, n: int) -> None:
+        if n:
+            self.expired_total += n
+            if self._metrics is not None:
+                self._metrics.lease_expired(n)

@@ -1,63 +1,101 @@
-"""One model's replicas: owns the set, the coalesced starts and the failure backoff.
+"""One model's replicas: owns the set, the pending starts and the failure backoff.
 
 Every start of a replica of this model goes through `start()`, so concurrent
-Routes, a Load and min_replicas all share one spawn when one is enough.
+Routes, a Load and min_replicas all share one spawn when one is enough. A start
+is *pending* while it waits in admission: its replica does not exist yet, but
+the start is part of the pool all the same (listed as ADMITTING, counted by
+`planned()`, cancelled by `cancel_pending()`), so Unload, DeleteModel and
+shutdown reach it. The replica is created only after admission, and only when
+the launcher's gate is still open, with no await in between.
 """
 
 import asyncio
+import itertools
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import structlog
 
 from modeld.clock import Clock
 from modeld.errors import ModeldError, Unavailable
 from modeld.policy import backoff
+from modeld.routing.routed import RoutedReplica
 from modeld.spec import ModelSpec
 from modeld.state import LIVE, STARTING_STATES, TERMINAL, ReplicaState
-from modeld.supervisor.replica import Replica
 
 log = structlog.get_logger(__name__)
 
-# Admission decides (and carries out) what must stop first, and returns the GPU ids.
-Admit = Callable[[ModelSpec, float], Awaitable[tuple[int, ...]]]
-Factory = Callable[[ModelSpec, tuple[int, ...]], Replica]
 RECENT_TERMINAL = 5
+_ids = itertools.count(1)
+
+
+class Launcher(Protocol):
+    """Admission and creation of a replica (the lifecycle implements it)."""
+
+    async def admit(self, spec: ModelSpec, deadline: float) -> tuple[int, ...]: ...
+
+    def create(self, spec: ModelSpec, gpu_ids: tuple[int, ...]) -> RoutedReplica:
+        """The new replica; raises Unavailable once the gate is closed."""
+        ...
+
+
+@dataclass(eq=False)
+class PendingStart:
+    """A start waiting in admission: visible (ADMITTING) and cancellable."""
+
+    id: str
+    spec: ModelSpec
+    since: float  # wall clock
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    reason: str = ""
+    ended: bool = False
+    state: ReplicaState = ReplicaState.ADMITTING
 
 
 class ModelPool:
-    def __init__(self, model: str, clock: Clock, factory: Factory, admit: Admit) -> None:
+    def __init__(self, model: str, clock: Clock) -> None:
         self.model = model
         self._clock = clock
-        self._factory = factory
-        self._admit = admit
-        self.replicas: dict[str, Replica] = {}
-        self._ended: deque[Replica] = deque(maxlen=RECENT_TERMINAL)
-        self._starts: set[asyncio.Task[Replica]] = set()
-        # Starts still in admission: their replica does not exist yet.
-        self._admitting: set[asyncio.Future[Replica]] = set()
+        self.replicas: dict[str, RoutedReplica] = {}
+        self._ended: deque[RoutedReplica] = deque(maxlen=RECENT_TERMINAL)
+        # Ordered (a dict), so which start a Route joins does not depend on hashing.
+        self._starts: dict[asyncio.Task[RoutedReplica], None] = {}
+        self._pending: dict[asyncio.Task[RoutedReplica], PendingStart] = {}
+        self._cancelled: deque[PendingStart] = deque(maxlen=RECENT_TERMINAL)
         self.backoff: backoff.BackoffState | None = None
 
-    def live(self) -> list[Replica]:
+    def live(self) -> list[RoutedReplica]:
         return [r for r in self.replicas.values() if r.state in LIVE]
 
-    def servable(self) -> list[Replica]:
-        """Replicas that serve now or will once their start finishes."""
+    def servable(self) -> list[RoutedReplica]:
+        """Replicas that serve now or will once their start finishes (and are not stopping)."""
         return [
             r
             for r in self.replicas.values()
-            if r.state is ReplicaState.READY or r.state in STARTING_STATES
+            if (r.state is ReplicaState.READY or r.state in STARTING_STATES)
+            and not r.stop_requested
         ]
 
-    def all(self) -> list[Replica]:
+    def all(self) -> list[RoutedReplica]:
         return [*self._ended, *self.replicas.values()]
 
     def pending(self) -> int:
         return len(self._starts)
 
+    def admitting(self) -> list[PendingStart]:
+        return list(self._pending.values())
+
+    def cancelled(self) -> list[PendingStart]:
+        return list(self._cancelled)
+
+    def pending_tasks(self) -> list[asyncio.Task[RoutedReplica]]:
+        return list(self._pending)
+
     def planned(self) -> int:
         """Replicas that serve, are starting, or are about to start (in admission)."""
-        return len(self.servable()) + len(self._admitting)
+        return len(self.servable()) + len(self._pending)
 
     def prune(self) -> None:
         """Move replicas that reached a terminal state out of the live set."""
@@ -65,6 +103,16 @@ class ModelPool:
             if replica.state in TERMINAL:
                 del self.replicas[rid]
                 self._ended.append(replica)
+
+    def cancel_pending(self, reason: str) -> list[PendingStart]:
+        """End every start still in admission; their callers get Unavailable naming `reason`."""
+        cancelled = []
+        for pending in self._pending.values():
+            if not pending.cancelled.is_set():
+                pending.reason = reason
+                pending.cancelled.set()
+                cancelled.append(pending)
+        return cancelled
 
     def note_crash(self, reason: str) -> None:
         self.backoff = backoff.after_failure(self.backoff, self._clock.monotonic(), reason)
@@ -79,30 +127,41 @@ class ModelPool:
                 f"Last error: {state.reason}"
             )
 
-    def start(self, spec: ModelSpec, deadline: float) -> asyncio.Task[Replica]:
+    def start(
+        self, spec: ModelSpec, deadline: float, launcher: Launcher
+    ) -> asyncio.Task[RoutedReplica]:
         """Begin one more replica; the task outlives any single caller."""
         self.check_backoff()
-        task = asyncio.create_task(self._start(spec, deadline), name=f"start-{self.model}")
-        self._starts.add(task)
-        self._admitting.add(task)
-        task.add_done_callback(self._starts.discard)
-        task.add_done_callback(self._admitting.discard)
+        pending = PendingStart(f"admitting-{next(_ids)}", spec, self._clock.wall())
+        task = asyncio.create_task(
+            self._start(spec, deadline, launcher, pending), name=f"start-{self.model}"
+        )
+        self._starts[task] = None
+        self._pending[task] = pending
+        task.add_done_callback(lambda t: self._starts.pop(t, None))
+        task.add_done_callback(self._admitted)
         task.add_done_callback(_consume)
         return task
 
-    def start_or_join(self, spec: ModelSpec, deadline: float) -> Awaitable[Replica]:
+    def start_or_join(
+        self, spec: ModelSpec, deadline: float, launcher: Launcher
+    ) -> Awaitable[RoutedReplica]:
         """A replica that is starting, or a new start when none is: cold loads coalesce."""
-        starting = [r for r in self.replicas.values() if r.state in STARTING_STATES]
+        starting = [r for r in self.servable() if r.state in STARTING_STATES]
         if starting:
             return ready(starting[0])
         if self._starts:
             return next(iter(self._starts))
-        return self.start(spec, deadline)
+        return self.start(spec, deadline, launcher)
 
-    async def _start(self, spec: ModelSpec, deadline: float) -> Replica:
-        gpu_ids = await self._admit(spec, deadline)
-        replica = self._factory(spec, gpu_ids)
-        self._admitting.discard(asyncio.current_task())
+    async def _start(
+        self, spec: ModelSpec, deadline: float, launcher: Launcher, pending: PendingStart
+    ) -> RoutedReplica:
+        gpu_ids = await _admit_unless_cancelled(launcher, spec, deadline, pending)
+        replica = launcher.create(spec, gpu_ids)
+        task = asyncio.current_task()
+        if task is not None:
+            self._pending.pop(task, None)
         self.replicas[replica.id] = replica
         try:
             await replica.ensure_ready()
@@ -117,14 +176,40 @@ class ModelPool:
         self.backoff = None
         return replica
 
+    def _admitted(self, task: "asyncio.Task[RoutedReplica]") -> None:
+        pending = self._pending.pop(task, None)
+        if pending is not None and pending.cancelled.is_set():
+            pending.ended = True
+            pending.state = ReplicaState.STOPPED
+            self._cancelled.append(pending)
 
-async def ready(replica: Replica) -> Replica:
+
+async def _admit_unless_cancelled(
+    launcher: Launcher, spec: ModelSpec, deadline: float, pending: PendingStart
+) -> tuple[int, ...]:
+    admit = asyncio.ensure_future(launcher.admit(spec, deadline))
+    cancel = asyncio.ensure_future(pending.cancelled.wait())
+    try:
+        await asyncio.wait((admit, cancel), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        cancel.cancel()
+        if not admit.done():
+            admit.cancel()
+            await asyncio.gather(admit, return_exceptions=True)
+    if pending.cancelled.is_set():
+        if admit.done() and not admit.cancelled() and admit.exception() is None:
+            log.info("start_cancelled_after_admission", model=spec.name, why=pending.reason)
+        raise Unavailable(f"the start of model {spec.name!r} was cancelled: {pending.reason}")
+    return admit.result()
+
+
+async def ready(replica: RoutedReplica) -> RoutedReplica:
     """The replica once READY (its start is shared with every other caller)."""
     await replica.ensure_ready()
     return replica
 
 
-def _consume(task: asyncio.Task[Replica]) -> None:
+def _consume(task: asyncio.Task[RoutedReplica]) -> None:
     # A start nobody awaits any more (every caller gave up) must not warn at exit.
     if not task.cancelled():
         task.exception()

@@ -55,6 +55,10 @@ class ProbeCache:
         """A replica that just became ready was probed healthy by its readiness wait."""
         self._results[replica_id] = ProbeResult(True, self._clock.monotonic(), self._clock.wall())
 
+    def invalidate(self, replica_id: str) -> None:
+        """Drop the cached result only: the next check probes (sharing one in flight)."""
+        self._results.pop(replica_id, None)
+
     def forget(self, replica_id: str) -> None:
         """Drop the cached result and disown a probe in flight (the next check starts anew)."""
         self._results.pop(replica_id, None)

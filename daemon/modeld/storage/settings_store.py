@@ -5,6 +5,7 @@ UpdateSettings survives a restart.
 """
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -24,10 +25,15 @@ class SettingsStore:
         # Serializes read-merge-write of this one object; held only across a local
         # registry commit, never across process or network waits.
         self._lock = asyncio.Lock()
+        self._watchers: list[Callable[[], None]] = []
 
     @property
     def current(self) -> Settings:
         return self._current
+
+    def watch(self, changed: Callable[[], None]) -> None:
+        """Call `changed` after every update (admission waiters re-plan at once)."""
+        self._watchers.append(changed)
 
     async def load(self) -> None:
         stored = {
@@ -49,4 +55,6 @@ class SettingsStore:
                 await self._registry.put_settings({k: asdict(updated)[k] for k in changes})
                 log.info("settings_updated", **changes)
             self._current = updated
-            return updated
+        for changed in self._watchers:
+            changed()
+        return updated

@@ -29,6 +29,7 @@ from modeld.clock import Clock
 from modeld.errors import InvalidArgument, Unavailable
 from modeld.ops.events import Event, EventBus
 from modeld.ops.logstore import STDERR, STDOUT, LogStore
+from modeld.routing.slots import Slots
 from modeld.spec import BackendSpec, ModelSpec
 from modeld.state import ALLOWED, TERMINAL, ReplicaState
 from modeld.storage.registry import Registry, ReplicaRow
@@ -74,6 +75,8 @@ class ReplicaDeps:
 
 
 _PHASE = {S.STARTING: "spawn", S.WAITING_READY: "ready", S.LOADING: "load"}
+# The replica's owner hears every state change at once, by direct call (not the bus).
+StateListener = Callable[["Replica", ReplicaState, ReplicaState, str], None]
 
 
 class Replica:
@@ -87,8 +90,10 @@ class Replica:
         deps: ReplicaDeps,
         *,
         gpu_ids: tuple[int, ...] = (),
+        listener: StateListener | None = None,
     ) -> None:
         self._id = replica_id
+        self._listener = listener
         self._spec = spec
         self._backend = backend
         self._deps = deps
@@ -103,11 +108,7 @@ class Replica:
         self._ready_at: float | None = None
         self._stopped_at: float | None = None
         self._last_error = ""
-        self._in_flight = 0
-        self._last_used = deps.clock.monotonic()
-        self._idle_since: float | None = None
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._slots = Slots(deps.clock.monotonic())
         self._stop_requested = asyncio.Event()
         self._unresponsive = False
         self._forced = asyncio.Event()
@@ -192,15 +193,15 @@ class Replica:
 
     @property
     def in_flight(self) -> int:
-        return self._in_flight
+        return self._slots.count
 
     @property
     def last_used(self) -> float:
-        return self._last_used
+        return self._slots.last_used
 
     @property
     def idle_since(self) -> float | None:
-        return self._idle_since
+        return self._slots.idle_since
 
     # public operations
 
@@ -245,24 +246,17 @@ class Replica:
             self._stop_task.add_done_callback(_retrieve)
         await asyncio.shield(self._stop_task)
 
-    def acquire(self) -> bool:
-        """Take one in-flight slot; only a READY replica that is not being stopped gives one."""
+    def acquire(self, holder: str) -> bool:
+        """Take one in-flight slot for `holder` (a lease id); only a READY replica that is
+        not being stopped gives one."""
         if self._state is not S.READY or self._stop_requested.is_set():
             return False
-        self._in_flight += 1
-        self._idle.clear()
-        self._idle_since = None
-        self._last_used = self._deps.clock.monotonic()
+        self._slots.take(holder, self._deps.clock.monotonic())
         return True
 
-    def release(self) -> None:
-        if self._in_flight == 0:
-            return
-        self._in_flight -= 1
-        self._last_used = self._deps.clock.monotonic()
-        if self._in_flight == 0:
-            self._idle_since = self._last_used
-            self._idle.set()
+    def release(self, holder: str) -> None:
+        """Give back `holder`'s slot; giving one back twice raises (a bookkeeping bug)."""
+        self._slots.give_back(holder, self._deps.clock.monotonic())
 
     async def probe(self, limit_s: float) -> bool:
         """One health call to the backend, for the router's cached probes."""
@@ -304,14 +298,15 @@ class Replica:
         changes: dict[str, object] = {"state": new.value}
         if new is S.READY:
             self._ready_at = changes["ready_at"] = wall
-            self._last_used = self._deps.clock.monotonic()
-            self._idle_since = self._last_used
+            self._slots.mark_ready(self._deps.clock.monotonic())
         elif new in TERMINAL:
             self._stopped_at = changes["stopped_at"] = wall
         if last_error is not None:
             self._last_error = changes["last_error"] = last_error
         emit = self._log.warning if new is S.FAILED else self._log.info
         emit("replica_state", from_state=old.value, to_state=new.value, reason=reason)
+        if self._listener is not None:
+            self._listener(self, old, new, reason)
         await self._persist(changes)
         await self._publish(old, new, reason, wall)
         if new in TERMINAL:
@@ -562,18 +557,17 @@ class Replica:
             await self._transition(S.STOPPED, reason)
 
     async def _drain(self, limit_s: float) -> None:
-        if self._in_flight == 0 or self._forced.is_set():
+        if self._slots.count == 0 or self._forced.is_set():
             return
-        waits = [
-            asyncio.ensure_future(e.wait()) for e in (self._idle, self._forced, self._terminal)
-        ]
+        waits: list[asyncio.Future[object]] = [asyncio.ensure_future(self._slots.wait_idle())]
+        waits += [asyncio.ensure_future(e.wait()) for e in (self._forced, self._terminal)]
         try:
             await asyncio.wait(waits, timeout=limit_s, return_when=asyncio.FIRST_COMPLETED)
         finally:
             discard(waits)
-        if self._in_flight and self._state is S.DRAINING:
+        if self._slots.count and self._state is S.DRAINING:
             self._log.warning(
-                "replica_drain_cut_short", in_flight=self._in_flight, forced=self._forced.is_set()
+                "replica_drain_cut_short", in_flight=self._slots.count, forced=self._forced.is_set()
             )
 
     async def _kill(self, child: Child) -> list[int]:

@@ -1,0 +1,196 @@
+"""Lifecycle: which replicas should exist: load, unload, min_replicas, scale-up, shutdown.
+
+Starts go through the model's pool (which coalesces them and keeps the pending
+ones visible); stops go through the `Stopper`. The lifecycle owns the closing
+gate: once `close()` has begun, no start is begun and no replica is created,
+even by a start that was already waiting in admission (it is cancelled, and the
+gate is checked again, with no await, right before a replica is created).
+"""
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import structlog
+
+from modeld.clock import Clock
+from modeld.errors import DeadlineExceeded, FailedPrecondition, NotFound, Unavailable
+from modeld.info import ReplicaInfo
+from modeld.routing.index import ReplicaIndex
+from modeld.routing.pool import ModelPool, ready
+from modeld.routing.routed import Listener, RoutedReplica
+from modeld.routing.stops import Stopper
+from modeld.spec import ModelSpec
+from modeld.storage.catalog import Catalog
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+# Admission decides (and carries out) what must stop first, and returns the GPU ids.
+Admit = Callable[[ModelSpec, float], Awaitable[tuple[int, ...]]]
+# Creates (does not start) a replica; the listener hears each of its state changes.
+Factory = Callable[[ModelSpec, tuple[int, ...], Listener], RoutedReplica]
+# How long a background start (min_replicas, scale-up) may wait for admission.
+MIN_REPLICA_WAIT = 600.0
+SHUTTING_DOWN = "modeld is shutting down"
+
+
+class Lifecycle:
+    """Implements the pool's `Launcher`: admission, then creation behind the gate."""
+
+    def __init__(
+        self,
+        *,
+        clock: Clock,
+        catalog: Catalog,
+        index: ReplicaIndex,
+        stopper: Stopper,
+        admit: Admit,
+        factory: Factory,
+    ) -> None:
+        self._clock = clock
+        self._catalog = catalog
+        self._index = index
+        self._stopper = stopper
+        self._admit = admit
+        self._factory = factory
+        self._closed = False
+
+    # the launcher
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def check_open(self) -> None:
+        if self._closed:
+            raise Unavailable(f"{SHUTTING_DOWN}; no replica is started")
+
+    async def admit(self, spec: ModelSpec, deadline: float) -> tuple[int, ...]:
+        return await self._admit(spec, deadline)
+
+    def create(self, spec: ModelSpec, gpu_ids: tuple[int, ...]) -> RoutedReplica:
+        self.check_open()
+        return self._factory(spec, gpu_ids, self._stopper.on_change)
+
+    def start(
+        self, pool: ModelPool, spec: ModelSpec, deadline: float
+    ) -> "asyncio.Task[RoutedReplica]":
+        self.check_open()
+        return pool.start(spec, deadline, self)
+
+    def start_or_join(
+        self, pool: ModelPool, spec: ModelSpec, deadline: float
+    ) -> Awaitable[RoutedReplica]:
+        self.check_open()
+        return pool.start_or_join(spec, deadline, self)
+
+    # load / unload
+
+    async def load(self, model: str, replicas: int, deadline: float) -> list[ReplicaInfo]:
+        spec = self._catalog.get(model)
+        if replicas > spec.max_replicas:
+            raise FailedPrecondition(
+                f"model {model!r} allows at most {spec.max_replicas} replicas (max_replicas)"
+            )
+        pool = self._index.pool(model)
+        servable = pool.servable()[:replicas]
+        pending = pool.pending_tasks()[: replicas - len(servable)]
+        missing = replicas - len(servable) - len(pending)
+        if missing > 0:
+            self.check_open()
+            pool.check_backoff()
+        # Nothing below can raise before every awaitable is awaited: no coroutine is lost.
+        starts = [pool.start(spec, deadline, self) for _ in range(missing)]
+        waits: list[Awaitable[RoutedReplica]] = [*pending, *starts]
+        waits += [ready(r) for r in servable]
+        await wait_until(asyncio.gather(*waits), deadline, self._clock, model)
+        return [self._index.info(r) for r in pool.servable()]
+
+    async def unload_model(self, model: str, force: bool, drain: float | None) -> list[ReplicaInfo]:
+        pool = self._index.existing(model)
+        if pool is None:
+            self._catalog.get(model)
+            return []
+        cancelled = pool.cancel_pending("the model was unloaded")
+        targets = pool.live()
+        await asyncio.gather(
+            *(self._stopper.stop(r, "unload", force, drain) for r in targets),
+            *pool.pending_tasks(),
+            return_exceptions=True,
+        )
+        infos = [self._index.pending_info(p) for p in cancelled]
+        return infos + [self._index.info(r) for r in targets]
+
+    async def unload_replica(
+        self, replica_id: str, force: bool, drain: float | None
+    ) -> list[ReplicaInfo]:
+        replica = self._index.find(replica_id)
+        if replica is None:
+            raise NotFound(f"replica {replica_id[:64]!r} is not running")
+        await self._stopper.stop(replica, "unload", force, drain)
+        return [self._index.info(replica)]
+
+    # background starts
+
+    def maintain(self) -> list["asyncio.Task[RoutedReplica]"]:
+        """Keep every model's min_replicas running; returns the starts it began."""
+        started: list[asyncio.Task[RoutedReplica]] = []
+        if self._closed:
+            return started
+        for spec in self._catalog.list():
+            if spec.min_replicas <= 0:
+                continue
+            pool = self._index.pool(spec.name)
+            for _ in range(max(spec.min_replicas - pool.planned(), 0)):
+                try:
+                    started.append(pool.start(spec, self._background_deadline(), self))
+                except Unavailable:
+                    break
+        return started
+
+    def scale_up(self, pool: ModelPool, spec: ModelSpec, threshold: int, load: int) -> None:
+        """Start one more replica in the background when even the least-loaded one is busy."""
+        if not threshold or load < threshold or self._closed:
+            return
+        if pool.pending() or pool.planned() >= spec.max_replicas:
+            return
+        try:
+            pool.start(spec, self._background_deadline(), self)
+        except Unavailable:
+            return
+        log.info("scale_up", model=spec.name, threshold=threshold, in_flight=load)
+
+    def _background_deadline(self) -> float:
+        return self._clock.monotonic() + MIN_REPLICA_WAIT
+
+    # shutdown
+
+    async def close(self) -> None:
+        """Close the gate, cancel every start in admission, stop every replica."""
+        self._closed = True
+        pools = self._index.pools()
+        pending = []
+        for pool in pools:
+            pool.cancel_pending(SHUTTING_DOWN)
+            pending += pool.pending_tasks()
+        live = self._index.live()
+        await asyncio.gather(
+            *(self._stopper.stop(r, "shutdown", True, 0.0) for r in live),
+            *pending,
+            return_exceptions=True,
+        )
+
+
+async def wait_until(awaitable: Awaitable[T], deadline: float, clock: Clock, model: str) -> T:
+    """Await a shared start without cancelling it when this caller's deadline passes."""
+    remaining = deadline - clock.monotonic()
+    if remaining <= 0:
+        raise DeadlineExceeded(f"deadline passed before model {model!r} was ready")
+    try:
+        return await asyncio.wait_for(asyncio.shield(awaitable), remaining)
+    except TimeoutError:
+        raise DeadlineExceeded(
+            f"model {model!r} was not ready within the deadline; it is still starting and "
+            "later requests will use it"
+        ) from None
