@@ -253,7 +253,7 @@ class RouterMachine(RuleBasedStateMachine):
         self.background(self.h.router.close())
         pending = [w for w in self.waiters if not w.done()]
         if pending:
-            done, still = self.run(asyncio.wait(pending, timeout=10))
+            _, still = self.run(asyncio.wait(pending, timeout=10))
             assert not still, f"{len(still)} waiters were never answered"
         self.nothing_created_after_close()
         for replica in self.h.made:
