@@ -395,3 +395,26 @@ async def test_probe_and_kill(harness: Harness) -> None:
     assert await replica.wait_terminal() is S.FAILED
     assert "SIGKILL" in replica.last_error
     assert not await replica.probe(1.0)
+
+
+async def test_stop_returns_when_cleaning_up_after_a_crash_fails(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defect 9: a crash whose clean-up raised left `_terminal` unset, so stop() hung."""
+    replica = harness.replica()
+    await replica.ensure_ready()
+    real_finish = replica._finish_child
+    failed = asyncio.Event()
+
+    async def failing_finish(child: Any) -> list[int]:
+        failed.set()
+        monkeypatch.setattr(replica, "_finish_child", real_finish)
+        raise OSError("injected: the process table could not be read")
+
+    monkeypatch.setattr(replica, "_finish_child", failing_finish)
+    assert replica.pid is not None
+    os.kill(replica.pid, signal.SIGKILL)
+    await asyncio.wait_for(failed.wait(), 10)
+
+    await asyncio.wait_for(replica.stop("test", drain_timeout=0), 10)
+    assert await asyncio.wait_for(replica.wait_terminal(), 1) is S.FAILED

@@ -529,14 +529,20 @@ class Replica:
 
     async def _crashed(self, child: Child, code: int) -> None:
         reason = describe_exit(code)
-        await self._transition(
-            S.FAILED,
-            reason,
-            last_error=self._with_stderr(f"{self._name()} {reason}"),
-            settled=False,
-        )
-        await self._finish_child(child)
-        self._terminal.set()
+        # Whatever goes wrong while cleaning up, stop() and wait_terminal() wait on
+        # `_terminal`: leaving it unset would hang them forever.
+        try:
+            await self._transition(
+                S.FAILED,
+                reason,
+                last_error=self._with_stderr(f"{self._name()} {reason}"),
+                settled=False,
+            )
+            await self._finish_child(child)
+        except Exception:
+            self._log.exception("replica_crash_cleanup_failed", pid=child.pid)
+        finally:
+            self._terminal.set()
 
     # stop
 
