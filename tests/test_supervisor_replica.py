@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 import uvloop
 
 from modeld.clock import SystemClock
@@ -251,9 +252,13 @@ async def test_retries_on_another_port_when_the_first_is_taken(harness: Harness)
 
 
 async def test_progress_extends_the_ready_deadline(harness: Harness) -> None:
-    replica = harness.replica("--start-delay", "1.5", ready_timeout=0.5)
+    # ready_timeout leaves room for the interpreter to start on a loaded machine (no
+    # output until then); the backend then prints progress for longer than that.
+    replica = harness.replica("--start-delay", "3", ready_timeout=2.0)
     await replica.ensure_ready()
     assert replica.state is S.READY
+    assert replica.started_at is not None and replica.ready_at is not None
+    assert replica.ready_at - replica.started_at > 2.0
 
 
 async def test_silent_backend_fails_after_ready_timeout(harness: Harness) -> None:
@@ -418,3 +423,28 @@ async def test_stop_returns_when_cleaning_up_after_a_crash_fails(
 
     await asyncio.wait_for(replica.stop("test", drain_timeout=0), 10)
     assert await asyncio.wait_for(replica.wait_terminal(), 1) is S.FAILED
+
+
+async def test_a_crash_after_a_route_is_logged_under_the_replica_not_the_route(
+    harness: Harness,
+) -> None:
+    """Defect 10: the exit watch was started inside the Route that caused the start, so a
+    crash logged long after it carried that Route's request id."""
+    with structlog.testing.capture_logs(
+        processors=[structlog.contextvars.merge_contextvars]
+    ) as logged:
+        replica = harness.replica()
+
+        async def route() -> None:
+            structlog.contextvars.bind_contextvars(request_id="route-1", method="Route")
+            await replica.ensure_ready()
+
+        await asyncio.create_task(route())
+        sub = harness.bus.subscribe()
+        assert replica.pid is not None
+        os.kill(replica.pid, signal.SIGKILL)
+        await next_event(sub, S.FAILED, limit_s=10)
+
+    [crash] = [e for e in logged if e.get("to_state") == "FAILED"]
+    assert crash["replica_id"] == replica.id
+    assert "request_id" not in crash and "method" not in crash, crash
