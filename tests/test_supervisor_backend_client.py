@@ -54,14 +54,16 @@ async def test_http_health_respects_its_deadline() -> None:
         loop = asyncio.get_running_loop()
         began = loop.time()
         assert not await HttpBackend("127.0.0.1", port, "/").health(0.1)
-        assert loop.time() - began < 1.0
+        # Without the deadline it would wait for the silent server forever.
+        assert loop.time() - began < 10.0
 
 
 async def test_grpc_health_of_a_closed_port_is_false_and_quick() -> None:
     loop = asyncio.get_running_loop()
     began = loop.time()
-    assert not await grpc_health_once(f"127.0.0.1:{free_port('127.0.0.1')}", 2.0)
-    assert loop.time() - began < 1.0
+    # Refused at once, not waited out until the deadline (generous for a loaded machine).
+    assert not await grpc_health_once(f"127.0.0.1:{free_port('127.0.0.1')}", 30.0)
+    assert loop.time() - began < 10.0
 
 
 async def test_grpc_calls_against_the_echo_backend(echo: BackendProc) -> None:
