@@ -16,11 +16,15 @@ from modeld._proto.backend import backend_pb2_grpc as pb_grpc
 
 # gRPC's default reconnect backoff (1 s, growing) would make a probe sent a few
 # ms before the backend listens wait a second; the daemon paces probes itself.
-# A local subchannel pool keeps a new channel from inheriting another's backoff,
-# and a backend on loopback is never reached through an HTTP proxy.
+# min_reconnect_backoff_ms is not a backoff floor: gRPC gives each connection
+# attempt that long to finish its handshake, so a short one fails calls to a
+# backend that is merely slow to answer (a loaded machine); every call has its
+# own deadline anyway. A local subchannel pool keeps a new channel from
+# inheriting another's backoff, and a backend on loopback is never reached
+# through an HTTP proxy.
 _CHANNEL_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 5),
-    ("grpc.min_reconnect_backoff_ms", 5),
+    ("grpc.min_reconnect_backoff_ms", 20_000),
     ("grpc.max_reconnect_backoff_ms", 250),
     ("grpc.use_local_subchannel_pool", 1),
     ("grpc.enable_http_proxy", 0),
