@@ -172,7 +172,8 @@ async def test_exit_during_start_fails_at_once_with_stderr(harness: Harness) -> 
         await replica.ensure_ready()
     elapsed = time.monotonic() - began
 
-    assert elapsed < 5.0, f"took {elapsed:.1f}s; ready_timeout was 30s"
+    # Far below ready_timeout (30 s): the exit ended the wait, not the deadline.
+    assert elapsed < 15.0, f"took {elapsed:.1f}s; ready_timeout was 30s"
     message = str(failure.value)
     assert "exiting on purpose" in message
     assert "phase ready" in message and "exited with code 7" in message
@@ -267,11 +268,12 @@ async def test_silent_backend_fails_after_ready_timeout(harness: Harness) -> Non
     silent = ("{python}", "-c", "import time; time.sleep(30)")
     replica = harness.replica(command=silent, ready_timeout=0.5)
     began = time.monotonic()
-    with pytest.raises(Unavailable, match="phase ready"):
+    with pytest.raises(Unavailable, match=r"phase ready.*no progress for ready_timeout 0\.5s"):
         await replica.ensure_ready()
     elapsed = time.monotonic() - began
 
-    assert 0.4 < elapsed < 2.0
+    # Given up after ready_timeout, and long before the process itself would end (30 s).
+    assert 0.5 <= elapsed < 15.0
     assert replica.pid is not None and not pid_alive(replica.pid)
 
 
