@@ -4,6 +4,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from latency_figures import render as latency_lines
+
 HEADLINE_CONCURRENCY = "16"
 
 
@@ -136,6 +138,7 @@ def render(results: dict[str, Any], checks: list[Target]) -> str:
     )
     lines += _section(results, "cold_start", f"3. Cold start ({setup['model']})", _cold)
     lines += _section(results, "coalesce", "4. Concurrent Routes on a cold model", _coalesce)
+    lines += _section(results, "latency", "5. Latency figures (tests assert order)", latency_lines)
     lines += ["\nTargets", f"  {'figure':<44}{'value':>10}  {'target':<8}"]
     for t in checks:
         value = "ERROR" if t.value is None else f"{t.value:.3g}"

@@ -10,7 +10,9 @@ subprocesses; this process is the client. It measures:
 2. cold start: Route on an unloaded model until the lease, minus the backend's own
    spawn-to-listening and LoadModel time (it reports both in Status);
 3. N concurrent Routes on an unloaded model: spawns seen on WatchEvents (must be 1)
-   and the time until every Route has its lease.
+   and the time until every Route has its lease;
+4. the latency figures of bench/latency_figures.py (crash → FAILED, Health during
+   an output flood, Ping with stalled followers), on a daemon of their own.
 
 Prints a table with the targets (MISSED where one is missed), writes JSON to
 bench/results/route_bench.json, and exits 0 unless something could not be measured.
@@ -33,6 +35,7 @@ from typing import Any
 import grpc
 import uvloop
 
+import latency_figures
 from harness import (
     CALL_LIMIT_S,
     BenchError,
@@ -275,6 +278,7 @@ async def measure(daemon: Server, reference: Server, args: argparse.Namespace) -
     results["cold_start"] = await section("cold start", cold_starts(daemon.stub, args.cold_runs))
     work = coalesced_cold_routes(daemon.stub, args.cold_routes)
     results["coalesce"] = await section("coalescing", work)
+    results["latency"] = await section("latency figures", latency_figures.measure())
     return results
 
 

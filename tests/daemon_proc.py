@@ -6,12 +6,18 @@
 The config is written to a file under tmp_path; the daemon's JSON log lines are
 drained continuously into `d.log` (parsed dicts), and readiness is awaited on
 the standard gRPC health check with a deadline.
+
+Every backend the daemon ran is remembered (its "spawned pid N" log lines, and
+the daemon's descendants when it is stopped): `d.stop()` fails the test when any
+of them, or any process of their sessions, outlives the daemon, and
+`running_daemon` also fails it when the daemon did not exit with `exit_code`.
 """
 
 import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -23,6 +29,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from backend_proc import free_port
 from modeld._proto.modeld.v1 import modeld_pb2_grpc
+
+# After the daemon exits, how long its backends may take to go (PR_SET_PDEATHSIG
+# kills them asynchronously when the daemon itself was killed).
+BACKENDS_GONE_S = 5.0
+_SPAWNED = re.compile(r"spawned pid (\d+)")
 
 # The demo backend and model most end-to-end tests run; append to it for more.
 ECHO_CATALOG = """
@@ -60,6 +71,9 @@ class DaemonProc:
         self.config = config
         self.log: list[dict[str, Any]] = []
         self.raw: list[str] = []
+        # Every backend process this daemon is known to have started: pid -> start time
+        # (pids are reused quickly on a busy machine, pid_max is often 32768).
+        self.backends: dict[int, int] = {}
         self._changed = asyncio.Condition()
         self._pump = asyncio.create_task(self._drain())
         self.channel = (
@@ -73,7 +87,9 @@ class DaemonProc:
             line = raw.decode(errors="replace").rstrip("\n")
             self.raw.append(line)
             with contextlib.suppress(ValueError):
-                self.log.append(json.loads(line))
+                entry = json.loads(line)
+                self.log.append(entry)
+                self._note_spawn(entry)
             async with self._changed:
                 self._changed.notify_all()
 
@@ -107,16 +123,51 @@ class DaemonProc:
         exited.cancel()
         assert check.result().status == health_pb2.HealthCheckResponse.SERVING
 
+    def _note_spawn(self, entry: dict[str, Any]) -> None:
+        spawned = _SPAWNED.fullmatch(str(entry.get("reason", "")))
+        if entry.get("event") == "replica_state" and spawned:
+            self._note(int(spawned[1]))
+
+    def _note_descendants(self) -> None:
+        """Backends whose spawn was not logged (a start retried on another port)."""
+        for pid in descendants(self.proc.pid):
+            self._note(pid)
+
+    def _note(self, pid: int) -> None:
+        fields = _stat_fields(pid)
+        if fields is not None and pid not in self.backends:
+            self.backends[pid] = int(fields[_START])
+
     async def stop(self, sig: int = signal.SIGTERM, limit_s: float = 20.0) -> int:
+        """Signal the daemon, wait for its exit code, and fail if a backend outlives it."""
         if self.proc.returncode is None:
+            self._note_descendants()
             self.proc.send_signal(sig)
-        code = await asyncio.wait_for(self.proc.wait(), limit_s)
-        await self.close()
+        try:
+            code = await asyncio.wait_for(self.proc.wait(), limit_s)
+        except TimeoutError:
+            raise AssertionError(
+                f"the daemon did not exit within {limit_s}s of signal {sig}; log tail:\n"
+                + "\n".join(self.raw[-30:])
+            ) from None
+        finally:
+            await self.close()
+        survivors = await self.surviving_backends()
+        for pid in survivors:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        assert not survivors, f"backend processes outlived the daemon: {survivors}"
         return code
+
+    async def surviving_backends(self) -> list[int]:
+        """Processes of the daemon's backends (their sessions included) still alive
+        once BACKENDS_GONE_S has passed since the daemon exited."""
+        return await wait_pids_gone(sessions_of(self.backends), BACKENDS_GONE_S)
 
     async def close(self) -> None:
         await self.channel.close()
         if self.proc.returncode is None:
+            self._note_descendants()
             self.proc.kill()
             await self.proc.wait()
         await self._pump
@@ -159,17 +210,74 @@ async def start_daemon(
 
 @contextlib.asynccontextmanager
 async def running_daemon(
-    tmp_path: Path, body: str = "", port: int | None = None
+    tmp_path: Path, body: str = "", port: int | None = None, *, exit_code: int = 0
 ) -> AsyncIterator[DaemonProc]:
+    """A serving daemon; at the end (unless the test failed) it is stopped with
+    SIGTERM, must exit with `exit_code` and leave no backend process behind."""
     config, addr = write_config(tmp_path, body, port)
     daemon = await start_daemon(config, addr)
     try:
         yield daemon
+        code = await daemon.stop()
+        assert code == exit_code, (
+            f"the daemon exited with {code}, not {exit_code}; log tail:\n"
+            + "\n".join(daemon.raw[-30:])
+        )
     finally:
-        if daemon.proc.returncode is None:
-            with contextlib.suppress(TimeoutError):
-                await daemon.stop()
         await daemon.close()
+
+
+# Indexes into /proc/PID/stat after the command name: state, ppid, pgrp, session, starttime.
+_STATE, _PPID, _PGRP, _SESSION, _START = 0, 1, 2, 3, 19
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _all_pids() -> list[int]:
+    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+
+
+def descendants(root: int) -> set[int]:
+    """Every process below `root` in the process tree now."""
+    children: dict[int, list[int]] = {}
+    for pid in _all_pids():
+        fields = _stat_fields(pid)
+        if fields is not None:
+            children.setdefault(int(fields[_PPID]), []).append(pid)
+    found: set[int] = set()
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def sessions_of(started: dict[int, int]) -> list[int]:
+    """Live processes that are one of `started` (pid -> start time), or in a process
+    group or session one of them leads (every backend leads its own session and its
+    workers stay in it). A pid now held by a newer process names someone else: Linux
+    reuses a pid only once no group or session of that number is left."""
+    if not started:
+        return []
+    table = {pid: fields for pid in _all_pids() if (fields := _stat_fields(pid)) is not None}
+    ours = {
+        pid
+        for pid, start in started.items()
+        if pid not in table or int(table[pid][_START]) == start
+    }
+    return [
+        pid
+        for pid, fields in table.items()
+        if fields[_STATE] != "Z"
+        and (pid in ours or int(fields[_PGRP]) in ours or int(fields[_SESSION]) in ours)
+    ]
 
 
 def pids_alive(pids: list[int]) -> list[int]:

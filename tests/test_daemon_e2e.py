@@ -157,7 +157,7 @@ backend = "stubborn"
 
 
 async def test_second_signal_exits_fast_and_leaves_no_backend(tmp_path: Path) -> None:
-    async with running_daemon(tmp_path, STUBBORN) as d:
+    async with running_daemon(tmp_path, STUBBORN, exit_code=130) as d:
         loaded = await d.stub.Load(pb.LoadRequest(model="stubborn"), timeout=30)
         pid = loaded.replicas[0].pid
         d.proc.send_signal(signal.SIGTERM)

@@ -81,7 +81,7 @@ async def test_stubborn_backend_and_its_grandchild_are_gone_after_unload(tmp_pat
 
 
 async def test_daemon_sigkill_leaves_no_backend(tmp_path: Path) -> None:
-    async with running_daemon(tmp_path, CATALOG) as d:
+    async with running_daemon(tmp_path, CATALOG, exit_code=-signal.SIGKILL) as d:
         loaded = await d.stub.Load(pb.LoadRequest(model="echo", replicas=3), timeout=30)
         pids = [r.pid for r in loaded.replicas]
         assert len(pids_alive(pids)) == 3
@@ -90,28 +90,27 @@ async def test_daemon_sigkill_leaves_no_backend(tmp_path: Path) -> None:
         assert await wait_pids_gone(pids, 2) == []
 
 
-async def test_crash_is_failed_and_an_event_within_500ms(tmp_path: Path) -> None:
+async def test_crash_is_failed_and_an_event_without_any_request(tmp_path: Path) -> None:
+    """The exit watch notices a crash by itself: no RPC (and so no health probe) runs
+    between the kill and the FAILED event. How fast is a `make bench` figure
+    (bench/latency_figures.py), not an assertion."""
     async with running_daemon(tmp_path, CATALOG) as d:
+        events = d.stub.WatchEvents(pb.WatchEventsRequest(model="echo"))
         loaded = await d.stub.Load(pb.LoadRequest(model="echo"), timeout=30)
         replica = loaded.replicas[0]
-        events = d.stub.WatchEvents(pb.WatchEventsRequest(model="echo"))
-
-        async def failed() -> pb.Event:
+        async with asyncio.timeout(10):
+            # Seeing the READY event proves the stream was open before the kill.
+            async for event in events:
+                if event.to_state == pb.READY and event.replica_id == replica.id:
+                    break
+            os.kill(replica.pid, signal.SIGKILL)
             async for event in events:
                 if event.to_state == pb.FAILED and event.replica_id == replica.id:
-                    return event
-            raise AssertionError("event stream ended")
-
-        waiter = asyncio.ensure_future(failed())
-        await asyncio.sleep(0)  # let the stream open before the crash
-        killed = time.monotonic()
-        os.kill(replica.pid, signal.SIGKILL)
-        event = await asyncio.wait_for(waiter, 0.5)
+                    break
         events.cancel()
         assert "signal" in event.reason.lower()
         listed = await d.stub.ListReplicas(pb.ListReplicasRequest(model="echo"))
         assert [r.state for r in listed.replicas if r.id == replica.id] == [pb.FAILED]
-        assert time.monotonic() - killed < 0.5
 
 
 async def test_output_flood_with_a_stalled_follower(tmp_path: Path) -> None:
@@ -128,8 +127,9 @@ async def test_output_flood_with_a_stalled_follower(tmp_path: Path) -> None:
             if tail == ["flood line 99999"]:
                 break
         assert tail == ["flood line 99999"], tail
+        # Every Health was answered within its 5 s deadline; the latency itself is a
+        # `make bench` figure (bench/latency_figures.py), not an assertion.
         print(f"flood: worst Health latency {worst * 1000:.1f} ms")
-        assert worst < 0.05, f"Health took {worst * 1000:.1f} ms during the flood"
         texts = []
         async for line in follower:
             texts.append(line.text)

@@ -122,6 +122,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzDaemon]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        assert proc.returncode == 0, f"the fuzzed daemon exited with {proc.returncode}"
 
 
 # Strategies, built from the descriptors so that every field of every request is

@@ -4,9 +4,10 @@ import asyncio
 import sqlite3
 from pathlib import Path
 
+import aiosqlite
 import pytest
 
-from modeld.errors import RegistryError
+from modeld.errors import RegistryError, Unavailable
 from modeld.ops.events import Event
 from modeld.spec import ModelSpec
 from modeld.state import ReplicaState
@@ -89,3 +90,29 @@ async def test_non_database_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(RegistryError, match="not a SQLite database"):
         await Registry.open(path)
     assert path.read_bytes() == b"definitely not sqlite" * 100
+
+
+async def test_a_write_past_the_queue_bound_fails_fast_naming_the_limit(tmp_path: Path) -> None:
+    """Issue 10 defect 11: the writer's queue was unbounded, so a stalled disk let
+    writes (and their callers) pile up without limit."""
+    reg = await Registry.open(tmp_path / "m.db", max_queued_writes=2)
+    held = asyncio.Event()
+    writing = asyncio.Event()
+
+    async def stall(db: object) -> None:
+        writing.set()
+        await held.wait()
+
+    async def insert(db: aiosqlite.Connection) -> None:
+        await db.execute("INSERT OR REPLACE INTO settings (key, value) VALUES ('k', '1')")
+
+    first = reg.write(stall)
+    await writing.wait()
+    queued = [reg.write(insert), reg.write(stall)]
+    with pytest.raises(Unavailable, match=r"2 writes are queued.*max_queued_writes"):
+        reg.write(insert)
+    held.set()
+    await asyncio.gather(first, *queued)
+    assert [tuple(r) for r in await reg.query("SELECT key, value FROM settings")] == [("k", "1")]
+    await reg.write(insert)
+    await reg.close()

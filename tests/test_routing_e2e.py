@@ -141,13 +141,16 @@ async def test_an_unreleased_lease_expires_and_frees_the_slot(tmp_path: Path) ->
         expired = await next_event(
             events,
             lambda e: e.reason == "lease_expired" and e.replica_id == lease.replica_id,
-            limit_s=5,
+            limit_s=10,
         )
         waited = time.monotonic() - granted
         events.cancel()
         print(f"lease_ttl 500ms: lease_expired event after {waited * 1000:.0f} ms")
         assert expired.to_state == pb.READY
-        assert 0.4 <= waited < 2.0
+        # Not before its expiry time, both read on the daemon's clock (which takes the
+        # monotonic and the wall time of a grant a few microseconds apart).
+        early_ns = lease.lease_expires_at.ToNanoseconds() - expired.time.ToNanoseconds()
+        assert early_ns < 1_000_000, f"expired {early_ns / 1e6:.1f} ms early"
         logged = await d.wait_log(lambda e: e.get("event") == "lease_expired")
         assert logged["lease_id"] == lease.lease_id
         assert [r.in_flight for r in (await replicas(d, "short")).values()] == [0]
@@ -239,7 +242,7 @@ async def test_a_failed_cold_load_fails_every_route_alike_then_backs_off(
         assert "backing off after 1 failed start" in message
         assert "next attempt allowed in" in message
         assert "exiting on purpose with 7" in message
-        assert refused < 0.2 < start_time
+        # Refused from the backoff without another start (how fast: printed above).
         assert starts(tmp_path, "crashy") == 1
         assert len(await replicas(d, "crashy")) == 1
 
@@ -250,16 +253,30 @@ async def test_scale_up_starts_a_second_replica_while_the_first_serves(tmp_path:
         first = await d.stub.Route(pb.RouteRequest(model="elastic"), timeout=30)
         assert starts(tmp_path, "elastic") == 1
         events = d.stub.WatchEvents(pb.WatchEventsRequest(model="elastic"))
-        began = time.monotonic()
         second = await d.stub.Route(pb.RouteRequest(model="elastic"), timeout=30)
-        served_in = time.monotonic() - began
         assert second.replica_id == first.replica_id
         assert not second.cold_start
-        assert served_in < 0.4, f"the Route waited {served_in:.2f}s for the new replica"
         ready = await next_event(
             events, lambda e: e.to_state == pb.READY and e.replica_id != first.replica_id, 10
         )
         events.cancel()
+        # The daemon's own log is in the order things happened in it: the second Route
+        # was answered before the replica it caused to start was READY.
+        await d.wait_log(
+            lambda e: (
+                e.get("event") == "replica_state"
+                and e.get("replica_id") == ready.replica_id
+                and e.get("to_state") == "READY"
+            )
+        )
+        order = [
+            "route" if e.get("event") == "rpc" else "ready"
+            for e in d.log
+            if (e.get("event"), e.get("method")) == ("rpc", "Route")
+            or (e.get("event"), e.get("replica_id"), e.get("to_state"))
+            == ("replica_state", ready.replica_id, "READY")
+        ]
+        assert order[:3] == ["route", "route", "ready"], order
         third = await d.stub.Route(pb.RouteRequest(model="elastic"), timeout=10)
         assert third.replica_id == ready.replica_id
         fourth = await d.stub.Route(pb.RouteRequest(model="elastic"), timeout=10)

@@ -31,5 +31,7 @@ def test_short_chaos_soak_passes_every_check(tmp_path: Path) -> None:
     }
     assert result["requests_served"] > 0
     assert sum(result["faults_injected"].values()) > 0
-    assert result["min_in_flight_seen"] >= 0
+    # in_flight is clamped at zero by the daemon, so its minimum proves nothing; the
+    # soak's own checks (in `failures`) compare in_flight with the live leases.
+    assert result["replicas_started"] > 0 and result["backend_pids_seen"] > 0
     print("\n" + run.stdout)

@@ -1,7 +1,8 @@
 """The one place where domain errors become gRPC status codes.
 
-Every servicer method is wrapped by `unary` or `stream`: they bind a request id,
-log one canonical line per RPC, and turn a domain error into its status. An
+Every servicer method is wrapped by `unary` or `stream`; both run the call inside
+one `_Rpc`, which binds a request id, logs one canonical line per RPC, and turns a
+domain error into its status. An
 unexpected exception is logged with its traceback and reported as UNAVAILABLE
 with the request id, so a client never sees INTERNAL or a traceback. Request
 bytes that do not parse arrive as `Malformed` (see `convert.lenient`) and are
@@ -12,8 +13,8 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from functools import wraps
+from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
@@ -47,28 +48,71 @@ def status_of(exc: errors.ModeldError) -> grpc.StatusCode:
     return grpc.StatusCode.UNAVAILABLE
 
 
-@dataclass(frozen=True)
 class _Rpc:
-    method: str
-    request_id: str
-    # Read while the call is alive: the context of a finished (e.g. cancelled) call
-    # must not be touched, and peer() on one was seen to crash the process (SIGSEGV).
-    peer: str
-    started: float
+    """One call from start to end: binds its request id, logs one canonical line when
+    it ends, and is the only place an exception becomes a status (unary and stream)."""
+
+    __slots__ = ("_context", "_method", "_peer", "_started", "request_id")
+
+    def __init__(self, method: str, context: Ctx) -> None:
+        self.request_id = uuid.uuid4().hex[:16]
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=self.request_id, method=method)
+        self._method = method
+        self._context = context
+        # Read while the call is alive: the context of a finished (e.g. cancelled) call
+        # must not be touched, and peer() on one was seen to crash the process (SIGSEGV).
+        self._peer = context.peer()
+        self._started = time.perf_counter()
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        code = _code_of(exc)
+        try:
+            if code is None and isinstance(exc, Exception):
+                status, message = _reply_for(exc, self.request_id)
+                code = status.name
+                # Raises AbortError, which ends the call with this status.
+                await self._context.abort(status, message)
+        finally:
+            self._finish(code or "UNKNOWN")
+
+    def _finish(self, code: str) -> None:
+        log.debug(
+            "rpc",
+            method=self._method,
+            peer=self._peer,
+            code=code,
+            duration_ms=round((time.perf_counter() - self._started) * 1000, 3),
+        )
 
 
-def _begin(method: str, context: Ctx) -> _Rpc:
-    request_id = uuid.uuid4().hex[:16]
-    structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(request_id=request_id, method=method)
-    return _Rpc(method, request_id, context.peer(), time.perf_counter())
+def _code_of(exc: BaseException | None) -> str | None:
+    """The logged code of an outcome that needs no status of ours; None when it does."""
+    if exc is None:
+        return "OK"
+    if isinstance(exc, grpc.aio.AbortError):
+        return "ABORTED"
+    # GeneratorExit: gRPC closed a stream because the client went away.
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        return "CANCELLED"
+    if not isinstance(exc, Exception):
+        return type(exc).__name__
+    return None
 
 
 def _reply_for(exc: Exception, request_id: str) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, errors.ModeldError):
         code = status_of(exc)
         return code, str(exc) or code.name
-    log.exception("rpc_unexpected_error")
+    log.exception("rpc_unexpected_error", exc_info=exc)
     return (
         grpc.StatusCode.UNAVAILABLE,
         f"modeld hit an unexpected error (request {request_id}); see its log",
@@ -82,16 +126,6 @@ def _check_parsed(request: object) -> None:
         )
 
 
-def _finish(rpc: _Rpc, code: str) -> None:
-    log.debug(
-        "rpc",
-        method=rpc.method,
-        peer=rpc.peer,
-        code=code,
-        duration_ms=round((time.perf_counter() - rpc.started) * 1000, 3),
-    )
-
-
 def unary(
     fn: Callable[[S, Req, Ctx], Awaitable[Resp]],
 ) -> Callable[[S, Req, Ctx], Awaitable[Resp]]:
@@ -99,24 +133,9 @@ def unary(
 
     @wraps(fn)
     async def wrapper(self: S, request: Req, context: Ctx) -> Resp:
-        rpc = _begin(method, context)
-        code = "OK"
-        try:
+        async with _Rpc(method, context):
             _check_parsed(request)
             return await fn(self, request, context)
-        except grpc.aio.AbortError:
-            code = "ABORTED"
-            raise
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        except Exception as exc:
-            status, message = _reply_for(exc, rpc.request_id)
-            code = status.name
-            await context.abort(status, message)
-            raise
-        finally:
-            _finish(rpc, code)
 
     return wrapper
 
@@ -128,25 +147,10 @@ def stream(
 
     @wraps(fn)
     async def wrapper(self: S, request: Req, context: Ctx) -> AsyncIterator[Resp]:
-        rpc = _begin(method, context)
-        code = "OK"
-        try:
+        async with _Rpc(method, context):
             _check_parsed(request)
             async for item in fn(self, request, context):
                 yield item
-        except grpc.aio.AbortError:
-            code = "ABORTED"
-            raise
-        except (asyncio.CancelledError, GeneratorExit):
-            # GeneratorExit: gRPC closed the stream because the client went away.
-            code = "CANCELLED"
-            raise
-        except Exception as exc:
-            status, message = _reply_for(exc, rpc.request_id)
-            code = status.name
-            await context.abort(status, message)
-        finally:
-            _finish(rpc, code)
 
     return wrapper
 

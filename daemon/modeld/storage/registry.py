@@ -3,7 +3,9 @@
 One writer: every write is a job handed to a single writer task, which runs it as
 one `BEGIN IMMEDIATE` transaction on the write connection, so writes are
 serialized without any lock held by callers. Reads use a second connection
-(WAL lets them run beside the writer).
+(WAL lets them run beside the writer). At most `max_queued_writes` jobs wait for
+the writer: past that (a disk that stopped keeping up) a write fails at once
+with Unavailable instead of queueing its caller without limit.
 """
 
 import asyncio
@@ -29,6 +31,9 @@ from modeld.storage.migrations import APPLICATION_ID, MIGRATIONS
 T = TypeVar("T")
 log = structlog.get_logger(__name__)
 EVENTS_KEPT = 10_000
+# Far above what the daemon queues in normal work (a start writes a handful of rows);
+# reached only when the disk stalls while requests keep coming.
+MAX_QUEUED_WRITES = 1000
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _TERMINAL_VALUES = tuple(s.value for s in TERMINAL)
 _MOVE_ASIDE = (
@@ -76,12 +81,16 @@ class Registry:
         writer: aiosqlite.Connection,
         reader: aiosqlite.Connection,
         observe: Callable[[float], None] | None = None,
+        max_queued_writes: int = MAX_QUEUED_WRITES,
     ) -> None:
         self.path = path
         self._observe = observe
         self._writer = writer
         self._reader = reader
-        self._jobs: asyncio.Queue[tuple[Job, asyncio.Future[Any]] | None] = asyncio.Queue()
+        self._max_queued = max_queued_writes
+        self._jobs: asyncio.Queue[tuple[Job, asyncio.Future[Any]] | None] = asyncio.Queue(
+            max_queued_writes
+        )
         self._task = asyncio.create_task(self._run_writer(), name="registry-writer")
 
     @classmethod
@@ -91,6 +100,7 @@ class Registry:
         *,
         synchronous: str = "NORMAL",
         observe: Callable[[float], None] | None = None,
+        max_queued_writes: int = MAX_QUEUED_WRITES,
     ) -> "Registry":
         """Open (creating and migrating) the database; `observe` gets each write's seconds."""
         _refuse_non_sqlite(path)
@@ -109,7 +119,7 @@ class Registry:
         except BaseException:
             await writer.close()
             raise
-        return cls(path, writer, reader, observe)
+        return cls(path, writer, reader, observe, max_queued_writes)
 
     async def close(self) -> None:
         await self._jobs.put(None)
@@ -148,11 +158,19 @@ class Registry:
             with contextlib.suppress(sqlite3.Error):
                 await self._writer.execute("ROLLBACK")
 
-    async def write(self, job: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
-        """Run `job` as one serialized transaction and return its result."""
+    def write(self, job: Callable[[aiosqlite.Connection], Awaitable[T]]) -> "asyncio.Future[T]":
+        """Queue `job` to run as one serialized transaction; await the result.
+
+        Raises Unavailable at once when `max_queued_writes` jobs are already waiting.
+        """
+        if self._jobs.full():
+            raise Unavailable(
+                f"{self._max_queued} writes are queued for the registry at {self.path}, "
+                "its limit (max_queued_writes): the disk is not keeping up; retry later"
+            )
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        await self._jobs.put((job, fut))
-        return await fut
+        self._jobs.put_nowait((job, fut))
+        return fut
 
     async def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         try:

@@ -12,19 +12,23 @@ from typing import Protocol
 import grpc
 
 from modeld._proto.backend import backend_pb2 as pb
+from modeld._proto.backend import backend_pb2_grpc as pb_grpc
 
 # gRPC's default reconnect backoff (1 s, growing) would make a probe sent a few
 # ms before the backend listens wait a second; the daemon paces probes itself.
-# A local subchannel pool keeps a new channel from inheriting another's backoff,
-# and a backend on loopback is never reached through an HTTP proxy.
+# min_reconnect_backoff_ms is not a backoff floor: gRPC gives each connection
+# attempt that long to finish its handshake, so a short one fails calls to a
+# backend that is merely slow to answer (a loaded machine); every call has its
+# own deadline anyway. A local subchannel pool keeps a new channel from
+# inheriting another's backoff, and a backend on loopback is never reached
+# through an HTTP proxy.
 _CHANNEL_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 5),
-    ("grpc.min_reconnect_backoff_ms", 5),
+    ("grpc.min_reconnect_backoff_ms", 20_000),
     ("grpc.max_reconnect_backoff_ms", 250),
     ("grpc.use_local_subchannel_pool", 1),
     ("grpc.enable_http_proxy", 0),
 )
-_METHOD = "/backend.Backend/"
 
 
 class BackendCallError(Exception):
@@ -47,34 +51,13 @@ class GrpcBackend:
     def __init__(self, address: str) -> None:
         self.address = address
         self._channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
-        channel = self._channel
-        self._health: grpc.aio.UnaryUnaryMultiCallable[pb.HealthMessage, pb.Reply] = (
-            channel.unary_unary(
-                _METHOD + "Health",
-                request_serializer=pb.HealthMessage.SerializeToString,
-                response_deserializer=pb.Reply.FromString,
-            )
-        )
-        self._load: grpc.aio.UnaryUnaryMultiCallable[pb.ModelOptions, pb.Result] = (
-            channel.unary_unary(
-                _METHOD + "LoadModel",
-                request_serializer=pb.ModelOptions.SerializeToString,
-                response_deserializer=pb.Result.FromString,
-            )
-        )
-        self._free: grpc.aio.UnaryUnaryMultiCallable[pb.HealthMessage, pb.Result] = (
-            channel.unary_unary(
-                _METHOD + "Free",
-                request_serializer=pb.HealthMessage.SerializeToString,
-                response_deserializer=pb.Result.FromString,
-            )
-        )
+        stub = pb_grpc.BackendStub(self._channel)  # type: ignore[no-untyped-call]
+        # The generated stub is untyped; these annotations restore the message types.
+        self._health: grpc.aio.UnaryUnaryMultiCallable[pb.HealthMessage, pb.Reply] = stub.Health
+        self._load: grpc.aio.UnaryUnaryMultiCallable[pb.ModelOptions, pb.Result] = stub.LoadModel
+        self._free: grpc.aio.UnaryUnaryMultiCallable[pb.HealthMessage, pb.Result] = stub.Free
         self._status: grpc.aio.UnaryUnaryMultiCallable[pb.HealthMessage, pb.StatusResponse] = (
-            channel.unary_unary(
-                _METHOD + "Status",
-                request_serializer=pb.HealthMessage.SerializeToString,
-                response_deserializer=pb.StatusResponse.FromString,
-            )
+            stub.Status
         )
 
     async def health(self, limit_s: float) -> bool:

@@ -115,9 +115,15 @@ def exit_failure(child: Child, phase: str) -> StartFailed:
 
 
 async def _pause(output: LogSubscription, delay: float) -> None:
+    """`delay`, cut short by new output (but not below the output gap)."""
     loop = asyncio.get_running_loop()
     began = loop.time()
-    with contextlib.suppress(TimeoutError, StopAsyncIteration):
+    with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(delay):
-            await anext(output)
+            try:
+                await anext(output)
+            except StopAsyncIteration:
+                # The output ended (the log store closes first at shutdown): no line
+                # will cut this pause short, and returning now would probe in a loop.
+                await asyncio.sleep(delay)
             await asyncio.sleep(max(0.0, began + PROBE_OUTPUT_GAP_S - loop.time()))

@@ -15,13 +15,15 @@ Three tasks may act on a replica, and each owns a slice of its life:
 """
 
 import asyncio
+import contextvars
 import os
 import shlex
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import structlog
 
@@ -52,6 +54,7 @@ from modeld.supervisor.process import Spawner, free_port, proc_start_time
 from modeld.supervisor.readiness import StartFailed, StartRace, StopRequested, exit_failure
 
 S = ReplicaState
+T = TypeVar("T")
 log = structlog.get_logger(__name__)
 
 FREE_LIMIT_S = 2.0
@@ -215,7 +218,7 @@ class Replica:
         if self._start_task is None:
             if self._stop_requested.is_set() or self._state in TERMINAL:
                 raise Unavailable(f"{self._name()} is {self._state.value}; it will not start")
-            self._start_task = asyncio.create_task(self._start(), name=f"start-{self._id}")
+            self._start_task = self._background(self._start(), f"start-{self._id}")
             self._start_task.add_done_callback(_retrieve)
         await asyncio.shield(self._start_task)
         if self._state is not S.READY:
@@ -240,8 +243,8 @@ class Replica:
             self._unresponsive = True
         if self._stop_task is None:
             self._stop_requested.set()
-            self._stop_task = asyncio.create_task(
-                self._stop(reason, drain_timeout), name=f"stop-{self._id}"
+            self._stop_task = self._background(
+                self._stop(reason, drain_timeout), f"stop-{self._id}"
             )
             self._stop_task.add_done_callback(_retrieve)
         await asyncio.shield(self._stop_task)
@@ -277,6 +280,14 @@ class Replica:
         """STOPPED or FAILED, once reached and every process of the replica is gone."""
         await self._terminal.wait()
         return self._state
+
+    def _background(self, work: Coroutine[Any, Any, T], name: str) -> "asyncio.Task[T]":
+        """A task of this replica's own: it outlives the RPC that happened to cause it
+        (and is shared by every later caller), so it runs in a fresh context bound to
+        the replica instead of inheriting that RPC's request id."""
+        context = contextvars.Context()
+        context.run(structlog.contextvars.bind_contextvars, replica_id=self._id, model=self.model)
+        return context.run(asyncio.create_task, work, name=name)
 
     # the one place the state changes
 
@@ -441,10 +452,13 @@ class Replica:
         )
         max_line = self._backend.max_output_line
         child.pumps = [
-            asyncio.create_task(self._deps.logs.pump(self._id, name, pipe, max_line=max_line))
+            self._background(
+                self._deps.logs.pump(self._id, name, pipe, max_line=max_line),
+                f"{name}-{self._id}",
+            )
             for name, pipe in ((STDOUT, proc.stdout), (STDERR, proc.stderr))
         ]
-        child.watch = asyncio.create_task(self._watch_exit(child), name=f"exit-{self._id}")
+        child.watch = self._background(self._watch_exit(child), f"exit-{self._id}")
         self._child = child
         self._deps.logs.note(self._id, f"spawned pid {proc.pid}: {shlex.join(argv)}")
         await self._record_spawn(child)
@@ -524,14 +538,20 @@ class Replica:
 
     async def _crashed(self, child: Child, code: int) -> None:
         reason = describe_exit(code)
-        await self._transition(
-            S.FAILED,
-            reason,
-            last_error=self._with_stderr(f"{self._name()} {reason}"),
-            settled=False,
-        )
-        await self._finish_child(child)
-        self._terminal.set()
+        # Whatever goes wrong while cleaning up, stop() and wait_terminal() wait on
+        # `_terminal`: leaving it unset would hang them forever.
+        try:
+            await self._transition(
+                S.FAILED,
+                reason,
+                last_error=self._with_stderr(f"{self._name()} {reason}"),
+                settled=False,
+            )
+            await self._finish_child(child)
+        except Exception:
+            self._log.exception("replica_crash_cleanup_failed", pid=child.pid)
+        finally:
+            self._terminal.set()
 
     # stop
 
