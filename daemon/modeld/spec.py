@@ -64,6 +64,8 @@ class BackendSpec:
     stop_grace: float = 10.0
     max_output_line: int = 8192
     start_attempts: int = 3
+    # A replica that dies sooner than this after READY counts as a failed start (backoff).
+    crash_loop_window: float = 30.0
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,13 @@ but every LoadModel first prints two lines on stdout:
     ModelOptions: {...}                       # every field that is set, as JSON
 
 so a test can check, through the daemon's log stream, what reached the backend.
+The option `crash_after_load:SECONDS` makes it exit with code 3 that long after a
+successful load: a backend that crash-loops right after READY.
 """
 
 import asyncio
 import json
+import os
 import sys
 
 import grpc
@@ -37,10 +40,19 @@ class OptionsBackend(echo.EchoBackend):
         request: pb.ModelOptions,
         context: grpc.aio.ServicerContext[pb.ModelOptions, pb.Result],
     ) -> pb.Result:
-        print(f"Parsed options: {json.dumps(parse_options(list(request.Options)))}", flush=True)
+        options = parse_options(list(request.Options))
+        print(f"Parsed options: {json.dumps(options)}", flush=True)
         fields = MessageToDict(request, preserving_proto_field_name=True)
         print(f"ModelOptions: {json.dumps(fields, sort_keys=True)}", flush=True)
-        return await super().LoadModel(request, context)
+        result = await super().LoadModel(request, context)
+        if result.success and "crash_after_load" in options:
+            asyncio.get_running_loop().call_later(float(options["crash_after_load"]), crash)
+        return result
+
+
+def crash() -> None:
+    print("fatal: crashing after the load, on purpose", file=sys.stderr, flush=True)
+    os._exit(3)
 
 
 async def serve(flags: echo.Flags) -> int:

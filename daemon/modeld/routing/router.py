@@ -20,6 +20,7 @@ from modeld.errors import DeadlineExceeded, FailedPrecondition, NotFound, Unavai
 from modeld.info import ReplicaInfo
 from modeld.ops.events import Event, EventBus
 from modeld.ops.metrics import Metrics
+from modeld.policy.backoff import BackoffPolicy
 from modeld.policy.eviction import Eviction
 from modeld.policy.picker import pick_replica
 from modeld.policy.view import HostView, ReplicaView
@@ -112,8 +113,14 @@ class Router:
     def pool(self, model: str) -> ModelPool:
         pool = self._pools.get(model)
         if pool is None:
-            pool = self._pools[model] = ModelPool(model, self._clock, self._factory, self._admit)
+            pool = self._pools[model] = ModelPool(
+                model, self._clock, self._factory, self._admit, self._backoff_policy
+            )
         return pool
+
+    def _backoff_policy(self, spec: ModelSpec) -> BackoffPolicy:
+        window = self._catalog.backend(spec.backend).crash_loop_window
+        return BackoffPolicy(crash_loop_window=window)
 
     def pools(self) -> Iterable[ModelPool]:
         return self._pools.values()
@@ -486,7 +493,7 @@ class Router:
         if pool is None:
             return
         if event.to_state is ReplicaState.FAILED and event.from_state in _CRASH_SOURCES:
-            pool.note_crash(event.reason)
+            pool.note_crash(event.reason, event.replica_id)
             self.counters["crashes"] += 1
         self._prober.forget(event.replica_id)
         pool.prune()
