@@ -53,7 +53,8 @@ async def test_a_caller_whose_deadline_reaches_past_the_backoff_waits_it_out(
             await h.router.route("m", h.deadline())
         waiting = asyncio.ensure_future(h.router.route("m", h.deadline(30)))
         joined = asyncio.ensure_future(h.router.route("m", h.deadline(30)))
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one step: both Routes reach the shared start
+        assert h.router.pool("m").pending() == 1
         # A caller that cannot wait 1 s is refused even while others wait.
         with pytest.raises(Unavailable, match="next attempt at"):
             await h.router.route("m", h.deadline(0.9))
