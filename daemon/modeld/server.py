@@ -32,6 +32,7 @@ from modeld.ops.logstore import LogStore
 from modeld.ops.metrics import Metrics, MetricsServer
 from modeld.ops.notify import Notifier
 from modeld.ops.observer import Observer
+from modeld.policy.backoff import BackoffPolicy
 from modeld.routing.probe import ProbeCache
 from modeld.routing.router import Router
 from modeld.spec import ModelSpec
@@ -158,6 +159,9 @@ class Daemon:
             backend = catalog.backend(spec.backend)
             return Replica(uuid.uuid4().hex[:12], spec, backend, deps, gpu_ids=gpu_ids)
 
+        def backoff_policy(spec: ModelSpec) -> BackoffPolicy:
+            return BackoffPolicy(crash_loop_window=catalog.backend(spec.backend).crash_loop_window)
+
         admission: list[Admission] = []
 
         async def admit(spec: ModelSpec, deadline: float) -> tuple[int, ...]:
@@ -173,6 +177,7 @@ class Daemon:
             prober=ProbeCache(self.clock, lambda: settings.current.probe_ttl),
             metrics=self.metrics,
             flush=self.registry.flush_counters,
+            backoff_policy=backoff_policy,
         )
         admission.append(
             Admission(clock=self.clock, reader=self.reader, settings=settings, evictor=router)

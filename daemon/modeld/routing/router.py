@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TypeVar
 
 import structlog
@@ -20,6 +20,7 @@ from modeld.errors import DeadlineExceeded, FailedPrecondition, NotFound, Unavai
 from modeld.info import ReplicaInfo
 from modeld.ops.events import Event, EventBus
 from modeld.ops.metrics import Metrics
+from modeld.policy.backoff import DEFAULT as DEFAULT_BACKOFF
 from modeld.policy.backoff import BackoffPolicy
 from modeld.policy.eviction import Eviction
 from modeld.policy.picker import pick_replica
@@ -59,6 +60,7 @@ class Router:
         metrics: Metrics | None = None,
         flush: Flush | None = None,
         flush_interval: float = FLUSH_INTERVAL_S,
+        backoff_policy: Callable[[ModelSpec], BackoffPolicy] = lambda _: DEFAULT_BACKOFF,
     ) -> None:
         self._clock = clock
         self._catalog = catalog
@@ -70,6 +72,7 @@ class Router:
         self._metrics = metrics
         self._flush = flush
         self._flush_interval = flush_interval
+        self._backoff_policy = backoff_policy
         self._pools: dict[str, ModelPool] = {}
         self._leases = LeaseTable()
         self._wake = asyncio.Event()
@@ -117,10 +120,6 @@ class Router:
                 model, self._clock, self._factory, self._admit, self._backoff_policy
             )
         return pool
-
-    def _backoff_policy(self, spec: ModelSpec) -> BackoffPolicy:
-        window = self._catalog.backend(spec.backend).crash_loop_window
-        return BackoffPolicy(crash_loop_window=window)
 
     def pools(self) -> Iterable[ModelPool]:
         return self._pools.values()
