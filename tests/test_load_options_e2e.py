@@ -1,6 +1,7 @@
 """Load options reach a LocalAI-style backend: documented names as typed ModelOptions
 fields, every other option as a "key:value" entry of Options (real daemon, real backend)."""
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -46,10 +47,25 @@ options = {{ {table} }}
 """
 
 
-async def backend_lines(stub: Any, prefix: str) -> list[str]:
-    request = pb.StreamLogsRequest(model="opts", tail=1000)
-    lines = [line.text async for line in stub.StreamLogs(request)]
-    return [line.removeprefix(prefix) for line in lines if line.startswith(prefix)]
+async def backend_lines(stub: Any, *prefixes: str) -> list[str]:
+    """The first line starting with each prefix (prefix removed), waiting for them:
+    the backend's output reaches the daemon's log ring a little after Load returns."""
+    found: dict[str, str] = {}
+    stream = stub.StreamLogs(pb.StreamLogsRequest(model="opts", tail=1000, follow=True))
+
+    async def collect() -> None:
+        async for line in stream:
+            for prefix in prefixes:
+                if line.text.startswith(prefix) and prefix not in found:
+                    found[prefix] = line.text.removeprefix(prefix)
+            if len(found) == len(prefixes):
+                return
+
+    try:
+        await asyncio.wait_for(collect(), 30)
+    finally:
+        stream.cancel()
+    return [found[prefix] for prefix in prefixes]
 
 
 async def test_every_documented_option_reaches_the_backend_typed_or_not(tmp_path: Path) -> None:
@@ -60,8 +76,7 @@ async def test_every_documented_option_reaches_the_backend_typed_or_not(tmp_path
         options[name], expected[field.name] = sample(name, field.kind, index)
     async with running_daemon(tmp_path, catalog(options)) as d:
         await d.stub.Load(pb.LoadRequest(model="opts", replicas=1), timeout=60)
-        [parsed] = await backend_lines(d.stub, "Parsed options: ")
-        [received] = await backend_lines(d.stub, "ModelOptions: ")
+        parsed, received = await backend_lines(d.stub, "Parsed options: ", "ModelOptions: ")
     assert json.loads(parsed) == UNTYPED
     fields = json.loads(received)
     for field, value in expected.items():
