@@ -56,12 +56,15 @@ def crash() -> None:
 
 
 async def serve(flags: echo.Flags) -> int:
+    stop = asyncio.Event()
+    echo.install_signal_handlers(stop, ignore_sigterm=False)
     server = grpc.aio.server()
     pb_grpc.add_BackendServicer_to_server(OptionsBackend(flags), server)  # type: ignore[no-untyped-call]
     server.add_insecure_port(flags.addr)
     await server.start()
     print(f"options_backend listening addr={flags.addr}", file=sys.stderr, flush=True)
-    await server.wait_for_termination()
+    await stop.wait()
+    await server.stop(echo.STOP_GRACE_S)
     return 0
 
 
