@@ -4,6 +4,7 @@ with growing delays, and only a caller whose deadline ends first is refused."""
 
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -53,13 +54,17 @@ async def test_route_and_load_right_after_a_ready_replica_is_killed_succeed(
     async with running_daemon(tmp_path, STABLE) as d:
         first = await d.stub.Route(pb.RouteRequest(model="echo"), timeout=30)
         await kill_replica(d, first.replica_id)
+        began = time.monotonic()
         second = await d.stub.Route(pb.RouteRequest(model="echo"), timeout=30)
+        routed_s = time.monotonic() - began
         assert second.replica_id != first.replica_id
         assert second.cold_start
         await d.stub.Release(pb.ReleaseRequest(lease_id=second.lease_id))
 
         await kill_replica(d, second.replica_id)
+        began = time.monotonic()
         loaded = await d.stub.Load(pb.LoadRequest(model="echo", replicas=1), timeout=30)
+        print(f"after SIGKILL: Route {routed_s:.2f}s, Load {time.monotonic() - began:.2f}s")
         ready = [r for r in loaded.replicas if r.state == pb.READY]
         assert len(ready) == 1
         assert ready[0].id not in (first.replica_id, second.replica_id)
@@ -85,6 +90,7 @@ async def test_a_crash_loop_backs_off_with_growing_delays(tmp_path: Path) -> Non
         assert two["replica_id"] == second.replica_id
         assert 0 < one["retry_in_s"] < two["retry_in_s"]
         assert "crash loop" in two["reason"]
+        print(f"crash loop: backoff {one['retry_in_s']}s, then {two['retry_in_s']}s")
 
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await d.stub.Route(pb.RouteRequest(model="loop"), timeout=0.5)
