@@ -24,13 +24,15 @@ crash_loop_window = "0s"
 [models.echo]
 backend = "echo"
 """
+# The backend exits 0.5 s after each load: READY (and the lease) come first even on a
+# loaded machine, and the death is still well inside the 30 s crash-loop window.
 LOOPING = f"""
 [backends.looper]
 command = ["{{python}}", "{BACKEND}", "--addr", "{{addr}}"]
 stop_grace = "2s"
 [models.loop]
 backend = "looper"
-options = {{ crash_after_load = "0.3" }}
+options = {{ crash_after_load = "0.5" }}
 """
 
 
