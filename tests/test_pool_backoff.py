@@ -139,3 +139,21 @@ async def test_a_crash_soon_after_ready_is_a_crash_loop_with_growing_delays(
             h.clock.advance(delays[-1])
         assert delays == [1.0, 2.0, 4.0]
         assert len(h.made) == 3
+
+
+async def test_a_load_waits_out_the_backoff_or_is_refused_by_its_deadline(
+    tmp_path: Path,
+) -> None:
+    async with router_harness(tmp_path, M) as h:
+        h.scripts["m"] = [{"fail": "exit code 7"}]
+        with pytest.raises(Unavailable):
+            await h.router.load("m", 1, h.deadline())
+        with pytest.raises(Unavailable, match="next attempt at"):
+            await h.router.load("m", 1, h.deadline(0.5))
+        load = asyncio.ensure_future(h.router.load("m", 1, h.deadline(30)))
+        await asyncio.sleep(0)  # one step: the Load's start waits for the backoff
+        assert h.router.pool("m").pending() == 1
+        h.clock.advance(1.0)
+        [info] = await load
+        assert info.id == h.made[1].id
+        assert info.state is S.READY
