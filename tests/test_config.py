@@ -48,6 +48,12 @@ def test_layers_file_then_env_then_flags(tmp_path: Path) -> None:
         ('[backends.b]\ncommand = ["x"]\nprotocl = "grpc"\n', "unknown key 'backends.b.protocl'"),
         ('[backends.b]\ncommand = ["x"]\n[models.m]\nbackend = "nope"\n', "models.m"),
         ('[backends.b]\ncommand = ["x"]\n[models.m]\nbackend = "b"\nmodel_file = "../x"\n', "'..'"),
+        (
+            '[backends.b]\ncommand = ["x"]\n[models.m]\nbackend = "b"\n'
+            'options = { cuda = "maybe" }\n',
+            "models.m: model 'm': option cuda (bool)",
+        ),
+        ('[backends.b]\ncommand = ["x"]\ncrash_loop_window = "2d"\n', "crash_loop_window"),
         ("listen = 5\n", "listen"),
         ("this is not toml", "invalid TOML"),
     ],

@@ -1,5 +1,5 @@
 """The router on a fake clock with fake replicas: leases, expiry, coalescing, backoff,
-scale-up, suspects and cached health probes."""
+scale-up, suspects and cached health probes (start backoff: test_pool_backoff.py)."""
 
 import asyncio
 from pathlib import Path
@@ -91,55 +91,6 @@ async def test_concurrent_cold_routes_share_one_start(tmp_path: Path) -> None:
         assert {lease.replica_id for lease in leases} == {h.made[0].id}
         assert h.made[0].in_flight == 50
         assert sum(lease.cold_start for lease in leases) == 50
-
-
-async def test_a_failed_cold_start_fails_every_waiter_alike_then_backs_off(
-    tmp_path: Path,
-) -> None:
-    async with router_harness(tmp_path, M) as h:
-        h.scripts["m"] = [{"fail": "exit code 7"}]
-        results = await asyncio.gather(
-            *(h.router.route("m", h.deadline()) for _ in range(20)), return_exceptions=True
-        )
-        assert all(isinstance(r, Unavailable) for r in results)
-        assert len({str(r) for r in results}) == 1
-        assert len(h.made) == 1
-        with pytest.raises(Unavailable) as info:
-            await h.router.route("m", h.deadline())
-        message = str(info.value)
-        assert "backing off after 1 failed start" in message
-        assert "next attempt allowed in 1.0s" in message
-        assert "exit code 7" in message
-        assert len(h.made) == 1
-        h.clock.advance(1.0)
-        lease = await h.router.route("m", h.deadline())
-        assert lease.replica_id == h.made[1].id
-        assert h.router.pool("m").backoff is None
-
-
-async def test_pool_backoff_doubles_up_to_the_cap_and_resets_after_success(
-    tmp_path: Path,
-) -> None:
-    async with router_harness(tmp_path, M) as h:
-        pool = h.router.pool("m")
-        h.scripts["m"] = [{"fail": f"failure {n}"} for n in range(1, 12)]
-        waits = []
-        for _ in range(11):
-            with pytest.raises(Unavailable):
-                await h.router.lifecycle.start(pool, M, h.deadline())
-            assert pool.backoff is not None
-            waits.append(pool.backoff.not_before - h.clock.monotonic())
-            with pytest.raises(Unavailable, match=r"failure \d+"):
-                pool.check_backoff()
-            h.clock.advance(waits[-1])
-            pool.check_backoff()
-        assert waits == [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300]
-        await h.router.lifecycle.start(pool, M, h.deadline())
-        assert pool.backoff is None
-        h.scripts["m"] = [{"fail": "again"}]
-        with pytest.raises(Unavailable):
-            await h.router.lifecycle.start(pool, M, h.deadline())
-        assert pool.backoff.not_before - h.clock.monotonic() == 1.0
 
 
 async def test_a_start_cut_short_by_a_stop_does_not_back_off(tmp_path: Path) -> None:

@@ -262,7 +262,8 @@ async def test_a_refused_load_leaves_no_unawaited_coroutine(tmp_path: Path) -> N
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                await h.router.load("m", 2, h.deadline())
+                # A deadline that ends before the backoff does: refused at once.
+                await h.router.load("m", 2, h.deadline(0.5))
             except Unavailable as exc:
                 assert "backing off" in str(exc)
             else:

@@ -7,6 +7,7 @@ import pytest
 from modeld.errors import InvalidArgument
 from modeld.spec import BackendSpec, ModelSpec
 from modeld.supervisor.launch import plan_launch
+from modeld.supervisor.load_options import FIELDS
 
 BACKEND = BackendSpec(
     name="b",
@@ -81,7 +82,12 @@ def test_options_map_to_typed_fields_and_the_rest_to_options(models: Path) -> No
             tensor_split="0.5,0.5",
             type="llama",
             engine_args="--foo",
-            rope_scaling="linear",
+            cuda="true",
+            gpu_memory_utilization="0.5",
+            lora_adapters="a.bin,b.bin",
+            lora_scales="0.5, 1",
+            max_new_tokens="77",
+            attn="a:b",
         ),
         BACKEND,
         models,
@@ -114,12 +120,21 @@ def test_options_map_to_typed_fields_and_the_rest_to_options(models: Path) -> No
         "llama",
         "--foo",
     )
-    assert list(opts.Options) == ["rope_scaling=linear"]
+    assert (opts.CUDA, opts.GPUMemoryUtilization) == (True, 0.5)
+    assert (list(opts.LoraAdapters), list(opts.LoraScales)) == (["a.bin", "b.bin"], [0.5, 1.0])
+    # LocalAI's backends split "key:value" on the first ':'.
+    assert sorted(opts.Options) == ["attn:a:b", "max_new_tokens:77"]
 
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("context_size", "big"), ("threads", str(2**31)), ("f16", "maybe")],
+    [
+        ("context_size", "big"),
+        ("threads", str(2**31)),
+        ("f16", "maybe"),
+        ("rope_freq_base", "inf"),
+        ("lora_scales", "1,two"),
+    ],
 )
 def test_bad_option_values_are_refused(models: Path, key: str, value: str) -> None:
     with pytest.raises(InvalidArgument, match=key):
@@ -136,3 +151,9 @@ def test_too_short_output_lines_are_refused(models: Path) -> None:
     tiny = BackendSpec(name="b", command=("x",), max_output_line=10)
     with pytest.raises(InvalidArgument, match="max_output_line"):
         plan_launch(spec(), tiny, models, python="p", base_env={})
+
+
+def test_readme_documents_every_load_option() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    missing = [n for n, f in FIELDS.items() if f"`{n}` ({f.name})" not in readme]
+    assert missing == []

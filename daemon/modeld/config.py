@@ -160,6 +160,7 @@ BACKEND_KEYS: dict[str, Parser] = {
     "stop_grace": parse_duration,
     "max_output_line": _int,
     "start_attempts": _int,
+    "crash_loop_window": parse_duration,
 }
 MODEL_KEYS: dict[str, Parser] = {
     "backend": _str,
@@ -425,6 +426,8 @@ def _check_backend_limits(where: str, values: Mapping[str, Any]) -> None:
         raise ConfigError(f"config: {where}.max_output_line: expected 256..1048576")
     if values.get("ready_timeout", 60.0) <= 0:
         raise ConfigError(f"config: {where}.ready_timeout: must be positive")
+    if not 0 <= values.get("crash_loop_window", 30.0) <= 86400:
+        raise ConfigError(f"config: {where}.crash_loop_window: expected 0..24h")
 
 
 def _build_models(

@@ -33,6 +33,7 @@ from modeld.ops.metrics import Metrics, MetricsServer
 from modeld.ops.notify import Notifier
 from modeld.ops.observer import Observer
 from modeld.ops.tasks import TaskSupervisor
+from modeld.policy.backoff import BackoffPolicy
 from modeld.routing.leases import LeaseLimits
 from modeld.routing.lifecycle import Admit
 from modeld.routing.probe import ProbeCache
@@ -189,6 +190,9 @@ class Daemon:
                 clock=self.clock, reader=self.reader, settings=settings, evictor=evictor
             ).admit
 
+        def backoff_policy(spec: ModelSpec) -> BackoffPolicy:
+            return BackoffPolicy(crash_loop_window=catalog.backend(spec.backend).crash_loop_window)
+
         return build_router(
             clock=self.clock,
             catalog=catalog,
@@ -201,6 +205,7 @@ class Daemon:
             flush=self.registry.flush_counters,
             limits=LeaseLimits(self.config.max_leases_per_replica, self.config.max_leases),
             tasks=self.tasks,
+            backoff_policy=backoff_policy,
         )
 
     def _build_watchdog(self, router: Router, settings: SettingsStore) -> Watchdog:

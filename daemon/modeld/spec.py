@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from modeld.errors import InvalidArgument
+from modeld.supervisor import load_options
 
 Protocol = Literal["grpc", "http"]
 PROTOCOLS: tuple[Protocol, ...] = ("grpc", "http")
@@ -17,7 +18,7 @@ PROTOCOLS: tuple[Protocol, ...] = ("grpc", "http")
 # Limits on what a spec may hold (README "Limits"): a request can never make the
 # daemon store or log an unbounded amount, and every value is checked on the way in.
 MAX_NAME_LEN = 128
-MAX_OPTIONS = 64
+MAX_OPTIONS = 128
 MAX_OPTION_LEN = 4096
 # All keys and values of one spec together: keeps a spec (and ListModels) small.
 MAX_OPTIONS_BYTES = 16384
@@ -27,7 +28,7 @@ MIN_LEASE_TTL_S = 0.1
 MAX_PATH_LEN = 1024
 MAX_TTL_S = 365 * 86400
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/+-]*")
-# Option keys become "key=value" LoadModel entries: no '=', ':', spaces or controls.
+# Option keys become "key:value" LoadModel entries: no '=', ':', spaces or controls.
 _OPTION_KEY_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
@@ -63,6 +64,8 @@ class BackendSpec:
     stop_grace: float = 10.0
     max_output_line: int = 8192
     start_attempts: int = 3
+    # A replica that dies sooner than this after READY counts as a failed start (backoff).
+    crash_loop_window: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -155,6 +158,9 @@ def _check_options(spec: ModelSpec) -> None:
                 f"model {spec.name!r}: option {key!r} is longer than {MAX_OPTION_LEN} "
                 "characters or contains a NUL byte"
             )
+    # Typed options (context_size, cuda, ...) are checked here so a bad value is refused
+    # when the spec is put, not at its first start.
+    load_options.parse(spec.name, spec.options)
 
 
 def _check_counts(spec: ModelSpec) -> None:

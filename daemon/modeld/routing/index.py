@@ -11,6 +11,8 @@ from collections.abc import Callable, Mapping
 
 from modeld.clock import Clock
 from modeld.info import ReplicaInfo
+from modeld.policy.backoff import DEFAULT as DEFAULT_BACKOFF
+from modeld.policy.backoff import BackoffPolicy
 from modeld.policy.view import HostView, ReplicaView
 from modeld.routing.pool import ModelPool, PendingStart
 from modeld.routing.probe import ProbeCache
@@ -26,8 +28,10 @@ class ReplicaIndex:
         clock: Clock,
         prober: ProbeCache,
         oldest_leases: Callable[[], Mapping[str, float]],
+        backoff_policy: Callable[[ModelSpec], BackoffPolicy] = lambda _: DEFAULT_BACKOFF,
     ) -> None:
         self._clock = clock
+        self._backoff_policy = backoff_policy
         self._prober = prober
         self._oldest_leases = oldest_leases
         self._pools: dict[str, ModelPool] = {}
@@ -37,7 +41,7 @@ class ReplicaIndex:
     def pool(self, model: str) -> ModelPool:
         pool = self._pools.get(model)
         if pool is None:
-            pool = self._pools[model] = ModelPool(model, self._clock)
+            pool = self._pools[model] = ModelPool(model, self._clock, self._backoff_policy)
         return pool
 
     def existing(self, model: str) -> ModelPool | None:

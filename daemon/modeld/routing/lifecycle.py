@@ -99,7 +99,7 @@ class Lifecycle:
         missing = replicas - len(servable) - len(pending)
         if missing > 0:
             self.check_open()
-            pool.check_backoff()
+            pool.check_backoff(deadline)
         # Nothing below can raise before every awaitable is awaited: no coroutine is lost.
         starts = [pool.start(spec, deadline, self) for _ in range(missing)]
         waits: list[Awaitable[RoutedReplica]] = [*pending, *starts]

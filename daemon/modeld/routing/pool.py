@@ -11,8 +11,9 @@ the launcher's gate is still open, with no await in between.
 
 import asyncio
 import itertools
+import time
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -55,9 +56,18 @@ class PendingStart:
 
 
 class ModelPool:
-    def __init__(self, model: str, clock: Clock) -> None:
+    def __init__(
+        self,
+        model: str,
+        clock: Clock,
+        policy: Callable[[ModelSpec], backoff.BackoffPolicy] = lambda _: backoff.DEFAULT,
+    ) -> None:
         self.model = model
         self._clock = clock
+        self._policy_of = policy
+        self._policy = backoff.DEFAULT
+        # When each replica this pool started became READY, to tell a crash loop from a crash.
+        self._ready_since: dict[str, float] = {}
         self.replicas: dict[str, RoutedReplica] = {}
         self._ended: deque[RoutedReplica] = deque(maxlen=RECENT_TERMINAL)
         # Ordered (a dict), so which start a Route joins does not depend on hashing.
@@ -103,6 +113,10 @@ class ModelPool:
             if replica.state in TERMINAL:
                 del self.replicas[rid]
                 self._ended.append(replica)
+        # A crashed replica's time stays until note_crash reads it (its event may come later).
+        known = {r.id for r in self.all()}
+        for rid in [rid for rid in self._ready_since if rid not in known]:
+            del self._ready_since[rid]
 
     def cancel_pending(self, reason: str) -> list[PendingStart]:
         """End every start still in admission; their callers get Unavailable naming `reason`."""
@@ -114,27 +128,51 @@ class ModelPool:
                 cancelled.append(pending)
         return cancelled
 
-    def note_crash(self, reason: str) -> None:
-        self.backoff = backoff.after_failure(self.backoff, self._clock.monotonic(), reason)
-
-    def check_backoff(self) -> None:
+    def note_crash(self, reason: str, replica_id: str) -> None:
+        """A READY (or DRAINING) replica died. Soon after READY it was a crash loop and
+        counts as a failed start; later, the next demand simply starts a replacement."""
         now = self._clock.monotonic()
-        state = backoff.check(self.backoff, now)
+        ready_since = self._ready_since.pop(replica_id, None)
+        if ready_since is not None:
+            reason = f"replica {replica_id} died {now - ready_since:.1f}s after READY: {reason}"
+        self.backoff = backoff.after_crash(self.backoff, now, ready_since, reason, self._policy)
+        if not backoff.is_crash_loop(ready_since, now, self._policy) or self.backoff is None:
+            log.info("replica_crash_replaced_on_demand", model=self.model, replica_id=replica_id)
+            return
+        log.warning(
+            "model_backing_off",
+            model=self.model,
+            replica_id=replica_id,
+            failures=self.backoff.failures,
+            retry_in_s=round(self.backoff.not_before - now, 3),
+            reason=f"crash loop: {reason}",
+        )
+
+    def check_backoff(self, deadline: float | None = None) -> float:
+        """When a start asked for now may begin (monotonic); raises Unavailable when the
+        caller's deadline (default: now) ends before the next attempt is allowed."""
+        now = self._clock.monotonic()
+        decision = backoff.decide_start(self.backoff, now, now if deadline is None else deadline)
+        state = decision.refused
         if state is not None:
+            wait = state.not_before - now
+            at = time.strftime("%H:%M:%S", time.gmtime(self._clock.wall() + wait))
             raise Unavailable(
-                f"model {self.model!r} is backing off after {state.failures} failed start(s); "
-                f"next attempt allowed in {state.not_before - now:.1f}s. "
+                f"model {self.model!r} is backing off after {state.failures} failure(s) to "
+                "start or to stay up; "
+                f"next attempt at {at} UTC (in {wait:.1f}s), after this call's deadline. "
                 f"Last error: {state.reason}"
             )
+        return decision.at
 
     def start(
         self, spec: ModelSpec, deadline: float, launcher: Launcher
     ) -> asyncio.Task[RoutedReplica]:
         """Begin one more replica; the task outlives any single caller."""
-        self.check_backoff()
+        at = self.check_backoff(deadline)
         pending = PendingStart(f"admitting-{next(_ids)}", spec, self._clock.wall())
         task = asyncio.create_task(
-            self._start(spec, deadline, launcher, pending), name=f"start-{self.model}"
+            self._start(spec, deadline, launcher, pending, at), name=f"start-{self.model}"
         )
         self._starts[task] = None
         self._pending[task] = pending
@@ -151,13 +189,22 @@ class ModelPool:
         if starting:
             return ready(starting[0])
         if self._starts:
+            # A start waiting out the backoff: a caller that cannot wait as long is refused.
+            self.check_backoff(deadline)
             return next(iter(self._starts))
         return self.start(spec, deadline, launcher)
 
     async def _start(
-        self, spec: ModelSpec, deadline: float, launcher: Launcher, pending: PendingStart
+        self,
+        spec: ModelSpec,
+        deadline: float,
+        launcher: Launcher,
+        pending: PendingStart,
+        at: float,
     ) -> RoutedReplica:
-        gpu_ids = await _admit_unless_cancelled(launcher, spec, deadline, pending)
+        # The backend's crash-loop window, as the latest start found it.
+        self._policy = self._policy_of(spec)
+        gpu_ids = await _unless_cancelled(self._admit_after(launcher, spec, deadline, at), pending)
         replica = launcher.create(spec, gpu_ids)
         task = asyncio.current_task()
         if task is not None:
@@ -173,8 +220,17 @@ class ModelPool:
                 )
             self.prune()
             raise
-        self.backoff = None
+        now = self._clock.monotonic()
+        self._ready_since[replica.id] = now
+        self.backoff = backoff.after_ready(self.backoff, now, self._policy)
         return replica
+
+    async def _admit_after(
+        self, launcher: Launcher, spec: ModelSpec, deadline: float, at: float
+    ) -> tuple[int, ...]:
+        if at > self._clock.monotonic():
+            await self._clock.sleep_until(at)
+        return await launcher.admit(spec, deadline)
 
     def _admitted(self, task: "asyncio.Task[RoutedReplica]") -> None:
         pending = self._pending.pop(task, None)
@@ -184,10 +240,12 @@ class ModelPool:
             self._cancelled.append(pending)
 
 
-async def _admit_unless_cancelled(
-    launcher: Launcher, spec: ModelSpec, deadline: float, pending: PendingStart
+async def _unless_cancelled(
+    admission: Awaitable[tuple[int, ...]], pending: PendingStart
 ) -> tuple[int, ...]:
-    admit = asyncio.ensure_future(launcher.admit(spec, deadline))
+    """The backoff wait and admission, unless the pending start is cancelled first."""
+    spec = pending.spec
+    admit = asyncio.ensure_future(admission)
     cancel = asyncio.ensure_future(pending.cancelled.wait())
     try:
         await asyncio.wait((admit, cancel), return_when=asyncio.FIRST_COMPLETED)

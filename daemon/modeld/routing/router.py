@@ -28,6 +28,8 @@ from modeld.info import ReplicaInfo
 from modeld.ops.events import EventBus
 from modeld.ops.metrics import Metrics
 from modeld.ops.tasks import TaskSupervisor
+from modeld.policy.backoff import DEFAULT as DEFAULT_BACKOFF
+from modeld.policy.backoff import BackoffPolicy
 from modeld.policy.eviction import Eviction
 from modeld.policy.picker import pick_replica
 from modeld.policy.view import HostView, ReplicaView
@@ -263,6 +265,7 @@ def build_router(
     flush_interval: float = FLUSH_INTERVAL_S,
     limits: LeaseLimits | None = None,
     tasks: TaskSupervisor | None = None,
+    backoff_policy: Callable[[ModelSpec], BackoffPolicy] = lambda _: DEFAULT_BACKOFF,
 ) -> Router:
     """Every part of the routing core, each built once, in dependency order."""
     signal = CapacitySignal()
@@ -274,7 +277,12 @@ def build_router(
         limits=limits or LeaseLimits(),
         metrics=metrics,
     )
-    index = ReplicaIndex(clock=clock, prober=prober, oldest_leases=leases.oldest_started)
+    index = ReplicaIndex(
+        clock=clock,
+        prober=prober,
+        oldest_leases=leases.oldest_started,
+        backoff_policy=backoff_policy,
+    )
     stopper = Stopper(index=index, leases=leases, prober=prober, signal=signal, metrics=metrics)
     lifecycle = Lifecycle(
         clock=clock,

@@ -112,5 +112,5 @@ class Stopper:
         if pool is None:
             return
         if new is S.FAILED and old in _CRASH_SOURCES:
-            pool.note_crash(reason)
+            pool.note_crash(reason, replica.id)
         pool.prune()

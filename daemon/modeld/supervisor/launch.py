@@ -14,35 +14,10 @@ from modeld._proto.backend import backend_pb2 as pb
 from modeld.errors import InvalidArgument
 from modeld.ops.logstore import MIN_MAX_LINE
 from modeld.spec import BackendSpec, ModelSpec, resolve_model_file
+from modeld.supervisor import load_options
 from modeld.supervisor.backend_client import host_port
 
 _PLACEHOLDER = re.compile(r"\{(addr|host|port|model_file|models_dir|python)\}")
-_INT32 = (-(2**31), 2**31 - 1)
-
-# Spec option names (LocalAI's YAML spellings) → ModelOptions fields.
-INT_OPTIONS = {
-    "context_size": "ContextSize",
-    "gpu_layers": "NGPULayers",
-    "ngl": "NGPULayers",
-    "threads": "Threads",
-    "seed": "Seed",
-    "batch": "NBatch",
-}
-BOOL_OPTIONS = {
-    "f16": "F16Memory",
-    "mmap": "MMap",
-    "mlock": "MLock",
-    "low_vram": "LowVRAM",
-    "embeddings": "Embeddings",
-}
-STR_OPTIONS = {
-    "main_gpu": "MainGPU",
-    "tensor_split": "TensorSplit",
-    "type": "Type",
-    "engine_args": "EngineArgs",
-}
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off"})
 
 
 @dataclass(frozen=True)
@@ -104,36 +79,13 @@ def plan_launch(
 
 
 def model_options(spec: ModelSpec, model_file: str, models_dir: str) -> pb.ModelOptions:
-    """LoadModel's request: known options as typed fields, the rest as "key=value" entries."""
+    """LoadModel's request: documented options as typed fields, the rest as "key:value"."""
+    parsed = load_options.parse(spec.name, spec.options)
     opts = pb.ModelOptions(Model=spec.model_file, ModelFile=model_file, ModelPath=models_dir)
-    extra: list[str] = []
-    for key, value in spec.options:
-        if key in INT_OPTIONS:
-            setattr(opts, INT_OPTIONS[key], _int32(spec.name, key, value))
-        elif key in BOOL_OPTIONS:
-            setattr(opts, BOOL_OPTIONS[key], _bool(spec.name, key, value))
-        elif key in STR_OPTIONS:
-            setattr(opts, STR_OPTIONS[key], value)
+    for field, value in parsed.typed.items():
+        if isinstance(value, list):
+            getattr(opts, field).extend(value)
         else:
-            extra.append(f"{key}={value}")
-    opts.Options.extend(extra)
+            setattr(opts, field, value)
+    opts.Options.extend(parsed.extra)
     return opts
-
-
-def _int32(model: str, key: str, value: str) -> int:
-    try:
-        number = int(value.strip())
-    except ValueError:
-        raise InvalidArgument(f"model {model!r}: option {key} must be a whole number") from None
-    if not _INT32[0] <= number <= _INT32[1]:
-        raise InvalidArgument(f"model {model!r}: option {key} is out of range")
-    return number
-
-
-def _bool(model: str, key: str, value: str) -> bool:
-    word = value.strip().lower()
-    if word in _TRUE:
-        return True
-    if word in _FALSE:
-        return False
-    raise InvalidArgument(f"model {model!r}: option {key} must be true or false, not {value!r}")
