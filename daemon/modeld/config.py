@@ -125,6 +125,8 @@ TOP: dict[str, Parser] = {
     "auth_open_health": _bool,
     "auth_open_reflection": _bool,
     "allow_insecure_remote": _bool,
+    "containment": _choice("auto", "cgroup", "marker"),
+    "cgroup_dir": _str,
 }
 TABLES: dict[str, dict[str, Parser]] = {
     "watchdog": {
@@ -191,6 +193,8 @@ DEFAULTS: dict[str, Any] = {
     "auth_open_health": True,
     "auth_open_reflection": False,
     "allow_insecure_remote": False,
+    "containment": "auto",
+    "cgroup_dir": "",
 }
 DEMO_CATALOG: dict[str, Any] = {
     "backends": {
@@ -243,6 +247,8 @@ class Config:
     auth_open_health: bool = True
     auth_open_reflection: bool = False
     allow_insecure_remote: bool = False
+    containment: str = "auto"
+    cgroup_dir: str = ""
     python: str = sys.executable
     source: str = "defaults"
 
@@ -369,6 +375,8 @@ def _build(raw: dict[str, Any], source: str) -> Config:
         log_keep_stopped=logs.get("keep_stopped", 5),
         log_subscriber_queue=logs.get("subscriber_queue", 1000),
         resources_fake_path=parsed["resources"].get("fake_path", ""),
+        containment=top["containment"],
+        cgroup_dir=top["cgroup_dir"],
         source=source,
         **{key: top[key] for key in _SECURITY_KEYS},
     )

@@ -38,6 +38,7 @@ from modeld.spec import ModelSpec
 from modeld.storage.catalog import Catalog
 from modeld.storage.registry import Registry
 from modeld.storage.settings_store import SettingsStore
+from modeld.supervisor.containment import Containment, Sentinel, choose
 from modeld.supervisor.orphans import reap_orphans
 from modeld.supervisor.process import ProcessSpawner, Spawner
 from modeld.supervisor.replica import Replica, ReplicaDeps
@@ -80,6 +81,8 @@ class Daemon:
         self.registry: Registry | None = None
         self.router: Router | None = None
         self.watchdog: Watchdog | None = None
+        self.containment: Containment | None = None
+        self._sentinel: Sentinel | None = None
 
     async def start(self) -> None:
         catalog, settings = await self._open_state()
@@ -112,7 +115,12 @@ class Daemon:
         self.registry = registry = await Registry.open(
             cfg.db_path, synchronous=cfg.synchronous, observe=self.metrics.transaction
         )
-        handled = await reap_orphans(registry, node_id=cfg.node_id)
+        self.containment = containment = await asyncio.to_thread(
+            choose, cfg.state_dir, cfg.containment, cfg.cgroup_dir
+        )
+        handled = await reap_orphans(registry, node_id=cfg.node_id, containment=containment)
+        self._sentinel = Sentinel(containment, cfg.python)
+        log.info("containment", sentinel_pid=self._sentinel.pid, **containment.describe())
         if handled:
             log.info("orphans_cleaned", replicas=len(handled))
         catalog = Catalog(registry, cfg.backends, cfg.aliases, cfg.models)
@@ -152,6 +160,7 @@ class Daemon:
             models_dir=self.config.models_dir,
             python=self.config.python,
             node_id=self.config.node_id,
+            containment=self.containment or Containment.marker_only(),
         )
 
         def factory(spec: ModelSpec, gpu_ids: tuple[int, ...]) -> Replica:
@@ -286,6 +295,10 @@ class Daemon:
             await self.router.close()
         if self._metrics_server is not None:
             await self._metrics_server.close()
+        if self._sentinel is not None:
+            await self._sentinel.close()
+        if self.containment is not None:
+            self.containment.close()
         if self.registry is not None:
             await self.registry.close()
         _remove_sockets(self.config.listen)

@@ -20,7 +20,7 @@ import shlex
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
@@ -46,6 +46,7 @@ from modeld.supervisor.child import (
     discard,
     wait_tasks,
 )
+from modeld.supervisor.containment import Containment
 from modeld.supervisor.launch import LaunchPlan, plan_launch
 from modeld.supervisor.process import Spawner, free_port, proc_start_time
 from modeld.supervisor.readiness import StartFailed, StartRace, StopRequested, exit_failure
@@ -71,6 +72,8 @@ class ReplicaDeps:
     node_id: str = "local"
     # Picks the port of each start attempt; tests inject one to force a clash.
     ports: Callable[[str], int] = free_port
+    # How every descendant of a backend is found and stopped (the daemon probes for it).
+    containment: Containment = field(default_factory=Containment.marker_only)
 
 
 _PHASE = {S.STARTING: "spawn", S.WAITING_READY: "ready", S.LOADING: "load"}
@@ -94,6 +97,7 @@ class Replica:
         self._deps = deps
         self._gpu_ids = gpu_ids
         self._log = log.bind(replica_id=replica_id, model=spec.name)
+        self._box = deps.containment.box(replica_id)
         self._state = S.STARTING
         self._child: Child | None = None
         self._client: GrpcBackend | None = None
@@ -379,6 +383,7 @@ class Replica:
                 python=self._deps.python,
                 base_env=os.environ,
                 gpu_ids=self._gpu_ids,
+                owner=self._box.owner,
             )
         except InvalidArgument as exc:
             await self._transition(S.FAILED, "cannot be started as specified", last_error=str(exc))
@@ -433,7 +438,10 @@ class Replica:
         argv = plan.argv(host, port)
         self._deps.logs.open(self._id, self._spec.name)
         try:
-            proc = await self._deps.spawner.spawn(argv, env=plan.env, cwd=plan.cwd)
+            self._box.prepare()
+            proc = await self._deps.spawner.spawn(
+                argv, env=plan.env, cwd=plan.cwd, cgroup=self._box.cgroup
+            )
         except OSError as exc:
             raise StartFailed("spawn", f"cannot run {argv[0]!r}: {exc.strerror or exc}") from None
         child = Child(
@@ -443,6 +451,7 @@ class Replica:
             self._deps.clock.monotonic(),
             self._deps.clock.wall(),
             proc_start_time(proc.pid),
+            self._box,
         )
         max_line = self._backend.max_output_line
         child.pumps = [
