@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 PY = sys.executable
-HERE = os.path.abspath(__file__)
+HERE = str(Path(__file__).resolve())
 
 
 def _sleep() -> None:

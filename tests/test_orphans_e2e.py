@@ -16,7 +16,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +24,7 @@ import pytest
 from daemon_proc import DaemonProc, pids_alive, start_daemon, wait_pids_gone, write_config
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld.errors import ConfigError
+from modeld.supervisor import sweep
 from modeld.supervisor.containment import choose
 
 SPAWNY = Path(__file__).with_name("spawny_backend.py")
@@ -48,6 +49,17 @@ MECHANISMS = [
     ),
     "marker",
 ]
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers(tmp_path: Path) -> Iterator[None]:
+    """Should a test fail halfway, what its backends started must not outlive it."""
+    yield
+    for record in tmp_path.glob("**/spawned/*.json"):
+        for pid in json.loads(record.read_text()).values():
+            if sweep.owner_of(pid) is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
 
 def body(mechanism: str, spawn_dir: Path, model_extra: str = "", top: str = "") -> str:
@@ -145,9 +157,7 @@ async def test_a_restarted_modeld_stops_what_is_left_before_serving(
 
 
 @pytest.mark.parametrize("mechanism", MECHANISMS)
-async def test_unload_returns_once_every_descendant_is_gone(
-    tmp_path: Path, mechanism: str
-) -> None:
+async def test_unload_returns_once_every_descendant_is_gone(tmp_path: Path, mechanism: str) -> None:
     spawn_dir = tmp_path / "spawned"
     async with daemon(tmp_path, body(mechanism, spawn_dir)) as d:
         pids = every_pid(await load(d, spawn_dir, 2))

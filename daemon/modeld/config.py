@@ -143,7 +143,7 @@ TABLES: dict[str, dict[str, Parser]] = {
         "scale_up_in_flight": _int,
     },
     "logs": {"ring_lines": _int, "keep_stopped": _int, "subscriber_queue": _int},
-    "resources": {"fake_path": _str},
+    "resources": {"fake_path": _str, "release_timeout": parse_duration},
 }
 BACKEND_KEYS: dict[str, Parser] = {
     "command": _str_list,
@@ -239,6 +239,7 @@ class Config:
     log_keep_stopped: int = 5
     log_subscriber_queue: int = 1000
     resources_fake_path: str = ""
+    resources_release_timeout: float = 30.0
     metrics_listen: str = ""
     tls_cert: str = ""
     tls_key: str = ""
@@ -375,6 +376,7 @@ def _build(raw: dict[str, Any], source: str) -> Config:
         log_keep_stopped=logs.get("keep_stopped", 5),
         log_subscriber_queue=logs.get("subscriber_queue", 1000),
         resources_fake_path=parsed["resources"].get("fake_path", ""),
+        resources_release_timeout=parsed["resources"].get("release_timeout", 30.0),
         containment=top["containment"],
         cgroup_dir=top["cgroup_dir"],
         source=source,

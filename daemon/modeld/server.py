@@ -22,6 +22,7 @@ from modeld._proto.modeld.v1 import modeld_pb2
 from modeld.api.security import TokenAuth, check_listen_security, server_credentials, token_auth
 from modeld.api.servicer import ModelControl, add_to_server
 from modeld.capacity.admission import Admission
+from modeld.capacity.releasing import Releasing
 from modeld.capacity.resources import ResourceReader, make_reader
 from modeld.capacity.watchdog import Watchdog
 from modeld.clock import Clock, SystemClock
@@ -63,6 +64,9 @@ class Daemon:
         self.clock = clock or SystemClock()
         self.spawner = spawner or ProcessSpawner()
         self.reader = reader or make_reader(config.resources_fake_path or None)
+        self.releasing = Releasing(
+            self.clock, self.reader.gpu_processes, timeout_s=config.resources_release_timeout
+        )
         self.notifier = Notifier.from_environ()
         self.metrics = Metrics()
         self.events = EventBus()
@@ -161,6 +165,7 @@ class Daemon:
             python=self.config.python,
             node_id=self.config.node_id,
             containment=self.containment or Containment.marker_only(),
+            on_released=self.releasing.add,
         )
 
         def factory(spec: ModelSpec, gpu_ids: tuple[int, ...]) -> Replica:
@@ -184,7 +189,13 @@ class Daemon:
             flush=self.registry.flush_counters,
         )
         admission.append(
-            Admission(clock=self.clock, reader=self.reader, settings=settings, evictor=router)
+            Admission(
+                clock=self.clock,
+                reader=self.reader,
+                settings=settings,
+                evictor=router,
+                releasing=self.releasing,
+            )
         )
         return router
 

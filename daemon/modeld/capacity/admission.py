@@ -15,6 +15,7 @@ from typing import Protocol
 
 import structlog
 
+from modeld.capacity.releasing import Releasing
 from modeld.capacity.resources import ResourceReader
 from modeld.clock import Clock
 from modeld.errors import DeadlineExceeded, ResourceExhausted
@@ -55,6 +56,7 @@ class Admission:
         evictor: Evictor,
         freed_reads: int = FREED_READS,
         freed_interval: float = FREED_INTERVAL,
+        releasing: Releasing | None = None,
     ) -> None:
         self._clock = clock
         self._reader = reader
@@ -62,6 +64,7 @@ class Admission:
         self._evictor = evictor
         self._freed_reads = freed_reads
         self._freed_interval = freed_interval
+        self._releasing = releasing
 
     async def admit(self, spec: ModelSpec, deadline: float) -> tuple[int, ...]:
         """The GPU ids for a new replica of `spec`, once there is room for it.
@@ -72,6 +75,9 @@ class Admission:
         rounds = 0
         waited_for = ""
         while True:
+            if self._releasing is not None:
+                # Memory of stopped replicas that a GPU still lists is not free yet.
+                await self._releasing.wait_released(deadline)
             # Taken before the reading, so a change during this round is never missed.
             capacity = self._evictor.capacity_event()
             host = self._reader.read()

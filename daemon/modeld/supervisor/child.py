@@ -10,7 +10,7 @@ marker, see containment.py), which also holds those that left the group.
 import asyncio
 import contextlib
 import signal
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +36,8 @@ class Child:
     exit_code: int | None = None
     pumps: list["asyncio.Task[None]"] = field(default_factory=list)
     watch: "asyncio.Task[None] | None" = None
+    # Told every pid the box ever held once it is empty (GPU memory release tracking).
+    on_gone: Callable[[list[int]], None] | None = None
 
     @property
     def pid(self) -> int:
@@ -83,6 +85,8 @@ class Child:
             survivors = [self.pid, *survivors]
         if not survivors:
             self.box.close()
+            if self.on_gone is not None:
+                self.on_gone(sorted(self.box.seen | {self.pid}))
         # Pipes still open now are held by a process outside the box; stop reading.
         await wait_tasks(self.pumps, PIPE_DRAIN_S)
         discard(self.pumps)

@@ -44,7 +44,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from modeld.errors import ConfigError
@@ -66,6 +66,8 @@ class Box:
 
     owner: str
     cgroup: Path | None
+    # Every pid ever listed in the box: what a GPU may still list after they exited.
+    seen: set[int] = field(default_factory=set, compare=False)
 
     @property
     def env(self) -> Mapping[str, str]:
@@ -79,14 +81,17 @@ class Box:
     def members(self) -> list[int]:
         """Live processes in the box: cgroup.procs, or one scan of /proc for the marker."""
         if self.cgroup is not None:
-            return sweep.cgroup_pids(self.cgroup)
-        return sweep.marked_pids(self.owner)
+            found = sweep.cgroup_pids(self.cgroup)
+        else:
+            found = sweep.marked_pids(self.owner)
+        self.seen.update(found)
+        return found
 
     def signal(self, sig: int) -> None:
+        members = self.members()
         if self.cgroup is not None and sig == signal.SIGKILL:
             sweep.cgroup_kill(self.cgroup)
             return
-        members = self.members()
         if self.cgroup is None:
             sweep.signal_marked(members, self.owner, sig)
             return

@@ -74,6 +74,9 @@ class ReplicaDeps:
     ports: Callable[[str], int] = free_port
     # How every descendant of a backend is found and stopped (the daemon probes for it).
     containment: Containment = field(default_factory=Containment.marker_only)
+    # (replica id, GPU ids, every pid it had): its processes are gone, its GPU memory
+    # may not be yet (capacity/releasing.py).
+    on_released: Callable[[str, tuple[int, ...], list[int]], None] | None = None
 
 
 _PHASE = {S.STARTING: "spawn", S.WAITING_READY: "ready", S.LOADING: "load"}
@@ -452,6 +455,7 @@ class Replica:
             self._deps.clock.wall(),
             proc_start_time(proc.pid),
             self._box,
+            on_gone=self._released,
         )
         max_line = self._backend.max_output_line
         child.pumps = [
@@ -597,6 +601,10 @@ class Replica:
             child.signal_group(signal.SIGKILL)
             await child.wait_exited(KILL_WAIT_S)
         return await self._finish_child(child)
+
+    def _released(self, pids: list[int]) -> None:
+        if self._gpu_ids and self._deps.on_released is not None:
+            self._deps.on_released(self._id, self._gpu_ids, pids)
 
     async def _finish_child(self, child: Child) -> list[int]:
         survivors = await child.reap_group()

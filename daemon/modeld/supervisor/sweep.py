@@ -175,6 +175,10 @@ def _sentinel(argv: list[str]) -> int:
         pass
     groups = run_cgroups(Path(args.cgroup_dir), args.run) if args.cgroup_dir else []
     left = sweep(args.prefix, groups)
+    if args.cgroup_dir:
+        # Only if no other run of the instance uses it (a restarted modeld recreates it).
+        with contextlib.suppress(OSError):
+            Path(args.cgroup_dir).rmdir()
     if left:
         sys.stderr.write(f"modeld sentinel: pids {left} survived SIGKILL\n")
         return 1
