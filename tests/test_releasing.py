@@ -22,12 +22,15 @@ GIB = 1 << 30
 class Listing:
     """What NVML lists per GPU, and how often it was asked."""
 
-    def __init__(self, listed: dict[int, set[int]] | None = None) -> None:
+    def __init__(self, listed: dict[int, set[int]] | None = None, reads_listed: int = -1) -> None:
         self.listed = listed or {}
         self.reads = 0
+        self._reads_listed = reads_listed  # after this many reads the list is empty
 
     def __call__(self) -> dict[int, set[int]]:
         self.reads += 1
+        if self.reads > self._reads_listed >= 0:
+            return {}
         return {gpu: set(pids) for gpu, pids in self.listed.items()}
 
 
@@ -70,21 +73,16 @@ async def test_a_pid_listed_past_the_timeout_is_dropped_and_logged() -> None:
 
 async def test_wait_released_returns_once_the_pid_is_gone_or_at_the_deadline() -> None:
     clock = SystemClock()
-    listing = Listing({0: {42}})
+    listing = Listing({0: {42}}, reads_listed=4)
     releasing = Releasing(clock, listing, interval_s=0.01)
     releasing.add("r1", (0,), [42])
     # Still listed at the deadline: it returns, and the entry stays.
     await releasing.wait_released(deadline=clock.monotonic())
     assert await releasing.held() == {0: ["r1"]}
-
-    async def unlist_after_some_reads() -> None:
-        while listing.reads < 3:
-            await asyncio.sleep(0)
-        listing.listed = {}
-
-    unlist = asyncio.ensure_future(unlist_after_some_reads())
+    assert listing.reads == 2
+    # Listed for two more reads, then gone: the wait returns after the fifth.
     await releasing.wait_released(deadline=clock.monotonic() + 30)
-    assert unlist.done() and await releasing.held() == {}
+    assert listing.reads == 5 and await releasing.held() == {}
 
 
 def test_fake_reader_lists_processes_per_gpu(tmp_path: Path) -> None:
@@ -103,7 +101,8 @@ def release_config(tmp_path: Path, timeout: str) -> str:
     write_fake(fake, HOST)
     return (
         f'[resources]\nfake_path = "{fake}"\nrelease_timeout = "{timeout}"\n'
-        '[backends.echo]\ncommand = ["{python}", "-m", "modeld.backends.echo", "--addr", "{addr}"]\n'
+        "[backends.echo]\n"
+        'command = ["{python}", "-m", "modeld.backends.echo", "--addr", "{addr}"]\n'
         'stop_grace = "2s"\n'
         '[models.a]\nbackend = "echo"\nmemory_estimate = "16GiB"\n'
         '[models.b]\nbackend = "echo"\nmemory_estimate = "16GiB"\n'
