@@ -44,6 +44,14 @@ def marker_value(instance: str, run: str, replica: str) -> str:
     return f"{instance}/{run}/{replica}"
 
 
+def matches(owner: str | None, pattern: str) -> bool:
+    """`pattern` ending in "/" (an instance, a run) matches every marker below it;
+    any other (a replica's marker) matches itself only: r1 is not r10."""
+    if owner is None:
+        return False
+    return owner.startswith(pattern) if pattern.endswith("/") else owner == pattern
+
+
 def owner_of(pid: int) -> str | None:
     """The MODELD_OWNER value a process was started with; None if it has none or is gone."""
     try:
@@ -67,14 +75,13 @@ def is_zombie(pid: int) -> bool:
 
 
 def marked_pids(prefix: str) -> list[int]:
-    """One scan of /proc: live processes whose marker starts with `prefix` (never this one)."""
+    """One scan of /proc: live processes whose marker `matches` `prefix` (never this one)."""
     me = os.getpid()
     out = []
     for entry in _PROC.iterdir():
         if not entry.name.isdigit() or int(entry.name) == me:
             continue
-        owner = owner_of(int(entry.name))
-        if owner is not None and owner.startswith(prefix) and not is_zombie(int(entry.name)):
+        if matches(owner_of(int(entry.name)), prefix) and not is_zombie(int(entry.name)):
             out.append(int(entry.name))
     return out
 
@@ -91,8 +98,7 @@ def signal_marked(pids: Iterable[int], prefix: str, sig: int) -> None:
         except OSError:
             continue
         try:
-            owner = owner_of(pid)
-            if owner is not None and owner.startswith(prefix):
+            if matches(owner_of(pid), prefix):
                 signal.pidfd_send_signal(fd, sig)
         except ProcessLookupError:
             pass
