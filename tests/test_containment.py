@@ -1,21 +1,23 @@
 """Containment with real processes: boxes find and stop only their own, whatever they did."""
 
 import asyncio
+import json
 import os
 import signal
+import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from daemon_proc import pids_alive
+from daemon_proc import pids_alive, start_daemon, write_config
+from modeld import config
 from modeld.errors import ConfigError
 from modeld.supervisor import sweep
 from modeld.supervisor.containment import Containment, Sentinel, choose, own_cgroup
 
 SLEEP = (sys.executable, "-c", "import time; time.sleep(60)")
-Start = Callable[..., "asyncio.Future[asyncio.subprocess.Process]"]
 
 
 @pytest.fixture
@@ -114,3 +116,52 @@ async def test_the_sentinel_kills_its_run_once_modeld_is_gone(
     assert await sentinel.close() == 0
     assert [await asyncio.wait_for(p.wait(), 5) for p in mine] == [-signal.SIGKILL] * 2
     assert pids_alive([theirs.pid]) == [theirs.pid]
+
+
+async def test_a_wait_lists_the_box_once_per_round_not_once_per_exit(
+    started: list[asyncio.subprocess.Process], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    box = Containment.marker_only("inst").box("r1")
+    procs = [await spawn(started, box.owner) for _ in range(3)]
+    scans = []
+    real = sweep.marked_pids
+    monkeypatch.setattr(sweep, "marked_pids", lambda p: scans.append(p) or real(p))
+
+    waiting = asyncio.ensure_future(box.wait_empty(30))
+    for proc in procs:  # one exit after another, each awaited
+        proc.kill()
+        await proc.wait()
+    assert await waiting == []
+    # Once to list the three, once to see that nothing new appeared meanwhile.
+    assert len(scans) == 2
+
+
+def test_the_mechanism_is_a_checked_config_key(tmp_path: Path) -> None:
+    assert config.load(env={}).containment == "auto"
+    assert config.load(env={"MODELD_CONTAINMENT": "marker"}).containment == "marker"
+    with pytest.raises(ConfigError, match="containment"):
+        config.load(env={"MODELD_CONTAINMENT": "bogus"})
+
+
+def test_config_show_says_which_mechanism_this_host_gives(tmp_path: Path) -> None:
+    path = tmp_path / "modeld.toml"
+    path.write_text(f'containment = "marker"\nstate_dir = "{tmp_path}"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELD_")}
+    shown = subprocess.run(
+        [sys.executable, "-m", "modeld.cli.main", "config", "show", "--config", str(path)],
+        capture_output=True, text=True, check=True, env=env, timeout=60,
+    )  # fmt: skip
+    in_use = json.loads(shown.stdout)["containment_in_use"]
+    assert in_use["mechanism"] == "marker" and in_use["why"] == "containment = marker"
+
+
+async def test_serve_refuses_a_forced_cgroup_it_cannot_have(tmp_path: Path) -> None:
+    plain = tmp_path / "not-a-cgroup"
+    config_path, addr = write_config(tmp_path, f'containment = "cgroup"\ncgroup_dir = "{plain}"\n')
+    d = await start_daemon(config_path, addr, wait=False)
+    try:
+        assert await asyncio.wait_for(d.proc.wait(), 60) == 2
+        await d.close()
+        assert any("containment = cgroup, but" in line for line in d.raw), d.raw[-5:]
+    finally:
+        await d.close()
