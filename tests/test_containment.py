@@ -165,3 +165,32 @@ async def test_serve_refuses_a_forced_cgroup_it_cannot_have(tmp_path: Path) -> N
         assert any("containment = cgroup, but" in line for line in d.raw), d.raw[-5:]
     finally:
         await d.close()
+
+
+async def test_members_signalled_through_their_group_get_one_sigterm_only(
+    started: list[asyncio.subprocess.Process],
+) -> None:
+    box = Containment.marker_only("inst").box("r1")
+    counting = (
+        sys.executable, "-c",
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *_: print('TERM', flush=True))\n"
+        "print('ready', flush=True); time.sleep(2); sys.exit(0)",
+    )  # fmt: skip
+    env = {**os.environ, sweep.MARKER: box.owner}
+    in_group = await asyncio.create_subprocess_exec(
+        *counting, env=env, start_new_session=True, stdout=asyncio.subprocess.PIPE
+    )
+    started.append(in_group)
+    escaped = await asyncio.create_subprocess_exec(
+        *counting, env=env, start_new_session=True, stdout=asyncio.subprocess.PIPE
+    )
+    started.append(escaped)
+    for proc in (in_group, escaped):
+        assert proc.stdout is not None and await proc.stdout.readline() == b"ready\n"
+
+    os.killpg(in_group.pid, signal.SIGTERM)
+    box.signal(signal.SIGTERM, except_group=in_group.pid)
+
+    outputs = [(await p.communicate())[0] for p in (in_group, escaped)]
+    assert outputs == [b"TERM\n", b"TERM\n"]

@@ -58,7 +58,9 @@ class Child:
         # member that is left is in the box.
         if self.proc.returncode is None:
             kill_group(self.pgid, sig)
-        self.box.signal(sig)
+            self.box.signal(sig, except_group=self.pgid)
+        else:
+            self.box.signal(sig)
 
     async def wait_exited(self, limit_s: float) -> bool:
         return await wait_event(self.exited, limit_s)

@@ -49,7 +49,7 @@ from pathlib import Path
 
 from modeld.errors import ConfigError
 from modeld.supervisor import sweep
-from modeld.supervisor.process import wait_pids_gone
+from modeld.supervisor.process import proc_pgid, wait_pids_gone
 
 MECHANISMS = ("auto", "cgroup", "marker")
 _SELF_CGROUP = Path("/proc/self/cgroup")
@@ -87,11 +87,15 @@ class Box:
         self.seen.update(found)
         return found
 
-    def signal(self, sig: int) -> None:
+    def signal(self, sig: int, *, except_group: int | None = None) -> None:
+        """Signal every member, but those in `except_group` (already signalled through
+        their group: many programs read a second SIGTERM as "exit now, skip clean-up")."""
         members = self.members()
         if self.cgroup is not None and sig == signal.SIGKILL:
             sweep.cgroup_kill(self.cgroup)
             return
+        if except_group is not None:
+            members = [pid for pid in members if proc_pgid(pid) != except_group]
         if self.cgroup is None:
             sweep.signal_marked(members, self.owner, sig)
             return
