@@ -19,6 +19,7 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from daemon_proc import DaemonProc, pids_alive, start_daemon, wait_pids_gone, write_config
@@ -196,7 +197,16 @@ async def test_idle_eviction_reports_stopped_once_every_descendant_is_gone(
 @pytest.mark.parametrize("mechanism", MECHANISMS)
 async def test_shutdown_stops_every_descendant(tmp_path: Path, mechanism: str) -> None:
     spawn_dir = tmp_path / "spawned"
-    async with daemon(tmp_path, body(mechanism, spawn_dir)) as d:
+    missing = (
+        '[backends.missing]\ncommand = ["/nonexistent/backend", "--addr", "{addr}"]\n'
+        '[models.missing]\nbackend = "missing"\n'
+    )
+    async with daemon(tmp_path, body(mechanism, spawn_dir, model_extra=missing)) as d:
+        line = await d.wait_log(lambda e: e.get("event") == "containment")
         pids = every_pid(await load(d, spawn_dir, 2))
+        with pytest.raises(grpc.aio.AioRpcError):  # a spawn that fails leaves no cgroup
+            await d.stub.Load(pb.LoadRequest(model="missing"), timeout=LOAD_S)
         assert await d.stop() == 0
         assert pids_alive(pids) == []
+        # Nothing of this run is left in the cgroup tree either.
+        assert "cgroup_dir" not in line or not Path(line["cgroup_dir"]).exists()

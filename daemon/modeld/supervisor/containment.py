@@ -165,7 +165,10 @@ class Containment:
         return sorted(pids)
 
     def close(self) -> None:
+        """At shutdown, once every replica has stopped: remove this run's empty cgroups."""
         if self.cgroup_dir is not None:
+            for group in sweep.run_cgroups(self.cgroup_dir, f"{self.run}-"):
+                sweep.cgroup_remove(group)
             with contextlib.suppress(OSError):
                 self.cgroup_dir.rmdir()
 

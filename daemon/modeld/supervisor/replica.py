@@ -446,6 +446,7 @@ class Replica:
                 argv, env=plan.env, cwd=plan.cwd, cgroup=self._box.cgroup
             )
         except OSError as exc:
+            self._box.close()
             raise StartFailed("spawn", f"cannot run {argv[0]!r}: {exc.strerror or exc}") from None
         child = Child(
             proc,
