@@ -65,7 +65,9 @@ class Daemon:
         self.spawner = spawner or ProcessSpawner()
         self.reader = reader or make_reader(config.resources_fake_path or None)
         self.releasing = Releasing(
-            self.clock, self.reader.gpu_processes, timeout_s=config.resources_release_timeout
+            self.clock,
+            lambda: self.reader.gpu_processes(),
+            timeout_s=config.resources_release_timeout,
         )
         self.notifier = Notifier.from_environ()
         self.metrics = Metrics()

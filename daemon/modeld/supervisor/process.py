@@ -1,9 +1,11 @@
 """Spawning backend processes, and what Linux tells us about processes.
 
 Every backend runs in a session (and so a process group) of its own, so one
-signal reaches it and every worker it forks. It also asks the kernel for
-SIGKILL when the daemon dies (PR_SET_PDEATHSIG), so even a daemon killed by
-SIGKILL leaves no backend behind.
+signal reaches it and every worker it forks that stays in the group. It also
+asks the kernel for SIGKILL when the daemon dies (PR_SET_PDEATHSIG), so even a
+daemon killed by SIGKILL leaves no backend behind. What the backend starts is
+contained by its replica's box (containment.py): the launcher joins the box's
+cgroup, when there is one, before it execs the backend.
 
 That request is made by a tiny launcher (`python -I -S -c LAUNCHER`) which then
 execs the backend in the same process, rather than by a preexec_fn: under
