@@ -66,7 +66,7 @@ class Daemon:
         self.reader = reader or make_reader(config.resources_fake_path or None)
         self.releasing = Releasing(
             self.clock,
-            lambda: self.reader.gpu_processes(),
+            self.reader.gpu_processes,
             timeout_s=config.resources_release_timeout,
         )
         self.notifier = Notifier.from_environ()
