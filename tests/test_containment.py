@@ -123,11 +123,21 @@ async def test_a_wait_lists_the_box_once_per_round_not_once_per_exit(
 ) -> None:
     box = Containment.marker_only("inst").box("r1")
     procs = [await spawn(started, box.owner) for _ in range(3)]
-    scans = []
+    scans: list[list[int]] = []
+    listed = asyncio.Event()
+    loop = asyncio.get_running_loop()
     real = sweep.marked_pids
-    monkeypatch.setattr(sweep, "marked_pids", lambda p: scans.append(p) or real(p))
+
+    def counted(prefix: str) -> list[int]:
+        scans.append(found := real(prefix))
+        loop.call_soon_threadsafe(listed.set)
+        return found
+
+    monkeypatch.setattr(sweep, "marked_pids", counted)
 
     waiting = asyncio.ensure_future(box.wait_empty(30))
+    await listed.wait()
+    assert len(scans) == 1 and sorted(scans[0]) == sorted(p.pid for p in procs)
     for proc in procs:  # one exit after another, each awaited
         proc.kill()
         await proc.wait()

@@ -38,6 +38,8 @@ class Child:
     watch: "asyncio.Task[None] | None" = None
     # Told every pid the box ever held once it is empty (GPU memory release tracking).
     on_gone: Callable[[list[int]], None] | None = None
+    # Signals to the box in flight: listing it may scan /proc, which is kept off the loop.
+    signalling: list["asyncio.Future[None]"] = field(default_factory=list)
 
     @property
     def pid(self) -> int:
@@ -53,14 +55,23 @@ class Child:
         return host_port(self.host, self.port)
 
     def signal_group(self, sig: int) -> None:
-        """Signal the group and every other process in the box."""
+        """Signal the group now, and every other process in the box from a thread.
+
+        The waits below first see those signals sent.
+        """
         # The group id is surely ours while its leader is unreaped; after that every
         # member that is left is in the box.
+        group = None
         if self.proc.returncode is None:
             kill_group(self.pgid, sig)
-            self.box.signal(sig, except_group=self.pgid)
-        else:
-            self.box.signal(sig)
+            group = self.pgid
+        sent = asyncio.ensure_future(asyncio.to_thread(self.box.signal, sig, except_group=group))
+        self.signalling.append(sent)
+
+    async def _signals_sent(self) -> None:
+        pending, self.signalling = self.signalling, []
+        for sent in pending:
+            await sent
 
     async def wait_exited(self, limit_s: float) -> bool:
         return await wait_event(self.exited, limit_s)
@@ -71,6 +82,7 @@ class Child:
         deadline = loop.time() + limit_s
         if not await self.wait_exited(limit_s):
             return False
+        await self._signals_sent()
         return not await self.box.wait_empty(max(0.0, deadline - loop.time()))
 
     async def reap_group(self) -> list[int]:
@@ -79,9 +91,10 @@ class Child:
         Whatever is left has had its chance (the leader's stop grace, or a crash):
         it gets SIGKILL at once, and the box is empty before this returns.
         """
+        await self._signals_sent()
         survivors = await self.box.wait_empty(0)
         if survivors:
-            self.box.signal(signal.SIGKILL)
+            await asyncio.to_thread(self.box.signal, signal.SIGKILL)
             survivors = await self.box.wait_empty(KILL_WAIT_S)
         if not self.exited.is_set():
             survivors = [self.pid, *survivors]

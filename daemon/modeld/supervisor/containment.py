@@ -100,7 +100,7 @@ class Box:
             sweep.signal_marked(members, self.owner, sig)
             return
         for pid in members:
-            with contextlib.suppress(ProcessLookupError):
+            with contextlib.suppress(OSError):  # gone, or no longer ours to signal
                 os.kill(pid, sig)
 
     async def wait_empty(self, limit_s: float) -> list[int]:

@@ -100,7 +100,7 @@ def signal_marked(pids: Iterable[int], prefix: str, sig: int) -> None:
         try:
             if matches(owner_of(pid), prefix):
                 signal.pidfd_send_signal(fd, sig)
-        except ProcessLookupError:
+        except OSError:  # gone, or no longer ours to signal
             pass
         finally:
             os.close(fd)
