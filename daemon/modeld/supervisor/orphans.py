@@ -114,11 +114,7 @@ async def _stop_strays(containment: Containment, grace: float) -> None:
     if not found:
         await asyncio.to_thread(containment.sweep_earlier_runs, KILL_WAIT_S)
         return
-    sweep.signal_marked(found, containment.prefix, signal.SIGTERM)
-    for pid in set(found) - set(sweep.marked_pids(containment.prefix)):
-        # In a cgroup of ours but without our marker (it exec'd with a new environment).
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
+    await asyncio.to_thread(_terminate, containment, found)
     exited = await wait_pids_gone(found, grace)
     survivors = await asyncio.to_thread(containment.sweep_earlier_runs, KILL_WAIT_S)
     emit = log.error if survivors else log.info
@@ -129,3 +125,12 @@ async def _stop_strays(containment: Containment, grace: float) -> None:
         signal="SIGTERM" if exited else "SIGKILL",
         survivors=survivors,
     )
+
+
+def _terminate(containment: Containment, found: list[int]) -> None:
+    marked = set(sweep.marked_pids(containment.prefix))
+    sweep.signal_marked(sorted(marked & set(found)), containment.prefix, signal.SIGTERM)
+    for pid in set(found) - marked:
+        # In a cgroup of ours but without our marker (it exec'd with a new environment).
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
