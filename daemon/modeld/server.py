@@ -1,9 +1,10 @@
 """The daemon's one lifecycle object: builds every component once, serves, shuts down.
 
 Start order: security settings checked, registry opened (a foreign or newer
-database is refused), orphans of a previous life stopped, catalog and settings
-loaded, gRPC listening, health SERVING, min_replicas started, then READY=1 to
-systemd. Shutdown runs the same way backwards and stops every backend.
+database is refused), the containment mechanism chosen, orphans of a previous
+life stopped, the sentinel started (supervisor/containment.py), catalog and
+settings loaded, gRPC listening, health SERVING, min_replicas started, then
+READY=1 to systemd. Shutdown runs the same way backwards and stops every backend.
 """
 
 import asyncio
