@@ -210,3 +210,19 @@ async def test_shutdown_stops_every_descendant(tmp_path: Path, mechanism: str) -
         assert pids_alive(pids) == []
         # Nothing of this run is left in the cgroup tree either.
         assert "cgroup_dir" not in line or not Path(line["cgroup_dir"]).exists()
+
+
+async def test_a_second_modeld_on_the_same_state_dir_is_refused(tmp_path: Path) -> None:
+    spawn_dir = tmp_path / "spawned"
+    async with daemon(tmp_path, body("marker", spawn_dir)) as first:
+        pids = every_pid(await load(first, spawn_dir, 1))
+        config, addr = write_config(tmp_path, body("marker", spawn_dir))
+        second = await start_daemon(config, addr, wait=False)
+        try:
+            assert await asyncio.wait_for(second.proc.wait(), LOAD_S) == 2
+        finally:
+            await second.close()
+        assert any("another modeld (pid" in line for line in second.raw), second.raw[-5:]
+        # Its clean-up at start would have killed these: it never ran.
+        assert pids_alive(pids) == pids
+        assert await first.stop() == 0

@@ -40,7 +40,7 @@ from modeld.spec import ModelSpec
 from modeld.storage.catalog import Catalog
 from modeld.storage.registry import Registry
 from modeld.storage.settings_store import SettingsStore
-from modeld.supervisor.containment import Containment, Sentinel, choose
+from modeld.supervisor.containment import Containment, InstanceLock, Sentinel, choose
 from modeld.supervisor.orphans import reap_orphans
 from modeld.supervisor.process import ProcessSpawner, Spawner
 from modeld.supervisor.replica import Replica, ReplicaDeps
@@ -90,6 +90,7 @@ class Daemon:
         self.watchdog: Watchdog | None = None
         self.containment: Containment | None = None
         self._sentinel: Sentinel | None = None
+        self._lock: InstanceLock | None = None
 
     async def start(self) -> None:
         catalog, settings = await self._open_state()
@@ -119,6 +120,7 @@ class Daemon:
     async def _open_state(self) -> tuple[Catalog, SettingsStore]:
         """The registry (after stopping what an earlier life left running), catalog, settings."""
         cfg = self.config
+        self._lock = InstanceLock(cfg.state_dir)
         self.registry = registry = await Registry.open(
             cfg.db_path, synchronous=cfg.synchronous, observe=self.metrics.transaction
         )
@@ -315,7 +317,12 @@ class Daemon:
             self.containment.close()
         if self.registry is not None:
             await self.registry.close()
-        _remove_sockets(self.config.listen)
+        if self._server is not None:
+            # Only sockets this daemon bound: a start refused for a busy state_dir
+            # must not delete the running daemon's socket.
+            _remove_sockets(self.config.listen)
+        if self._lock is not None:
+            self._lock.release()
         self.notifier.close()
         log.info("daemon_stopped")
 

@@ -37,6 +37,7 @@ start (`containment`) and shown by `modeld config show`.
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import os
 import signal
@@ -279,3 +280,31 @@ class Sentinel:
         with contextlib.suppress(subprocess.TimeoutExpired):
             return await asyncio.to_thread(self._popen.wait, limit_s)
         return None
+
+
+class InstanceLock:
+    """One modeld per state_dir: the clean-up at start kills whatever carries this
+    instance's marker, so a second daemon on the same state_dir must not start.
+
+    An flock on `<state_dir>/modeld.lock`, held for the daemon's life (close-on-exec,
+    so no backend inherits it); the kernel drops it however the daemon dies.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        path = state_dir / "modeld.lock"
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 32, 0).decode("ascii", "replace").strip()
+            os.close(self._fd)
+            raise ConfigError(
+                f"state_dir {state_dir}: another modeld (pid {holder or '?'}) is using it"
+            ) from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
