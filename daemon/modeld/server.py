@@ -120,10 +120,11 @@ class Daemon:
     async def _open_state(self) -> tuple[Catalog, SettingsStore]:
         """The registry (after stopping what an earlier life left running), catalog, settings."""
         cfg = self.config
-        self._lock = InstanceLock(cfg.state_dir)
         self.registry = registry = await Registry.open(
             cfg.db_path, synchronous=cfg.synchronous, observe=self.metrics.transaction
         )
+        # After the registry: a database refused as not ours leaves the directory untouched.
+        self._lock = InstanceLock(cfg.state_dir)
         self.containment = containment = await asyncio.to_thread(
             choose, cfg.state_dir, cfg.containment, cfg.cgroup_dir
         )
