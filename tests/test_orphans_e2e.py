@@ -226,3 +226,20 @@ async def test_a_second_modeld_on_the_same_state_dir_is_refused(tmp_path: Path) 
         # Its clean-up at start would have killed these: it never ran.
         assert pids_alive(pids) == pids
         assert await first.stop() == 0
+
+
+async def test_a_crash_of_the_backend_takes_every_descendant_with_it(tmp_path: Path) -> None:
+    spawn_dir = tmp_path / "spawned"
+    async with daemon(tmp_path, body("auto", spawn_dir)) as d:
+        events = d.stub.WatchEvents(pb.WatchEventsRequest(model="spawny"))
+        by_replica = await load(d, spawn_dir, 1)
+        ((replica_id, pids),) = by_replica.items()
+        os.kill(pids["backend"], signal.SIGKILL)
+        async with asyncio.timeout(LOAD_S):
+            async for event in events:
+                if event.replica_id == replica_id and event.to_state == pb.FAILED:
+                    break
+        events.cancel()
+        # The setsid() worker ignoring SIGTERM included: nothing outlives the crash.
+        assert await wait_pids_gone(every_pid(by_replica), GONE_S) == []
+        assert await d.stop() == 0
