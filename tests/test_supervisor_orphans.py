@@ -11,6 +11,8 @@ import pytest
 
 from modeld.clock import FakeClock
 from modeld.storage.registry import Registry, ReplicaRow
+from modeld.supervisor import sweep
+from modeld.supervisor.containment import Containment
 from modeld.supervisor.orphans import reap_orphans
 from modeld.supervisor.process import kill_group, pid_alive, proc_start_time
 
@@ -120,3 +122,35 @@ async def test_terminal_rows_and_gone_processes(registry: Registry) -> None:
     assert await reap_orphans(registry) == ["live"]
     done = await registry.get_replica("done")
     assert done is not None and done.last_error == ""
+
+
+async def test_strays_of_this_instance_are_stopped_though_their_leader_is_dead(
+    registry: Registry, procs: list[asyncio.subprocess.Process]
+) -> None:
+    earlier = Containment.marker_only("inst")
+    now = Containment("marker", "inst", "newrun", None, "test")
+
+    async def marked(containment: Containment, argv: tuple[str, ...]) -> asyncio.subprocess.Process:
+        env = {**os.environ, sweep.MARKER: containment.box("r1").owner}
+        proc = await asyncio.create_subprocess_exec(
+            *argv, env=env, stdout=asyncio.subprocess.PIPE, start_new_session=True
+        )
+        procs.append(proc)
+        return proc
+
+    gone = await asyncio.create_subprocess_exec(*SLEEP, start_new_session=True)
+    start_time = proc_start_time(gone.pid)
+    gone.kill()
+    await gone.wait()
+    await registry.insert_replica(row_for("r1", gone.pid, start_time))
+    polite = await marked(earlier, SLEEP)
+    stubborn = await marked(earlier, IGNORE_TERM)
+    assert stubborn.stdout is not None
+    await stubborn.stdout.readline()  # the SIGTERM handler is in place
+    stranger = await marked(Containment.marker_only("other"), SLEEP)
+
+    assert await reap_orphans(registry, grace=0.5, containment=now) == ["r1"]
+
+    assert await asyncio.wait_for(polite.wait(), 2.0) == -signal.SIGTERM
+    assert await asyncio.wait_for(stubborn.wait(), 2.0) == -signal.SIGKILL
+    assert pid_alive(stranger.pid)

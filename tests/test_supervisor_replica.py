@@ -53,9 +53,11 @@ class CountingSpawner:
         self.calls: list[Sequence[str]] = []
         self._real = ProcessSpawner()
 
-    async def spawn(self, argv: Sequence[str], *, env: Any, cwd: str | None) -> BackendProcess:
+    async def spawn(
+        self, argv: Sequence[str], *, env: Any, cwd: str | None, cgroup: Path | None = None
+    ) -> BackendProcess:
         self.calls.append(argv)
-        return await self._real.spawn(argv, env=env, cwd=cwd)
+        return await self._real.spawn(argv, env=env, cwd=cwd, cgroup=cgroup)
 
 
 @dataclass

@@ -129,6 +129,8 @@ TOP: dict[str, Parser] = {
     "auth_open_health": _bool,
     "auth_open_reflection": _bool,
     "allow_insecure_remote": _bool,
+    "containment": _choice("auto", "cgroup", "marker"),
+    "cgroup_dir": _str,
 }
 TABLES: dict[str, dict[str, Parser]] = {
     "watchdog": {
@@ -146,7 +148,7 @@ TABLES: dict[str, dict[str, Parser]] = {
     },
     "logs": {"ring_lines": _int, "keep_stopped": _int, "subscriber_queue": _int},
     "leases": {"max_per_replica": _int, "max_total": _int},
-    "resources": {"fake_path": _str},
+    "resources": {"fake_path": _str, "release_timeout": parse_duration},
 }
 BACKEND_KEYS: dict[str, Parser] = {
     "command": _str_list,
@@ -197,6 +199,8 @@ DEFAULTS: dict[str, Any] = {
     "auth_open_health": True,
     "auth_open_reflection": False,
     "allow_insecure_remote": False,
+    "containment": "auto",
+    "cgroup_dir": "",
 }
 DEMO_CATALOG: dict[str, Any] = {
     "backends": {
@@ -243,6 +247,7 @@ class Config:
     max_leases_per_replica: int = DEFAULT_MAX_LEASES_PER_REPLICA
     max_leases: int = DEFAULT_MAX_LEASES
     resources_fake_path: str = ""
+    resources_release_timeout: float = 30.0
     metrics_listen: str = ""
     tls_cert: str = ""
     tls_key: str = ""
@@ -251,6 +256,8 @@ class Config:
     auth_open_health: bool = True
     auth_open_reflection: bool = False
     allow_insecure_remote: bool = False
+    containment: str = "auto"
+    cgroup_dir: str = ""
     python: str = sys.executable
     source: str = "defaults"
 
@@ -383,6 +390,9 @@ def _build(raw: dict[str, Any], source: str) -> Config:
         max_leases_per_replica=leases.get("max_per_replica", DEFAULT_MAX_LEASES_PER_REPLICA),
         max_leases=leases.get("max_total", DEFAULT_MAX_LEASES),
         resources_fake_path=parsed["resources"].get("fake_path", ""),
+        resources_release_timeout=parsed["resources"].get("release_timeout", 30.0),
+        containment=top["containment"],
+        cgroup_dir=top["cgroup_dir"],
         source=source,
         **{key: top[key] for key in _SECURITY_KEYS},
     )

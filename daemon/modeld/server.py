@@ -1,9 +1,10 @@
 """The daemon's one lifecycle object: builds every component once, serves, shuts down.
 
 Start order: security settings checked, registry opened (a foreign or newer
-database is refused), orphans of a previous life stopped, catalog and settings
-loaded, gRPC listening, health SERVING, min_replicas started, then READY=1 to
-systemd. Shutdown runs the same way backwards and stops every backend.
+database is refused), the containment mechanism chosen, orphans of a previous
+life stopped, the sentinel started (supervisor/containment.py), catalog and
+settings loaded, gRPC listening, health SERVING, min_replicas started, then
+READY=1 to systemd. Shutdown runs the same way backwards and stops every backend.
 """
 
 import asyncio
@@ -22,6 +23,7 @@ from modeld._proto.modeld.v1 import modeld_pb2
 from modeld.api.security import TokenAuth, check_listen_security, server_credentials, token_auth
 from modeld.api.servicer import ModelControl, add_to_server
 from modeld.capacity.admission import Admission, Evictor
+from modeld.capacity.releasing import Releasing
 from modeld.capacity.resources import ResourceReader, make_reader
 from modeld.capacity.watchdog import Watchdog
 from modeld.clock import Clock, SystemClock
@@ -43,6 +45,7 @@ from modeld.spec import ModelSpec
 from modeld.storage.catalog import Catalog
 from modeld.storage.registry import Registry
 from modeld.storage.settings_store import SettingsStore
+from modeld.supervisor.containment import Containment, InstanceLock, Sentinel, choose
 from modeld.supervisor.orphans import reap_orphans
 from modeld.supervisor.process import ProcessSpawner, Spawner
 from modeld.supervisor.replica import Replica, ReplicaDeps
@@ -67,6 +70,11 @@ class Daemon:
         self.clock = clock or SystemClock()
         self.spawner = spawner or ProcessSpawner()
         self.reader = reader or make_reader(config.resources_fake_path or None)
+        self.releasing = Releasing(
+            self.clock,
+            self.reader.gpu_processes,
+            timeout_s=config.resources_release_timeout,
+        )
         self.notifier = Notifier.from_environ()
         self.metrics = Metrics()
         self.events = EventBus()
@@ -88,6 +96,9 @@ class Daemon:
         self.registry: Registry | None = None
         self.router: Router | None = None
         self.watchdog: Watchdog | None = None
+        self.containment: Containment | None = None
+        self._sentinel: Sentinel | None = None
+        self._lock: InstanceLock | None = None
 
     async def start(self) -> None:
         catalog, settings = await self._open_state()
@@ -123,7 +134,14 @@ class Daemon:
         self.registry = registry = await Registry.open(
             cfg.db_path, synchronous=cfg.synchronous, observe=self.metrics.transaction
         )
-        handled = await reap_orphans(registry, node_id=cfg.node_id)
+        # After the registry: a database refused as not ours leaves the directory untouched.
+        self._lock = InstanceLock(cfg.state_dir)
+        self.containment = containment = await asyncio.to_thread(
+            choose, cfg.state_dir, cfg.containment, cfg.cgroup_dir
+        )
+        handled = await reap_orphans(registry, node_id=cfg.node_id, containment=containment)
+        self._sentinel = Sentinel(containment, cfg.python)
+        log.info("containment", sentinel_pid=self._sentinel.pid, **containment.describe())
         if handled:
             log.info("orphans_cleaned", replicas=len(handled))
         catalog = Catalog(registry, cfg.backends, cfg.aliases, cfg.models)
@@ -177,6 +195,8 @@ class Daemon:
             models_dir=self.config.models_dir,
             python=self.config.python,
             node_id=self.config.node_id,
+            containment=self.containment or Containment.marker_only(),
+            on_released=self.releasing.add,
         )
 
         def factory(spec: ModelSpec, gpu_ids: tuple[int, ...], listener: Listener) -> Replica:
@@ -187,7 +207,11 @@ class Daemon:
 
         def admission(evictor: Evictor) -> Admit:
             return Admission(
-                clock=self.clock, reader=self.reader, settings=settings, evictor=evictor
+                clock=self.clock,
+                reader=self.reader,
+                settings=settings,
+                evictor=evictor,
+                releasing=self.releasing,
             ).admit
 
         def backoff_policy(spec: ModelSpec) -> BackoffPolicy:
@@ -316,9 +340,18 @@ class Daemon:
             await self.router.close()
         if self._metrics_server is not None:
             await self._metrics_server.close()
+        if self._sentinel is not None:
+            await self._sentinel.close()
+        if self.containment is not None:
+            self.containment.close()
         if self.registry is not None:
             await self.registry.close()
-        _remove_sockets(self.config.listen)
+        if self._server is not None:
+            # Only sockets this daemon bound: a start refused for a busy state_dir
+            # must not delete the running daemon's socket.
+            _remove_sockets(self.config.listen)
+        if self._lock is not None:
+            self._lock.release()
         self.notifier.close()
         log.info("daemon_stopped")
 

@@ -17,6 +17,7 @@ from typing import Protocol
 
 import structlog
 
+from modeld.capacity.releasing import Releasing
 from modeld.capacity.resources import ResourceReader
 from modeld.capacity.sampler import Sampler
 from modeld.clock import Clock
@@ -58,6 +59,7 @@ class Admission:
         evictor: Evictor,
         freed_reads: int = FREED_READS,
         freed_interval: float = FREED_INTERVAL,
+        releasing: Releasing | None = None,
     ) -> None:
         self._clock = clock
         self._sampler = Sampler(reader)
@@ -65,6 +67,7 @@ class Admission:
         self._evictor = evictor
         self._freed_reads = freed_reads
         self._freed_interval = freed_interval
+        self._releasing = releasing
 
     async def admit(self, spec: ModelSpec, deadline: float) -> tuple[int, ...]:
         """The GPU ids for a new replica of `spec`, once there is room for it.
@@ -75,6 +78,9 @@ class Admission:
         rounds = 0
         waited_for = ""
         while True:
+            if self._releasing is not None:
+                # Memory of stopped replicas that a GPU still lists is not free yet.
+                await self._releasing.wait_released(deadline)
             # Taken before the reading, so a change during this round is never missed.
             capacity = self._evictor.capacity_event()
             host = await self._sampler.host()

@@ -12,15 +12,18 @@ sees while it runs (write it with `write_fake`, which replaces the file atomical
       "ram_total": 68719476736,          # bytes
       "ram_available": 34359738368,      # bytes
       "gpus": [                          # optional; [] or absent = no GPUs
-        {"index": 0, "uuid": "GPU-fake-0", "name": "Fake", "total": 25769803776, "used": 0}
+        {"index": 0, "uuid": "GPU-fake-0", "name": "Fake", "total": 25769803776, "used": 0,
+         "pids": [4242]}                 # optional; compute processes listed on this GPU
       ],
       "processes": {"4242": 1073741824}  # optional; pid (as a string) -> GPU bytes used
     }
+
+A pid in "processes" but in no GPU's "pids" counts as listed on every GPU.
 """
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -40,6 +43,10 @@ class ResourceReader(Protocol):
 
     def process_gpu_memory(self) -> dict[int, int]:
         """GPU bytes used per pid, summed over GPUs; empty when unknown."""
+        ...
+
+    def gpu_processes(self) -> dict[int, set[int]]:
+        """The pids each GPU (by index) lists as its compute processes; empty when unknown."""
         ...
 
 
@@ -123,6 +130,18 @@ class NvmlReader:
                     out[int(proc.pid)] = out.get(int(proc.pid), 0) + int(proc.usedGpuMemory)
         return out
 
+    def gpu_processes(self) -> dict[int, set[int]]:
+        """Listed whether or not the driver tells their memory use; a GPU that cannot be
+        read is left out (its processes then count as gone)."""
+        out: dict[int, set[int]] = {}
+        for index, handle, _, _ in self._devices:
+            try:
+                processes = self._nvml.nvmlDeviceGetComputeRunningProcesses(handle)
+            except self._nvml.NVMLError:
+                continue
+            out[index] = {int(proc.pid) for proc in processes}
+        return out
+
     def close(self) -> None:
         if self._nvml is not None:
             self._nvml.nvmlShutdown()
@@ -157,6 +176,9 @@ class SystemReader:
     def process_gpu_memory(self) -> dict[int, int]:
         return self._nvml.process_gpu_memory() if self._nvml.available else {}
 
+    def gpu_processes(self) -> dict[int, set[int]]:
+        return self._nvml.gpu_processes() if self._nvml.available else {}
+
     def close(self) -> None:
         self._nvml.close()
 
@@ -179,6 +201,17 @@ class FakeReader:
         processes = self._load().get("processes", {})
         try:
             return {int(pid): _count(processes, pid) for pid in processes}
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"fake resources file {self._path}: {exc}") from exc
+
+    def gpu_processes(self) -> dict[int, set[int]]:
+        data = self._load()
+        try:
+            everywhere = {int(pid) for pid in data.get("processes", {})}
+            return {
+                _count(g, "index"): {int(pid) for pid in g.get("pids", [])} | everywhere
+                for g in data.get("gpus", [])
+            }
         except (TypeError, ValueError) as exc:
             raise ValueError(f"fake resources file {self._path}: {exc}") from exc
 
@@ -208,13 +241,27 @@ def _count(data: Mapping[str, Any], key: str) -> int:
     return value
 
 
-def write_fake(path: Path, host: HostView, processes: Mapping[int, int] | None = None) -> None:
-    """Write a FakeReader file; a reader never sees it half-written."""
+def write_fake(
+    path: Path,
+    host: HostView,
+    processes: Mapping[int, int] | None = None,
+    gpu_pids: Mapping[int, Iterable[int]] | None = None,
+) -> None:
+    """Write a FakeReader file; a reader never sees it half-written. `gpu_pids`: the
+    compute processes listed per GPU index."""
+    listed = gpu_pids or {}
     data = {
         "ram_total": host.ram_total,
         "ram_available": host.ram_available,
         "gpus": [
-            {"index": g.index, "uuid": g.uuid, "name": g.name, "total": g.total, "used": g.used}
+            {
+                "index": g.index,
+                "uuid": g.uuid,
+                "name": g.name,
+                "total": g.total,
+                "used": g.used,
+                "pids": sorted(listed.get(g.index, ())),
+            }
             for g in host.gpus
         ],
         "processes": {str(pid): used for pid, used in (processes or {}).items()},

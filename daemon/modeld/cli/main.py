@@ -7,6 +7,7 @@ configuration or flag exits 2.
 """
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -54,7 +55,19 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _config_show(args: argparse.Namespace) -> int:
-    print(_load_config(args).show())
+    from modeld.supervisor.containment import choose
+
+    cfg = _load_config(args)
+    data = cfg.to_dict()
+    try:
+        # What this user on this host would get now: the same probe `serve` runs.
+        chosen = choose(cfg.state_dir, cfg.containment, cfg.cgroup_dir)
+        in_use = chosen.describe()
+        chosen.close()
+    except ConfigError as exc:
+        in_use = {"mechanism": "none", "why": str(exc)}
+    data["containment_in_use"] = in_use
+    print(json.dumps(data, indent=2, default=str))
     return 0
 
 

@@ -1,19 +1,22 @@
-"""One spawned backend process and its process group, as a replica holds it.
+"""One spawned backend process, its process group and its box, as a replica holds it.
 
 A replica may spawn more than one (a start retries on a fresh port when the
 last one was taken); each is a `Child`. The replica decides what to do; a Child
-only knows how to signal, await and clean up its own process group.
+only knows how to signal, await and clean up its own processes: the group it
+leads while it runs, and every descendant through the replica's box (cgroup or
+marker, see containment.py), which also holds those that left the group.
 """
 
 import asyncio
 import contextlib
 import signal
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from modeld.supervisor.backend_client import host_port
-from modeld.supervisor.process import BackendProcess, group_alive, kill_group, wait_group_gone
+from modeld.supervisor.containment import Box
+from modeld.supervisor.process import BackendProcess, kill_group
 
 PIPE_DRAIN_S = 0.5
 KILL_WAIT_S = 5.0
@@ -27,11 +30,16 @@ class Child:
     spawned_at: float  # monotonic
     spawned_wall: float
     proc_start: int | None  # /proc start time: with the pid, names this very process
+    box: Box  # every descendant, wherever it went
     # Set by the exit watch once the process is reaped and its pipes are read out.
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     exit_code: int | None = None
     pumps: list["asyncio.Task[None]"] = field(default_factory=list)
     watch: "asyncio.Task[None] | None" = None
+    # Told every pid the box ever held once it is empty (GPU memory release tracking).
+    on_gone: Callable[[list[int]], None] | None = None
+    # Signals to the box in flight: listing it may scan /proc, which is kept off the loop.
+    signalling: list["asyncio.Future[None]"] = field(default_factory=list)
 
     @property
     def pid(self) -> int:
@@ -47,31 +55,54 @@ class Child:
         return host_port(self.host, self.port)
 
     def signal_group(self, sig: int) -> None:
-        # The group id stays ours while its leader is unreaped or any member lives;
-        # after that Linux may hand the number to someone else.
-        if self.proc.returncode is None or group_alive(self.pgid):
+        """Signal the group now, and every other process in the box from a thread.
+
+        The waits below first see those signals sent.
+        """
+        # The group id is surely ours while its leader is unreaped; after that every
+        # member that is left is in the box.
+        group = None
+        if self.proc.returncode is None:
             kill_group(self.pgid, sig)
+            group = self.pgid
+        sent = asyncio.ensure_future(asyncio.to_thread(self.box.signal, sig, except_group=group))
+        self.signalling.append(sent)
+
+    async def _signals_sent(self) -> None:
+        pending, self.signalling = self.signalling, []
+        for sent in pending:
+            await sent
 
     async def wait_exited(self, limit_s: float) -> bool:
         return await wait_event(self.exited, limit_s)
 
     async def wait_group_exit(self, limit_s: float) -> bool:
-        """True once the leader and every other member of the group have exited."""
+        """True once the leader and every other process in the box have exited."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limit_s
         if not await self.wait_exited(limit_s):
             return False
-        return not await wait_group_gone(self.pgid, max(0.0, deadline - loop.time()))
+        await self._signals_sent()
+        return not await self.box.wait_empty(max(0.0, deadline - loop.time()))
 
     async def reap_group(self) -> list[int]:
-        """After the leader exited: no member of its group may live on. Returns survivors."""
-        survivors = await wait_group_gone(self.pgid, KILL_WAIT_S)
+        """After the leader exited: nothing in the box may live on. Returns survivors.
+
+        Whatever is left has had its chance (the leader's stop grace, or a crash):
+        it gets SIGKILL at once, and the box is empty before this returns.
+        """
+        await self._signals_sent()
+        survivors = await self.box.wait_empty(0)
         if survivors:
-            kill_group(self.pgid, signal.SIGKILL)
-            survivors = await wait_group_gone(self.pgid, KILL_WAIT_S)
+            await asyncio.to_thread(self.box.signal, signal.SIGKILL)
+            survivors = await self.box.wait_empty(KILL_WAIT_S)
         if not self.exited.is_set():
             survivors = [self.pid, *survivors]
-        # Pipes still open now are held by a process outside the group; stop reading.
+        if not survivors:
+            self.box.close()
+            if self.on_gone is not None:
+                self.on_gone(sorted(self.box.seen | {self.pid}))
+        # Pipes still open now are held by a process outside the box; stop reading.
         await wait_tasks(self.pumps, PIPE_DRAIN_S)
         discard(self.pumps)
         return survivors

@@ -16,6 +16,7 @@ from modeld.ops.logstore import MIN_MAX_LINE
 from modeld.spec import BackendSpec, ModelSpec, resolve_model_file
 from modeld.supervisor import load_options
 from modeld.supervisor.backend_client import host_port
+from modeld.supervisor.sweep import MARKER
 
 _PLACEHOLDER = re.compile(r"\{(addr|host|port|model_file|models_dir|python)\}")
 
@@ -52,8 +53,13 @@ def plan_launch(
     python: str,
     base_env: Mapping[str, str],
     gpu_ids: tuple[int, ...] = (),
+    owner: str = "",
 ) -> LaunchPlan:
-    """Resolve the model file and options of `spec`; raises InvalidArgument."""
+    """Resolve the model file and options of `spec`; raises InvalidArgument.
+
+    `owner` becomes the MODELD_OWNER marker (containment.py) that every process the
+    backend starts inherits; a marker modeld itself inherited is never passed on.
+    """
     if not backend.command:
         raise InvalidArgument(f"backend {backend.name!r} has an empty command")
     if backend.max_output_line < MIN_MAX_LINE:
@@ -62,7 +68,9 @@ def plan_launch(
         )
     root = models_dir.resolve()
     model_file = str(resolve_model_file(root, spec.model_file)) if spec.model_file else ""
-    env = {**base_env, **dict(backend.env)}
+    env = {k: v for k, v in {**base_env, **dict(backend.env)}.items() if k != MARKER}
+    if owner:
+        env[MARKER] = owner
     if gpu_ids:
         # Indexes are NVML's, which follow PCI bus order; CUDA must number GPUs the same way.
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"

@@ -1,12 +1,19 @@
 """Clean-up at daemon start: backends an earlier daemon left behind.
 
-PR_SET_PDEATHSIG already kills a backend whose daemon died, so usually nothing
-is left; this covers the rest (a backend that escaped it, a daemon stopped in a
-way the kernel did not see). A row names a process by pid AND start time; a pid
-now used by someone else is never touched.
+PR_SET_PDEATHSIG kills a backend whose daemon died, and the sentinel of that
+run (containment.py) kills everything else it started, so usually nothing is
+left; this covers the rest (the sentinel was killed too, the host lost power
+mid-sweep). Two sources, both stopped side by side, SIGTERM then SIGKILL:
+- the registry's live rows: a row names a process by pid AND start time, so a
+  pid now used by someone else is never touched;
+- every process of this instance's boxes (its marker, its cgroups), whether or
+  not its leader still runs: workers that left their group, grandchildren of a
+  dead backend. Another modeld's processes carry another instance id.
 """
 
 import asyncio
+import contextlib
+import os
 import signal
 
 import structlog
@@ -15,7 +22,15 @@ from modeld.clock import Clock, SystemClock
 from modeld.ops.events import Event
 from modeld.state import ReplicaState
 from modeld.storage.registry import Registry, ReplicaRow
-from modeld.supervisor.process import kill_group, proc_pgid, process_matches, wait_group_gone
+from modeld.supervisor import sweep
+from modeld.supervisor.containment import Containment
+from modeld.supervisor.process import (
+    kill_group,
+    proc_pgid,
+    process_matches,
+    wait_group_gone,
+    wait_pids_gone,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -29,17 +44,20 @@ async def reap_orphans(
     node_id: str = "local",
     grace: float = 5.0,
     clock: Clock | None = None,
+    containment: Containment | None = None,
 ) -> list[str]:
-    """Stop the process groups of live rows that still run; mark every live row STOPPED.
+    """Stop the process groups of live rows that still run, and every process an earlier
+    run of this instance left in its boxes; mark every live row STOPPED.
 
-    Returns the ids of the rows handled. The groups are stopped side by side, so
-    a restart waits at most one grace period however many there are.
+    Returns the ids of the rows handled. Everything is stopped side by side, so a
+    restart waits at most one grace period (plus a SIGKILL) however much there is.
     """
     clock = clock or SystemClock()
     rows = await registry.live_replicas(node_id)
     groups = {row.id: pgid for row in rows if (pgid := _live_group(row)) is not None}
     await asyncio.gather(
-        *(_stop_group(row, groups[row.id], grace) for row in rows if row.id in groups)
+        *(_stop_group(row, groups[row.id], grace) for row in rows if row.id in groups),
+        *([_stop_strays(containment, grace)] if containment is not None else []),
     )
     for row in rows:
         wall = clock.wall()
@@ -88,3 +106,31 @@ async def _stop_group(row: ReplicaRow, pgid: int, grace: float) -> None:
         signal=sent,
         survivors=survivors,
     )
+
+
+async def _stop_strays(containment: Containment, grace: float) -> None:
+    """SIGTERM what earlier runs of this instance left in their boxes, grace, then SIGKILL."""
+    found = await asyncio.to_thread(containment.earlier_members)
+    if not found:
+        await asyncio.to_thread(containment.sweep_earlier_runs, KILL_WAIT_S)
+        return
+    await asyncio.to_thread(_terminate, containment, found)
+    exited = await wait_pids_gone(found, grace)
+    survivors = await asyncio.to_thread(containment.sweep_earlier_runs, KILL_WAIT_S)
+    emit = log.error if survivors else log.info
+    emit(
+        "orphans_swept",
+        mechanism=containment.mechanism,
+        pids=found,
+        signal="SIGTERM" if exited else "SIGKILL",
+        survivors=survivors,
+    )
+
+
+def _terminate(containment: Containment, found: list[int]) -> None:
+    marked = set(sweep.marked_pids(containment.prefix))
+    sweep.signal_marked(sorted(marked & set(found)), containment.prefix, signal.SIGTERM)
+    for pid in set(found) - marked:
+        # In a cgroup of ours but without our marker (it exec'd with a new environment).
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)

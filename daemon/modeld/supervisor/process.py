@@ -1,9 +1,11 @@
 """Spawning backend processes, and what Linux tells us about processes.
 
 Every backend runs in a session (and so a process group) of its own, so one
-signal reaches it and every worker it forks. It also asks the kernel for
-SIGKILL when the daemon dies (PR_SET_PDEATHSIG), so even a daemon killed by
-SIGKILL leaves no backend behind.
+signal reaches it and every worker it forks that stays in the group. It also
+asks the kernel for SIGKILL when the daemon dies (PR_SET_PDEATHSIG), so even a
+daemon killed by SIGKILL leaves no backend behind. What the backend starts is
+contained by its replica's box (containment.py): the launcher joins the box's
+cgroup, when there is one, before it execs the backend.
 
 That request is made by a tiny launcher (`python -I -S -c LAUNCHER`) which then
 execs the backend in the same process, rather than by a preexec_fn: under
@@ -33,19 +35,30 @@ from typing import IO, Protocol
 _PROC = Path("/proc")
 EXIT_LAUNCH_FAILED = 127
 
-# argv: PARENT_PID COMMAND [ARGS...]. If the daemon died before prctl took effect
-# the signal will never come, so the launcher also checks who its parent is.
+# argv: PARENT_PID CGROUP_DIR_OR_EMPTY COMMAND [ARGS...]. If the daemon died before prctl
+# took effect the signal will never come, so the launcher also checks who its parent is.
+# It joins the replica's cgroup (if any) before the exec, so the backend and all it ever
+# starts are inside from the first instruction. Python ignores SIGPIPE and an exec keeps
+# ignored signals ignored: the backend gets the default back.
 LAUNCHER = f"""\
-import ctypes, os, sys
+import ctypes, os, signal, sys
 PR_SET_PDEATHSIG, SIGKILL = 1, 9
 ok = ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(SIGKILL), ctypes.c_ulong(0),
                              ctypes.c_ulong(0), ctypes.c_ulong(0)) == 0
 if not ok or os.getppid() != int(sys.argv[1]):
     os._exit({EXIT_LAUNCH_FAILED})
+if sys.argv[2]:
+    try:
+        with open(os.path.join(sys.argv[2], "cgroup.procs"), "w") as procs:
+            procs.write("0")
+    except OSError as exc:
+        sys.stderr.write(f"modeld launcher: cannot join {{sys.argv[2]}}: {{exc.strerror}}\\n")
+        os._exit({EXIT_LAUNCH_FAILED})
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 try:
-    os.execvp(sys.argv[2], sys.argv[2:])
+    os.execvp(sys.argv[3], sys.argv[3:])
 except OSError as exc:
-    sys.stderr.write(f"modeld launcher: cannot run {{sys.argv[2]!r}}: {{exc.strerror}}\\n")
+    sys.stderr.write(f"modeld launcher: cannot run {{sys.argv[3]!r}}: {{exc.strerror}}\\n")
     os._exit({EXIT_LAUNCH_FAILED})
 """
 
@@ -98,7 +111,12 @@ class Spawner(Protocol):
     """Starts a process whose stdout/stderr are pipes and whose group is its own."""
 
     async def spawn(
-        self, argv: Sequence[str], *, env: Mapping[str, str], cwd: str | None
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str],
+        cwd: str | None,
+        cgroup: Path | None = None,
     ) -> BackendProcess: ...
 
 
@@ -113,14 +131,31 @@ class ProcessSpawner:
         self._python = python
 
     async def spawn(
-        self, argv: Sequence[str], *, env: Mapping[str, str], cwd: str | None
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str],
+        cwd: str | None,
+        cgroup: Path | None = None,
     ) -> BackendProcess:
+        """`cgroup`: a cgroup v2 directory the process joins before the backend runs."""
         if not argv:
             raise ValueError("empty argv")
         if shutil.which(argv[0], path=env.get("PATH", os.defpath)) is None:
             raise FileNotFoundError(errno.ENOENT, "no such executable", argv[0])
         popen = _launch(
-            [self._python, "-I", "-S", "-c", LAUNCHER, str(os.getpid()), *argv], env, cwd
+            [
+                self._python,
+                "-I",
+                "-S",
+                "-c",
+                LAUNCHER,
+                str(os.getpid()),
+                str(cgroup or ""),
+                *argv,
+            ],
+            env,
+            cwd,
         )
         try:
             loop = asyncio.get_running_loop()
@@ -224,41 +259,52 @@ def group_alive(pgid: int) -> bool:
 async def wait_group_gone(pgid: int, limit_s: float) -> list[int]:
     """Wait up to `limit_s` for every process of the group to exit; returns the survivors.
 
-    Waits on pidfds (readable when the process exits), so nothing polls: the
-    group is re-listed only when one of its members has exited.
+    Lists the group (a scan of /proc), waits on pidfds until every listed member
+    has exited, and only then lists again: one scan per round, not one per exit.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + limit_s
     while members := group_members(pgid):
         left = deadline - loop.time()
-        if left <= 0 or not await _wait_any_exit(members, left):
+        if left <= 0 or not await wait_pids_gone(members, left):
             return group_members(pgid)
     return []
 
 
-async def _wait_any_exit(pids: Iterable[int], limit_s: float) -> bool:
-    """True once any of `pids` exits (or is already gone), False after `limit_s`."""
-    loop = asyncio.get_running_loop()
-    exited: asyncio.Future[None] = loop.create_future()
-    fds: list[int] = []
+async def wait_pids_gone(pids: Iterable[int], limit_s: float) -> bool:
+    """True once every one of `pids` has exited (or was gone already), False after `limit_s`.
 
-    def on_exit() -> None:
-        if not exited.done():
-            exited.set_result(None)
+    Each pid is pinned by a pidfd when the wait begins, so a pid reused meanwhile
+    by another process does not make this wait for that one.
+    """
+    loop = asyncio.get_running_loop()
+    fds: list[int] = []
+    waiting: set[int] = set()
+    all_gone: asyncio.Future[None] = loop.create_future()
+
+    def on_exit(fd: int) -> None:
+        loop.remove_reader(fd)
+        waiting.discard(fd)
+        if not waiting and not all_gone.done():
+            all_gone.set_result(None)
 
     try:
         for pid in pids:
             try:
                 fd = os.pidfd_open(pid)
             except ProcessLookupError:
-                return True
+                continue
             fds.append(fd)
-            loop.add_reader(fd, on_exit)
+            waiting.add(fd)
+            loop.add_reader(fd, on_exit, fd)
+        if not waiting:
+            return True
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(limit_s):
-                await exited
-        return exited.done()
+                await all_gone
+        return all_gone.done()
     finally:
         for fd in fds:
-            loop.remove_reader(fd)
+            if fd in waiting:
+                loop.remove_reader(fd)
             os.close(fd)

@@ -21,7 +21,7 @@ import shlex
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -49,6 +49,7 @@ from modeld.supervisor.child import (
     discard,
     wait_tasks,
 )
+from modeld.supervisor.containment import Containment
 from modeld.supervisor.launch import LaunchPlan, plan_launch
 from modeld.supervisor.process import Spawner, free_port, proc_start_time
 from modeld.supervisor.readiness import StartFailed, StartRace, StopRequested, exit_failure
@@ -75,6 +76,11 @@ class ReplicaDeps:
     node_id: str = "local"
     # Picks the port of each start attempt; tests inject one to force a clash.
     ports: Callable[[str], int] = free_port
+    # How every descendant of a backend is found and stopped (the daemon probes for it).
+    containment: Containment = field(default_factory=Containment.marker_only)
+    # (replica id, GPU ids, every pid it had): its processes are gone, its GPU memory
+    # may not be yet (capacity/releasing.py).
+    on_released: Callable[[str, tuple[int, ...], list[int]], None] | None = None
 
 
 _PHASE = {S.STARTING: "spawn", S.WAITING_READY: "ready", S.LOADING: "load"}
@@ -102,6 +108,7 @@ class Replica:
         self._deps = deps
         self._gpu_ids = gpu_ids
         self._log = log.bind(replica_id=replica_id, model=spec.name)
+        self._box = deps.containment.box(replica_id)
         self._state = S.STARTING
         self._child: Child | None = None
         self._client: GrpcBackend | None = None
@@ -385,6 +392,7 @@ class Replica:
                 python=self._deps.python,
                 base_env=os.environ,
                 gpu_ids=self._gpu_ids,
+                owner=self._box.owner,
             )
         except InvalidArgument as exc:
             await self._transition(S.FAILED, "cannot be started as specified", last_error=str(exc))
@@ -439,8 +447,12 @@ class Replica:
         argv = plan.argv(host, port)
         self._deps.logs.open(self._id, self._spec.name)
         try:
-            proc = await self._deps.spawner.spawn(argv, env=plan.env, cwd=plan.cwd)
+            self._box.prepare()
+            proc = await self._deps.spawner.spawn(
+                argv, env=plan.env, cwd=plan.cwd, cgroup=self._box.cgroup
+            )
         except OSError as exc:
+            self._box.close()
             raise StartFailed("spawn", f"cannot run {argv[0]!r}: {exc.strerror or exc}") from None
         child = Child(
             proc,
@@ -449,6 +461,8 @@ class Replica:
             self._deps.clock.monotonic(),
             self._deps.clock.wall(),
             proc_start_time(proc.pid),
+            self._box,
+            on_gone=self._released,
         )
         max_line = self._backend.max_output_line
         child.pumps = [
@@ -602,6 +616,10 @@ class Replica:
             child.signal_group(signal.SIGKILL)
             await child.wait_exited(KILL_WAIT_S)
         return await self._finish_child(child)
+
+    def _released(self, pids: list[int]) -> None:
+        if self._gpu_ids and self._deps.on_released is not None:
+            self._deps.on_released(self._id, self._gpu_ids, pids)
 
     async def _finish_child(self, child: Child) -> list[int]:
         survivors = await child.reap_group()
