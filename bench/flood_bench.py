@@ -22,7 +22,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -175,23 +174,36 @@ async def conditions(daemon: Server, args: argparse.Namespace) -> dict[str, Any]
     return {"series": summaries, "ratios": ratios}
 
 
-async def wait_tail(stub: pb_grpc.ModelControlStub, model: str, text: str) -> None:
-    """Until `text` is among the model's newest lines (the burst is fully read)."""
-    request = pb.StreamLogsRequest(model=model, tail=50)
-    async with asyncio.timeout(CALL_LIMIT_S * 4):
-        while text not in [line.text async for line in stub.StreamLogs(request)]:
-            await asyncio.sleep(0.2)
+async def follow_until(stub: pb_grpc.ModelControlStub, model: str, text: str) -> None:
+    """Read the model's output live until `text` was written: seen, or in the ring
+    when this reader itself lost it (it then gets a "lines dropped" note)."""
+    stream = stub.StreamLogs(pb.StreamLogsRequest(model=model, follow=True))
+    tail = pb.StreamLogsRequest(model=model, tail=50)
+    try:
+        async for line in stream:
+            if line.text == text:
+                return
+            lost = line.stream == "modeld" and "dropped" in line.text
+            if lost and text in [x.text async for x in stub.StreamLogs(tail)]:
+                return
+    finally:
+        stream.cancel()
+    raise BenchError(f"the {model} log stream ended before {text!r}")
 
 
 async def memory(daemon: Server, args: argparse.Namespace) -> dict[str, Any]:
     progress(f"RSS: {BURST_LINES} lines to {args.followers} stalled followers")
     idle = rss_mib(daemon.proc.pid)
     stalled = Followers(daemon.addr, "burst", args.followers)
+    reader = asyncio.ensure_future(
+        follow_until(daemon.stub, "burst", f"flood line {BURST_LINES - 1}")
+    )
     try:
         await load(daemon.stub, "burst")
-        await wait_tail(daemon.stub, "burst", f"flood line {BURST_LINES - 1}")
+        await asyncio.wait_for(reader, CALL_LIMIT_S * 4)
         flooded = rss_mib(daemon.proc.pid)
     finally:
+        reader.cancel()
         await stalled.close()
         await unload(daemon.stub, "burst")
     return {
