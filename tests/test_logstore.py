@@ -296,33 +296,34 @@ async def test_a_follower_that_stalls_then_resumes_gets_one_marker_then_every_la
     store = LogStore(FakeClock(), ring_lines=50)
     store.open("r1", "m")
     follower = store.subscribe(replica_id="r1")
-    got: list[LogLine] = []
-    stalled, resume = asyncio.Event(), asyncio.Event()
+    got: asyncio.Queue[LogLine] = asyncio.Queue()
+    resume = asyncio.Event()
 
     async def read() -> None:
         async for line in follower:
-            got.append(line)
+            got.put_nowait(line)
             if line.text == "9":
-                stalled.set()
                 await resume.wait()  # stalls like a client that stopped reading
-            if line.text == "last":
-                return
+
+    async def received(n: int) -> list[str]:
+        async with asyncio.timeout(5):
+            return [(await got.get()).text for _ in range(n)]
 
     reader = asyncio.create_task(read())
     for i in range(10):
         store.append("r1", STDOUT, str(i))
-    async with asyncio.timeout(5):
-        await stalled.wait()
+    assert await received(10) == [str(i) for i in range(10)]
     for i in range(10, 1010):  # 1000 lines while it stalls: the ring keeps the last 50
         store.append("r1", STDOUT, str(i))
     resume.set()
-    store.append("r1", STDOUT, "last")
-    async with asyncio.timeout(5):
-        await reader
-    assert texts(got[:10]) == [str(i) for i in range(10)]
-    assert (got[10].stream, got[10].text) == (MODELD, f"[modeld] 950 {DROP_MARKER}")
-    assert texts(got[11:]) == [*(str(i) for i in range(960, 1010)), "last"]
+    later = await received(51)
+    assert later == [f"[modeld] 950 {DROP_MARKER}", *(str(i) for i in range(960, 1010))]
+    for text in ("after", "resuming"):
+        store.append("r1", STDOUT, text)
+        assert await received(1) == [text]
     assert follower.dropped == 950
+    assert got.empty()
+    reader.cancel()
 
 
 async def test_a_thousand_followers_of_one_replica_all_receive_a_line() -> None:
