@@ -32,7 +32,7 @@ async def test_lease_expires_after_its_ttl_and_frees_the_slot(tmp_path: Path) ->
         assert h.router.expire_leases() == 1
         assert replica.in_flight == 0
         assert h.router.counters["leases_expired"] == 1
-        event = events.queue.get_nowait()
+        event = events.pending()[0]
         assert isinstance(event, Event)
         assert (event.replica_id, event.reason) == (replica.id, "lease_expired")
         assert h.router.release(lease.id, "OK") is False

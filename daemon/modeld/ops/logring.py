@@ -1,13 +1,10 @@
-"""The parts of the log store that followers read from: rings and wake-ups.
+"""A replica's ring of output lines, which log followers read from.
 
 A ring numbers its lines; a follower keeps the number of the next line it wants
 (a cursor) and reads from the ring itself, so adding lines never touches a
-follower. Waiting followers are woken per key (a replica, a model, everything)
-all at once, which costs nothing while nobody waits.
+follower.
 """
 
-import asyncio
-from collections.abc import Hashable
 from typing import NamedTuple, TypeVar
 
 T = TypeVar("T")
@@ -107,36 +104,3 @@ class LogRing:
         if j <= self.size:
             return slots[i:j]
         return slots[i:] + slots[: j - self.size]
-
-
-class Wakeups:
-    """Futures of waiting followers, by key; waking a key wakes all of them once."""
-
-    def __init__(self) -> None:
-        self._waiting: dict[Hashable, set[asyncio.Future[None]]] = {}
-
-    async def wait(self, key: Hashable, waiter: asyncio.Future[None]) -> None:
-        """Awaits `waiter`, which `wake(key)` resolves (or its owner, to end early)."""
-        waiters = self._waiting.setdefault(key, set())
-        waiters.add(waiter)
-        try:
-            await waiter
-        finally:
-            waiters.discard(waiter)
-            if not waiters and self._waiting.get(key) is waiters:
-                del self._waiting[key]
-
-    def wake(self, key: Hashable) -> None:
-        waiters = self._waiting.pop(key, None)
-        if waiters:
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
-
-    def wake_all(self) -> None:
-        for key in list(self._waiting):
-            self.wake(key)
-
-    def waiting(self) -> int:
-        """How many followers wait now."""
-        return sum(len(w) for w in self._waiting.values())

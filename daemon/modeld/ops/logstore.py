@@ -22,7 +22,8 @@ import structlog
 
 from modeld.clock import Clock
 from modeld.errors import InvalidArgument
-from modeld.ops.logring import LogLine, LogRing, Wakeups
+from modeld.ops.logring import LogLine, LogRing
+from modeld.ops.wakeups import Wakeups
 
 __all__ = ["CONTINUED", "MODELD", "STDERR", "STDOUT", "LogLine", "LogStore", "LogSubscription"]
 
