@@ -113,7 +113,9 @@ class Followers:
     """`StreamLogs follow` calls on a channel of their own that are never read."""
 
     def __init__(self, addr: str, model: str, n: int) -> None:
-        self._channel = grpc.aio.insecure_channel(addr)
+        self._channel = grpc.aio.insecure_channel(
+            addr, options=[("grpc.use_local_subchannel_pool", 1)]
+        )
         stub = pb_grpc.ModelControlStub(self._channel)  # type: ignore[no-untyped-call]
         request = pb.StreamLogsRequest(model=model, follow=True)
         self._calls = [stub.StreamLogs(request) for _ in range(n)]

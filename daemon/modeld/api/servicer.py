@@ -7,6 +7,7 @@ import grpc
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld._proto.modeld.v1 import modeld_pb2_grpc as pb_grpc
 from modeld.api import convert
+from modeld.api.pacing import Turnstile
 from modeld.api.status import Ctx, deadline_of, status_of, stream, unary
 from modeld.clock import Clock
 from modeld.errors import FailedPrecondition, InvalidArgument, ModeldError, NotFound
@@ -23,6 +24,10 @@ DEFAULT_WAIT = 600.0
 MAX_LOG_TAIL = 10_000
 MAX_REPLICAS_PER_LOAD = 64
 MAX_DRAIN_S = 86_400.0
+# Messages all server streams together may send per event-loop turn and per second
+# (see api/pacing.py).
+STREAM_SENDS_PER_TURN = 4
+STREAM_SENDS_PER_SECOND = 5000
 SERVICE = pb.DESCRIPTOR.services_by_name["ModelControl"]
 
 
@@ -69,6 +74,7 @@ class ModelControl(pb_grpc.ModelControlServicer):
         self._settings = settings
         self._logs = logs
         self._events = events
+        self._sends = Turnstile(STREAM_SENDS_PER_TURN, STREAM_SENDS_PER_SECOND)
 
     def _model(self, name: str) -> str:
         check_name("model", name)
@@ -227,9 +233,11 @@ class ModelControl(pb_grpc.ModelControlServicer):
         )
         try:
             for line in self._logs.tail(model=model, replica_id=replica_id, n=request.tail):
+                await self._sends.turn()
                 yield convert.log_line_to_proto(line)
             if subscription is not None:
                 async for line in subscription:
+                    await self._sends.turn()
                     yield convert.log_line_to_proto(line)
         finally:
             if subscription is not None:
@@ -256,6 +264,7 @@ class ModelControl(pb_grpc.ModelControlServicer):
         subscription = self._events.subscribe(model)
         try:
             async for event in subscription:
+                await self._sends.turn()
                 yield convert.event_to_proto(event)
         finally:
             subscription.close()
