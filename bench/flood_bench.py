@@ -8,8 +8,12 @@ on one daemon, in ABC-CBA order so drift hits all three alike:
 - flood: the chatty model plus FOLLOWERS `StreamLogs follow` streams on it that
   never read (a dashboard left open on a tab nobody looks at).
 
-Also the daemon's RSS: idle (quiet model loaded), and after a 100k-line burst from
-the chatty model with the stalled followers still attached.
+Also the daemon's RSS: idle (quiet model loaded), and once the chatty model has
+written 100k more lines with the stalled followers attached.
+
+The stalled followers run in a process of their own (bench/stalled_followers.py),
+as dashboards would, so that receiving their lines is not charged to the timed
+clients.
 
 Prints a table with the targets (MISSED where one is missed), writes JSON to
 bench/results/flood_bench.json, and exits 0 unless something could not be measured.
@@ -62,17 +66,11 @@ command = ["{{python}}", "-m", "modeld.backends.echo", "--addr", "{{addr}}"]
 [backends.chatty]
 command = ["{{python}}", "-m", "modeld.backends.echo", "--addr", "{{addr}}", "--chatty", "{rate}"]
 
-[backends.burst]
-command = ["{{python}}", "-m", "modeld.backends.echo", "--addr", "{{addr}}", "--flood", "{burst}"]
-
 [models.quiet]
 backend = "echo"
 
 [models.chatty]
 backend = "chatty"
-
-[models.burst]
-backend = "burst"
 """
 
 
@@ -94,9 +92,7 @@ def daemon_command(tmp: Path, logs: Path, rate: int) -> Command:
     addr = f"127.0.0.1:{free_port()}"
     (tmp / "models").mkdir()
     config = tmp / "modeld.toml"
-    body = CONFIG.format(
-        addr=addr, state=tmp / "state", models=tmp / "models", rate=rate, burst=BURST_LINES
-    )
+    body = CONFIG.format(addr=addr, state=tmp / "state", models=tmp / "models", rate=rate)
     config.write_text(body)
     argv = [sys.executable, "-m", "modeld.cli.main", "serve", "--config", str(config)]
     return Command("modeld", argv, addr, logs / "flood_daemon.log")
@@ -110,20 +106,38 @@ def rss_mib(pid: int) -> float:
 
 
 class Followers:
-    """`StreamLogs follow` calls on a channel of their own that are never read."""
+    """FOLLOWERS stalled `StreamLogs follow` clients (bench/stalled_followers.py)."""
 
-    def __init__(self, addr: str, model: str, n: int) -> None:
-        self._channel = grpc.aio.insecure_channel(
-            addr, options=[("grpc.use_local_subchannel_pool", 1)]
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self._proc = proc
+
+    @classmethod
+    async def start(cls, addr: str, model: str, n: int) -> "Followers":
+        script = str(HERE / "stalled_followers.py")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            script,
+            addr,
+            model,
+            str(n),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
         )
-        stub = pb_grpc.ModelControlStub(self._channel)  # type: ignore[no-untyped-call]
-        request = pb.StreamLogsRequest(model=model, follow=True)
-        self._calls = [stub.StreamLogs(request) for _ in range(n)]
+        assert proc.stdout is not None
+        async with asyncio.timeout(CALL_LIMIT_S):
+            ready = await proc.stdout.readline()
+        if ready != b"ready\n":
+            raise BenchError(f"stalled followers did not start (exit {await proc.wait()})")
+        return cls(proc)
 
     async def close(self) -> None:
-        for call in self._calls:
-            call.cancel()
-        await self._channel.close(None)
+        assert self._proc.stdin is not None
+        self._proc.stdin.close()
+        try:
+            await asyncio.wait_for(self._proc.wait(), CALL_LIMIT_S)
+        except TimeoutError:
+            self._proc.kill()
+            await self._proc.wait()
 
 
 async def load(stub: pb_grpc.ModelControlStub, model: str) -> None:
@@ -143,7 +157,7 @@ async def enter(daemon: Server, condition: str, followers: int) -> Followers | N
     await load(daemon.stub, CHATTY)
     if condition == "chatty":
         return None
-    return Followers(daemon.addr, CHATTY, followers)
+    return await Followers.start(daemon.addr, CHATTY, followers)
 
 
 async def leave(daemon: Server, condition: str, stalled: Followers | None) -> None:
@@ -176,38 +190,34 @@ async def conditions(daemon: Server, args: argparse.Namespace) -> dict[str, Any]
     return {"series": summaries, "ratios": ratios}
 
 
-async def follow_until(stub: pb_grpc.ModelControlStub, model: str, text: str) -> None:
-    """Read the model's output live until `text` was written: seen, or in the ring
-    when this reader itself lost it (it then gets a "lines dropped" note)."""
-    stream = stub.StreamLogs(pb.StreamLogsRequest(model=model, follow=True))
-    tail = pb.StreamLogsRequest(model=model, tail=50)
+async def chatty_line(stub: pb_grpc.ModelControlStub, at_least: int = 0) -> int:
+    """The number of a chatty line >= `at_least`, as a live follower sees it."""
+    stream = stub.StreamLogs(pb.StreamLogsRequest(model=CHATTY, follow=True))
     try:
-        async for line in stream:
-            if line.text == text:
-                return
-            lost = line.stream == "modeld" and "dropped" in line.text
-            if lost and text in [x.text async for x in stub.StreamLogs(tail)]:
-                return
+        async with asyncio.timeout(CALL_LIMIT_S * 4):
+            async for line in stream:
+                number = line.text.removeprefix("chatty line ")
+                if line.stream == "stdout" and number.isdigit() and int(number) >= at_least:
+                    return int(number)
     finally:
         stream.cancel()
-    raise BenchError(f"the {model} log stream ended before {text!r}")
+    raise BenchError(f"the {CHATTY} log stream ended")
 
 
 async def memory(daemon: Server, args: argparse.Namespace) -> dict[str, Any]:
-    progress(f"RSS: {BURST_LINES} lines to {args.followers} stalled followers")
+    progress(f"RSS: {BURST_LINES} lines with {args.followers} stalled followers")
     idle = rss_mib(daemon.proc.pid)
-    stalled = Followers(daemon.addr, "burst", args.followers)
-    reader = asyncio.ensure_future(
-        follow_until(daemon.stub, "burst", f"flood line {BURST_LINES - 1}")
-    )
+    await load(daemon.stub, CHATTY)
     try:
-        await load(daemon.stub, "burst")
-        await asyncio.wait_for(reader, CALL_LIMIT_S * 4)
-        flooded = rss_mib(daemon.proc.pid)
+        stalled = await Followers.start(daemon.addr, CHATTY, args.followers)
+        try:
+            first = await chatty_line(daemon.stub)
+            await chatty_line(daemon.stub, at_least=first + BURST_LINES)
+            flooded = rss_mib(daemon.proc.pid)
+        finally:
+            await stalled.close()
     finally:
-        reader.cancel()
-        await stalled.close()
-        await unload(daemon.stub, "burst")
+        await unload(daemon.stub, CHATTY)
     return {
         "idle_mib": round(idle, 1),
         "flooded_mib": round(flooded, 1),
@@ -292,7 +302,7 @@ def render(results: dict[str, Any], checks: list[Target]) -> str:
     mem = results["memory"]
     if "error" not in mem:
         lines.append(
-            f"  RSS idle {mem['idle_mib']} MiB, after {s['burst_lines']} lines with "
+            f"  RSS idle {mem['idle_mib']} MiB, after {s['burst_lines']} chatty lines with "
             f"{s['followers']} stalled followers {mem['flooded_mib']} MiB"
         )
     for key in ("conditions", "memory"):
