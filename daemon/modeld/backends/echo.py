@@ -304,16 +304,16 @@ def flood(lines: int) -> None:
 def chatter(rate: float) -> None:
     """Write `rate` lines per second to stdout for as long as the process lives.
 
-    Lines that fall due while the reader is slow are written at once, back to back,
-    so a large rate writes without pause; the pacing never sleeps longer than
-    CHATTY_TICK_S.
+    What fell due in the last CHATTY_TICK_S is written in blocks, as a program with
+    buffered output does; lines that fall due while the reader is slow are written
+    at once, back to back, so a large rate writes without pause.
     """
     started = time.monotonic()
     written = 0
     while True:
         due = int((time.monotonic() - started) * rate)
         if due <= written:
-            time.sleep(min(CHATTY_TICK_S, (written + 1 - due) / rate))
+            time.sleep(CHATTY_TICK_S)
             continue
         end = min(due, written + FLOOD_BATCH)
         if not _write_lines("chatty", written, end):

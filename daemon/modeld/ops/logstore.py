@@ -72,7 +72,7 @@ class _LineSplitter:
         lines = joined.split("\n")
         partial = lines.pop()
         out: list[str]
-        if self._continued or (lines and max(map(len, lines)) > self._max):
+        if self._continued or (lines and self._longest(text, lines) > self._max):
             out = []
             for line in lines:
                 self._emit(self._cut(line.removesuffix("\r"), out), out)
@@ -84,6 +84,13 @@ class _LineSplitter:
             partial = ""
         self._partial = partial
         return out
+
+    def _longest(self, text: str, lines: list[str]) -> int:
+        """The length of the longest line, or a bound on it: only the first line can
+        be longer than the text just read (it may continue the partial line)."""
+        if len(text) <= self._max:
+            return max(len(lines[0]), len(text))
+        return max(map(len, lines))
 
     def _cut(self, text: str, out: list[str]) -> str:
         """Emits full pieces of `text` while it is too long; returns the rest."""
