@@ -9,7 +9,7 @@ from modeld.api.pacing import Turnstile
 
 
 async def test_at_most_per_turn_pass_each_loop_turn_in_arrival_order() -> None:
-    gate = Turnstile(per_turn=2, per_second=1e9)
+    gate = Turnstile(per_turn=2, per_second=1e9, burst=100)
     passed: list[tuple[int, int]] = []
     turn = 0
 
@@ -33,11 +33,11 @@ async def test_at_most_per_turn_pass_each_loop_turn_in_arrival_order() -> None:
 
 
 async def test_past_the_burst_walkers_wait_for_tokens() -> None:
-    gate = Turnstile(per_turn=100, per_second=4)
+    gate = Turnstile(per_turn=100, per_second=4, burst=4)
     walkers = [asyncio.create_task(gate.turn()) for _ in range(8)]
     finished = asyncio.as_completed(walkers)
     async with asyncio.timeout(5):
-        for _ in range(4):  # the burst: one second's worth
+        for _ in range(4):  # the burst
             await next(finished)
     # One more token is due every 250 ms; the rest wait for theirs.
     assert 1 <= gate.waiting() <= 4
@@ -47,7 +47,7 @@ async def test_past_the_burst_walkers_wait_for_tokens() -> None:
 
 
 async def test_a_cancelled_walker_gives_up_its_place() -> None:
-    gate = Turnstile(per_turn=1, per_second=1e9)
+    gate = Turnstile(per_turn=1, per_second=1e9, burst=100)
     first = asyncio.create_task(gate.turn())
     second = asyncio.create_task(gate.turn())
     third = asyncio.create_task(gate.turn())
@@ -61,4 +61,4 @@ async def test_a_cancelled_walker_gives_up_its_place() -> None:
 
 def test_rejects_a_gate_that_lets_nothing_through() -> None:
     with pytest.raises(ValueError):
-        Turnstile(per_turn=0, per_second=10)
+        Turnstile(per_turn=0, per_second=10, burst=10)

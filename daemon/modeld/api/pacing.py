@@ -1,14 +1,14 @@
 """Bounded work for server streams (log followers, event watchers).
 
-Sending one message on a gRPC stream costs the loop tens of microseconds, and a
-client that never reads still takes megabytes before HTTP/2 flow control stops
-the stream. Hundreds of such streams would keep the loop busy with sends, delay
-every unary RPC and take the CPU from the backends. So all streams of a servicer
-go through one turnstile: at most `per_turn` messages per event-loop turn (what a
-unary RPC may have to wait behind) and at most `per_second` on average, with a
-burst of one second's worth (what streams may cost the host), first come first
-served. Streams that cannot keep up fall behind their ring and are told, by a
-log follower's drop marker, what they lost.
+Sending one message on a gRPC stream costs the daemon a tenth of a millisecond or
+more, and a client that never reads still takes megabytes before HTTP/2 flow
+control stops the stream (gRPC grows its windows). Hundreds of such streams would
+keep the loop busy with sends, delay every unary RPC and take the CPU from the
+backends. So streams go through a turnstile: at most `per_turn` messages per
+event-loop turn (what a unary RPC may have to wait behind) and at most `per_second`
+on average after a burst of `burst` (what streams may cost the host), first come
+first served. Streams that cannot keep up fall behind their ring and are told, by
+a log follower's drop marker, what they lost.
 """
 
 import asyncio
@@ -16,12 +16,13 @@ from collections import deque
 
 
 class Turnstile:
-    def __init__(self, per_turn: int, per_second: float) -> None:
-        if per_turn < 1 or per_second < 1:
-            raise ValueError("per_turn and per_second must be >= 1")
+    def __init__(self, per_turn: int, per_second: float, burst: int) -> None:
+        if per_turn < 1 or per_second < 1 or burst < 1:
+            raise ValueError("per_turn, per_second and burst must be >= 1")
         self._per_turn = per_turn
         self._rate = per_second
-        self._tokens = per_second
+        self._burst = burst
+        self._tokens = float(burst)
         self._refilled_at: float | None = None
         self._passed = 0  # in the current turn
         self._queue: deque[asyncio.Future[None]] = deque()
@@ -49,7 +50,7 @@ class Turnstile:
 
     def _refill(self, now: float) -> None:
         if self._refilled_at is not None:
-            self._tokens = min(self._rate, self._tokens + (now - self._refilled_at) * self._rate)
+            self._tokens = min(self._burst, self._tokens + (now - self._refilled_at) * self._rate)
         self._refilled_at = now
 
     def _schedule(self, loop: asyncio.AbstractEventLoop, delay: float = 0.0) -> None:
