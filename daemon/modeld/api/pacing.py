@@ -73,6 +73,8 @@ class Turnstile:
                 waiter.set_result(None)
                 self._pass()
         if self._queue and self._tokens < 1:
-            self._schedule(loop, (1 - self._tokens) / self._rate)
+            # Out of tokens: come back when a turn's worth is due, not for each one.
+            due = min(self._per_turn, len(self._queue))
+            self._schedule(loop, (due - self._tokens) / self._rate)
         elif self._queue or self._passed:
             self._schedule(loop)
