@@ -37,6 +37,7 @@ lint: $(STUBS)
 
 bench: $(STUBS)
 	$(BIN)/python bench/route_bench.py $(ARGS)
+	$(BIN)/python bench/flood_bench.py $(FLOOD_ARGS)
 
 soak: $(STUBS)
 	$(BIN)/python bench/soak.py $(ARGS)

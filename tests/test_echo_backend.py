@@ -219,6 +219,15 @@ async def test_flood_keeps_serving() -> None:
         assert (await backend.stub().Health(pb.HealthMessage())).message == b"OK"
 
 
+async def test_chatty_prints_numbered_lines_without_end_and_keeps_serving() -> None:
+    async with running_backend("--chatty", "1e9") as backend:
+        await backend.wait_line("stdout", r"^chatty line 20000$")
+        assert backend.stdout[:20001] == [f"chatty line {i}" for i in range(20001)]
+        assert (await backend.stub().Health(pb.HealthMessage())).message == b"OK"
+        await backend.wait_line("stdout", r"^chatty line 40000$")
+        assert await backend.terminate() == 0
+
+
 async def test_crash_after_exits_3() -> None:
     async with running_backend("--crash-after", "0.1") as backend:
         assert await backend.wait_exit() == 3

@@ -1,9 +1,14 @@
 """The log store: rings, line splitting, merged tails and subscribers that never block."""
 
 import asyncio
+import gc
 import sys
+import weakref
+from collections import deque
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from modeld.clock import FakeClock
 from modeld.errors import InvalidArgument
@@ -263,27 +268,142 @@ async def test_slow_subscriber_never_blocks_append_and_learns_what_it_lost() -> 
     for i in range(100_000):
         store.append("r1", STDOUT, str(i))
     assert texts(store.tail_lines("r1", 1000)) == [str(i) for i in range(99_000, 100_000)]
+    assert sub.dropped == 99_900
     received = [await next_line(sub) for _ in range(101)]
-    assert texts(received[:100]) == [str(i) for i in range(100)]
-    assert received[100].stream == MODELD
-    assert received[100].text == f"[modeld] 99900 {DROP_MARKER}"
-    assert received[100].replica_id == "r1"
+    assert received[0].stream == MODELD
+    assert received[0].text == f"[modeld] 99900 {DROP_MARKER}"
+    assert received[0].replica_id == "r1"
+    assert texts(received[1:]) == [str(i) for i in range(99_900, 100_000)]
     assert sub.dropped == 99_900
     sub.close()
     assert [line async for line in sub] == []
 
 
-async def test_drop_marker_comes_before_the_next_line_that_fits() -> None:
+async def test_drop_marker_comes_before_the_oldest_line_still_kept() -> None:
     store = LogStore(FakeClock(), subscriber_queue=2)
     store.open("r1", "m")
     with store.subscribe(model="m") as sub:
         for text in ("a", "b", "c", "d"):
             store.append("r1", STDOUT, text)
-        assert (await next_line(sub)).text == "a"
-        store.append("r1", STDOUT, "e")
         got = [await next_line(sub) for _ in range(3)]
-        assert texts(got) == ["b", f"[modeld] 2 {DROP_MARKER}", "e"]
+        assert texts(got) == [f"[modeld] 2 {DROP_MARKER}", "c", "d"]
+        store.append("r1", STDOUT, "e")
+        assert (await next_line(sub)).text == "e"
         assert sub.dropped == 2
+
+
+async def test_a_follower_that_stalls_then_resumes_gets_one_marker_then_every_later_line() -> None:
+    store = LogStore(FakeClock(), ring_lines=50)
+    store.open("r1", "m")
+    follower = store.subscribe(replica_id="r1")
+    got: asyncio.Queue[LogLine] = asyncio.Queue()
+    resume = asyncio.Event()
+
+    async def read() -> None:
+        async for line in follower:
+            got.put_nowait(line)
+            if line.text == "9":
+                await resume.wait()  # stalls like a client that stopped reading
+
+    async def received(n: int) -> list[str]:
+        async with asyncio.timeout(5):
+            return [(await got.get()).text for _ in range(n)]
+
+    reader = asyncio.create_task(read())
+    for i in range(10):
+        store.append("r1", STDOUT, str(i))
+    assert await received(10) == [str(i) for i in range(10)]
+    for i in range(10, 1010):  # 1000 lines while it stalls: the ring keeps the last 50
+        store.append("r1", STDOUT, str(i))
+    resume.set()
+    later = await received(51)
+    assert later == [f"[modeld] 950 {DROP_MARKER}", *(str(i) for i in range(960, 1010))]
+    for text in ("after", "resuming"):
+        store.append("r1", STDOUT, text)
+        assert await received(1) == [text]
+    assert follower.dropped == 950
+    assert got.empty()
+    reader.cancel()
+
+
+async def test_a_thousand_followers_of_one_replica_all_receive_a_line() -> None:
+    store = LogStore(FakeClock())
+    store.open("r1", "m")
+    followers = [store.subscribe(replica_id="r1") for _ in range(1000)]
+    waiting = [asyncio.create_task(next_line(f)) for f in followers]
+    await asyncio.sleep(0)
+    assert not any(task.done() for task in waiting)
+    store.append("r1", STDOUT, "for everyone")
+    received = await asyncio.gather(*waiting)
+    assert {line.text for line in received} == {"for everyone"}
+    assert len(received) == 1000
+
+
+async def test_a_follower_that_disconnects_frees_its_cursor() -> None:
+    store = LogStore(FakeClock())
+    store.open("r1", "m")
+    follower = store.subscribe(model="m")
+    store.append("r1", STDOUT, "seen")
+    gone = weakref.ref(follower)
+
+    async def stream(sub: LogSubscription) -> None:  # what the StreamLogs handler does
+        try:
+            async for _ in sub:
+                pass
+        finally:
+            sub.close()
+
+    task = asyncio.create_task(stream(follower))
+    await asyncio.sleep(0)
+    assert store.wakeups.waiting() == 1
+    task.cancel()  # gRPC cancels the handler when the client goes away
+    await asyncio.wait([task])
+    assert task.cancelled()
+    del follower, task
+    gc.collect()
+    assert gone() is None
+    assert store.wakeups.waiting() == 0
+    store.append("r1", STDOUT, "after")
+
+
+async def test_a_model_follower_gets_its_replicas_lines_in_the_order_they_came() -> None:
+    store = LogStore(FakeClock(), ring_lines=1000)
+    store.open("r1", "m")
+    store.open("r2", "m")
+    follower = store.subscribe(model="m")
+    expected = []
+    for i in range(300):  # more than a follower takes from a ring at a time
+        rid = "r1" if i % 3 else "r2"
+        store.append(rid, STDOUT, f"{rid} {i}")
+        expected.append(f"{rid} {i}")
+        if i % 7 == 0:
+            store.append("r1", STDERR, f"a\nb {i}")
+            expected += ["a", f"b {i}"]
+    got = [await next_line(follower) for _ in range(len(expected))]
+    assert texts(got) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    size=st.integers(1, 12),
+    batches=st.lists(st.integers(0, 30), max_size=20),
+    n=st.integers(0, 15),
+)
+def test_a_ring_keeps_the_newest_lines_whatever_the_batch_sizes(
+    size: int, batches: list[int], n: int
+) -> None:
+    store = LogStore(FakeClock(), ring_lines=size)
+    store.open("r1", "m")
+    model: deque[str] = deque(maxlen=size)
+    count = 0
+    for k in batches:
+        lines = [str(count + i) for i in range(k)]
+        count += k
+        if k:
+            store.append("r1", STDOUT, "\n".join(lines))
+        model.extend(lines)
+    assert texts(store.tail_lines("r1", n)) == (list(model)[-n:] if n else [])
+    assert texts(store.tail(model="m", n=size)) == list(model)
 
 
 async def test_a_slow_subscriber_does_not_affect_another() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from modeld.errors import NotFound, Unavailable
-from modeld.ops.events import LEASE_EXPIRED, Event
+from modeld.ops.events import LEASE_EXPIRED
 from modeld.policy.picker import pick_replica
 from modeld.routing.counters import CounterFlusher
 from modeld.spec import ModelSpec, Settings
@@ -32,12 +32,11 @@ async def test_lease_expires_after_its_ttl_and_frees_the_slot(tmp_path: Path) ->
         assert h.router.expire_leases() == 1
         assert replica.in_flight == 0
         assert h.router.leases.expired_total == 1
-        expiries = []
-        while not events.queue.empty():
-            event = events.queue.get_nowait()
-            assert isinstance(event, Event)
-            if event.kind == LEASE_EXPIRED:
-                expiries.append((event.replica_id, event.reason, event.to_state))
+        expiries = [
+            (event.replica_id, event.reason, event.to_state)
+            for event in events.pending()
+            if event.kind == LEASE_EXPIRED
+        ]
         assert expiries == [(replica.id, "lease_expired", S.READY)]
         assert h.router.release(lease.id, "OK") is False
         assert replica.in_flight == 0

@@ -126,8 +126,7 @@ async def next_event(sub: Subscription, to_state: ReplicaState, limit_s: float) 
 
 def queued(sub: Subscription) -> list[Event]:
     """The events already published to `sub`, taken without waiting."""
-    events = [sub.queue.get_nowait() for _ in range(sub.queue.qsize())]
-    return [e for e in events if e is not None]
+    return sub.pending()
 
 
 def grandchild_pid(h: Harness, replica: Replica) -> int:

@@ -3,9 +3,9 @@
 Run as `python -m modeld.backends.echo --addr HOST:PORT [flags]`. The default
 config serves it as model `echo`, and the test suite drives every failure mode
 of a real backend (slow start, failed load, crash, ignored SIGTERM, leaked
-grandchild, log flood) through its flags. Start order: signal handlers, grandchild,
-start delay (SIGTERM ends it at once), exit-on-start, bind, listening line, flood
-and crash timer.
+grandchild, log flood, endless chatter) through its flags. Start order: signal
+handlers, grandchild, start delay (SIGTERM ends it at once), exit-on-start, bind,
+listening line, flood, chatter and crash timer.
 
 Its output lines are a contract with the daemon and its benchmark, so they are
 plain `print`s in a fixed format rather than structured logs.
@@ -45,6 +45,7 @@ EMBEDDING_SIZE = 8
 STOP_GRACE_S = 2.0
 PROGRESS_INTERVAL_S = 0.1
 FLOOD_BATCH = 512
+CHATTY_TICK_S = 0.01
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class Flags:
     ignore_sigterm: bool = False
     spawn_grandchild: bool = False
     flood: int = 0
+    chatty: float = 0.0
     crash_after: float | None = None
     memory_bytes: int = DEFAULT_MEMORY_BYTES
 
@@ -84,6 +86,13 @@ def parse_flags(argv: list[str] | None = None) -> Flags:
     parser.add_argument("--ignore-sigterm", action="store_true")
     parser.add_argument("--spawn-grandchild", action="store_true")
     parser.add_argument("--flood", type=int, default=0, metavar="N")
+    parser.add_argument(
+        "--chatty",
+        type=float,
+        default=0.0,
+        metavar="RATE",
+        help="print RATE lines per second to stdout until stopped (a huge RATE: no pause)",
+    )
     parser.add_argument("--crash-after", type=float, default=None, metavar="SECONDS")
     parser.add_argument("--memory-bytes", type=int, default=DEFAULT_MEMORY_BYTES, metavar="N")
     ns = parser.parse_args(argv)
@@ -101,6 +110,7 @@ def parse_flags(argv: list[str] | None = None) -> Flags:
         ignore_sigterm=ns.ignore_sigterm,
         spawn_grandchild=ns.spawn_grandchild,
         flood=ns.flood,
+        chatty=ns.chatty,
         crash_after=ns.crash_after,
         memory_bytes=ns.memory_bytes,
     )
@@ -287,13 +297,39 @@ def flood(lines: int) -> None:
     thread, and nothing is left in Python's buffer to block the exit.
     """
     for first in range(0, lines, FLOOD_BATCH):
-        batch = "".join(f"flood line {i}\n" for i in range(first, min(first + FLOOD_BATCH, lines)))
-        data = batch.encode()
-        try:
-            while data:
-                data = data[os.write(1, data) :]
-        except OSError:
+        if not _write_lines("flood", first, min(first + FLOOD_BATCH, lines)):
             return
+
+
+def chatter(rate: float) -> None:
+    """Write `rate` lines per second to stdout for as long as the process lives.
+
+    What fell due in the last CHATTY_TICK_S is written in blocks, as a program with
+    buffered output does; lines that fall due while the reader is slow are written
+    at once, back to back, so a large rate writes without pause.
+    """
+    started = time.monotonic()
+    written = 0
+    while True:
+        due = int((time.monotonic() - started) * rate)
+        if due <= written:
+            time.sleep(CHATTY_TICK_S)
+            continue
+        end = min(due, written + FLOOD_BATCH)
+        if not _write_lines("chatty", written, end):
+            return
+        written = end
+
+
+def _write_lines(kind: str, first: int, end: int) -> bool:
+    """Writes lines `first`..`end`-1 straight to fd 1; False once stdout is gone."""
+    data = "".join(f"{kind} line {i}\n" for i in range(first, end)).encode()
+    try:
+        while data:
+            data = data[os.write(1, data) :]
+    except OSError:
+        return False
+    return True
 
 
 def crash() -> None:
@@ -346,6 +382,8 @@ async def serve(flags: Flags) -> int:
     _err(f"echo_backend listening addr={flags.host}:{port} startup_ms={startup_s * 1000:.1f}")
     if flags.flood:
         threading.Thread(target=flood, args=(flags.flood,), name="flood", daemon=True).start()
+    if flags.chatty > 0:
+        threading.Thread(target=chatter, args=(flags.chatty,), name="chatty", daemon=True).start()
     if flags.crash_after is not None:
         asyncio.get_running_loop().call_later(flags.crash_after, crash)
     await stop.wait()

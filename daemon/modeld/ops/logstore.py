@@ -1,19 +1,20 @@
-"""Backend output: a bounded ring of lines per replica, and live subscribers.
+"""Backend output: a bounded ring of lines per replica, and followers that read it.
 
-A backend may print as fast as it can; neither the ring nor a slow subscriber
-may ever make the reader of its pipe wait. Each subscriber has a bounded queue;
-lines that do not fit are counted, and the subscriber is told how many it lost
-by one marker line in place of them.
+A backend may print as fast as it can; neither the ring nor a slow follower may
+ever make the reader of its pipe wait, and adding lines costs the same whatever
+the number of followers. A follower holds a cursor per ring it follows and is
+woken, not pushed to; one that falls more than its lag behind a ring's newest
+line loses the oldest of them, and is told how many by one marker line before it
+goes on from the oldest line it may still read.
 """
 
 import asyncio
 import codecs
 import heapq
+from bisect import bisect_right
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from itertools import islice
-from operator import attrgetter
+from collections.abc import Callable, Hashable, Iterable
+from operator import itemgetter
 from types import TracebackType
 from typing import Self
 
@@ -21,6 +22,10 @@ import structlog
 
 from modeld.clock import Clock
 from modeld.errors import InvalidArgument
+from modeld.ops.logring import LogLine, LogRing
+from modeld.ops.wakeups import Wakeups
+
+__all__ = ["CONTINUED", "MODELD", "STDERR", "STDOUT", "LogLine", "LogStore", "LogSubscription"]
 
 log = structlog.get_logger(__name__)
 
@@ -29,22 +34,15 @@ STDERR = "stderr"
 MODELD = "modeld"  # the daemon's own notes on a replica's lifecycle
 
 CONTINUED = "[…continued] "
-# Small enough that one chunk of short lines is a few ms of work, so a backend
-# flooding its output cannot hold the event loop away from RPCs for long.
-READ_CHUNK = 16 * 1024
+# Work per loop turn for each pipe: one chunk is split and stored in ~0.1 ms (short
+# lines), so a backend writing without pause delays RPCs on the same loop by that
+# much per turn at most.
+READ_CHUNK = 8 * 1024
 MIN_MAX_LINE = 64
-
-
-@dataclass(frozen=True, slots=True)
-class LogLine:
-    time: float  # wall clock, seconds since the epoch
-    replica_id: str
-    model: str
-    stream: str  # STDOUT, STDERR or MODELD
-    text: str
-
-
-_by_time = attrgetter("time")
+# Lines a follower takes from a ring at a time: what one that stalls while sending
+# them keeps alive after the ring has moved on.
+FOLLOW_BATCH = 64
+ALL: Hashable = ("all",)
 
 
 class _LineSplitter:
@@ -70,17 +68,29 @@ class _LineSplitter:
         return self.split(self._decoder.decode(b"", final=True), final=True)
 
     def split(self, text: str, *, final: bool) -> list[str]:
-        out: list[str] = []
-        lines = (self._partial + text).split("\n")
+        joined = self._partial + text
+        lines = joined.split("\n")
         partial = lines.pop()
-        for line in lines:
-            self._emit(self._cut(line.removesuffix("\r"), out), out)
+        out: list[str]
+        if self._continued or (lines and self._longest(text, lines) > self._max):
+            out = []
+            for line in lines:
+                self._emit(self._cut(line.removesuffix("\r"), out), out)
+        else:  # the common case, with no line to cut, at C speed
+            out = [line.removesuffix("\r") for line in lines] if "\r" in joined else lines
         partial = self._cut(partial, out)
         if final and partial:
             self._emit(partial, out)
             partial = ""
         self._partial = partial
         return out
+
+    def _longest(self, text: str, lines: list[str]) -> int:
+        """The length of the longest line, or a bound on it: only the first line can
+        be longer than the text just read (it may continue the partial line)."""
+        if len(text) <= self._max:
+            return max(len(lines[0]), len(text))
+        return max(map(len, lines))
 
     def _cut(self, text: str, out: list[str]) -> str:
         """Emits full pieces of `text` while it is too long; returns the rest."""
@@ -102,20 +112,13 @@ class _LineSplitter:
         return self._max - len(CONTINUED) if self._continued else self._max
 
 
-class _Ring:
-    __slots__ = ("last_output_at", "lines", "model", "stopped")
-
-    def __init__(self, model: str, size: int) -> None:
-        self.model = model
-        self.lines: deque[LogLine] = deque(maxlen=size)
-        self.last_output_at: float | None = None
-        self.stopped = False
-
-
 class LogSubscription:
     """Live lines for one consumer task. Iterate it; close() (or `with`) ends it.
 
-    A replica subscription also ends, once drained, when that replica is closed.
+    It keeps a cursor per ring it follows (rings of its model or of every replica
+    opened later are found as they appear) and reads the rings when it is asked
+    for a line; the store keeps no reference to it except while it waits. A
+    replica subscription ends, once drained, when that replica is closed.
     """
 
     def __init__(
@@ -124,72 +127,53 @@ class LogSubscription:
         *,
         model: str | None,
         replica_id: str | None,
-        maxsize: int,
+        lag: int,
     ) -> None:
         self._store = store
         self.model = model
         self.replica_id = replica_id
-        self._maxsize = maxsize
-        # One slot beyond maxsize leaves room for the marker that precedes a line.
-        self._queue: deque[LogLine] = deque(maxlen=maxsize + 1)
-        self._dropped = 0
-        self._unreported = 0
-        self._last_dropped: LogLine | None = None
+        self._lag = lag
+        self._key = store.key_of(model, replica_id)
+        self._cursors: dict[LogRing, int] = {ring: ring.end for ring in store.rings_for(self)}
+        self._generation = store.generation
+        self._taken: deque[LogLine] = deque()
+        self._lost = 0  # lines already announced by a marker
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
-        self._finished = False
 
     @property
     def dropped(self) -> int:
         """Lines this subscriber lost, in total, because it read too slowly."""
-        return self._dropped
-
-    def offer_many(self, lines: Sequence[LogLine]) -> None:
-        """Queue what fits, in order; count the rest as dropped (never blocks)."""
-        room = self._maxsize - len(self._queue)
-        if room > 0 and self._unreported:
-            self._queue.append(self._marker())
-        if room >= len(lines):
-            self._queue.extend(lines)
-        else:
-            taken = max(room, 0)
-            self._queue.extend(lines[:taken])
-            self._dropped += len(lines) - taken
-            self._unreported += len(lines) - taken
-            self._last_dropped = lines[-1]
-        if room > 0:
-            self._wake()
-
-    def finish(self) -> None:
-        """No more lines will come: iteration ends once the queue is drained."""
-        self._finished = True
-        self._wake()
+        return self._lost + sum(
+            self._behind(ring, cursor) for ring, cursor in self._cursors.items()
+        )
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        if self._unreported:
-            self._store.report_dropped(self._unreported)
-            self._unreported = 0
-        self._queue.clear()
-        self._store.unsubscribe(self)
-        self._wake()
+        self._store.report_dropped(self.dropped - self._lost)
+        self._cursors.clear()
+        self._taken.clear()
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     def __aiter__(self) -> Self:
         return self
 
     async def __anext__(self) -> LogLine:
         while not self._closed:
-            if self._queue:
-                return self._queue.popleft()
-            if self._unreported:
-                return self._marker()
-            if self._finished:
+            if self._taken:
+                return self._taken.popleft()
+            if (marker := self._take()) is not None:
+                return marker
+            if self._taken:
+                continue
+            if self._ended():
                 break
             self._waiter = asyncio.get_running_loop().create_future()
             try:
-                await self._waiter
+                await self._store.wakeups.wait(self._key, self._waiter)
             finally:
                 self._waiter = None
         raise StopAsyncIteration
@@ -216,21 +200,80 @@ class LogSubscription:
     ) -> None:
         self.close()
 
-    def _marker(self) -> LogLine:
-        last = self._last_dropped
-        count, self._unreported = self._unreported, 0
-        self._store.report_dropped(count)
+    def _behind(self, ring: LogRing, cursor: int) -> int:
+        """Lines of `ring` this follower lost: more than its lag behind the newest."""
+        return max(0, ring.end - self._lag - cursor)
+
+    def _take(self) -> LogLine | None:
+        """Moves the next lines into `_taken`, in the order they arrived across rings;
+        returns the marker that must come before them when lines were lost."""
+        if self._generation != self._store.generation:
+            self._find_rings()
+        marker = self._skip_lost()
+        spans = [
+            (ring, cursor, min(ring.end, cursor + FOLLOW_BATCH))
+            for ring, cursor in self._cursors.items()
+            if ring.end > cursor
+        ]
+        if len(spans) == 1:
+            ring, first, last = spans[0]
+            self._taken.extend(ring.read(first, last))
+            self._cursors[ring] = last
+        elif spans:
+            self._take_merged(spans)
+        return marker
+
+    def _take_merged(self, spans: list[tuple[LogRing, int, int]]) -> None:
+        """Lines of several rings, merged by batch number, up to the last batch that
+        every ring with more to read has been read up to (so none comes out of order)."""
+        cutoff = min(
+            (ring.batches_of(last - 1, last)[0] for ring, _, last in spans if last < ring.end),
+            default=None,
+        )
+        parts = []
+        for ring, first, end in spans:
+            batches = ring.batches_of(first, end)
+            last = end if cutoff is None else first + bisect_right(batches, cutoff)
+            if last > first:
+                parts.append(zip(batches, ring.read(first, last), strict=False))
+                self._cursors[ring] = last
+        self._taken.extend(line for _, line in heapq.merge(*parts, key=itemgetter(0)))
+
+    def _skip_lost(self) -> LogLine | None:
+        lost, where = 0, None
+        for ring, cursor in self._cursors.items():
+            if behind := self._behind(ring, cursor):
+                self._cursors[ring] = cursor + behind
+                lost, where = lost + behind, ring
+        if where is None:
+            return None
+        self._lost += lost
+        self._store.report_dropped(lost)
         return LogLine(
-            time=self._store.clock.wall(),
-            replica_id=last.replica_id if last else self.replica_id or "",
-            model=last.model if last else self.model or "",
-            stream=MODELD,
-            text=f"[modeld] {count} lines dropped: subscriber too slow",
+            self._store.clock.wall(),
+            where.replica_id,
+            where.model,
+            MODELD,
+            f"[modeld] {lost} lines dropped: subscriber too slow",
         )
 
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+    def _find_rings(self) -> None:
+        """Rings opened since it last looked start at their first line; rings the store
+        has forgotten are forgotten here too once read to the end."""
+        self._generation = self._store.generation
+        current = set(self._store.rings_for(self))
+        for ring in current:
+            self._cursors.setdefault(ring, 0)
+        gone = [r for r, c in self._cursors.items() if c >= r.end and r not in current]
+        for ring in gone:
+            del self._cursors[ring]
+
+    def _ended(self) -> bool:
+        if self._store.closing:
+            return True
+        if self.replica_id is None:
+            return False
+        return any(ring.stopped for ring in self._cursors)
 
 
 def _one_target(model: str | None, replica_id: str | None) -> None:
@@ -259,22 +302,27 @@ class LogStore:
         self._on_dropped = on_dropped
         self._ring_lines = ring_lines
         self._keep_stopped = keep_stopped
-        self._subscriber_queue = subscriber_queue
+        # How far a follower may fall behind a ring's newest line; the ring bounds it too.
+        self._lag = min(subscriber_queue, ring_lines)
         self._max_line = max_line
-        self._rings: dict[str, _Ring] = {}
+        self._rings: dict[str, LogRing] = {}
         # Replica ids per model in the order they were opened (a dict as an ordered set).
         self._models: dict[str, dict[str, None]] = {}
         self._stopped: dict[str, deque[str]] = {}
-        self._by_replica: dict[str, set[LogSubscription]] = {}
-        self._by_model: dict[str, set[LogSubscription]] = {}
-        self._everything: set[LogSubscription] = set()
+        self._batch = 0
+        # Changes whenever a ring is created or forgotten, so followers of a model or
+        # of everything look for rings only then.
+        self.generation = 0
+        self.wakeups = Wakeups()
+        self.closing = False
 
     def open(self, replica_id: str, model: str) -> None:
         """Creates the ring of a new replica; reopening a known id keeps its lines."""
         ring = self._rings.get(replica_id)
         if ring is None:
-            self._rings[replica_id] = _Ring(model, self._ring_lines)
+            self._rings[replica_id] = LogRing(replica_id, model, self._ring_lines)
             self._models.setdefault(model, {})[replica_id] = None
+            self.generation += 1
             return
         if ring.model != model:
             raise ValueError(f"replica {replica_id} belongs to model {ring.model}, not {model}")
@@ -287,7 +335,7 @@ class LogStore:
         if len(text) > self._max_line or "\n" in text:
             self._add(replica_id, stream, _LineSplitter(self._max_line).split(text, final=True))
         else:
-            self._add(replica_id, stream, (text,))
+            self._add(replica_id, stream, [text])
 
     def note(self, replica_id: str, text: str) -> None:
         self.append(replica_id, MODELD, text)
@@ -325,7 +373,7 @@ class LogStore:
         ring = self._rings.get(replica_id)
         if ring is None or n <= 0:
             return []
-        return _newest(ring.lines, n)
+        return ring.read(max(ring.start, ring.end - n), ring.end)
 
     def close(self, replica_id: str) -> None:
         """The replica stopped: keep its ring among the model's last `keep_stopped`."""
@@ -333,8 +381,7 @@ class LogStore:
         if ring is None or ring.stopped:
             return
         ring.stopped = True
-        for sub in self._by_replica.pop(replica_id, ()):
-            sub.finish()
+        self.wakeups.wake(self.key_of(None, replica_id))
         stopped = self._stopped.setdefault(ring.model, deque())
         stopped.append(replica_id)
         while len(stopped) > self._keep_stopped:
@@ -349,15 +396,21 @@ class LogStore:
     def tail(
         self, *, model: str | None = None, replica_id: str | None = None, n: int
     ) -> list[LogLine]:
-        """The newest `n` lines of a replica, a model's replicas, or (neither) all, by time."""
+        """The newest `n` lines of a replica, a model's replicas, or (neither) all, in
+        the order they arrived."""
         _one_target(model, replica_id)
         if replica_id is not None:
             return self.tail_lines(replica_id, n)
         if n <= 0:
             return []
         ids: Iterable[str] = self._models.get(model, {}) if model is not None else self._rings
-        newest = [_newest(self._rings[rid].lines, n) for rid in ids]
-        return list(heapq.merge(*newest, key=_by_time))[-n:]
+        newest = []
+        for ring in (self._rings[rid] for rid in ids):
+            first = max(ring.start, ring.end - n)
+            batches = ring.batches_of(first, ring.end)
+            newest.append(zip(batches, ring.read(first, ring.end), strict=True))
+        merged = heapq.merge(*newest, key=itemgetter(0))
+        return [line for _, line in merged][-n:]
 
     def subscribe(
         self, *, model: str | None = None, replica_id: str | None = None
@@ -365,58 +418,48 @@ class LogStore:
         """Live lines of one replica, of every replica of a model (also ones opened
         later), or, with neither given, of every replica."""
         _one_target(model, replica_id)
-        sub = LogSubscription(
-            self, model=model, replica_id=replica_id, maxsize=self._subscriber_queue
-        )
+        return LogSubscription(self, model=model, replica_id=replica_id, lag=self._lag)
+
+    def rings_for(self, sub: LogSubscription) -> list[LogRing]:
+        """The rings a subscription follows now."""
+        if sub.replica_id is not None:
+            ring = self._rings.get(sub.replica_id)
+            return [] if ring is None else [ring]
+        if sub.model is not None:
+            return [self._rings[rid] for rid in self._models.get(sub.model, ())]
+        return list(self._rings.values())
+
+    @staticmethod
+    def key_of(model: str | None, replica_id: str | None) -> Hashable:
+        """What followers of a replica, a model or everything wait on."""
         if replica_id is not None:
-            ring = self._rings.get(replica_id)
-            if ring is not None and ring.stopped:
-                sub.finish()
-            else:
-                self._by_replica.setdefault(replica_id, set()).add(sub)
-        elif model is not None:
-            self._by_model.setdefault(model, set()).add(sub)
-        else:
-            self._everything.add(sub)
-        return sub
+            return ("replica", replica_id)
+        return ALL if model is None else ("model", model)
 
     def report_dropped(self, lines: int) -> None:
         if self._on_dropped is not None and lines:
             self._on_dropped(lines)
 
     def close_all(self) -> None:
-        """The daemon is stopping: every follower ends once it has drained its queue."""
-        subs = [*self._everything, *_members(self._by_model), *_members(self._by_replica)]
-        for sub in subs:
-            sub.finish()
+        """The daemon is stopping: every follower ends once it has read what it has."""
+        self.closing = True
+        self.wakeups.wake_all()
 
-    def unsubscribe(self, sub: LogSubscription) -> None:
-        if sub.replica_id is not None:
-            _discard(self._by_replica, sub.replica_id, sub)
-        elif sub.model is not None:
-            _discard(self._by_model, sub.model, sub)
-        else:
-            self._everything.discard(sub)
-
-    def _add(self, replica_id: str, stream: str, texts: Iterable[str]) -> None:
+    def _add(self, replica_id: str, stream: str, texts: list[str]) -> None:
         ring = self._rings.get(replica_id)
         if ring is None:
             return
         if stream != MODELD:
             ring.last_output_at = self.clock.monotonic()
-        now = self.clock.wall()
-        model = ring.model
-        targets = [
-            *self._by_replica.get(replica_id, ()),
-            *self._by_model.get(model, ()),
-            *self._everything,
-        ]
-        lines = [LogLine(now, replica_id, model, stream, text) for text in texts]
-        ring.lines.extend(lines)
-        # One call per follower per batch (a pipe chunk), not per line: a flood with
-        # many followers costs the loop what one line at a time would cost one follower.
-        for sub in targets:
-            sub.offer_many(lines)
+        if not texts:
+            return
+        self._batch += 1
+        ring.extend(self._batch, self.clock.wall(), stream, texts)
+        # Three wake-ups whatever the number of followers: only those waiting now are
+        # resolved, and each then reads the ring itself.
+        self.wakeups.wake(("replica", replica_id))
+        self.wakeups.wake(("model", ring.model))
+        self.wakeups.wake(ALL)
 
     def _drop(self, replica_id: str) -> None:
         ring = self._rings.pop(replica_id)
@@ -425,23 +468,5 @@ class LogStore:
         if not replicas:
             del self._models[ring.model]
             del self._stopped[ring.model]
+        self.generation += 1
         log.debug("log_ring_dropped", replica_id=replica_id, model=ring.model)
-
-
-def _newest(lines: deque[LogLine], n: int) -> list[LogLine]:
-    newest = list(islice(reversed(lines), n))
-    newest.reverse()
-    return newest
-
-
-def _discard(index: dict[str, set[LogSubscription]], key: str, sub: LogSubscription) -> None:
-    subs = index.get(key)
-    if subs is None:
-        return
-    subs.discard(sub)
-    if not subs:
-        del index[key]
-
-
-def _members(index: dict[str, set[LogSubscription]]) -> list[LogSubscription]:
-    return [sub for subs in index.values() for sub in subs]

@@ -1,0 +1,106 @@
+"""A replica's ring of output lines, which log followers read from.
+
+A ring numbers its lines; a follower keeps the number of the next line it wants
+(a cursor) and reads from the ring itself, so adding lines never touches a
+follower.
+"""
+
+from typing import NamedTuple, TypeVar
+
+T = TypeVar("T")
+
+
+class LogLine(NamedTuple):
+    time: float  # wall clock, seconds since the epoch
+    replica_id: str
+    model: str
+    stream: str  # STDOUT, STDERR or MODELD
+    text: str
+
+
+class LogRing:
+    """The newest `size` lines of one replica.
+
+    Line n (counting from 0 since the ring was created) sits in slot n % size until
+    line n + size takes its place. A line is kept as its text, stream, wall time and
+    batch number (store-wide, increasing: the order lines arrived in across rings)
+    in four parallel lists, so adding a pipe chunk is a few slice assignments and a
+    LogLine is built only for whoever reads it.
+    """
+
+    __slots__ = (
+        "batches",
+        "end",
+        "last_output_at",
+        "model",
+        "replica_id",
+        "size",
+        "stopped",
+        "streams",
+        "texts",
+        "times",
+    )
+
+    def __init__(self, replica_id: str, model: str, size: int) -> None:
+        self.replica_id = replica_id
+        self.model = model
+        self.size = size
+        self.end = 0  # the number of the next line
+        self.texts: list[str] = []
+        self.streams: list[str] = []
+        self.times: list[float] = []
+        self.batches: list[int] = []
+        self.last_output_at: float | None = None
+        self.stopped = False
+
+    @property
+    def start(self) -> int:
+        """The number of the oldest line kept."""
+        return max(0, self.end - self.size)
+
+    def extend(self, batch: int, now: float, stream: str, texts: list[str]) -> None:
+        room = self.size - len(self.texts)
+        if room > 0:  # still filling: line n is at index n
+            head = texts if len(texts) <= room else texts[:room]
+            self._write(len(self.texts), batch, now, stream, head)
+            self.end += len(head)
+            texts = texts[len(head) :]
+        if len(texts) > self.size:
+            self.end += len(texts) - self.size
+            texts = texts[-self.size :]
+        while texts:
+            pos = self.end % self.size
+            part = texts[: self.size - pos]
+            self._write(pos, batch, now, stream, part)
+            self.end += len(part)
+            texts = texts[len(part) :]
+
+    def _write(self, pos: int, batch: int, now: float, stream: str, texts: list[str]) -> None:
+        n = len(texts)
+        self.texts[pos : pos + n] = texts
+        self.streams[pos : pos + n] = [stream] * n
+        self.times[pos : pos + n] = [now] * n
+        self.batches[pos : pos + n] = [batch] * n
+
+    def read(self, first: int, last: int) -> list[LogLine]:
+        """Lines `first`..`last`-1, which must still be kept."""
+        rid, model = self.replica_id, self.model
+        return [
+            LogLine(time, rid, model, stream, text)
+            for time, stream, text in zip(
+                self._span(self.times, first, last),
+                self._span(self.streams, first, last),
+                self._span(self.texts, first, last),
+                strict=True,
+            )
+        ]
+
+    def batches_of(self, first: int, last: int) -> list[int]:
+        return self._span(self.batches, first, last)
+
+    def _span(self, slots: list[T], first: int, last: int) -> list[T]:
+        i = first % self.size
+        j = i + last - first
+        if j <= self.size:
+            return slots[i:j]
+        return slots[i:] + slots[: j - self.size]
