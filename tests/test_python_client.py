@@ -18,10 +18,11 @@ import grpc
 import pytest
 
 from backend_proc import free_port
-from daemon_proc import ECHO_CATALOG, DaemonProc, running_daemon
+from daemon_proc import ECHO_CATALOG, DaemonProc, running_daemon, start_daemon, write_config
 from modeld._proto.backend import backend_pb2, backend_pb2_grpc
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld.client import AsyncClient, BackendUnreachable, Client, Lease
+from pki import have_openssl, make_pki
 
 CATALOG = (
     ECHO_CATALOG
@@ -170,6 +171,37 @@ async def test_a_route_right_after_a_replica_crash_gets_a_new_replica(tmp_path: 
         async with client.lease("echo") as second:
             assert second.replica_id != first.replica_id
             await asyncio.to_thread(backend_answers, second)
+
+
+async def test_tls_and_a_token_file_as_the_cli_takes_them(tmp_path: Path) -> None:
+    if not have_openssl():
+        pytest.skip("the openssl command is not installed; it makes the test certificates")
+    (tmp_path / "pki").mkdir()
+    pki = make_pki(tmp_path / "pki")
+    token = tmp_path / "token"
+    token.write_text("# for the client\n" + "t" * 32 + "\n")
+    wrong = tmp_path / "wrong"
+    wrong.write_text("w" * 32 + "\n")
+    body = (
+        f'tls_cert = "{pki / "server.crt"}"\ntls_key = "{pki / "server.key"}"\n'
+        f'auth_token_file = "{token}"\n' + ECHO_CATALOG
+    )
+    config, addr = write_config(tmp_path, body)
+    ca = grpc.ssl_channel_credentials((pki / "ca.crt").read_bytes())
+    d = await start_daemon(config, addr, creds=ca)
+    try:
+        tls = {"tls_ca": str(pki / "ca.crt")}
+        async with (
+            AsyncClient(addr, token_file=str(token), **tls) as client,
+            client.lease("echo") as lease,
+        ):
+            assert lease.address
+        async with AsyncClient(addr, token_file=str(wrong), **tls) as client:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await client.route("echo")
+            assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        await d.stop()
 
 
 async def test_the_address_comes_from_modeld_addr(monkeypatch: pytest.MonkeyPatch) -> None:
