@@ -3,7 +3,7 @@
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -12,9 +12,7 @@ from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld._proto.modeld.v1 import modeld_pb2_grpc as pb_grpc
 from modeld.client.connect import ConnectOptions
 from modeld.client.lease import Lease, outcome_of, renewal_failed, status_code
-from modeld.client.sync import DEFAULT_TIMEOUT
-
-RetryHook = Callable[[grpc.RpcError], None]
+from modeld.client.sync import DEFAULT_TIMEOUT, RetryHook
 
 
 class AsyncClient:
