@@ -9,17 +9,15 @@ ARGS ?=
 
 .PHONY: run test lint proto bench soak clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-$(STUBS): $(PROTOS) $(BIN)/.installed
-	rm -rf daemon/modeld/_proto
-	$(BIN)/python -m grpc_tools.protoc -Imodeld/_proto=protos \
-		--python_out=daemon --pyi_out=daemon --grpc_python_out=daemon $(PROTOS)
-	find daemon/modeld/_proto -type d -exec touch {}/__init__.py \;
+# The same generator the package build runs (setup.py): one way to make stubs.
+$(STUBS): $(PROTOS) tools/protogen.py $(BIN)/.installed
+	$(BIN)/python tools/protogen.py
 	touch $@
 
 proto: $(STUBS)
@@ -31,8 +29,8 @@ test: $(STUBS)
 	$(BIN)/python -m pytest $(ARGS)
 
 lint: $(STUBS)
-	$(BIN)/ruff check daemon tests bench
-	$(BIN)/ruff format --check daemon tests bench
+	$(BIN)/ruff check daemon tests bench tools setup.py
+	$(BIN)/ruff format --check daemon tests bench tools setup.py
 	$(BIN)/mypy
 
 bench: $(STUBS)

@@ -10,8 +10,8 @@ from backend_proc import free_port
 from cli_proc import following, modeld, read_line
 from daemon_proc import running_daemon, start_daemon, write_config
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
-from modeld.cli.connect import default_addr
 from modeld.cli.main import build_parser
+from modeld.client.connect import default_addr
 
 ECHO = """
 [backends.echo]

@@ -41,7 +41,7 @@ def runnable_copy(tmp_path: Path, text: str, name: str = "modeld.service") -> Pa
     modeld = Path(sys.executable).with_name("modeld")
     binary = modeld if modeld.exists() else Path(sys.executable)
     path = tmp_path / name
-    path.write_text(text.replace("ExecStart=/usr/bin/modeld", f"ExecStart={binary}"))
+    path.write_text(text.replace("ExecStart=/opt/modeld/bin/modeld", f"ExecStart={binary}"))
     return path
 
 
@@ -60,7 +60,7 @@ def test_systemd_analyze_verify_passes(tmp_path: Path) -> None:
 def test_unit_promises() -> None:
     d = directives(UNIT.read_text())
     assert d["Type"] == ["notify"]
-    assert d["ExecStart"] == ["/usr/bin/modeld serve --config /etc/modeld/modeld.toml"]
+    assert d["ExecStart"] == ["/opt/modeld/bin/modeld serve --config /etc/modeld/modeld.toml"]
     assert d["User"] == ["modeld"]
     assert d["StateDirectory"] == ["modeld"]
     assert d["RuntimeDirectory"] == ["modeld"]
