@@ -32,6 +32,7 @@ class FakeNvml:
         self.total = total
         self.uuids = [FAKE_UUID]
         self.names = ["Fake GPU"]
+        self.pci = ["00000000:00:00.0"]
         self.feed()
 
     def mem(self, index: int = 0) -> Mem:

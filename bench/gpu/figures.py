@@ -81,7 +81,11 @@ def memory_figure(
 
 
 def placement_figure(
-    *, modeld_gpu: str, report: Mapping[str, Any], nvml_uuids: Sequence[str]
+    *,
+    modeld_gpu: str,
+    report: Mapping[str, Any],
+    nvml_uuids: Sequence[str],
+    nvml_pci: Sequence[str] = (),
 ) -> Figure:
     """Figure 2: the backend sees exactly the GPU(s) modeld placed it on, in PCI bus order."""
     ids = [int(i) for i in modeld_gpu.split(",") if i.strip()]
@@ -113,6 +117,8 @@ def placement_figure(
             "backend_device_count": report.get("device_count"),
             "backend_uuid": report.get("uuid"),
             "nvml_uuid": expected,
+            "backend_pci": report.get("pci"),
+            "nvml_pci": nvml_pci[ids[0]] if ids and ids[0] < len(nvml_pci) else None,
         },
     )
 

@@ -58,6 +58,8 @@ class DeviceInfo:
     uuid: str
     name: str
     total: int
+    # "domain:bus:device" as CUDA numbers it; "" when PyTorch does not say.
+    pci: str = ""
 
 
 class Allocator(Protocol):
@@ -93,7 +95,12 @@ class TorchAllocator:
             cuda.init()
             props = cuda.get_device_properties(0)
             uuid = str(getattr(props, "uuid", ""))
-            self._info = DeviceInfo(cuda.device_count(), uuid, props.name, props.total_memory)
+            pci = ":".join(
+                f"{getattr(props, f'pci_{part}_id', -1):02x}"
+                for part in ("domain", "bus", "device")
+            )
+            count = cuda.device_count()
+            self._info = DeviceInfo(count, uuid, props.name, props.total_memory, pci)
             # mem_get_info creates the context, so CUDA init is over once it returns.
             cuda.mem_get_info(0)
         return self._info

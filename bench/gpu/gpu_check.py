@@ -83,6 +83,7 @@ class Nvml:
         self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
         self.uuids = [_text(pynvml.nvmlDeviceGetUUID(h)) for h in self._handles]
         self.names = [_text(pynvml.nvmlDeviceGetName(h)) for h in self._handles]
+        self.pci = [_text(pynvml.nvmlDeviceGetPciInfo(h).busId) for h in self._handles]
 
     def mem(self, index: int = 0) -> Mem:
         info = self._nvml.nvmlDeviceGetMemoryInfo(self._handles[index])
@@ -168,7 +169,7 @@ class Daemon:
             )
         self.channel = grpc.aio.insecure_channel(self.addr)
         self.stub = modeld_pb2_grpc.ModelControlStub(self.channel)  # type: ignore[no-untyped-call]
-        health = health_pb2_grpc.HealthStub(self.channel)  # type: ignore[no-untyped-call]
+        health = health_pb2_grpc.HealthStub(self.channel)
         await health.Check(health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=limit_s)
 
     def log(self) -> list[dict[str, Any]]:
@@ -204,7 +205,7 @@ class Daemon:
 class Run:
     """Everything one run of the check shares."""
 
-    nvml: Nvml
+    nvml: "Nvml | FakeNvml"
     base: Mem
     plan: Plan
     work: Path
@@ -256,23 +257,21 @@ class Run:
         data: dict[str, Any] = json.loads(path.read_text())
         return data
 
-    async def cold(
-        self, model: str, others: int | None, when: str = ""
-    ) -> tuple[Any, dict[str, Any]]:
-        """Route `model` cold and check its backend found free what only `others` (live
-        replicas) hold; None: not yet, the size of a replica is not known."""
+    async def cold(self, model: str, when: str = "") -> tuple[Any, dict[str, Any]]:
+        """Route `model` cold, and check its backend found free all but what the other
+        live replicas hold (not before the size of a replica is known: `when` "")."""
         lease = await self.route(model)
-        replica = await self.replica(lease.replica_id)
+        live = await self.replicas()
+        replica = live.get(lease.replica_id)
         if replica is None:
             raise RuntimeError(f"replica {lease.replica_id} of {model} vanished after its Route")
         report = await self.report(replica.pid)
-        if others is not None:
+        if when:
+            others = len(live) - 1
             self.load_checks.append(self.held_check(model, report, others, when))
         return lease, report
 
-    def held_check(
-        self, model: str, report: dict[str, Any], others: int, when: str = ""
-    ) -> fig.Step:
+    def held_check(self, model: str, report: dict[str, Any], others: int, when: str) -> fig.Step:
         """A new replica must find the memory of stopped ones free (figure 4)."""
         own_context = max(self.per_replica - self.plan.alloc, 0)
         held = self.base.free - int(report["free_before"]) - own_context
@@ -282,7 +281,7 @@ class Run:
             f"others held {fig.fmt_bytes(held)} when it allocated "
             f"(expected {fig.fmt_bytes(expected)}: {others} live replica(s))"
         )
-        what = f"{model} started into free memory{f' ({when})' if when else ''}"
+        what = f"{model} started into free memory ({when})"
         return fig.Step(what, ok, seen)
 
     async def settle(self, since: float | None = None, limit_s: float = SETTLE_S) -> float | None:
