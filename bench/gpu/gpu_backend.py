@@ -28,6 +28,7 @@ import json
 import os
 import signal
 import sys
+import uuid as uuidlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -94,7 +95,7 @@ class TorchAllocator:
                 )
             cuda.init()
             props = cuda.get_device_properties(0)
-            uuid = str(getattr(props, "uuid", ""))
+            uuid = uuid_text(getattr(props, "uuid", None))
             pci = ":".join(
                 f"{getattr(props, f'pci_{part}_id', -1):02x}"
                 for part in ("domain", "bus", "device")
@@ -215,6 +216,16 @@ class MissingTorch:
 
     def release(self) -> None:
         return None
+
+
+def uuid_text(raw: Any) -> str:
+    """PyTorch's device UUID as text; its str() is the dashed form in the releases we know."""
+    if raw is None:
+        return ""
+    text = str(raw)
+    if "-" not in text and hasattr(raw, "bytes"):
+        text = str(uuidlib.UUID(bytes=bytes(raw.bytes)))
+    return text
 
 
 def parse_options(options: list[str]) -> dict[str, str]:

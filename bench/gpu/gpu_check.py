@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,8 @@ MIB = fig.MIB
 GIB = fig.GIB
 # What a CUDA context takes, for the memory_estimate; measured per replica in figure 1.
 CONTEXT_ESTIMATE = GIB
-ROUTE_TIMEOUT_S = 120.0
+# A cold start takes seconds; a Route stuck on memory that never shows free fails sooner.
+ROUTE_TIMEOUT_S = 45.0
 BLOCKED_ROUTE_TIMEOUT_S = 4.0
 SETTLE_S = 20.0
 
@@ -294,10 +296,26 @@ class Run:
         return round(time.monotonic() - started, 3) if back else None
 
 
-def failed_figures(done: list[fig.Figure], error: str) -> list[fig.Figure]:
-    """A failing figure for each of the five that a broken scenario left unmeasured."""
+def failed_figures(done: list[fig.Figure], error: str, numbers: Iterable[int]) -> list[fig.Figure]:
+    """A failing figure for each of `numbers` that a broken scenario left unmeasured."""
     have = {f.number for f in done}
-    return [fig.Figure(n, "not measured", False, error) for n in range(1, 6) if n not in have]
+    return [fig.Figure(n, "not measured", False, error) for n in numbers if n not in have]
+
+
+async def run_scenario(
+    run: Run,
+    scenario: Callable[[Run], Awaitable[None]],
+    numbers: Iterable[int],
+    errors: list[str],
+) -> None:
+    try:
+        await scenario(run)
+    except (grpc.aio.AioRpcError, RuntimeError, KeyError, ValueError, OSError) as exc:
+        errors.append(f"{scenario.__name__}: {describe_error(exc)}")
+        print(f"gpu_check: {errors[-1]}", flush=True)
+        run.figures += failed_figures(run.figures, errors[-1], numbers)
+        if run.daemon.proc is None or run.daemon.proc.poll() is not None:
+            await run.daemon.start()
 
 
 async def check(args: argparse.Namespace, nvml: Nvml | FakeNvml, work: Path) -> dict[str, Any]:
@@ -321,16 +339,22 @@ async def check(args: argparse.Namespace, nvml: Nvml | FakeNvml, work: Path) -> 
         flush=True,
     )
     feeder = asyncio.ensure_future(fake.feeder()) if fake is not None else None
+    errors: list[str] = []
+    context["errors"] = errors
     try:
         async with asyncio.timeout(args.limit):
             await daemon.start()
-            for scenario in (scenarios.first_cold_start, scenarios.eviction, scenarios.release):
-                await scenario(run)
+            # Each scenario runs even when one before it failed: they start from Unload.
+            for scenario, numbers in (
+                (scenarios.first_cold_start, (5, 1, 2)),
+                (scenarios.eviction, (3,)),
+                (scenarios.release, (4,)),
+            ):
+                await run_scenario(run, scenario, numbers, errors)
     except Exception as exc:  # every failure becomes a failing figure, never a traceback alone
-        error = describe_error(exc)
-        context["error"] = error
-        print(f"gpu_check: stopped early: {error}", flush=True)
-        run.figures += failed_figures(run.figures, error)
+        errors.append(describe_error(exc))
+        print(f"gpu_check: stopped early: {errors[-1]}", flush=True)
+        run.figures += failed_figures(run.figures, errors[-1], range(1, 6))
     finally:
         await cleanup(run)
         if feeder is not None:
