@@ -33,21 +33,29 @@ async def first_cold_start(run: "Run") -> None:
     drop = run.nvml.mem().used - run.base.used
     run.per_replica = drop
 
-    async def measured() -> Any:
-        replica = await run.replica(lease.replica_id)
-        return replica if replica is not None and replica.memory != run.plan.estimate else None
+    readings: list[tuple[float, int]] = []
 
-    # modeld reads per-process memory on its watchdog tick; give it a few ticks.
-    replica = await fig_wait(measured, MEASURED_WAIT_S) or await run.replica(lease.replica_id)
-    run.figures.append(
-        fig.memory_figure(
-            alloc=run.plan.alloc,
-            nvml_drop=drop,
-            modeld_memory=int(replica.memory),
-            estimate=run.plan.estimate,
-            backend_free_drop=run.base.free - int(report["free_after"]),
-        )
+    async def agrees() -> Any:
+        replica = await run.replica(lease.replica_id)
+        if replica is None:
+            return None
+        if not readings or readings[-1][1] != replica.memory:
+            readings.append((round(time.time() - leased, 3), int(replica.memory)))
+        return replica if fig.within(replica.memory, drop, fig.AGREE_FRACTION) else None
+
+    # modeld reads per-process memory on its watchdog tick, so what it shows at READY
+    # may be a reading from during the load: wait a few ticks for one that agrees.
+    replica = await fig_wait(agrees, MEASURED_WAIT_S) or await run.replica(lease.replica_id)
+    figure = fig.memory_figure(
+        alloc=run.plan.alloc,
+        nvml_drop=drop,
+        modeld_memory=int(replica.memory),
+        estimate=run.plan.estimate,
+        backend_free_drop=run.base.free - int(report["free_after"]),
     )
+    # (seconds after the lease, bytes) for each value ps showed, the first one included.
+    figure.values["modeld_readings_after_lease"] = readings
+    run.figures.append(figure)
     run.figures.append(
         fig.placement_figure(
             modeld_gpu=replica.gpu,
