@@ -267,6 +267,9 @@ def test_placement_figure_names_each_disagreement(
 def test_cold_split_adds_up_and_flags_marks_out_of_order() -> None:
     marks = {
         "proc_start": 10.01,
+        "import_start": 10.05,
+        "imports_done": 10.2,
+        "torch_imported": 13.9,
         "listening": 14.0,
         "load_begin": 14.02,
         "cuda_ready": 14.4,
@@ -277,6 +280,9 @@ def test_cold_split_adds_up_and_flags_marks_out_of_order() -> None:
     split = figure.values["split_s"]
     assert sum(split.values()) == pytest.approx(figure.values["total_s"], abs=1e-3)
     assert split["CUDA init (context)"] == pytest.approx(0.38)
+    assert split["torch import"] == pytest.approx(3.7)
+    no_torch = fig.timing_figure(10.0, 14.42, {**marks, "torch_imported": 0.0})
+    assert no_torch.passed and "torch import" not in no_torch.values["split_s"]
     late = fig.timing_figure(10.0, 14.42, {**marks, "cuda_ready": 13.9})
     assert not late.passed and "out of order" in late.detail
     missing = fig.timing_figure(10.0, 14.42, {k: v for k, v in marks.items() if k != "listening"})

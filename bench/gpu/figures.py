@@ -146,13 +146,17 @@ def returned_to_baseline(baseline_used: int, used: int) -> bool:
     return used <= baseline_used + BASELINE_SLACK
 
 
-# The marks a backend reports, in order, and the name of the interval that ends at each.
+# The marks a backend reports, in order, the name of the interval that ends at each, and
+# whether it must be there (a backend without PyTorch imports none).
 SPLIT = (
-    ("proc_start", "spawn (admission, fork/exec)"),
-    ("listening", "interpreter, imports (torch), gRPC listen"),
-    ("load_begin", "readiness probe, LoadModel sent"),
-    ("cuda_ready", "CUDA init (context)"),
-    ("alloc_done", "allocation"),
+    ("proc_start", "spawn (admission, fork/exec)", True),
+    ("import_start", "interpreter start", False),
+    ("imports_done", "gRPC imports", False),
+    ("torch_imported", "torch import", False),
+    ("listening", "gRPC listen", True),
+    ("load_begin", "readiness probe, LoadModel sent", True),
+    ("cuda_ready", "CUDA init (context)", True),
+    ("alloc_done", "allocation", True),
 )
 
 
@@ -160,8 +164,10 @@ def cold_split(route_start: float, lease: float, marks: Mapping[str, float]) -> 
     """Seconds per phase of a cold Route: each wall-clock mark minus the one before it."""
     out: dict[str, float] = {}
     before = route_start
-    for key, label in SPLIT:
+    for key, label, required in SPLIT:
         at = marks.get(key, 0.0)
+        if not at and not required:
+            continue
         if not at:
             raise ValueError(f"the backend reported no {key!r} time")
         out[label] = at - before

@@ -38,6 +38,8 @@ import grpc
 from modeld._proto.backend import backend_pb2 as pb
 from modeld._proto.backend import backend_pb2_grpc as pb_grpc
 
+IMPORTS_DONE = time.time()
+
 MIB = 1 << 20
 # Left free on the device after an allocation: the caching allocator rounds up, and
 # a device filled to the last byte fails the next context's creation.
@@ -264,6 +266,7 @@ class Marks:
 
     proc_start: float = 0.0
     import_start: float = IMPORT_STARTED
+    imports_done: float = IMPORTS_DONE
     torch_imported: float = 0.0
     listening: float = 0.0
     load_begin: float = 0.0

@@ -18,8 +18,8 @@ does not), then checks and prints five figures with pass/fail:
 4. device memory returns to its baseline after Unload and after `kill -9` of
    modeld, and no replica is started into memory still held (each backend reports
    the free memory it found before allocating);
-5. Route-to-lease time of a cold replica, split into spawn, imports, CUDA init and
-   allocation (wall-clock marks from the backend).
+5. Route-to-lease time of a cold replica, split into spawn, interpreter start,
+   imports (gRPC, torch), CUDA init and allocation (wall-clock marks from the backend).
 
 The figures are printed, then a JSON summary (also written to DIR/gpu_check.json
 with the daemon's log). Exit 0 when all five pass, 1 when one fails. Without an
