@@ -249,6 +249,9 @@ def _report(**changes: Any) -> dict[str, Any]:
         ({"cuda_device_order": None}, "CUDA_DEVICE_ORDER"),
         ({"device_count": 2}, "2 device(s)"),
         ({"uuid": "0000"}, "NVML's is"),
+        ({"pci": "00:00:06"}, None),
+        ({"pci": "-1:-1:-1"}, None),
+        ({"pci": "00:01:00"}, "PCI address is 00:01:00"),
     ],
 )
 def test_placement_figure_names_each_disagreement(
@@ -258,6 +261,7 @@ def test_placement_figure_names_each_disagreement(
         modeld_gpu="0",
         report=_report(**changes),
         nvml_uuids=["GPU-de4755e7-41f7-fef8-344f-5a7a001fbae1"],
+        nvml_pci=["00000000:00:06.0"],
     )
     assert figure.passed is (complaint is None)
     if complaint is not None:

@@ -104,8 +104,13 @@ def placement_figure(
     expected = nvml_uuids[ids[0]] if ids and ids[0] < len(nvml_uuids) else ""
     if uuid_key(str(report.get("uuid", ""))) != uuid_key(expected):
         problems.append(f"backend's device 0 is {report.get('uuid')!r}, NVML's is {expected!r}")
+    nvml_address = nvml_pci[ids[0]] if ids and ids[0] < len(nvml_pci) else ""
+    backend_address = pci_key(str(report.get("pci") or ""))
+    if backend_address is not None and backend_address != pci_key(nvml_address):
+        problems.append(f"backend's PCI address is {report.get('pci')}, NVML's {nvml_address}")
     detail = "; ".join(problems) or (
-        f"GPU {modeld_gpu}: CUDA_VISIBLE_DEVICES, device count 1 and UUID {expected} agree"
+        f"GPU {modeld_gpu}: CUDA_VISIBLE_DEVICES, device count 1, UUID {expected}"
+        f"{' and PCI address ' + nvml_address if backend_address else ''} agree"
     )
     return Figure(
         2,
@@ -120,9 +125,22 @@ def placement_figure(
             "backend_uuid": report.get("uuid"),
             "nvml_uuid": expected,
             "backend_pci": report.get("pci"),
-            "nvml_pci": nvml_pci[ids[0]] if ids and ids[0] < len(nvml_pci) else None,
+            "nvml_pci": nvml_address,
         },
     )
+
+
+def pci_key(address: str) -> tuple[int, int, int] | None:
+    """(domain, bus, device) of "dd:bb:dd" (the backend's, hex) or NVML's
+    "DDDDDDDD:BB:DD.F"; None when it is not such an address."""
+    parts = address.split(".", maxsplit=1)[0].split(":")
+    try:
+        numbers = tuple(int(p, 16) for p in parts)
+    except ValueError:
+        return None
+    if len(numbers) != 3 or min(numbers) < 0:
+        return None
+    return numbers[0], numbers[1], numbers[2]
 
 
 @dataclass(frozen=True)
