@@ -1,9 +1,9 @@
 """A TCP proxy with faults, between daemons and PostgreSQL.
 
-    proxy = await FaultProxy.start("127.0.0.1", 5432)   # proxy.port is where to connect
-    proxy.cut()        # drop every connection, refuse (accept and close) new ones
-    proxy.restore()
-    proxy.latency = 0.05   # seconds added to every chunk, both ways
+proxy = await FaultProxy.start("127.0.0.1", 5432)   # proxy.port is where to connect
+proxy.cut()        # drop every connection, refuse (accept and close) new ones
+proxy.restore()
+proxy.latency = 0.05   # seconds added to every chunk, both ways
 """
 
 import asyncio

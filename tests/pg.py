@@ -10,13 +10,13 @@ line — unless `MODELD_REQUIRE_POSTGRES=1`, where that is a failure.
 
 import atexit
 import contextlib
-import glob
 import os
 import shutil
 import subprocess
 import tempfile
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -29,7 +29,8 @@ _why_none = ""
 
 
 def _binaries() -> tuple[str, str] | None:
-    for folder in [None, *sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)]:
+    debian = sorted((str(p) for p in Path("/usr/lib/postgresql").glob("*/bin")), reverse=True)
+    for folder in [None, *debian]:
         initdb = shutil.which("initdb", path=folder)
         pg_ctl = shutil.which("pg_ctl", path=folder)
         if initdb and pg_ctl:
@@ -50,7 +51,7 @@ def _throwaway() -> str | None:
         return None
     initdb, pg_ctl = found
     root = tempfile.mkdtemp(prefix="modeld-pg-")
-    data = os.path.join(root, "data")
+    data = str(Path(root) / "data")
     if os.geteuid() == 0:
         shutil.chown(root, "postgres")
     port = free_port()

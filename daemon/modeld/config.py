@@ -228,6 +228,8 @@ _SECURITY_KEYS = (
 )
 # Environment variables the client verbs read; not config keys.
 CLIENT_ENV = frozenset({"MODELD_ADDR", "MODELD_CONFIG", "MODELD_TOKEN_FILE"})
+# Read by the test suite (PostgreSQL for the cluster tests); not config keys either.
+TEST_ENV = frozenset({"MODELD_TEST_PG_DSN", "MODELD_REQUIRE_POSTGRES"})
 
 
 @dataclass(frozen=True)
@@ -353,7 +355,7 @@ def env_names() -> dict[str, str]:
 def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
     known = env_names()
     for name, value in env.items():
-        if not name.startswith("MODELD_") or name in CLIENT_ENV:
+        if not name.startswith("MODELD_") or name in CLIENT_ENV or name in TEST_ENV:
             continue
         if name not in known:
             raise ConfigError(f"environment variable {name}: unknown modeld setting")

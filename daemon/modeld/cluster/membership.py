@@ -218,20 +218,45 @@ class Membership:
         now = self._clock.monotonic()
         hosts = [_host(h, now) for h in snap.hosts]
         replicas = [_replica(r) for r in snap.replicas]
+        before = self._shape()
         if host_ids is None:
             self.view.replace_all(hosts, replicas)
-            return
-        by_id = {h.host_id: h for h in hosts}
-        for host_id in host_ids:
-            mine = [r for r in replicas if r.host_id == host_id]
-            self.view.replace_host(host_id, by_id.get(host_id), mine)
+        else:
+            by_id = {h.host_id: h for h in hosts}
+            for host_id in host_ids:
+                mine = [r for r in replicas if r.host_id == host_id]
+                self.view.replace_host(host_id, by_id.get(host_id), mine)
+        after = self._shape()
+        if after != before:
+            log.debug(
+                "cluster_view_changed",
+                hosts={h.host_id: h.epoch for h in self.view.hosts.values()},
+                ready=sorted(
+                    f"{r.host_id}/{r.id}"
+                    for r in self.view.replicas.values()
+                    if r.state is ReplicaState.READY
+                ),
+            )
+
+    def _shape(self) -> tuple[frozenset[tuple[str, int]], frozenset[tuple[str, str, str, int]]]:
+        """What a view change is: hosts and epochs, replicas and states (not load)."""
+        return (
+            frozenset((h.host_id, h.epoch) for h in self.view.hosts.values()),
+            frozenset(
+                (r.host_id, r.id, r.state.value, r.generation) for r in self.view.replicas.values()
+            ),
+        )
 
     async def _listen(self) -> None:
         while True:
             lost = asyncio.Event()
             conn: asyncpg.Connection | None = None
             try:
-                conn = await asyncpg.connect(self._dsn, timeout=self._timeout)
+                conn = await asyncpg.connect(
+                    self._dsn,
+                    timeout=self._timeout,
+                    server_settings={"application_name": f"modeld-listen/{self._cfg.host_id}"},
+                )
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(CHANNEL, self._notified)
                 # Notifications sent while we were not listening are lost: resync now.
@@ -260,9 +285,8 @@ class Membership:
             async def step(store: Store, hosts: list[str] = hosts) -> None:
                 self._apply(await store.read(hosts), hosts)
 
-            if not await self._db(step):
-                # The resync after the link returns covers them.
-                continue
+            # On failure, the resync once the link is back covers these hosts.
+            await self._db(step)
 
     # publishing this host's replicas
 
