@@ -7,7 +7,7 @@ PROTOS := $(shell find protos -name '*.proto')
 STUBS := daemon/modeld/_proto/.stamp
 ARGS ?=
 
-.PHONY: run test lint proto bench soak clean
+.PHONY: run test lint proto bench bench-cluster soak clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ lint: $(STUBS)
 
 bench: $(STUBS)
 	$(BIN)/python bench/route_bench.py $(ARGS)
+
+bench-cluster: $(STUBS)
+	$(BIN)/python bench/cluster_bench.py $(ARGS)
 
 soak: $(STUBS)
 	$(BIN)/python bench/soak.py $(ARGS)

@@ -29,6 +29,8 @@ from modeld.state import LIVE, ReplicaState
 
 log = structlog.get_logger(__name__)
 MAX_FORWARDS = 3
+# Free memory is published on this grid, so that noise in the readings is not a change.
+MEMORY_GRID = 256 << 20
 SEP = "~"
 
 
@@ -68,8 +70,12 @@ class ClusterRouter:
                 info.address,
                 info.restarts,
                 info.in_flight,
-                info.last_used or 0.0,
-                free.get(int(info.gpu.split(",")[0]) if info.gpu else None, 0),
+                # Wall-clock last use is derived from the monotonic one on every read and
+                # jitters in its last digits: 10 ms is fine enough for the picker.
+                round(info.last_used or 0.0, 2),
+                free.get(int(info.gpu.split(",")[0]) if info.gpu else None, 0)
+                // MEMORY_GRID
+                * MEMORY_GRID,
             )
             for info in self._router.replicas(None)
             if info.state in LIVE

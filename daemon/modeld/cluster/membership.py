@@ -145,6 +145,7 @@ class Membership:
                 timeout=self._timeout,
                 command_timeout=self._timeout,
                 server_settings=settings,
+                reset=_no_reset,
             )
             try:
                 async with pool.acquire() as conn:
@@ -228,7 +229,7 @@ class Membership:
                 self.view.replace_host(host_id, by_id.get(host_id), mine)
         after = self._shape()
         if after != before:
-            log.debug(
+            log.info(
                 "cluster_view_changed",
                 hosts={h.host_id: h.epoch for h in self.view.hosts.values()},
                 ready=sorted(
@@ -332,6 +333,11 @@ class Membership:
             self._published.get(row[0], ())[:5] != row[:5] for row in changed
         )
         return changed, gone, urgent
+
+
+async def _no_reset(_conn: asyncpg.Connection) -> None:
+    """Pool connections never keep session state (no LISTEN, only transaction-scoped
+    locks), so the default reset, itself one transaction per release, is skipped."""
 
 
 def _host(data: dict[str, Any], now: float) -> RemoteHost:
