@@ -7,6 +7,7 @@ import asyncpg
 import pytest
 
 from modeld import config
+from modeld.cluster.ownload import OwnLoad
 from modeld.cluster.schema import SCHEMA_VERSION, migrate
 from modeld.cluster.view import ClusterView, RemoteHost, RemoteReplica, pick_remote
 from modeld.errors import ConfigError, RegistryError
@@ -114,3 +115,23 @@ async def test_schema_migrates_once_and_refuses_a_newer_one(pg_dsn: str) -> None
             await migrate(conn)
     finally:
         await conn.close()
+
+
+def test_own_load_counts_forwards_and_leases_until_a_new_row() -> None:
+    own = OwnLoad()
+    row = _replica("x", "h", 1, in_flight=3)
+    own.begin(row)
+    assert own.extra([row]) == {"x": 1}
+    own.end(row)
+    own.granted(row, "h~1")
+    own.granted(row, "h~2")
+    assert own.extra([row]) == {"x": 2}
+    own.released("h~1", row)
+    assert own.extra([row]) == {"x": 1}
+    # The owner published: its figure now includes our lease, ours starts again from 0.
+    newer = _replica("x", "h", 1, in_flight=4)
+    assert own.extra([newer]) == {"x": 0}
+    own.released("h~2", newer)
+    assert own.extra([newer]) == {"x": -1}
+    own.released("h~2", newer)
+    assert own.extra([newer]) == {"x": -1}

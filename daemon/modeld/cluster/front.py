@@ -8,7 +8,6 @@ itself (a router-role host refuses). Lease ids are `host_id~id`, so Release and
 RenewLease reach the owner from any modeld.
 """
 
-from collections import Counter
 from pathlib import Path
 
 import structlog
@@ -18,8 +17,9 @@ from modeld.api import convert
 from modeld.clock import Clock
 from modeld.cluster.forward import PeerFailed, Peers, forwarded_marker
 from modeld.cluster.membership import Membership
+from modeld.cluster.ownload import OwnLoad
 from modeld.cluster.store import ReplicaRow
-from modeld.cluster.view import pick_remote
+from modeld.cluster.view import RemoteReplica, pick_remote
 from modeld.config import Config
 from modeld.errors import ConfigError, FailedPrecondition, NotFound, Unavailable
 from modeld.ops.events import EventBus
@@ -43,8 +43,7 @@ class ClusterRouter:
         self._clock = clock
         self.peers = Peers(config)
         self.membership = Membership(cfg, _dsn(cfg.dsn, cfg.dsn_file), clock, events, self.rows)
-        # Forwards sent and not answered yet, per remote replica: the picker adds them.
-        self._pending: Counter[str] = Counter()
+        self._own = OwnLoad()
         self._forward_cap = max(1.0, min(5.0, cfg.host_ttl))
 
     async def start(self) -> None:
@@ -97,15 +96,15 @@ class ClusterRouter:
                 trust_expired=self.membership.trust_expired(),
                 exclude=tried,
             )
-            chosen = pick_remote(candidates, self._pending)
+            chosen = pick_remote(candidates, self._own.extra(candidates))
             if chosen is None:
                 break
             tried.append(chosen.id)
             host = self.membership.view.hosts[chosen.host_id]
             timeout = min(deadline - self._clock.monotonic(), self._forward_cap)
-            self._pending[chosen.id] += 1
+            self._own.begin(chosen)
             try:
-                return await self.peers.route(
+                reply = await self.peers.route(
                     host.host_id,
                     host.address,
                     model,
@@ -114,10 +113,11 @@ class ClusterRouter:
                 )
             except PeerFailed as exc:
                 log.info("cluster_forward_retry", model=model, replica_id=chosen.id, error=str(exc))
+                continue
             finally:
-                self._pending[chosen.id] -= 1
-                if not self._pending[chosen.id]:
-                    del self._pending[chosen.id]
+                self._own.end(chosen)
+            self._own.granted(self.membership.view.replicas.get(reply.replica_id), reply.lease_id)
+            return reply
         return await self._start_here(model, deadline)
 
     def _local_ready(self, model: str) -> bool:
@@ -166,10 +166,17 @@ class ClusterRouter:
             # Its host left the cluster (or was reaped): its leases ended with it.
             return False
         try:
-            return await self.peers.release(owner, host.address, request, self._forward_cap)
+            released = await self.peers.release(owner, host.address, request, self._forward_cap)
         except Unavailable as exc:
             log.info("cluster_release_unreachable", host_id=owner, error=str(exc))
             return False
+        if released:
+            self._own.released(request.lease_id, self._replica_of(request.lease_id))
+        return released
+
+    def _replica_of(self, lease_id: str) -> RemoteReplica | None:
+        row = self._own.row_of(lease_id)
+        return self.membership.view.replicas.get(row.id) if row is not None else None
 
     async def renew(self, request: pb.RenewLeaseRequest, metadata: object) -> pb.RenewLeaseResponse:
         owner, sep, inner = request.lease_id.partition(SEP)
