@@ -243,3 +243,24 @@ async def test_router_role_spreads_leases_over_three_hosts(tmp_path: Path, pg_ds
             assert await in_flight(nodes) == [0, 0, 0]
         finally:
             await r.stop()
+
+
+async def test_cluster_token_guards_calls_between_hosts(tmp_path: Path, pg_dsn: str) -> None:
+    token = "cluster-token-0123456789abcdef"
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n")
+    extra = f'token_file = "{token_file}"\n'
+    auth = (("authorization", f"Bearer {token}"),)
+    async with running_cluster(tmp_path, pg_dsn, ["a", "b"], extra=extra) as hosts:
+        a, b = hosts["a"], hosts["b"]
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await a.stub.Route(pb.RouteRequest(model="echo"), timeout=10)
+        assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        reply = await b.stub.Load(pb.LoadRequest(model="echo"), metadata=auth, timeout=30)
+        await a.wait_log(sees_ready("b", reply.replicas[0].id), 10)
+        lease = await a.stub.Route(pb.RouteRequest(model="echo"), metadata=auth, timeout=10)
+        assert lease.lease_id.startswith("b~")
+        released = await a.stub.Release(
+            pb.ReleaseRequest(lease_id=lease.lease_id), metadata=auth, timeout=5
+        )
+        assert released.released

@@ -7,6 +7,7 @@ import asyncpg
 import pytest
 
 from modeld import config
+from modeld.cluster.forward import Peers
 from modeld.cluster.ownload import OwnLoad
 from modeld.cluster.schema import SCHEMA_VERSION, migrate
 from modeld.cluster.view import ClusterView, RemoteHost, RemoteReplica, pick_remote
@@ -135,3 +136,11 @@ def test_own_load_counts_forwards_and_leases_until_a_new_row() -> None:
     assert own.extra([newer]) == {"x": -1}
     own.released("h~2", newer)
     assert own.extra([newer]) == {"x": -1}
+
+
+def test_plaintext_between_hosts_only_on_loopback_or_when_allowed() -> None:
+    base = {"MODELD_CLUSTER_DSN": "postgresql://db/x", "MODELD_CLUSTER_ADVERTISE": "10.0.0.5:1"}
+    with pytest.raises(ConfigError, match="plaintext"):
+        Peers(config.load(None, env=base))
+    Peers(config.load(None, env={**base, "MODELD_CLUSTER_ALLOW_INSECURE_REMOTE": "true"}))
+    Peers(config.load(None, env={"MODELD_CLUSTER_DSN": "postgresql://db/x"}))
