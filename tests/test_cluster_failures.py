@@ -104,14 +104,17 @@ async def test_sigstop_past_ttl_is_fenced_and_reregisters(tmp_path: Path, pg_dsn
         registered = await b.wait_log(event("cluster_registered"), 5)
         reaped = after(a, event("cluster_host_reaped", host_id="b"))
         b.proc.send_signal(signal.SIGSTOP)
+        reregistered = after(b, event("cluster_registered"))
         try:
             await a.wait_log(reaped, 4 * HOST_TTL + 5)
+            # Matched from here on: b is gone from a's view once reaped.
+            seen_again = after(a, sees_ready("b", replica.id))
         finally:
             b.proc.send_signal(signal.SIGCONT)
-        again = await b.wait_log(after(b, event("cluster_registered")), 10)
+        again = await b.wait_log(reregistered, 10)
         assert again["epoch"] > registered["epoch"]
         assert again["replicas"] == 1
-        await a.wait_log(after(a, sees_ready("b", replica.id)), 10)
+        await a.wait_log(seen_again, 10)
         rows = await db_rows(pg_dsn, "SELECT replica_id, epoch FROM modeld_replicas")
         assert [(r["replica_id"], r["epoch"]) for r in rows] == [(replica.id, again["epoch"])]
         reply = await a.stub.Route(pb.RouteRequest(model="echo"), timeout=10)

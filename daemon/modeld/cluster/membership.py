@@ -50,7 +50,8 @@ class Membership:
         self.view = ClusterView(cfg.host_id)
         self.epoch: int | None = None
         self._store: Store | None = None
-        self._timeout = max(min(cfg.host_ttl / 3, 5.0), 0.5)
+        # Long enough for a loaded machine, short enough that a renewal still lands in time.
+        self._timeout = max(min(cfg.host_ttl / 3, 5.0), 1.0)
         self._up = False
         self._why_down = "not connected yet"
         self._back_at = clock.monotonic()
@@ -164,6 +165,7 @@ class Membership:
         except Fenced:
             log.warning("cluster_fenced", host_id=self._cfg.host_id, epoch=self.epoch)
             self.epoch = None
+            self._tick.set()
             return False
         except DB_ERRORS as exc:
             self._mark(False, f"{type(exc).__name__}: {exc}"[:200])
