@@ -7,7 +7,7 @@ PROTOS := $(shell find protos -name '*.proto')
 STUBS := daemon/modeld/_proto/.stamp
 ARGS ?=
 
-.PHONY: run test lint proto bench soak clean
+.PHONY: run test lint proto bench bench-cluster soak clean
 
 $(BIN)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ lint: $(STUBS)
 bench: $(STUBS)
 	$(BIN)/python bench/route_bench.py $(ARGS)
 	$(BIN)/python bench/flood_bench.py $(FLOOD_ARGS)
+
+bench-cluster: $(STUBS)
+	$(BIN)/python bench/cluster_bench.py $(ARGS)
 
 soak: $(STUBS)
 	$(BIN)/python bench/soak.py $(ARGS)

@@ -27,6 +27,7 @@ DEPENDENCIES = [
     "grpcio-health-checking>=1.66,<2",
     "prometheus_client>=0.20,<1",
     "nvidia-ml-py>=12,<14",
+    "asyncpg>=0.29,<1",
 ]
 
 

@@ -7,14 +7,17 @@ by the schema below; an unknown key or a bad value is a ConfigError naming it.
 
 import json
 import os
+import re
+import socket
 import sys
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from modeld.errors import ConfigError, InvalidArgument
+from modeld.netaddr import split_host_port
 from modeld.spec import (
     BackendSpec,
     ModelSpec,
@@ -149,6 +152,18 @@ TABLES: dict[str, dict[str, Parser]] = {
     "logs": {"ring_lines": _int, "keep_stopped": _int, "subscriber_queue": _int},
     "leases": {"max_per_replica": _int, "max_total": _int},
     "resources": {"fake_path": _str, "release_timeout": parse_duration},
+    "cluster": {
+        "dsn": _str,
+        "dsn_file": _str,
+        "host_id": _str,
+        "advertise": _str,
+        "backend_host": _str,
+        "labels": _str_map,
+        "host_ttl": parse_duration,
+        "role": _choice("node", "router"),
+        "token_file": _str,
+        "allow_insecure_remote": _bool,
+    },
 }
 BACKEND_KEYS: dict[str, Parser] = {
     "command": _str_list,
@@ -223,6 +238,36 @@ _SECURITY_KEYS = (
 )
 # Environment variables the client verbs read; not config keys.
 CLIENT_ENV = frozenset({"MODELD_ADDR", "MODELD_CONFIG", "MODELD_TOKEN_FILE"})
+# Read by the test suite (PostgreSQL for the cluster tests); not config keys either.
+TEST_ENV = frozenset({"MODELD_TEST_PG_DSN", "MODELD_REQUIRE_POSTGRES"})
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """`[cluster]`: this host joins others through one PostgreSQL (see modeld.cluster)."""
+
+    dsn: str = field(repr=False)
+    dsn_file: str
+    host_id: str
+    advertise: str
+    backend_host: str
+    labels: tuple[tuple[str, str], ...] = ()
+    host_ttl: float = 10.0
+    role: str = "node"
+    token_file: str = ""
+    allow_insecure_remote: bool = False
+
+    def redacted(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["dsn"] = redact_dsn(self.dsn)
+        out["labels"] = dict(self.labels)
+        return out
+
+
+def redact_dsn(dsn: str) -> str:
+    """A DSN with any password replaced, for logs and `config show`."""
+    dsn = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", dsn)
+    return re.sub(r"(password\s*=\s*)(\S+)", r"\1***", dsn, flags=re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -258,6 +303,7 @@ class Config:
     allow_insecure_remote: bool = False
     containment: str = "auto"
     cgroup_dir: str = ""
+    cluster: ClusterConfig | None = None
     python: str = sys.executable
     source: str = "defaults"
 
@@ -277,6 +323,7 @@ class Config:
         out["backends"] = {n: asdict(b) for n, b in self.backends.items()}
         out["models"] = {n: m.to_dict() for n, m in self.models.items()}
         out["aliases"] = dict(self.aliases)
+        out["cluster"] = self.cluster.redacted() if self.cluster else None
         return out
 
     def show(self) -> str:
@@ -323,7 +370,7 @@ def env_names() -> dict[str, str]:
 def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
     known = env_names()
     for name, value in env.items():
-        if not name.startswith("MODELD_") or name in CLIENT_ENV:
+        if not name.startswith("MODELD_") or name in CLIENT_ENV or name in TEST_ENV:
             continue
         if name not in known:
             raise ConfigError(f"environment variable {name}: unknown modeld setting")
@@ -393,8 +440,48 @@ def _build(raw: dict[str, Any], source: str) -> Config:
         resources_release_timeout=parsed["resources"].get("release_timeout", 30.0),
         containment=top["containment"],
         cgroup_dir=top["cgroup_dir"],
+        cluster=_build_cluster(raw.get("cluster"), parsed["cluster"], top["listen"]),
         source=source,
         **{key: top[key] for key in _SECURITY_KEYS},
+    )
+
+
+def _build_cluster(
+    present: Any, values: dict[str, Any], listen: tuple[str, ...]
+) -> ClusterConfig | None:
+    if present is None:
+        return None
+    if bool(values.get("dsn")) == bool(values.get("dsn_file")):
+        raise ConfigError("config: cluster: set exactly one of cluster.dsn and cluster.dsn_file")
+    host_id = values.get("host_id") or socket.gethostname()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", host_id):
+        raise ConfigError(
+            f"config: cluster.host_id: {host_id!r} must be 1-63 of A-Z a-z 0-9 . _ - "
+            "(the hostname is the default)"
+        )
+    advertise = values.get("advertise") or next((a for a in listen if not a.startswith("unix")), "")
+    try:
+        host, _ = split_host_port(advertise)
+    except ValueError as exc:
+        raise ConfigError(f"config: cluster.advertise: {exc}") from None
+    if not host or host in ("0.0.0.0", "::"):
+        raise ConfigError(
+            f"config: cluster.advertise: {advertise!r} is not an address other hosts can reach"
+        )
+    ttl = values.get("host_ttl", 10.0)
+    if not 1.0 <= ttl <= 3600.0:
+        raise ConfigError("config: cluster.host_ttl: expected 1s..1h")
+    return ClusterConfig(
+        dsn=values.get("dsn", ""),
+        dsn_file=values.get("dsn_file", ""),
+        host_id=host_id,
+        advertise=advertise,
+        backend_host=values.get("backend_host") or host,
+        labels=values.get("labels", ()),
+        host_ttl=ttl,
+        role=values.get("role", "node"),
+        token_file=values.get("token_file", ""),
+        allow_insecure_remote=values.get("allow_insecure_remote", False),
     )
 
 

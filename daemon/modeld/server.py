@@ -8,6 +8,7 @@ READY=1 to systemd. Shutdown runs the same way backwards and stops every backend
 """
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import Coroutine
 from pathlib import Path
@@ -20,13 +21,22 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from modeld._proto.modeld.v1 import modeld_pb2
-from modeld.api.security import TokenAuth, check_listen_security, server_credentials, token_auth
+from modeld.api.security import (
+    OPEN_HEALTH,
+    OPEN_REFLECTION,
+    TokenAuth,
+    check_listen_security,
+    load_tokens,
+    server_credentials,
+    token_auth,
+)
 from modeld.api.servicer import ModelControl, add_to_server
 from modeld.capacity.admission import Admission, Evictor
 from modeld.capacity.releasing import Releasing
 from modeld.capacity.resources import ResourceReader, make_reader
 from modeld.capacity.watchdog import Watchdog
 from modeld.clock import Clock, SystemClock
+from modeld.cluster.front import ClusterRouter
 from modeld.config import Config
 from modeld.errors import ConfigError
 from modeld.ops.events import EventBus
@@ -99,11 +109,15 @@ class Daemon:
         self.containment: Containment | None = None
         self._sentinel: Sentinel | None = None
         self._lock: InstanceLock | None = None
+        self.cluster: ClusterRouter | None = None
 
     async def start(self) -> None:
         catalog, settings = await self._open_state()
         self.router = router = self._build_router(catalog, settings)
         self.watchdog = self._build_watchdog(router, settings)
+        if self.config.cluster is not None:
+            self.cluster = ClusterRouter(self.config, router, self.clock, self.events)
+            await self.cluster.start()
         await self._serve_grpc(catalog, router, settings)
         await self._serve_metrics(router)
         router.start()
@@ -176,6 +190,14 @@ class Daemon:
             open_health=cfg.auth_open_health,
             open_reflection=cfg.auth_open_reflection,
         )
+        if cfg.cluster is not None and cfg.cluster.token_file:
+            # The cluster token lets other modelds in; it also makes tokens required here.
+            tokens = load_tokens(cfg.cluster.token_file)
+            if cfg.auth_token_file:
+                tokens += load_tokens(cfg.auth_token_file)
+            open_prefixes = [OPEN_HEALTH] * cfg.auth_open_health
+            open_prefixes += [OPEN_REFLECTION] * cfg.auth_open_reflection
+            auth = TokenAuth(tokens, open_prefixes)
         check_listen_security(
             cfg.listen,
             tls_enabled=creds is not None,
@@ -198,6 +220,9 @@ class Daemon:
             containment=self.containment or Containment.marker_only(),
             on_released=self.releasing.add,
         )
+        if self.config.cluster is not None:
+            # Route hands these addresses to clients on other hosts.
+            deps = dataclasses.replace(deps, host=self.config.cluster.backend_host)
 
         def factory(spec: ModelSpec, gpu_ids: tuple[int, ...], listener: Listener) -> Replica:
             backend = catalog.backend(spec.backend)
@@ -240,11 +265,16 @@ class Daemon:
             views=router.views,
             observe=router.observe,
             evict=router.evict,
-            maintain=router.maintain,
+            maintain=router.maintain if self._runs_backends else list,
         )
 
+    @property
+    def _runs_backends(self) -> bool:
+        """A cluster host with role "router" only routes: no min_replicas here."""
+        return self.config.cluster is None or self.config.cluster.role == "node"
+
     async def _start_min_replicas(self, router: Router) -> None:
-        starts = router.maintain()
+        starts = router.maintain() if self._runs_backends else []
         if starts:
             log.info("min_replicas_starting", replicas=len(starts))
             await asyncio.wait(starts)
@@ -274,6 +304,7 @@ class Daemon:
             events=self.events,
             metrics=self.metrics,
             on_settings=self.watchdog.poke if self.watchdog else None,
+            cluster=self.cluster,
         )
         add_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -334,6 +365,8 @@ class Daemon:
         if self._server is not None:
             await self._server.stop(self.config.shutdown_grace)
         await self.tasks.close()
+        if self.cluster is not None:
+            await self.cluster.close()
         if self.watchdog is not None:
             await self.watchdog.close()
         if self.router is not None:

@@ -13,6 +13,7 @@ from modeld.errors import InvalidArgument
 from modeld.info import ReplicaInfo
 from modeld.ops.events import Event
 from modeld.ops.logstore import LogLine
+from modeld.routing.leases import Lease
 from modeld.spec import BackendSpec, ModelSpec, Settings
 from modeld.state import ReplicaState
 
@@ -74,6 +75,17 @@ def state(s: ReplicaState | None) -> Any:
 
 def protocol(name: str) -> Any:
     return pb.HTTP if name == "http" else pb.GRPC
+
+
+def route_response(lease: Lease) -> pb.RouteResponse:
+    return pb.RouteResponse(
+        lease_id=lease.id,
+        replica_id=lease.replica_id,
+        address=lease.address,
+        protocol=protocol(lease.protocol),
+        lease_expires_at=timestamp(lease.expires_wall),
+        cold_start=lease.cold_start,
+    )
 
 
 def spec_from_proto(msg: pb.ModelSpec) -> ModelSpec:

@@ -1,6 +1,7 @@
 """`modeld.v1.ModelControl`: validates requests, calls the owners, shapes replies."""
 
 from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -18,6 +19,9 @@ from modeld.routing.router import Router
 from modeld.spec import check_name
 from modeld.storage.catalog import Catalog
 from modeld.storage.settings_store import SettingsStore
+
+if TYPE_CHECKING:
+    from modeld.cluster.front import ClusterRouter
 
 # Without a client deadline, a Route or Load waits at most this long for a start.
 DEFAULT_WAIT = 600.0
@@ -69,8 +73,11 @@ class ModelControl(pb_grpc.ModelControlServicer):
         events: EventBus,
         metrics: Metrics,
         on_settings: Callable[[], None] | None = None,
+        cluster: "ClusterRouter | None" = None,
     ) -> None:
         self._clock = clock
+        # Cluster mode: Route, Release, RenewLease and Load go through the cluster router.
+        self._cluster = cluster
         self._metrics = metrics
         self._on_settings = on_settings
         self._catalog = catalog
@@ -96,24 +103,21 @@ class ModelControl(pb_grpc.ModelControlServicer):
     async def Route(self, request: pb.RouteRequest, context: Ctx) -> pb.RouteResponse:
         model = self._model(request.model)
         started = self._clock.monotonic()
+        deadline = deadline_of(context, started, DEFAULT_WAIT)
         try:
-            lease = await self._router.route(model, deadline_of(context, started, DEFAULT_WAIT))
+            if self._cluster is not None:
+                reply = await self._cluster.route(model, deadline, context.invocation_metadata())
+            else:
+                reply = convert.route_response(await self._router.route(model, deadline))
         except ModeldError as exc:
             self._metrics.route(
                 model, status_of(exc).name.lower(), self._clock.monotonic() - started
             )
             raise
         self._metrics.route(model, "ok", self._clock.monotonic() - started)
-        if lease.cold_start:
+        if reply.cold_start:
             self._metrics.cold_start(model)
-        return pb.RouteResponse(
-            lease_id=lease.id,
-            replica_id=lease.replica_id,
-            address=lease.address,
-            protocol=convert.protocol(lease.protocol),
-            lease_expires_at=convert.timestamp(lease.expires_wall),
-            cold_start=lease.cold_start,
-        )
+        return reply
 
     @unary
     async def Release(self, request: pb.ReleaseRequest, context: Ctx) -> pb.ReleaseResponse:
@@ -121,6 +125,9 @@ class ModelControl(pb_grpc.ModelControlServicer):
             raise InvalidArgument("lease_id is empty")
         if request.outcome not in pb.ReleaseOutcome.values():
             raise InvalidArgument(f"outcome {request.outcome} is not a known ReleaseOutcome")
+        if self._cluster is not None:
+            released = await self._cluster.release(request, context.invocation_metadata())
+            return pb.ReleaseResponse(released=released)
         outcome = pb.ReleaseOutcome.Name(request.outcome)
         released = self._router.release(request.lease_id, outcome)
         return pb.ReleaseResponse(released=released)
@@ -131,6 +138,8 @@ class ModelControl(pb_grpc.ModelControlServicer):
     ) -> pb.RenewLeaseResponse:
         if not request.lease_id:
             raise InvalidArgument("lease_id is empty")
+        if self._cluster is not None:
+            return await self._cluster.renew(request, context.invocation_metadata())
         expires = self._router.renew(request.lease_id)
         return pb.RenewLeaseResponse(lease_expires_at=convert.timestamp(expires))
 
@@ -140,6 +149,10 @@ class ModelControl(pb_grpc.ModelControlServicer):
             raise InvalidArgument(f"replicas must be 0..{MAX_REPLICAS_PER_LOAD}")
         model = self._model(request.model)
         deadline = deadline_of(context, self._clock.monotonic(), DEFAULT_WAIT)
+        if self._cluster is not None:
+            return await self._cluster.load(request, deadline, context.invocation_metadata())
+        if request.host:
+            raise FailedPrecondition("Load.host names a cluster host, but [cluster] is not set")
         infos = await self._router.load(model, request.replicas or 1, deadline)
         return pb.LoadResponse(replicas=[convert.replica_to_proto(i) for i in infos])
 

@@ -54,6 +54,7 @@ def _lifecycle_verbs(sub: Any) -> None:
     p = _add(sub, "load", verbs.load, "start replicas of a model and wait until they are ready")
     p.add_argument("model")
     p.add_argument("--replicas", type=int, default=1, help="how many READY replicas to have")
+    p.add_argument("--host", default="", help="in a cluster: the host_id to load on")
     p = _add(sub, "unload", verbs.unload, "stop a model's replicas (or one replica)")
     p.add_argument("model", nargs="?")
     p.add_argument("--replica", help="stop just this replica id")

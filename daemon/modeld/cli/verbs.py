@@ -45,7 +45,7 @@ def models(args: argparse.Namespace, s: Session) -> None:
 
 
 def load(args: argparse.Namespace, s: Session) -> None:
-    request = pb.LoadRequest(model=args.model, replicas=args.replicas)
+    request = pb.LoadRequest(model=args.model, replicas=args.replicas, host=args.host)
     if args.json:
         _out(render.to_json(_call(s, "Load", request)))
         return

@@ -1,0 +1,228 @@
+"""The cluster benchmark (`make bench-cluster`): a measurement, not a test.
+
+Three real daemons (a, b, c) on one PostgreSQL (MODELD_TEST_PG_DSN, else
+postgresql://root@127.0.0.1:5432/postgres; a fresh database, dropped at the end),
+the echo model loaded on b only. It measures:
+
+1. database transactions per warm Route: `pg_stat_database.xact_commit` of the
+   cluster's database over N warm Route+Release pairs sent through a (forwarded to
+   b), next to the same duration with no requests at all (heartbeats, resyncs);
+2. forwarded (client → a → b) next to direct (client → b) Route+Release p50, in
+   alternating slices;
+3. failover: kill -9 of b (and its backend), then the time until a Route on a
+   succeeds again (a starts the model itself), next to a plain cold Load's time.
+
+Prints the figures and writes bench/results/cluster_bench.json.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import uvloop
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+from backend_proc import free_port  # noqa: E402
+from daemon_proc import ECHO_CATALOG, DaemonProc, start_daemon  # noqa: E402
+from modeld._proto.modeld.v1 import modeld_pb2 as pb  # noqa: E402
+
+DEFAULT_DSN = "postgresql://root@127.0.0.1:5432/postgres"
+SLICES = 8
+
+
+def config_text(folder: Path, dsn: str, host: str, ttl: float) -> tuple[Path, str]:
+    addr = f"127.0.0.1:{free_port()}"
+    (folder / "models").mkdir(parents=True, exist_ok=True)
+    text = (
+        f'listen = ["{addr}"]\nstate_dir = "{folder / "state"}"\n'
+        f'models_dir = "{folder / "models"}"\nlog_level = "info"\n'
+        + ECHO_CATALOG
+        + f'\n[cluster]\ndsn = "{dsn}"\nhost_id = "{host}"\nhost_ttl = "{ttl}s"\n'
+    )
+    path = folder / "modeld.toml"
+    path.write_text(text)
+    return path, addr
+
+
+async def xact(server: str, name: str) -> int:
+    conn = await asyncpg.connect(server)
+    try:
+        # Backends report their counters at most once a second: let them.
+        await asyncio.sleep(1.5)
+        await conn.execute("SELECT pg_stat_clear_snapshot()")
+        return int(
+            await conn.fetchval("SELECT xact_commit FROM pg_stat_database WHERE datname = $1", name)
+        )
+    finally:
+        await conn.close()
+
+
+async def pairs(
+    via: DaemonProc, n: int, concurrency: int, release_at: DaemonProc | None = None
+) -> list[float]:
+    """Route+Release pairs through `via`; the Release goes to `release_at` when given
+    (a client releasing at the RouteResponse's owner_address)."""
+    times: list[float] = []
+    route = pb.RouteRequest(model="echo")
+    releaser = (release_at or via).stub
+
+    async def worker(count: int) -> None:
+        for _ in range(count):
+            start = time.perf_counter()
+            lease = await via.stub.Route(route, timeout=30)
+            reply = await releaser.Release(pb.ReleaseRequest(lease_id=lease.lease_id), timeout=30)
+            times.append(time.perf_counter() - start)
+            if not reply.released:
+                raise RuntimeError("a lease was not released")
+
+    await asyncio.gather(*(worker(n // concurrency) for _ in range(concurrency)))
+    return times
+
+
+async def measure_xact(
+    args: argparse.Namespace, server: str, name: str, a: DaemonProc
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    before = await xact(server, name)
+    t0 = time.perf_counter()
+    await pairs(a, args.pairs, args.concurrency)
+    busy_s = time.perf_counter() - t0
+    during = await xact(server, name)
+    t1 = time.perf_counter()
+    await asyncio.sleep(busy_s)
+    idle = await xact(server, name)
+    t2 = time.perf_counter()
+    # Per second: each of 3 hosts renews and resyncs every host_ttl/3; b publishes its
+    # replica's load at most once a second, and a and c each reread it once.
+    per_s = 3 * 2 * 3 / args.host_ttl + 1 + 2
+    out["warm_window_s"] = round(t1 - t0, 2)
+    out["xact_during_pairs"] = during - before
+    out["xact_budget_during_pairs"] = round(per_s * (t1 - t0), 1)
+    out["xact_same_time_idle"] = idle - during
+    out["xact_budget_idle"] = round(3 * 2 * 3 / args.host_ttl * (t2 - t1), 1)
+    out["xact_per_route"] = round((during - before) / args.pairs, 4)
+
+    return out
+
+
+async def measure_latency(args: argparse.Namespace, a: DaemonProc, b: DaemonProc) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    series: dict[str, list[float]] = {"direct": [], "forwarded": [], "release_at_owner": []}
+    for _ in range(SLICES):
+        n = args.latency_pairs // SLICES
+        series["forwarded"] += await pairs(a, n, 1)
+        series["direct"] += await pairs(b, n, 1)
+        series["release_at_owner"] += await pairs(a, n, 1, release_at=b)
+    p50 = {k: statistics.median(v) * 1000 for k, v in series.items()}
+    out["pair_p50_ms"] = {k: round(v, 3) for k, v in p50.items()}
+    # Route and Release both through a: two extra hops. Releasing at owner_address: one.
+    out["forward_added_p50_ms"] = round(p50["forwarded"] - p50["direct"], 3)
+    out["forward_added_p50_ms_release_at_owner"] = round(p50["release_at_owner"] - p50["direct"], 3)
+
+    return out
+
+
+async def measure(args: argparse.Namespace, server: str, name: str, root: Path) -> dict[str, Any]:
+    dsn = urlunsplit(urlsplit(server)._replace(path=f"/{name}"))
+    hosts: dict[str, DaemonProc] = {}
+    for host in ("a", "b", "c"):
+        config, addr = config_text(root / host, dsn, host, args.host_ttl)
+        hosts[host] = await start_daemon(config, addr)
+    a, b, c = hosts["a"], hosts["b"], hosts["c"]
+    try:
+        for d in hosts.values():
+            await d.wait_log(lambda e: e.get("event") == "cluster_registered", 20)
+        loaded = await a.stub.Load(pb.LoadRequest(model="echo", host="b"), timeout=60)
+        replica = loaded.replicas[0]
+        await a.wait_log(
+            lambda e: (
+                e.get("event") == "cluster_view_changed" and f"b/{replica.id}" in e.get("ready", [])
+            ),
+            20,
+        )
+        await pairs(a, 200, 4)
+        out: dict[str, Any] = {"host_ttl_s": args.host_ttl, "pairs": args.pairs}
+
+        out.update(await measure_xact(args, server, name, a))
+        out.update(await measure_latency(args, a, b))
+        cold_started = time.perf_counter()
+        await c.stub.Load(pb.LoadRequest(model="echo"), timeout=60)
+        out["cold_load_s"] = round(time.perf_counter() - cold_started, 3)
+        await c.stub.Unload(pb.UnloadRequest(model="echo", force=True), timeout=60)
+        await a.wait_log(
+            lambda e: (
+                e.get("event") == "cluster_view_changed"
+                and not any(r.startswith("c/") for r in e.get("ready", []))
+            ),
+            20,
+        )
+
+        b.proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(replica.pid, signal.SIGKILL)
+        killed = time.perf_counter()
+        await b.proc.wait()
+        while True:
+            try:
+                reply = await a.stub.Route(pb.RouteRequest(model="echo"), timeout=60)
+                break
+            except Exception:  # a bench retries until the survivors serve
+                await asyncio.sleep(0.05)
+        out["failover_s"] = round(time.perf_counter() - killed, 3)
+        out["failover_cold_start"] = reply.cold_start
+        out["failover_target_s"] = round(args.host_ttl + out["cold_load_s"] + 1.0, 3)
+        return out
+    finally:
+        for d in hosts.values():
+            if d.proc.returncode is None:
+                with contextlib.suppress(TimeoutError):
+                    await d.stop()
+            await d.close()
+
+
+async def main(args: argparse.Namespace) -> int:
+    server = os.environ.get("MODELD_TEST_PG_DSN") or DEFAULT_DSN
+    name = f"modeld_bench_{uuid.uuid4().hex[:10]}"
+    conn = await asyncpg.connect(server)
+    await conn.execute(f'CREATE DATABASE "{name}"')
+    await conn.close()
+    try:
+        with tempfile.TemporaryDirectory(prefix="modeld-cluster-bench-") as root:
+            out = await measure(args, server, name, Path(root))
+    finally:
+        conn = await asyncpg.connect(server)
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.close()
+    text = json.dumps(out, indent=2)
+    print(text)
+    results = HERE / "results"
+    results.mkdir(exist_ok=True)
+    (results / "cluster_bench.json").write_text(text + "\n")
+    return 0
+
+
+def cli() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=10_000)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--latency-pairs", type=int, default=2_000)
+    parser.add_argument("--host-ttl", type=float, default=10.0)
+    return uvloop.run(main(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

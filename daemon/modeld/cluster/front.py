@@ -1,0 +1,225 @@
+"""`ClusterRouter`: the one interface the servicer calls in cluster mode.
+
+Route: a local READY replica → the local router (today's pick). Otherwise a remote
+READY replica from the view, picked by the same policy, and the Route forwarded
+to its owner, which leases from its own memory; a failed or stale owner means
+another replica, at most MAX_FORWARDS. With none left, a node starts the model
+itself (a router-role host refuses). Lease ids are `host_id~id`, so Release and
+RenewLease reach the owner from any modeld.
+"""
+
+from pathlib import Path
+
+import structlog
+
+from modeld._proto.modeld.v1 import modeld_pb2 as pb
+from modeld.api import convert
+from modeld.clock import Clock
+from modeld.cluster.forward import PeerFailed, Peers, forwarded_marker
+from modeld.cluster.membership import Membership
+from modeld.cluster.ownload import OwnLoad
+from modeld.cluster.store import ReplicaRow
+from modeld.cluster.view import RemoteReplica, pick_remote
+from modeld.config import Config
+from modeld.errors import ConfigError, FailedPrecondition, NotFound, Unavailable
+from modeld.ops.events import EventBus
+from modeld.routing.leases import Lease
+from modeld.routing.router import Router
+from modeld.state import LIVE, ReplicaState
+
+log = structlog.get_logger(__name__)
+MAX_FORWARDS = 3
+# Free memory is published on this grid, so that noise in the readings is not a change.
+MEMORY_GRID = 256 << 20
+SEP = "~"
+
+
+class ClusterRouter:
+    def __init__(self, config: Config, router: Router, clock: Clock, events: EventBus) -> None:
+        cfg = config.cluster
+        assert cfg is not None
+        self._cfg = cfg
+        self._router = router
+        self._clock = clock
+        self.peers = Peers(config)
+        self.membership = Membership(cfg, _dsn(cfg.dsn, cfg.dsn_file), clock, events, self.rows)
+        self._own = OwnLoad()
+        self._forward_cap = max(1.0, min(5.0, cfg.host_ttl))
+
+    async def start(self) -> None:
+        await self.membership.start()
+
+    async def close(self) -> None:
+        await self.membership.close()
+        await self.peers.close()
+
+    @property
+    def host_id(self) -> str:
+        return self._cfg.host_id
+
+    # what this host publishes
+
+    def rows(self) -> list[ReplicaRow]:
+        free = self._router.index.free_memory
+        return [
+            (
+                info.id,
+                info.model,
+                info.state.value,
+                info.address,
+                info.restarts,
+                info.in_flight,
+                # Wall-clock last use is derived from the monotonic one on every read and
+                # jitters in its last digits: 10 ms is fine enough for the picker.
+                round(info.last_used or 0.0, 2),
+                free.get(int(info.gpu.split(",")[0]) if info.gpu else None, 0)
+                // MEMORY_GRID
+                * MEMORY_GRID,
+            )
+            for info in self._router.replicas(None)
+            if info.state in LIVE
+        ]
+
+    # Route
+
+    async def route(self, model: str, deadline: float, metadata: object) -> pb.RouteResponse:
+        marker = forwarded_marker(metadata)
+        if marker is not None:
+            return await self._route_as_owner(model, marker, deadline)
+        if self._local_ready(model):
+            return self._response(await self._router.route(model, deadline))
+        tried: list[str] = []
+        for _ in range(MAX_FORWARDS):
+            candidates = self.membership.view.candidates(
+                model,
+                self._clock.monotonic(),
+                trust_expired=self.membership.trust_expired(),
+                exclude=tried,
+            )
+            chosen = pick_remote(candidates, self._own.extra(candidates))
+            if chosen is None:
+                break
+            tried.append(chosen.id)
+            host = self.membership.view.hosts[chosen.host_id]
+            timeout = min(deadline - self._clock.monotonic(), self._forward_cap)
+            self._own.begin(chosen)
+            try:
+                reply = await self.peers.route(
+                    host.host_id,
+                    host.address,
+                    model,
+                    f"{chosen.id}:{chosen.generation}",
+                    max(timeout, 0.001),
+                )
+            except PeerFailed as exc:
+                log.info("cluster_forward_retry", model=model, replica_id=chosen.id, error=str(exc))
+                continue
+            finally:
+                self._own.end(chosen)
+            self._own.granted(self.membership.view.replicas.get(reply.replica_id), reply.lease_id)
+            return reply
+        return await self._start_here(model, deadline)
+
+    def _local_ready(self, model: str) -> bool:
+        return any(i.state is ReplicaState.READY for i in self._router.replicas(model))
+
+    async def _route_as_owner(self, model: str, marker: str, deadline: float) -> pb.RouteResponse:
+        replica_id, _, generation = marker.partition(":")
+        current = next((i for i in self._router.replicas(model) if i.id == replica_id), None)
+        if (
+            current is None
+            or current.state is not ReplicaState.READY
+            or str(current.restarts) != generation
+        ):
+            # The forwarder's view is stale (stopped, or restarted under another
+            # generation, maybe on a reused address): it must pick another replica.
+            raise NotFound(
+                f"replica {replica_id[:64]!r} generation {generation[:16]} of model {model!r} "
+                f"is not ready on host {self.host_id}; route elsewhere"
+            )
+        return self._response(await self._router.route(model, deadline))
+
+    async def _start_here(self, model: str, deadline: float) -> pb.RouteResponse:
+        if self._cfg.role == "router":
+            raise FailedPrecondition(
+                f"model {model!r} has no READY replica on any host, and this modeld is a "
+                "router (cluster.role = router) that runs no backends; Load it on a node"
+            )
+        self.membership.require(f"starting model {model!r}")
+        return self._response(await self._router.route(model, deadline))
+
+    def _response(self, lease: Lease) -> pb.RouteResponse:
+        reply = convert.route_response(lease)
+        reply.lease_id = f"{self.host_id}{SEP}{lease.id}"
+        reply.owner_address = self._cfg.advertise
+        return reply
+
+    # leases held elsewhere
+
+    async def release(self, request: pb.ReleaseRequest, metadata: object) -> bool:
+        owner, sep, inner = request.lease_id.partition(SEP)
+        if not sep or owner == self.host_id:
+            outcome = pb.ReleaseOutcome.Name(request.outcome)
+            return self._router.release(inner if sep else request.lease_id, outcome)
+        host = self.membership.view.hosts.get(owner)
+        if host is None or forwarded_marker(metadata) is not None:
+            # Its host left the cluster (or was reaped): its leases ended with it.
+            return False
+        try:
+            released = await self.peers.release(owner, host.address, request, self._forward_cap)
+        except Unavailable as exc:
+            log.info("cluster_release_unreachable", host_id=owner, error=str(exc))
+            return False
+        if released:
+            self._own.released(request.lease_id, self._replica_of(request.lease_id))
+        return released
+
+    def _replica_of(self, lease_id: str) -> RemoteReplica | None:
+        row = self._own.row_of(lease_id)
+        return self.membership.view.replicas.get(row.id) if row is not None else None
+
+    async def renew(self, request: pb.RenewLeaseRequest, metadata: object) -> pb.RenewLeaseResponse:
+        owner, sep, inner = request.lease_id.partition(SEP)
+        if not sep or owner == self.host_id:
+            expires = self._router.renew(inner if sep else request.lease_id)
+            return pb.RenewLeaseResponse(lease_expires_at=convert.timestamp(expires))
+        host = self.membership.view.hosts.get(owner)
+        if host is None or forwarded_marker(metadata) is not None:
+            raise NotFound(
+                f"lease {request.lease_id[:80]!r}: its host {owner[:64]!r} is not in the "
+                "cluster, and its leases ended with it; Route again"
+            )
+        return await self.peers.renew(owner, host.address, request, self._forward_cap)
+
+    # Load
+
+    async def load(
+        self, request: pb.LoadRequest, deadline: float, metadata: object
+    ) -> pb.LoadResponse:
+        target = request.host or self.host_id
+        if target != self.host_id:
+            host = self.membership.view.hosts.get(target)
+            if forwarded_marker(metadata) is not None or host is None:
+                raise NotFound(f"host {target[:64]!r} is not in the cluster")
+            timeout = max(deadline - self._clock.monotonic(), 0.001)
+            return await self.peers.load(target, host.address, request, timeout)
+        if self._cfg.role == "router":
+            raise FailedPrecondition(
+                f"host {self.host_id} is a router (cluster.role = router) and runs no backends; "
+                "name a node in Load.host"
+            )
+        self.membership.require(f"loading model {request.model!r}")
+        infos = await self._router.load(request.model, request.replicas or 1, deadline)
+        return pb.LoadResponse(replicas=[convert.replica_to_proto(i) for i in infos])
+
+
+def _dsn(dsn: str, dsn_file: str) -> str:
+    if dsn:
+        return dsn
+    try:
+        text = Path(dsn_file).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cluster.dsn_file {dsn_file}: {exc.strerror}") from None
+    if not text:
+        raise ConfigError(f"cluster.dsn_file {dsn_file}: empty")
+    return text

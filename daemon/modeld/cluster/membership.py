@@ -1,0 +1,369 @@
+"""This host's membership: register, renew, resync the view, reap, publish replicas.
+
+One task per duty, each waiting on an event with a deadline:
+- `_keep_alive`: every host_ttl/3 renew the host row (or register a new epoch when
+  fenced), reread everything (the resync is the authority), reap one expired host.
+- `_listen`: a dedicated connection LISTENs; a notification names a host, which
+  `_reread` reads again. When the connection dies it reconnects and forces a resync.
+- `_publish`: writes this host's replica rows, at once on a state change and at
+  most once a second for load; computed from the router each time, so an event
+  the lossy EventBus dropped is repaired on the next tick.
+A database failure marks the link down: the view is then trusted as it is (a
+database outage is not a routing outage) and nobody is reaped until one host_ttl
+after the link is back, because after an outage every host looks expired.
+"""
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import asyncpg
+import structlog
+
+from modeld.clock import Clock
+from modeld.cluster.schema import CHANNEL, migrate
+from modeld.cluster.store import Fenced, ReplicaRow, Snapshot, Store
+from modeld.cluster.view import ClusterView, RemoteHost, RemoteReplica
+from modeld.config import ClusterConfig, redact_dsn
+from modeld.errors import RegistryError, Unavailable
+from modeld.ops.events import EventBus
+from modeld.state import ReplicaState
+
+log = structlog.get_logger(__name__)
+DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+# Load figures are published at most this often; state changes at once.
+LOAD_INTERVAL = 1.0
+RowsFn = Callable[[], list[ReplicaRow]]
+
+
+class Membership:
+    def __init__(
+        self, cfg: ClusterConfig, dsn: str, clock: Clock, events: EventBus, rows: RowsFn
+    ) -> None:
+        self._cfg = cfg
+        self._dsn = dsn
+        self._clock = clock
+        self._events = events
+        self._rows = rows
+        self.view = ClusterView(cfg.host_id)
+        self.epoch: int | None = None
+        self._store: Store | None = None
+        # Long enough for a loaded machine, short enough that a renewal still lands in time.
+        self._timeout = max(min(cfg.host_ttl / 3, 5.0), 1.0)
+        self._up = False
+        self._why_down = "not connected yet"
+        self._back_at = clock.monotonic()
+        self._tick = asyncio.Event()
+        self._publish_now = asyncio.Event()
+        self._pending: set[str] = set()
+        self._reread_wake = asyncio.Event()
+        self._published: dict[str, ReplicaRow] = {}
+        self._load_written = 0.0
+        self._tasks: list[asyncio.Task[None]] = []
+        self.where = redact_dsn(dsn)
+
+    # lifecycle
+
+    async def start(self) -> None:
+        """First contact; a newer schema refuses the start, an unreachable database does not."""
+        with contextlib.suppress(*DB_ERRORS):
+            await self._connect()
+        for name, loop in (
+            ("cluster-keepalive", self._keep_alive),
+            ("cluster-listen", self._listen),
+            ("cluster-reread", self._reread),
+            ("cluster-publish", self._publish),
+            ("cluster-events", self._follow_events),
+        ):
+            self._tasks.append(asyncio.create_task(self._guard(name, loop), name=name))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._store is not None:
+            if self.epoch is not None and self._up:
+                with contextlib.suppress(*DB_ERRORS):
+                    await self._store.leave(self.epoch)
+                    log.info("cluster_left", host_id=self._cfg.host_id, epoch=self.epoch)
+            with contextlib.suppress(*DB_ERRORS):
+                await asyncio.wait_for(self._store.close(), self._timeout)
+
+    async def _guard(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await loop()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("cluster_task_failed", task=name)
+            raise
+
+    # the link to the database
+
+    @property
+    def registered(self) -> bool:
+        return self.epoch is not None
+
+    @property
+    def up(self) -> bool:
+        return self._up
+
+    def trust_expired(self) -> bool:
+        """True while host expiry cannot be judged: link down, or back for under one TTL."""
+        return not self._up or self._clock.monotonic() - self._back_at < self._cfg.host_ttl
+
+    def require(self, what: str) -> None:
+        """Fail fast, without a round trip, when `what` needs the database and it is down."""
+        if not self._up:
+            raise Unavailable(
+                f"{what} needs the cluster database ({self.where}), which is unreachable "
+                f"({self._why_down}); routes to running replicas keep working"
+            )
+
+    def _mark(self, up: bool, why: str = "") -> None:
+        if up and not self._up:
+            self._back_at = self._clock.monotonic()
+            log.info("cluster_db_up", host_id=self._cfg.host_id)
+        elif not up and self._up:
+            log.warning("cluster_db_down", host_id=self._cfg.host_id, error=why)
+        self._up = up
+        if not up:
+            self._why_down = why
+
+    async def _connect(self) -> Store:
+        if self._store is None:
+            settings = {
+                "application_name": f"modeld/{self._cfg.host_id}",
+                "statement_timeout": str(int(self._timeout * 1000)),
+                "lock_timeout": str(int(self._timeout * 500)),
+            }
+            pool = await asyncpg.create_pool(
+                self._dsn,
+                min_size=1,
+                max_size=3,
+                timeout=self._timeout,
+                command_timeout=self._timeout,
+                server_settings=settings,
+                reset=_no_reset,
+            )
+            try:
+                async with pool.acquire() as conn:
+                    await migrate(conn)
+            except BaseException:
+                await pool.close()
+                raise
+            self._store = Store(pool, self._cfg.host_id, self._timeout)
+        return self._store
+
+    async def _db(self, step: Callable[[Store], Awaitable[None]]) -> bool:
+        try:
+            await step(await self._connect())
+        except RegistryError:
+            raise
+        except Fenced:
+            log.warning("cluster_fenced", host_id=self._cfg.host_id, epoch=self.epoch)
+            self.epoch = None
+            self._tick.set()
+            return False
+        except DB_ERRORS as exc:
+            self._mark(False, f"{type(exc).__name__}: {exc}"[:200])
+            return False
+        self._mark(True)
+        return True
+
+    # membership and the view
+
+    async def _keep_alive(self) -> None:
+        interval = self._cfg.host_ttl / 3
+        while True:
+            if self.registered:
+                await self._db(self._heartbeat)
+            if not self.registered:
+                # First start, or fenced: a new epoch, and this host's replicas again.
+                await self._db(self._register)
+            await self._db(self._resync)
+            if self._up and self.registered:
+                await self._db(self._reap)
+            self._tick.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._tick.wait(), interval)
+
+    async def _register(self, store: Store) -> None:
+        rows = self._rows()
+        self.epoch = await store.register(
+            self._cfg.advertise, self._cfg.role, dict(self._cfg.labels), self._cfg.host_ttl, rows
+        )
+        self._published = {row[0]: row for row in rows}
+        log.info(
+            "cluster_registered", host_id=self._cfg.host_id, epoch=self.epoch, replicas=len(rows)
+        )
+
+    async def _heartbeat(self, store: Store) -> None:
+        assert self.epoch is not None
+        await store.heartbeat(self.epoch, self._cfg.host_ttl)
+
+    async def _resync(self, store: Store) -> None:
+        self._apply(await store.read(None), None)
+
+    async def _reap(self, store: Store) -> None:
+        now = self._clock.monotonic()
+        if now - self._back_at < self._cfg.host_ttl or not self.view.expired(now):
+            return
+        host = await store.reap_one()
+        if host is not None:
+            log.info("cluster_host_reaped", host_id=host)
+            self._pending.add(host)
+            self._reread_wake.set()
+
+    def _apply(self, snap: Snapshot, host_ids: Sequence[str] | None) -> None:
+        now = self._clock.monotonic()
+        hosts = [_host(h, now) for h in snap.hosts]
+        replicas = [_replica(r) for r in snap.replicas]
+        before = self._shape()
+        if host_ids is None:
+            self.view.replace_all(hosts, replicas)
+        else:
+            by_id = {h.host_id: h for h in hosts}
+            for host_id in host_ids:
+                mine = [r for r in replicas if r.host_id == host_id]
+                self.view.replace_host(host_id, by_id.get(host_id), mine)
+        after = self._shape()
+        if after != before:
+            log.info(
+                "cluster_view_changed",
+                hosts={h.host_id: h.epoch for h in self.view.hosts.values()},
+                ready=sorted(
+                    f"{r.host_id}/{r.id}"
+                    for r in self.view.replicas.values()
+                    if r.state is ReplicaState.READY
+                ),
+            )
+
+    def _shape(self) -> tuple[frozenset[tuple[str, int]], frozenset[tuple[str, str, str, int]]]:
+        """What a view change is: hosts and epochs, replicas and states (not load)."""
+        return (
+            frozenset((h.host_id, h.epoch) for h in self.view.hosts.values()),
+            frozenset(
+                (r.host_id, r.id, r.state.value, r.generation) for r in self.view.replicas.values()
+            ),
+        )
+
+    async def _listen(self) -> None:
+        while True:
+            lost = asyncio.Event()
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncpg.connect(
+                    self._dsn,
+                    timeout=self._timeout,
+                    server_settings={"application_name": f"modeld-listen/{self._cfg.host_id}"},
+                )
+                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+                await conn.add_listener(CHANNEL, self._notified)
+                # Notifications sent while we were not listening are lost: resync now.
+                self._tick.set()
+                log.info("cluster_listening", host_id=self._cfg.host_id)
+                await lost.wait()
+                log.warning("cluster_listen_lost", host_id=self._cfg.host_id)
+            except DB_ERRORS as exc:
+                self._mark(False, f"{type(exc).__name__}: {exc}"[:200])
+            finally:
+                if conn is not None and not conn.is_closed():
+                    conn.terminate()
+            await asyncio.sleep(min(self._timeout, 1.0))
+
+    def _notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        if payload != self._cfg.host_id:
+            self._pending.add(payload)
+            self._reread_wake.set()
+
+    async def _reread(self) -> None:
+        while True:
+            await self._reread_wake.wait()
+            self._reread_wake.clear()
+            hosts, self._pending = sorted(self._pending), set()
+
+            async def step(store: Store, hosts: list[str] = hosts) -> None:
+                self._apply(await store.read(hosts), hosts)
+
+            # On failure, the resync once the link is back covers these hosts.
+            await self._db(step)
+
+    # publishing this host's replicas
+
+    async def _follow_events(self) -> None:
+        subscription = self._events.subscribe()
+        try:
+            async for _event in subscription:
+                self._publish_now.set()
+        finally:
+            subscription.close()
+
+    async def _publish(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._publish_now.wait(), LOAD_INTERVAL)
+            self._publish_now.clear()
+            if self.epoch is None or not self._up:
+                continue
+            rows, gone, urgent = self._diff()
+            now = self._clock.monotonic()
+            if not (rows or gone) or (not urgent and now - self._load_written < LOAD_INTERVAL):
+                continue
+
+            async def step(
+                store: Store, rows: list[ReplicaRow] = rows, gone: list[str] = gone
+            ) -> None:
+                assert self.epoch is not None
+                await store.publish(self.epoch, rows, gone)
+
+            if await self._db(step):
+                self._load_written = now
+                for row in rows:
+                    self._published[row[0]] = row
+                for rid in gone:
+                    self._published.pop(rid, None)
+
+    def _diff(self) -> tuple[list[ReplicaRow], list[str], bool]:
+        """Rows that changed since last written, ids gone, and whether identity changed."""
+        current = {row[0]: row for row in self._rows()}
+        changed = [row for rid, row in current.items() if self._published.get(rid) != row]
+        gone = [rid for rid in self._published if rid not in current]
+        urgent = bool(gone) or any(
+            self._published.get(row[0], ())[:5] != row[:5] for row in changed
+        )
+        return changed, gone, urgent
+
+
+async def _no_reset(_conn: asyncpg.Connection) -> None:
+    """Pool connections never keep session state (no LISTEN, only transaction-scoped
+    locks), so the default reset, itself one transaction per release, is skipped."""
+
+
+def _host(data: dict[str, Any], now: float) -> RemoteHost:
+    labels = data.get("labels") or {}
+    return RemoteHost(
+        host_id=data["host_id"],
+        epoch=int(data["epoch"]),
+        address=data["address"],
+        role=data["role"],
+        labels=labels if isinstance(labels, dict) else json.loads(labels),
+        expires=now + float(data["remaining"]),
+    )
+
+
+def _replica(data: dict[str, Any]) -> RemoteReplica:
+    return RemoteReplica(
+        id=data["id"],
+        host_id=data["host_id"],
+        epoch=int(data["epoch"]),
+        model=data["model"],
+        state=ReplicaState(data["state"]),
+        address=data["address"],
+        generation=int(data["generation"]),
+        in_flight=int(data["in_flight"]),
+        last_used=float(data["last_used"]),
+        free_memory=int(data["free_memory"]),
+    )

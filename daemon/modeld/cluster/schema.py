@@ -1,0 +1,65 @@
+"""The cluster's PostgreSQL schema, by numbered migrations (as the SQLite registry).
+
+Tables (one writer per row: the host it names):
+- modeld_hosts: one row per live host; `epoch` comes from a sequence, so a host
+  that re-registers fences every write of its earlier self (writes check epoch).
+- modeld_replicas: a host's replicas with their state, address, generation and
+  published load; deleted with their host (reaping is `DELETE` of the host row).
+Writers NOTIFY `modeld_cluster` with their host id; receivers re-read that host.
+"""
+
+import asyncpg
+
+from modeld.errors import RegistryError
+
+CHANNEL = "modeld_cluster"
+# Serialises migrations of concurrently starting modelds; distinct from the reap lock.
+MIGRATE_LOCK = 0x6D6F64656C64_01
+REAP_LOCK = 0x6D6F64656C64_02
+
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE SEQUENCE modeld_epoch;
+    CREATE TABLE modeld_hosts (
+        host_id text PRIMARY KEY,
+        epoch bigint NOT NULL,
+        address text NOT NULL,
+        role text NOT NULL,
+        labels jsonb NOT NULL DEFAULT '{}',
+        lease_expires_at timestamptz NOT NULL,
+        registered_at timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE TABLE modeld_replicas (
+        replica_id text PRIMARY KEY,
+        host_id text NOT NULL REFERENCES modeld_hosts ON DELETE CASCADE,
+        epoch bigint NOT NULL,
+        model text NOT NULL,
+        state text NOT NULL,
+        address text NOT NULL,
+        generation integer NOT NULL,
+        in_flight integer NOT NULL DEFAULT 0,
+        last_used double precision NOT NULL DEFAULT 0,
+        free_memory bigint NOT NULL DEFAULT 0,
+        updated_at timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE INDEX modeld_replicas_host ON modeld_replicas (host_id);
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+async def migrate(conn: asyncpg.Connection) -> int:
+    """Bring the schema to SCHEMA_VERSION; refuse a database a newer modeld migrated."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATE_LOCK)
+        await conn.execute("CREATE TABLE IF NOT EXISTS modeld_schema (version integer NOT NULL)")
+        version = await conn.fetchval("SELECT max(version) FROM modeld_schema") or 0
+        if version > SCHEMA_VERSION:
+            raise RegistryError(
+                f"the cluster database has schema version {version}, newer than this modeld "
+                f"knows ({SCHEMA_VERSION}); upgrade modeld on this host"
+            )
+        for number in range(version + 1, SCHEMA_VERSION + 1):
+            await conn.execute(MIGRATIONS[number - 1])
+            await conn.execute("INSERT INTO modeld_schema (version) VALUES ($1)", number)
+        return SCHEMA_VERSION

@@ -1,0 +1,189 @@
+"""Every SQL statement the cluster runs, over one asyncpg pool.
+
+Each write is one short transaction on this host's own rows, fenced by its epoch;
+no lock is held across anything but these statements. Reads return plain rows
+for the membership to turn into the view.
+"""
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from modeld.cluster.schema import CHANNEL, REAP_LOCK
+
+# (replica_id, model, state, address, generation, in_flight, last_used, free_memory)
+ReplicaRow = tuple[str, str, str, str, int, int, float, int]
+
+_UPSERT = """
+INSERT INTO modeld_replicas (replica_id, host_id, epoch, model, state, address, generation,
+                             in_flight, last_used, free_memory, updated_at)
+VALUES ($1, $9, $10, $2, $3, $4, $5, $6, $7, $8, now())
+ON CONFLICT (replica_id) DO UPDATE SET
+    epoch = EXCLUDED.epoch, model = EXCLUDED.model, state = EXCLUDED.state,
+    address = EXCLUDED.address, generation = EXCLUDED.generation,
+    in_flight = EXCLUDED.in_flight, last_used = EXCLUDED.last_used,
+    free_memory = EXCLUDED.free_memory, updated_at = now()
+WHERE modeld_replicas.host_id = EXCLUDED.host_id
+"""
+_READ = """
+SELECT
+  coalesce((SELECT json_agg(json_build_object(
+      'host_id', host_id, 'epoch', epoch, 'address', address, 'role', role, 'labels', labels,
+      'remaining', extract(epoch FROM lease_expires_at - now())))
+    FROM modeld_hosts WHERE $1::text[] IS NULL OR host_id = ANY($1)), '[]') AS hosts,
+  coalesce((SELECT json_agg(json_build_object(
+      'id', replica_id, 'host_id', host_id, 'epoch', epoch, 'model', model, 'state', state,
+      'address', address, 'generation', generation, 'in_flight', in_flight,
+      'last_used', last_used, 'free_memory', free_memory))
+    FROM modeld_replicas WHERE $1::text[] IS NULL OR host_id = ANY($1)), '[]') AS replicas
+"""
+
+
+class Fenced(Exception):
+    """This host's row has another epoch, or expired: its writes no longer count."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    hosts: list[dict[str, Any]]
+    replicas: list[dict[str, Any]]
+
+
+class Store:
+    def __init__(self, pool: asyncpg.Pool, host_id: str, timeout: float) -> None:
+        self._pool = pool
+        self._host = host_id
+        self._timeout = timeout
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def register(
+        self,
+        address: str,
+        role: str,
+        labels: dict[str, str],
+        ttl: float,
+        rows: Sequence[ReplicaRow],
+    ) -> int:
+        """A new epoch for this host; its older rows are dropped and `rows` announced."""
+        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            epoch: int = await conn.fetchval(
+                """
+                INSERT INTO modeld_hosts (host_id, epoch, address, role, labels, lease_expires_at)
+                VALUES ($1, nextval('modeld_epoch'), $2, $3, $4::jsonb,
+                        now() + make_interval(secs => $5))
+                ON CONFLICT (host_id) DO UPDATE SET
+                    epoch = EXCLUDED.epoch, address = EXCLUDED.address, role = EXCLUDED.role,
+                    labels = EXCLUDED.labels, lease_expires_at = EXCLUDED.lease_expires_at,
+                    registered_at = now()
+                RETURNING epoch
+                """,
+                self._host,
+                address,
+                role,
+                json.dumps(labels),
+                ttl,
+                timeout=self._timeout,
+            )
+            await conn.execute(
+                "DELETE FROM modeld_replicas WHERE host_id = $1 AND epoch <> $2",
+                self._host,
+                epoch,
+                timeout=self._timeout,
+            )
+            await self._write_rows(conn, epoch, rows, ())
+            return epoch
+
+    async def heartbeat(self, epoch: int, ttl: float) -> None:
+        renewed = await self._pool.fetchval(
+            """
+            UPDATE modeld_hosts SET lease_expires_at = now() + make_interval(secs => $3)
+            WHERE host_id = $1 AND epoch = $2 AND lease_expires_at > now()
+            RETURNING 1
+            """,
+            self._host,
+            epoch,
+            ttl,
+            timeout=self._timeout,
+        )
+        if renewed is None:
+            raise Fenced(self._host)
+
+    async def publish(self, epoch: int, rows: Sequence[ReplicaRow], gone: Sequence[str]) -> None:
+        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            live = await conn.fetchval(
+                """
+                SELECT 1 FROM modeld_hosts
+                WHERE host_id = $1 AND epoch = $2 AND lease_expires_at > now() FOR SHARE
+                """,
+                self._host,
+                epoch,
+                timeout=self._timeout,
+            )
+            if live is None:
+                raise Fenced(self._host)
+            await self._write_rows(conn, epoch, rows, gone)
+
+    async def _write_rows(
+        self,
+        conn: asyncpg.Connection,
+        epoch: int,
+        rows: Sequence[ReplicaRow],
+        gone: Sequence[str],
+    ) -> None:
+        if rows:
+            await conn.executemany(
+                _UPSERT, [(*row, self._host, epoch) for row in rows], timeout=self._timeout
+            )
+        if gone:
+            await conn.execute(
+                "DELETE FROM modeld_replicas WHERE host_id = $1 AND replica_id = ANY($2::text[])",
+                self._host,
+                list(gone),
+                timeout=self._timeout,
+            )
+        await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, self._host, timeout=self._timeout)
+
+    async def read(self, host_ids: Sequence[str] | None) -> Snapshot:
+        """Hosts and replicas (all, or of `host_ids`) in one statement: one snapshot."""
+        row = await self._pool.fetchrow(
+            _READ, list(host_ids) if host_ids is not None else None, timeout=self._timeout
+        )
+        assert row is not None
+        return Snapshot(json.loads(row["hosts"]), json.loads(row["replicas"]))
+
+    async def reap_one(self) -> str | None:
+        """Delete the longest-expired host (its replicas go with it); one modeld at a time."""
+        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            if not await conn.fetchval(
+                "SELECT pg_try_advisory_xact_lock($1)", REAP_LOCK, timeout=self._timeout
+            ):
+                return None
+            host: str | None = await conn.fetchval(
+                """
+                DELETE FROM modeld_hosts WHERE host_id = (
+                    SELECT host_id FROM modeld_hosts WHERE lease_expires_at < now()
+                    ORDER BY lease_expires_at LIMIT 1)
+                RETURNING host_id
+                """,
+                timeout=self._timeout,
+            )
+            if host is not None:
+                await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, host, timeout=self._timeout)
+            return host
+
+    async def leave(self, epoch: int) -> None:
+        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            await conn.execute(
+                "DELETE FROM modeld_hosts WHERE host_id = $1 AND epoch = $2",
+                self._host,
+                epoch,
+                timeout=self._timeout,
+            )
+            await conn.execute(
+                "SELECT pg_notify($1, $2)", CHANNEL, self._host, timeout=self._timeout
+            )

@@ -1,0 +1,107 @@
+"""The in-memory view of the cluster: hosts and their replicas, as last read.
+
+Owned by the membership (the only writer: full resyncs and per-host re-reads);
+the cluster router only reads it. Host expiry is kept as a local monotonic
+deadline computed from the database's own `lease_expires_at - now()`, so clocks
+of different hosts never need to agree.
+"""
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from modeld.policy.picker import used_tick
+from modeld.state import ReplicaState
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteHost:
+    host_id: str
+    epoch: int
+    address: str
+    role: str
+    labels: Mapping[str, str]
+    # Local monotonic time at which the host's lease runs out, as far as we know.
+    expires: float
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteReplica:
+    id: str
+    host_id: str
+    epoch: int
+    model: str
+    state: ReplicaState
+    address: str
+    generation: int
+    in_flight: int
+    last_used: float  # wall clock seconds
+    free_memory: int
+
+
+@dataclass
+class ClusterView:
+    host_id: str
+    hosts: dict[str, RemoteHost] = field(default_factory=dict)
+    replicas: dict[str, RemoteReplica] = field(default_factory=dict)
+
+    def replace_all(self, hosts: Iterable[RemoteHost], replicas: Iterable[RemoteReplica]) -> None:
+        self.hosts = {h.host_id: h for h in hosts}
+        self.replicas = {r.id: r for r in replicas if self._current(r)}
+
+    def replace_host(
+        self, host_id: str, host: RemoteHost | None, replicas: Iterable[RemoteReplica]
+    ) -> None:
+        """What one re-read of a host returned: its row (None once gone) and its replicas."""
+        if host is None:
+            self.hosts.pop(host_id, None)
+        else:
+            self.hosts[host_id] = host
+        kept = {k: r for k, r in self.replicas.items() if r.host_id != host_id}
+        kept.update({r.id: r for r in replicas if self._current(r)})
+        self.replicas = kept
+
+    def _current(self, replica: RemoteReplica) -> bool:
+        # Rows of an older epoch are a fenced host's leftovers: never shown.
+        host = self.hosts.get(replica.host_id)
+        return host is not None and host.epoch == replica.epoch
+
+    def alive(self, host_id: str, now: float, trust_expired: bool) -> bool:
+        """A host is routable until its lease deadline; `trust_expired` while our own
+        database link is down or freshly back (then everyone looks expired)."""
+        host = self.hosts.get(host_id)
+        return host is not None and (trust_expired or now < host.expires)
+
+    def expired(self, now: float) -> list[RemoteHost]:
+        return sorted((h for h in self.hosts.values() if h.expires <= now), key=lambda h: h.expires)
+
+    def candidates(
+        self, model: str, now: float, *, trust_expired: bool, exclude: Iterable[str] = ()
+    ) -> list[RemoteReplica]:
+        """READY replicas of `model` on live hosts other than this one."""
+        skip = set(exclude)
+        return [
+            r
+            for r in self.replicas.values()
+            if r.model == model
+            and r.state is ReplicaState.READY
+            and r.host_id != self.host_id
+            and r.id not in skip
+            and self.alive(r.host_id, now, trust_expired)
+        ]
+
+
+def pick_remote(
+    candidates: Iterable[RemoteReplica], pending: Mapping[str, int]
+) -> RemoteReplica | None:
+    """The picker's policy over published figures: fewest in-flight (published plus
+    this host's forwards not yet answered), then oldest use, then most free memory."""
+    return min(
+        candidates,
+        key=lambda r: (
+            r.in_flight + pending.get(r.id, 0),
+            used_tick(r.last_used),
+            -r.free_memory,
+            r.id,
+        ),
+        default=None,
+    )

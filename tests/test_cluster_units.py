@@ -1,0 +1,146 @@
+"""Cluster pieces without daemons: [cluster] config, the view and pick, the schema."""
+
+import json
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from modeld import config
+from modeld.cluster.forward import Peers
+from modeld.cluster.ownload import OwnLoad
+from modeld.cluster.schema import SCHEMA_VERSION, migrate
+from modeld.cluster.view import ClusterView, RemoteHost, RemoteReplica, pick_remote
+from modeld.errors import ConfigError, RegistryError
+from modeld.state import ReplicaState
+
+
+def test_no_cluster_table_is_the_single_host_daemon() -> None:
+    assert config.load(None, env={}).cluster is None
+
+
+def test_cluster_keys_defaults_and_secret_dsn(tmp_path: Path) -> None:
+    path = tmp_path / "m.toml"
+    path.write_text(
+        'listen = ["10.1.2.3:7000"]\n[cluster]\n'
+        'dsn = "postgresql://modeld:s3cret@db:5432/modeld"\nlabels = {rack = "r1"}\n'
+    )
+    cfg = config.load(str(path), env={})
+    assert cfg.cluster is not None
+    assert cfg.cluster.advertise == "10.1.2.3:7000"
+    assert cfg.cluster.backend_host == "10.1.2.3"
+    assert cfg.cluster.host_ttl == 10.0
+    assert cfg.cluster.role == "node"
+    assert dict(cfg.cluster.labels) == {"rack": "r1"}
+    shown = cfg.show()
+    assert "s3cret" not in shown and "s3cret" not in repr(cfg)
+    assert json.loads(shown)["cluster"]["dsn"] == "postgresql://modeld:***@db:5432/modeld"
+    assert config.redact_dsn("host=db password=abc user=x") == "host=db password=*** user=x"
+
+
+@pytest.mark.parametrize(
+    ("env", "match"),
+    [
+        ({"MODELD_CLUSTER_ROLE": "boss"}, "cluster.role"),
+        ({"MODELD_CLUSTER_HOST_ID": "a~b"}, "cluster.host_id"),
+        ({"MODELD_CLUSTER_HOST_TTL": "100ms"}, "cluster.host_ttl"),
+        ({"MODELD_CLUSTER_HOST_ID": "a"}, "exactly one of cluster.dsn"),
+        ({"MODELD_CLUSTER_ADVERTISE": "0.0.0.0:1"}, "cluster.advertise"),
+    ],
+)
+def test_bad_cluster_keys_name_the_key(env: dict[str, str], match: str) -> None:
+    base = {"MODELD_CLUSTER_DSN": "postgresql://db/x"}
+    if "exactly" in match:
+        base = {}
+    with pytest.raises(ConfigError, match=match):
+        config.load(None, env={**base, **env})
+
+
+def _host(host_id: str, epoch: int, expires: float) -> RemoteHost:
+    return RemoteHost(host_id, epoch, f"{host_id}:1", "node", {}, expires)
+
+
+def _replica(rid: str, host: str, epoch: int, **kw: object) -> RemoteReplica:
+    values: dict[str, object] = {
+        "model": "m",
+        "state": ReplicaState.READY,
+        "address": "x:1",
+        "generation": 0,
+        "in_flight": 0,
+        "last_used": 100.0,
+        "free_memory": 0,
+    }
+    values.update(kw)
+    return RemoteReplica(rid, host, epoch, **values)  # type: ignore[arg-type]
+
+
+def test_view_ignores_older_epochs_self_and_expired_hosts() -> None:
+    view = ClusterView("me")
+    view.replace_all(
+        [_host("a", 5, 10.0), _host("b", 2, 1.0), _host("me", 1, 10.0)],
+        [
+            _replica("r1", "a", 5),
+            _replica("stale", "a", 4),
+            _replica("r2", "b", 2),
+            _replica("mine", "me", 1),
+            _replica("loading", "a", 5, state=ReplicaState.LOADING),
+        ],
+    )
+    assert "stale" not in view.replicas
+    assert [r.id for r in view.candidates("m", 5.0, trust_expired=False)] == ["r1"]
+    # While our own link is down (or just back), expiry is not judged.
+    assert {r.id for r in view.candidates("m", 5.0, trust_expired=True)} == {"r1", "r2"}
+    view.replace_host("a", None, [])
+    assert view.candidates("m", 0.0, trust_expired=True) == [view.replicas["r2"]]
+
+
+def test_pick_remote_is_the_picker_policy_with_pending_forwards() -> None:
+    busy = _replica("a", "h1", 1, in_flight=2)
+    old = _replica("b", "h2", 1, in_flight=1, last_used=50.0)
+    new = _replica("c", "h3", 1, in_flight=1, last_used=60.0, free_memory=10)
+    assert pick_remote([busy, old, new], {}) is old
+    assert pick_remote([busy, old, new], {"b": 1}) is new
+    roomy = _replica("d", "h4", 1, in_flight=1, last_used=50.0, free_memory=99)
+    assert pick_remote([old, roomy], {}) is roomy
+    assert pick_remote([], {}) is None
+
+
+async def test_schema_migrates_once_and_refuses_a_newer_one(pg_dsn: str) -> None:
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        assert await migrate(conn) == SCHEMA_VERSION
+        assert await migrate(conn) == SCHEMA_VERSION
+        assert await conn.fetchval("SELECT count(*) FROM modeld_schema") == SCHEMA_VERSION
+        await conn.execute("INSERT INTO modeld_schema (version) VALUES (99)")
+        with pytest.raises(RegistryError, match="newer than this modeld"):
+            await migrate(conn)
+    finally:
+        await conn.close()
+
+
+def test_own_load_counts_forwards_and_leases_until_a_new_row() -> None:
+    own = OwnLoad()
+    row = _replica("x", "h", 1, in_flight=3)
+    own.begin(row)
+    assert own.extra([row]) == {"x": 1}
+    own.end(row)
+    own.granted(row, "h~1")
+    own.granted(row, "h~2")
+    assert own.extra([row]) == {"x": 2}
+    own.released("h~1", row)
+    assert own.extra([row]) == {"x": 1}
+    # The owner published: its figure now includes our lease, ours starts again from 0.
+    newer = _replica("x", "h", 1, in_flight=4)
+    assert own.extra([newer]) == {"x": 0}
+    own.released("h~2", newer)
+    assert own.extra([newer]) == {"x": -1}
+    own.released("h~2", newer)
+    assert own.extra([newer]) == {"x": -1}
+
+
+def test_plaintext_between_hosts_only_on_loopback_or_when_allowed() -> None:
+    base = {"MODELD_CLUSTER_DSN": "postgresql://db/x", "MODELD_CLUSTER_ADVERTISE": "10.0.0.5:1"}
+    with pytest.raises(ConfigError, match="plaintext"):
+        Peers(config.load(None, env=base))
+    Peers(config.load(None, env={**base, "MODELD_CLUSTER_ALLOW_INSECURE_REMOTE": "true"}))
+    Peers(config.load(None, env={"MODELD_CLUSTER_DSN": "postgresql://db/x"}))
