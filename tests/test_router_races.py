@@ -139,9 +139,7 @@ async def test_lease_expiry_is_read_neither_as_a_probe_nor_as_a_load(tmp_path: P
         assert [i.last_probe_ok for i in h.router.replicas("m")] == [False]
         metrics = Metrics(process=False)
         observer = Observer(h.events, h.router, metrics, Notifier(None))
-        while not seen.queue.empty():
-            event = seen.queue.get_nowait()
-            assert event is not None
+        for event in seen.pending():
             observer.on_event(event)
         loads = metrics.registry.get_sample_value(
             "modeld_load_duration_seconds_count", {"backend": "echo"}
