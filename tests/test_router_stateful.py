@@ -245,12 +245,15 @@ class RouterMachine(RuleBasedStateMachine):
         if self.h.admit_gate is not None:
             self.h.admit_gate.set()
         self.closed = True
+        # Count what exists once close has begun (its first turn shuts the gate): a start
+        # admitted before that, by the gate released above, is not a start after close.
+        self.background(self.h.router.close())
+        self.settle(1)
         self.closing_made = len(self.h.made) if self.closing_made is None else self.closing_made
         for gate in self.start_gates + self.stop_gates:
             gate.set()
         for lease in self.leases:
             self.call(self.h.router.release, lease.id, "OK")
-        self.background(self.h.router.close())
         pending = [w for w in self.waiters if not w.done()]
         if pending:
             _, still = self.run(asyncio.wait(pending, timeout=10))
