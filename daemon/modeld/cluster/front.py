@@ -15,6 +15,7 @@ import structlog
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld.api import convert
 from modeld.clock import Clock
+from modeld.cluster.counters import ClusterCounters
 from modeld.cluster.forward import PeerFailed, Peers, forwarded_marker
 from modeld.cluster.membership import Membership
 from modeld.cluster.ownload import OwnLoad
@@ -44,6 +45,7 @@ class ClusterRouter:
         self.peers = Peers(config)
         self.membership = Membership(cfg, _dsn(cfg.dsn, cfg.dsn_file), clock, events, self.rows)
         self._own = OwnLoad()
+        self.counters = ClusterCounters()
         self._forward_cap = max(1.0, min(5.0, cfg.host_ttl))
 
     async def start(self) -> None:
