@@ -17,7 +17,7 @@ from modeld.api import convert
 from modeld.clock import Clock
 from modeld.cluster.counters import ClusterCounters
 from modeld.cluster.forward import PeerFailed, Peers, forwarded_marker
-from modeld.cluster.membership import Membership
+from modeld.cluster.membership import FiguresFn, Membership
 from modeld.cluster.ownload import OwnLoad
 from modeld.cluster.store import ReplicaRow
 from modeld.cluster.view import RemoteReplica, pick_remote
@@ -36,14 +36,24 @@ SEP = "~"
 
 
 class ClusterRouter:
-    def __init__(self, config: Config, router: Router, clock: Clock, events: EventBus) -> None:
+    def __init__(
+        self,
+        config: Config,
+        router: Router,
+        clock: Clock,
+        events: EventBus,
+        *,
+        figures: FiguresFn | None = None,
+    ) -> None:
         cfg = config.cluster
         assert cfg is not None
         self._cfg = cfg
         self._router = router
         self._clock = clock
         self.peers = Peers(config)
-        self.membership = Membership(cfg, _dsn(cfg.dsn, cfg.dsn_file), clock, events, self.rows)
+        self.membership = Membership(
+            cfg, _dsn(cfg.dsn, cfg.dsn_file), clock, events, self.rows, figures=figures
+        )
         self._own = OwnLoad()
         self.counters = ClusterCounters()
         self._forward_cap = max(1.0, min(5.0, cfg.host_ttl))
