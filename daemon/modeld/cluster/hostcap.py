@@ -55,6 +55,20 @@ def figures_of(
     )
 
 
+def figures_in(host: RemoteHost) -> HostFigures:
+    """What a host's row published, as read back into the view."""
+    return HostFigures(
+        backends=host.backends,
+        gpu_free=host.gpu_free,
+        gpu_total=host.gpu_total,
+        ram_free=host.ram_free,
+        ram_total=host.ram_total,
+        loaded=host.loaded,
+        max_loaded=host.max_loaded,
+        evictable=host.evictable,
+    )
+
+
 class LocalFigures:
     """Reads this host's figures: resources off the event loop (its own sampler)."""
 

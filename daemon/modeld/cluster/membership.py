@@ -17,13 +17,14 @@ import asyncio
 import contextlib
 import json
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict
 from typing import Any
 
 import asyncpg
 import structlog
 
 from modeld.clock import Clock
-from modeld.cluster.hostcap import HostFigures
+from modeld.cluster.hostcap import HostFigures, figures_in
 from modeld.cluster.schema import CHANNEL, migrate
 from modeld.cluster.store import Fenced, ReplicaRow, Snapshot, Store
 from modeld.cluster.view import ClusterView, RemoteHost, RemoteReplica
@@ -243,6 +244,7 @@ class Membership:
         hosts = [_host(h, now) for h in snap.hosts]
         replicas = [_replica(r) for r in snap.replicas]
         before = self._shape()
+        seen = {h.host_id: figures_in(h) for h in self.view.hosts.values()}
         if host_ids is None:
             self.view.replace_all(hosts, replicas)
         else:
@@ -261,6 +263,10 @@ class Membership:
                     if r.state is ReplicaState.READY
                 ),
             )
+        for host in hosts:
+            figures = figures_in(host)
+            if seen.get(host.host_id) != figures:
+                log.debug("cluster_capacity_seen", host_id=host.host_id, **asdict(figures))
 
     def _shape(self) -> tuple[frozenset[tuple[str, int]], frozenset[tuple[str, str, str, int]]]:
         """What a view change is: hosts and epochs, replicas and states (not load)."""
