@@ -7,9 +7,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from modeld.api import convert
-from modeld.cluster.hostcap import GRID, capacities, figures_of
+from modeld.capacity.resources import ResourceReader
+from modeld.clock import FakeClock
+from modeld.cluster.hostcap import GRID, HostFigures, LocalFigures, capacities, figures_of
+from modeld.cluster.membership import Membership
 from modeld.cluster.view import ClusterView, RemoteHost, RemoteReplica
+from modeld.config import ClusterConfig
 from modeld.errors import FailedPrecondition, InvalidArgument
+from modeld.ops.events import EventBus
 from modeld.policy.host_placement import HostCapacity, eviction_rank, place
 from modeld.policy.view import GpuView, HostView, ReplicaView
 from modeld.spec import BackendSpec, ModelSpec, check_model_spec
@@ -297,6 +302,64 @@ def test_figures_are_on_the_grid_and_count_only_idle_unpinned_as_evictable() -> 
     # Noise below the grid is no change: the row is not rewritten for it.
     noisy = HostView(ram_total=64 * GIB + 9, ram_available=32 * GIB + 1000, gpus=gpus)
     assert figures_of(["echo", "llama"], noisy, replicas, max_loaded=6) == figures
+
+
+class PublishedFigures:
+    """A store that records what the membership writes to its host row."""
+
+    def __init__(self) -> None:
+        self.written: list[tuple[int, HostFigures]] = []
+
+    async def publish_host(self, epoch: int, figures: HostFigures) -> None:
+        self.written.append((epoch, figures))
+
+
+async def test_membership_reads_capacity_once_a_second_and_writes_only_changes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = FakeClock()
+    current = HostFigures(loaded=1)
+    reads: list[float] = []
+
+    async def figures() -> HostFigures:
+        reads.append(clock.monotonic())
+        return current
+
+    cfg = ClusterConfig(dsn="postgresql://x/y", dsn_file="", host_id="a", advertise="a:1",
+                        backend_host="a")  # fmt: skip
+    member = Membership(cfg, cfg.dsn, clock, EventBus(), list, figures=figures)
+    member.epoch = 7
+    store = PublishedFigures()
+
+    async def db(step: object) -> bool:
+        assert callable(step)
+        await step(store)
+        return True
+
+    monkeypatch.setattr(member, "_db", db)
+    await member._publish_figures()
+    await member._publish_figures()  # within the second: not even read
+    clock.advance(1.0)
+    await member._publish_figures()  # read, unchanged: not written
+    current = HostFigures(loaded=2)
+    await member._publish_figures()  # changed, but read less than a second ago
+    clock.advance(1.0)
+    await member._publish_figures()
+    assert store.written == [(7, HostFigures(loaded=1)), (7, HostFigures(loaded=2))]
+    assert len(reads) == 3
+
+
+class Unreadable:
+    def read(self) -> HostView:
+        raise OSError("no such file")
+
+
+async def test_unreadable_resources_publish_memory_as_unknown() -> None:
+    reader: ResourceReader = Unreadable()  # type: ignore[assignment]
+    local = LocalFigures(["echo"], reader, lambda: [view("r")], lambda: 4)
+    figures = await local.read()
+    assert (figures.backends, figures.gpu_total, figures.ram_total) == (("echo",), (), 0)
+    assert (figures.loaded, figures.max_loaded, figures.evictable) == (1, 4, GIB)
 
 
 def remote(host_id: str, epoch: int = 1, expires: float = 100.0, **kw: object) -> RemoteHost:

@@ -21,6 +21,7 @@ from modeld.state import ReplicaState
 
 # The grid of published memory figures (as front.MEMORY_GRID for replica rows).
 GRID = 256 << 20
+UNKNOWN = HostView(ram_total=0, ram_available=0, gpus=())
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +86,12 @@ class LocalFigures:
         self._max_loaded = max_loaded
 
     async def read(self) -> HostFigures:
-        host = await self._sampler.host()
+        try:
+            host = await self._sampler.host()
+        except (OSError, ValueError):
+            # The watchdog logs unreadable resources; memory is published as unknown (0),
+            # which placement never holds against a host, and the rest as it is.
+            host = UNKNOWN
         return figures_of(self._backends, host, self._views(), self._max_loaded())
 
 

@@ -72,9 +72,10 @@ class Membership:
         self._reread_wake = asyncio.Event()
         self._published: dict[str, ReplicaRow] = {}
         self._load_written = 0.0
-        # The host row's capacity as last written, and when (at most once a second).
+        # The host row's capacity as last written, and when it was last read (at most
+        # once a second: a reading is a worker-thread NVML call).
         self._figures_published: HostFigures | None = None
-        self._figures_written = 0.0
+        self._figures_checked = 0.0
         self._tasks: list[asyncio.Task[None]] = []
         self.where = redact_dsn(dsn)
 
@@ -217,7 +218,7 @@ class Membership:
         )
         self._published = {row[0]: row for row in rows}
         self._figures_published = figures
-        self._figures_written = self._clock.monotonic()
+        self._figures_checked = self._clock.monotonic()
         log.info(
             "cluster_registered", host_id=self._cfg.host_id, epoch=self.epoch, replicas=len(rows)
         )
@@ -358,10 +359,11 @@ class Membership:
         return await self._figures() if self._figures is not None else None
 
     async def _publish_figures(self) -> None:
-        """The host row's capacity, when it changed and a second has passed since the last."""
+        """The host row's capacity: read at most once a second, written when it changed."""
         now = self._clock.monotonic()
-        if self._figures is None or now - self._figures_written < LOAD_INTERVAL:
+        if self._figures is None or now - self._figures_checked < LOAD_INTERVAL:
             return
+        self._figures_checked = now
         figures = await self._figures()
         if figures == self._figures_published:
             return
@@ -372,7 +374,6 @@ class Membership:
 
         if await self._db(step):
             self._figures_published = figures
-            self._figures_written = now
 
     def _diff(self) -> tuple[list[ReplicaRow], list[str], bool]:
         """Rows that changed since last written, ids gone, and whether identity changed."""
