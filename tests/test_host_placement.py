@@ -15,7 +15,7 @@ from modeld.cluster.view import ClusterView, RemoteHost, RemoteReplica
 from modeld.config import ClusterConfig
 from modeld.errors import FailedPrecondition, InvalidArgument
 from modeld.ops.events import EventBus
-from modeld.policy.host_placement import HostCapacity, eviction_rank, place
+from modeld.policy.host_placement import HostCapacity, eviction_rank, place, placement_mode
 from modeld.policy.view import GpuView, HostView, ReplicaView
 from modeld.spec import BackendSpec, ModelSpec, check_model_spec
 from modeld.state import ReplicaState
@@ -191,6 +191,11 @@ def test_no_eligible_host_says_why(
     with pytest.raises(FailedPrecondition) as caught:
         place("m", replace(SPEC, **changes), hosts)  # type: ignore[arg-type]
     assert message in str(caught.value)
+
+
+def test_the_spec_placement_wins_over_the_cluster_default() -> None:
+    assert placement_mode(SPEC, "binpack") == "binpack"
+    assert placement_mode(replace(SPEC, placement="spread"), "binpack") == "spread"
 
 
 def test_unknown_device_total_does_not_exclude_a_host() -> None:

@@ -77,6 +77,11 @@ def place(
     ]
 
 
+def placement_mode(spec: ModelSpec, default: str) -> str:
+    """The `mode` for `place`: the spec's placement, else the cluster's default."""
+    return spec.placement or default
+
+
 def eligible_hosts(
     model: str, spec: ModelSpec, hosts: Sequence[HostCapacity]
 ) -> list[HostCapacity]:
