@@ -7,7 +7,9 @@ One task per duty, each waiting on an event with a deadline:
   `_reread` reads again. When the connection dies it reconnects and forces a resync.
 - `_publish`: writes this host's replica rows, at once on a state change and at
   most once a second for load; computed from the router each time, so an event
-  the lossy EventBus dropped is repaired on the next tick.
+  the lossy EventBus dropped is repaired on the next tick. It also writes this
+  host's capacity (cluster/hostcap.py) into its host row: read at most once a
+  second, written only when it changed.
 A database failure marks the link down: the view is then trusted as it is (a
 database outage is not a routing outage) and nobody is reaped until one host_ttl
 after the link is back, because after an outage every host looks expired.
