@@ -1,6 +1,7 @@
 """Host placement: eligibility, the documented order, refusals; the published figures."""
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -19,6 +20,7 @@ from modeld.policy.host_placement import HostCapacity, eviction_rank, place, pla
 from modeld.policy.view import GpuView, HostView, ReplicaView
 from modeld.spec import BackendSpec, ModelSpec, check_model_spec
 from modeld.state import ReplicaState
+from modeld.storage.registry import Registry
 
 GIB = 1 << 30
 SPEC = ModelSpec(name="m", backend="llama", memory_estimate=8 * GIB)
@@ -415,6 +417,18 @@ def test_spec_fields_round_trip_through_the_proto() -> None:
     assert ModelSpec.from_dict(spec.to_dict()) == spec
     legacy = {k: v for k, v in spec.to_dict().items() if k not in ("host_labels", "placement")}
     assert ModelSpec.from_dict(legacy).host_labels == ()
+
+
+async def test_spec_fields_survive_a_registry_reopen(tmp_path: Path) -> None:
+    spec = replace(SPEC, host_labels=(("gpu", "h100"),), placement="spread", source="api")
+    registry = await Registry.open(tmp_path / "m.db")
+    await registry.put_model(spec)
+    await registry.close()
+    registry = await Registry.open(tmp_path / "m.db")
+    try:
+        assert await registry.list_models() == [spec]
+    finally:
+        await registry.close()
 
 
 @pytest.mark.parametrize(
