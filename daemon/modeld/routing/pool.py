@@ -1,4 +1,4 @@
-"""One model's replicas: owns the set, the pending starts and the failure backoff.
+"""One model's replicas: owns the set and the pending starts; the backoff is its tracker's.
 
 Every start of a replica of this model goes through `start()`, so concurrent
 Routes, a Load and min_replicas all share one spawn when one is enough. A start
@@ -11,7 +11,6 @@ the launcher's gate is still open, with no await in between.
 
 import asyncio
 import itertools
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -21,8 +20,9 @@ import structlog
 
 from modeld.clock import Clock
 from modeld.errors import ModeldError, Unavailable
-from modeld.policy import backoff
+from modeld.policy.backoff import DEFAULT, BackoffPolicy, BackoffState
 from modeld.routing.routed import RoutedReplica
+from modeld.routing.start_backoff import BackoffTracker
 from modeld.spec import ModelSpec
 from modeld.state import LIVE, STARTING_STATES, TERMINAL, ReplicaState
 
@@ -60,21 +60,21 @@ class ModelPool:
         self,
         model: str,
         clock: Clock,
-        policy: Callable[[ModelSpec], backoff.BackoffPolicy] = lambda _: backoff.DEFAULT,
+        policy: Callable[[ModelSpec], BackoffPolicy] = lambda _: DEFAULT,
     ) -> None:
         self.model = model
         self._clock = clock
-        self._policy_of = policy
-        self._policy = backoff.DEFAULT
-        # When each replica this pool started became READY, to tell a crash loop from a crash.
-        self._ready_since: dict[str, float] = {}
+        self._backoff = BackoffTracker(model, clock, policy)
         self.replicas: dict[str, RoutedReplica] = {}
         self._ended: deque[RoutedReplica] = deque(maxlen=RECENT_TERMINAL)
         # Ordered (a dict), so which start a Route joins does not depend on hashing.
         self._starts: dict[asyncio.Task[RoutedReplica], None] = {}
         self._pending: dict[asyncio.Task[RoutedReplica], PendingStart] = {}
         self._cancelled: deque[PendingStart] = deque(maxlen=RECENT_TERMINAL)
-        self.backoff: backoff.BackoffState | None = None
+
+    @property
+    def backoff(self) -> BackoffState | None:
+        return self._backoff.state
 
     def live(self) -> list[RoutedReplica]:
         return [r for r in self.replicas.values() if r.state in LIVE]
@@ -114,9 +114,7 @@ class ModelPool:
                 del self.replicas[rid]
                 self._ended.append(replica)
         # A crashed replica's time stays until note_crash reads it (its event may come later).
-        known = {r.id for r in self.all()}
-        for rid in [rid for rid in self._ready_since if rid not in known]:
-            del self._ready_since[rid]
+        self._backoff.keep(r.id for r in self.all())
 
     def cancel_pending(self, reason: str) -> list[PendingStart]:
         """End every start still in admission; their callers get Unavailable naming `reason`."""
@@ -129,41 +127,16 @@ class ModelPool:
         return cancelled
 
     def note_crash(self, reason: str, replica_id: str) -> None:
-        """A READY (or DRAINING) replica died. Soon after READY it was a crash loop and
-        counts as a failed start; later, the next demand simply starts a replacement."""
-        now = self._clock.monotonic()
-        ready_since = self._ready_since.pop(replica_id, None)
-        if ready_since is not None:
-            reason = f"replica {replica_id} died {now - ready_since:.1f}s after READY: {reason}"
-        self.backoff = backoff.after_crash(self.backoff, now, ready_since, reason, self._policy)
-        if not backoff.is_crash_loop(ready_since, now, self._policy) or self.backoff is None:
-            log.info("replica_crash_replaced_on_demand", model=self.model, replica_id=replica_id)
-            return
-        log.warning(
-            "model_backing_off",
-            model=self.model,
-            replica_id=replica_id,
-            failures=self.backoff.failures,
-            retry_in_s=round(self.backoff.not_before - now, 3),
-            reason=f"crash loop: {reason}",
-        )
+        """A READY (or DRAINING) replica died: the backoff tracker tells a crash loop."""
+        self._backoff.crashed(replica_id, reason)
 
     def check_backoff(self, deadline: float | None = None) -> float:
-        """When a start asked for now may begin (monotonic); raises Unavailable when the
-        caller's deadline (default: now) ends before the next attempt is allowed."""
-        now = self._clock.monotonic()
-        decision = backoff.decide_start(self.backoff, now, now if deadline is None else deadline)
-        state = decision.refused
-        if state is not None:
-            wait = state.not_before - now
-            at = time.strftime("%H:%M:%S", time.gmtime(self._clock.wall() + wait))
-            raise Unavailable(
-                f"model {self.model!r} is backing off after {state.failures} failure(s) to "
-                "start or to stay up; "
-                f"next attempt at {at} UTC (in {wait:.1f}s), after this call's deadline. "
-                f"Last error: {state.reason}"
-            )
-        return decision.at
+        """When a start asked for now may begin; raises Unavailable past the deadline."""
+        return self._backoff.check(deadline)
+
+    def ready_since(self, replica_id: str) -> float | None:
+        """When a replica this pool started became READY (monotonic)."""
+        return self._backoff.ready_since(replica_id)
 
     def start(
         self, spec: ModelSpec, deadline: float, launcher: Launcher
@@ -202,8 +175,7 @@ class ModelPool:
         pending: PendingStart,
         at: float,
     ) -> RoutedReplica:
-        # The backend's crash-loop window, as the latest start found it.
-        self._policy = self._policy_of(spec)
+        self._backoff.starting(spec)
         gpu_ids = await _unless_cancelled(self._admit_after(launcher, spec, deadline, at), pending)
         replica = launcher.create(spec, gpu_ids)
         task = asyncio.current_task()
@@ -215,14 +187,10 @@ class ModelPool:
         except ModeldError as exc:
             # A start cut short by a stop (unload, shutdown) says nothing about the model.
             if replica.state is ReplicaState.FAILED:
-                self.backoff = backoff.after_failure(
-                    self.backoff, self._clock.monotonic(), str(exc)
-                )
+                self._backoff.failed(str(exc))
             self.prune()
             raise
-        now = self._clock.monotonic()
-        self._ready_since[replica.id] = now
-        self.backoff = backoff.after_ready(self.backoff, now, self._policy)
+        self._backoff.ready(replica.id)
         return replica
 
     async def _admit_after(

@@ -22,6 +22,7 @@ from collections.abc import Callable
 import structlog
 
 from modeld.capacity.admission import Evictor
+from modeld.capacity.sampler import ProcessReading
 from modeld.clock import Clock
 from modeld.errors import DeadlineExceeded, Unavailable
 from modeld.info import ReplicaInfo
@@ -237,8 +238,8 @@ class Router:
     def views(self) -> list[ReplicaView]:
         return self.index.views()
 
-    def observe(self, host: HostView, process_memory: dict[int, int]) -> None:
-        self.index.observe(host, process_memory)
+    def observe(self, host: HostView, processes: ProcessReading) -> None:
+        self.index.observe(host, processes)
 
     async def evict(self, eviction: Eviction, force: bool) -> None:
         await self.stopper.evict(eviction, force)
