@@ -56,6 +56,7 @@ class Rig:
     router: Router
     watchdog: Watchdog
     gate: asyncio.Event
+    made: asyncio.Event
 
     def memory(self) -> tuple[int, int]:
         """The replica's memory in the views (admission, eviction) and in ListReplicas."""
@@ -66,21 +67,18 @@ class Rig:
     async def start(self) -> "asyncio.Future[Lease]":
         """A cold Route whose replica exists (with its pid) but is still loading."""
         route = asyncio.ensure_future(self.router.route(SPEC.name, self.clock.monotonic() + WAIT))
-        await asyncio.wait_for(_until(lambda: bool(self.router.live_replicas())), WAIT)
+        await asyncio.wait_for(self.made.wait(), WAIT)
         return route
-
-
-async def _until(condition: object) -> None:
-    while not condition():  # type: ignore[operator]
-        await asyncio.sleep(0)
 
 
 async def _rig(reader: StubReader) -> AsyncIterator[Rig]:
     clock = FakeClock()
     settings = StubSettings()
     gate = asyncio.Event()
+    made = asyncio.Event()
 
     def factory(spec: ModelSpec, gpu_ids: tuple[int, ...], listener: Listener) -> FakeReplica:
+        made.set()
         return FakeReplica("r0", spec, clock, gpu_ids=(0,), gate=gate, listener=listener, pid=PID)
 
     def admission(evictor: Evictor) -> Admit:
@@ -107,7 +105,7 @@ async def _rig(reader: StubReader) -> AsyncIterator[Rig]:
         evict=router.evict,
         maintain=router.maintain,
     )
-    yield Rig(clock, reader, router, watchdog, gate)
+    yield Rig(clock, reader, router, watchdog, gate, made)
     gate.set()
     await watchdog.close()
     await router.close()
