@@ -206,6 +206,84 @@ async def test_allowing_forced_eviction_wakes_a_route_waiting_in_admission(
         assert h.replica(busy.replica_id).stops == ["lru"]
 
 
+# a cold start whose every caller left: cancelled by its pool, evicts nothing
+
+
+async def test_a_route_start_whose_caller_left_is_cancelled_and_evicts_nothing(
+    tmp_path: Path,
+) -> None:
+    specs = [ModelSpec(name=n, backend="echo") for n in "ab"]
+    reader = StubReader(host(gpu(0, used_gib=1)))
+    async with router_harness(
+        tmp_path, *specs, settings=Settings(max_loaded=1), reader=reader
+    ) as h:
+        busy = await h.router.route("a", h.deadline())
+        h.admitting.clear()
+        waiting = asyncio.ensure_future(h.router.route("b", h.deadline()))
+        await asyncio.wait_for(h.admitting.wait(), WAIT)
+        await turns(50)
+        [start] = h.router.pool("b").pending_tasks()
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        h.router.release(busy.id, "OK")
+        [outcome] = await asyncio.wait_for(asyncio.gather(start, return_exceptions=True), WAIT)
+        assert isinstance(outcome, Unavailable), outcome
+        assert "no caller waits for it" in str(outcome)
+        assert h.replica(busy.replica_id).stops == []
+        assert [r.model for r in h.made] == ["a"]
+        assert [i.state.value for i in h.router.replicas("b")] == ["STOPPED"]
+
+
+async def test_a_route_start_goes_on_while_a_joined_route_still_waits(tmp_path: Path) -> None:
+    specs = [ModelSpec(name=n, backend="echo") for n in "ab"]
+    reader = StubReader(host(gpu(0, used_gib=1)))
+    async with router_harness(
+        tmp_path, *specs, settings=Settings(max_loaded=1), reader=reader
+    ) as h:
+        busy = await h.router.route("a", h.deadline())
+        h.admitting.clear()
+        first = asyncio.ensure_future(h.router.route("b", h.deadline()))
+        await asyncio.wait_for(h.admitting.wait(), WAIT)
+        joined = asyncio.ensure_future(h.router.route("b", h.deadline()))
+        await turns(50)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        h.router.release(busy.id, "OK")
+        lease = await asyncio.wait_for(joined, WAIT)
+        assert (lease.model, lease.cold_start) == ("b", True)
+        assert h.replica(busy.replica_id).stops == ["lru"]
+
+
+@pytest.mark.parametrize("claimed", [False, True], ids=["load-start", "route-start-loaded"])
+async def test_a_start_a_load_asked_for_is_not_abandoned_by_its_callers(
+    tmp_path: Path, claimed: bool
+) -> None:
+    specs = [ModelSpec(name=n, backend="echo") for n in "ab"]
+    reader = StubReader(host(gpu(0, used_gib=1)))
+    async with router_harness(
+        tmp_path, *specs, settings=Settings(max_loaded=1), reader=reader
+    ) as h:
+        busy = await h.router.route("a", h.deadline())
+        h.admitting.clear()
+        callers = []
+        if claimed:
+            callers.append(asyncio.ensure_future(h.router.route("b", h.deadline())))
+            await asyncio.wait_for(h.admitting.wait(), WAIT)
+        callers.append(asyncio.ensure_future(h.router.load("b", 1, h.deadline())))
+        await asyncio.wait_for(h.admitting.wait(), WAIT)
+        await turns(50)
+        [start] = h.router.pool("b").pending_tasks()
+        for caller in callers:
+            caller.cancel()
+        await asyncio.gather(*callers, return_exceptions=True)
+        h.router.release(busy.id, "OK")
+        replica = await asyncio.wait_for(start, WAIT)
+        assert (replica.model, replica.state) == ("b", S.READY)
+        assert h.replica(busy.replica_id).stops == ["lru"]
+
+
 # defect 8: one probe per suspect replica
 
 

@@ -7,14 +7,21 @@ the start is part of the pool all the same (listed as ADMITTING, counted by
 `planned()`, cancelled by `cancel_pending()`), so Unload, DeleteModel and
 shutdown reach it. The replica is created only after admission, and only when
 the launcher's gate is still open, with no await in between.
+
+A start a Route began lasts while some Route waits for it (`waiting`): once the
+last one has left (deadline, cancellation) while it is still in admission, the
+pool cancels it, so it never evicts for a replica nobody waits for. A start a
+Load asked for (or claimed), or min_replicas or scale-up began, is *held*: it
+goes on whoever leaves, until its own deadline, Unload or shutdown.
 """
 
 import asyncio
+import contextlib
 import itertools
 from collections import deque
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import structlog
 
@@ -29,6 +36,7 @@ from modeld.state import LIVE, STARTING_STATES, TERMINAL, ReplicaState
 log = structlog.get_logger(__name__)
 
 RECENT_TERMINAL = 5
+ABANDONED = "no caller waits for it any more"
 _ids = itertools.count(1)
 
 
@@ -49,10 +57,27 @@ class PendingStart:
     id: str
     spec: ModelSpec
     since: float  # wall clock
-    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
-    reason: str = ""
+    # Admission, while it runs: cancelling the start cancels it at once.
+    admission: "asyncio.Future[tuple[int, ...]] | None" = None
+    reason: str = ""  # why it was cancelled; empty while it is not
     ended: bool = False
     state: ReplicaState = ReplicaState.ADMITTING
+    # Routes waiting for it now. A start a Load or the pool's background work asked for
+    # is `held`: it goes on without waiters; a Route's start ends with its last waiter.
+    waiters: int = 0
+    held: bool = True
+
+    def is_cancelled(self) -> bool:
+        return bool(self.reason)
+
+    def cancel(self, reason: str) -> bool:
+        """Cancel the start (its admission at once); False when it was cancelled already."""
+        if self.reason:
+            return False
+        self.reason = reason
+        if self.admission is not None:
+            self.admission.cancel()
+        return True
 
 
 class ModelPool:
@@ -118,13 +143,33 @@ class ModelPool:
 
     def cancel_pending(self, reason: str) -> list[PendingStart]:
         """End every start still in admission; their callers get Unavailable naming `reason`."""
-        cancelled = []
-        for pending in self._pending.values():
-            if not pending.cancelled.is_set():
-                pending.reason = reason
-                pending.cancelled.set()
-                cancelled.append(pending)
-        return cancelled
+        return [p for p in list(self._pending.values()) if p.cancel(reason)]
+
+    def claim_pending(self, count: int) -> list[asyncio.Task[RoutedReplica]]:
+        """Up to `count` starts in admission, held from now on for a Load."""
+        claimed = [t for t, p in self._pending.items() if not p.is_cancelled()][:count]
+        for task in claimed:
+            self._pending[task].held = True
+        return claimed
+
+    @contextlib.contextmanager
+    def waiting(self, start: Awaitable[RoutedReplica]) -> Iterator[None]:
+        """A Route waits for `start`. When the last Route waiting for a start still in
+        admission leaves (its deadline passed, it was cancelled) and nothing holds the
+        start, the start is cancelled: it would evict for a replica nobody waits for."""
+        task = start if isinstance(start, asyncio.Task) else None
+        pending = self._pending.get(task) if task is not None else None
+        if task is None or pending is None:
+            yield
+            return
+        pending.waiters += 1
+        try:
+            yield
+        finally:
+            pending.waiters -= 1
+            abandoned = not (pending.waiters or pending.held or task.done())
+            if abandoned and task in self._pending and pending.cancel(ABANDONED):
+                log.info("start_abandoned", model=self.model, start_id=pending.id)
 
     def note_crash(self, reason: str, replica_id: str) -> None:
         """A READY (or DRAINING) replica died: the backoff tracker tells a crash loop."""
@@ -139,11 +184,11 @@ class ModelPool:
         return self._backoff.ready_since(replica_id)
 
     def start(
-        self, spec: ModelSpec, deadline: float, launcher: Launcher
+        self, spec: ModelSpec, deadline: float, launcher: Launcher, *, held: bool = True
     ) -> asyncio.Task[RoutedReplica]:
-        """Begin one more replica; the task outlives any single caller."""
+        """Begin one more replica; the task outlives any single caller (see `waiting`)."""
         at = self.check_backoff(deadline)
-        pending = PendingStart(f"admitting-{next(_ids)}", spec, self._clock.wall())
+        pending = PendingStart(f"admitting-{next(_ids)}", spec, self._clock.wall(), held=held)
         task = asyncio.create_task(
             self._start(spec, deadline, launcher, pending, at), name=f"start-{self.model}"
         )
@@ -157,7 +202,8 @@ class ModelPool:
     def start_or_join(
         self, spec: ModelSpec, deadline: float, launcher: Launcher
     ) -> Awaitable[RoutedReplica]:
-        """A replica that is starting, or a new start when none is: cold loads coalesce."""
+        """A replica that is starting, or a new start when none is: cold loads coalesce.
+        A new start is a Route's: it lasts while a Route is `waiting` for it."""
         starting = [r for r in self.servable() if r.state in STARTING_STATES]
         if starting:
             return ready(starting[0])
@@ -165,7 +211,7 @@ class ModelPool:
             # A start waiting out the backoff: a caller that cannot wait as long is refused.
             self.check_backoff(deadline)
             return next(iter(self._starts))
-        return self.start(spec, deadline, launcher)
+        return self.start(spec, deadline, launcher, held=False)
 
     async def _start(
         self,
@@ -202,31 +248,42 @@ class ModelPool:
 
     def _admitted(self, task: "asyncio.Task[RoutedReplica]") -> None:
         pending = self._pending.pop(task, None)
-        if pending is not None and pending.cancelled.is_set():
+        if pending is not None and pending.is_cancelled():
             pending.ended = True
             pending.state = ReplicaState.STOPPED
             self._cancelled.append(pending)
 
 
 async def _unless_cancelled(
-    admission: Awaitable[tuple[int, ...]], pending: PendingStart
+    admission: Coroutine[Any, Any, tuple[int, ...]], pending: PendingStart
 ) -> tuple[int, ...]:
-    """The backoff wait and admission, unless the pending start is cancelled first."""
+    """The backoff wait and admission, unless the pending start is cancelled first.
+
+    `_cancel` cancels the admission task itself, so admission never takes another
+    step (a re-plan, an eviction) once its start is cancelled.
+    """
     spec = pending.spec
-    admit = asyncio.ensure_future(admission)
-    cancel = asyncio.ensure_future(pending.cancelled.wait())
+    if pending.is_cancelled():
+        admission.close()
+        raise _cancelled(pending)
+    pending.admission = admit = asyncio.ensure_future(admission)
     try:
-        await asyncio.wait((admit, cancel), return_when=asyncio.FIRST_COMPLETED)
+        gpu_ids = await admit
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if pending.is_cancelled() and task is not None and not task.cancelling():
+            raise _cancelled(pending) from None
+        raise
     finally:
-        cancel.cancel()
-        if not admit.done():
-            admit.cancel()
-            await asyncio.gather(admit, return_exceptions=True)
-    if pending.cancelled.is_set():
-        if admit.done() and not admit.cancelled() and admit.exception() is None:
-            log.info("start_cancelled_after_admission", model=spec.name, why=pending.reason)
-        raise Unavailable(f"the start of model {spec.name!r} was cancelled: {pending.reason}")
-    return admit.result()
+        pending.admission = None
+    if pending.is_cancelled():
+        log.info("start_cancelled_after_admission", model=spec.name, why=pending.reason)
+        raise _cancelled(pending)
+    return gpu_ids
+
+
+def _cancelled(pending: PendingStart) -> Unavailable:
+    return Unavailable(f"the start of model {pending.spec.name!r} was cancelled: {pending.reason}")
 
 
 async def ready(replica: RoutedReplica) -> RoutedReplica:

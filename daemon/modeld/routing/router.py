@@ -128,7 +128,8 @@ class Router:
             cold = True
             try:
                 start = self.lifecycle.start_or_join(pool, spec, deadline)
-                await wait_until(start, deadline, self._clock, model)
+                with pool.waiting(start):
+                    await wait_until(start, deadline, self._clock, model)
             except DeadlineExceeded:
                 # A joined start may have run out of its first caller's (shorter) deadline.
                 if self._clock.monotonic() >= deadline:
