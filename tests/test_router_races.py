@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from modeld.errors import ResourceExhausted, Unavailable
+from modeld.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from modeld.ops.metrics import Metrics
 from modeld.ops.notify import Notifier
 from modeld.ops.observer import Observer
@@ -249,6 +249,25 @@ async def test_a_route_start_whose_caller_left_is_cancelled_and_evicts_nothing(
     assert h.replica(busy.replica_id).stops == []
     assert [r.model for r in h.made] == ["a"]
     assert [i.state.value for i in h.router.replicas("b")] == ["STOPPED"]
+
+
+async def test_a_route_start_whose_caller_timed_out_evicts_nothing(crowded: Harness) -> None:
+    # Not a defect before (admission ends at the first caller's deadline too): a guard.
+    h = crowded
+    busy = await h.router.route("a", h.deadline())
+    h.admitting.clear()
+    waiting = asyncio.ensure_future(h.router.route("b", h.deadline(0.3)))
+    await in_admission(h)
+    starts = h.router.pool("b").pending_tasks()
+    h.clock.advance(1.0)  # past the deadline; the real timers fire 0.3 s on
+    with pytest.raises(DeadlineExceeded):
+        await asyncio.wait_for(waiting, WAIT)
+    await asyncio.wait_for(asyncio.gather(*starts, return_exceptions=True), WAIT)
+    h.router.release(busy.id, "OK")
+    await turns()
+    assert h.replica(busy.replica_id).stops == []
+    assert [r.model for r in h.made] == ["a"]
+    assert h.router.pool("b").pending_tasks() == []
 
 
 async def test_a_route_start_goes_on_while_a_joined_route_still_waits(crowded: Harness) -> None:

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import structlog
 
 from modeld.clock import Clock
-from modeld.errors import ModeldError, Unavailable
+from modeld.errors import DeadlineExceeded, ModeldError, Unavailable
 from modeld.policy.backoff import DEFAULT, BackoffPolicy, BackoffState
 from modeld.routing.routed import RoutedReplica
 from modeld.routing.start_backoff import BackoffTracker
@@ -165,11 +165,28 @@ class ModelPool:
         pending.waiters += 1
         try:
             yield
-        finally:
-            pending.waiters -= 1
-            abandoned = not (pending.waiters or pending.held or task.done())
-            if abandoned and task in self._pending and pending.cancel(ABANDONED):
-                log.info("start_abandoned", model=self.model, start_id=pending.id)
+        except DeadlineExceeded:
+            if self._leave(task, pending):
+                raise DeadlineExceeded(
+                    f"model {self.model!r} was not ready within the deadline: its start was "
+                    "still waiting in admission for room, and was cancelled as nobody else "
+                    "waited for it"
+                ) from None
+            raise
+        except BaseException:
+            self._leave(task, pending)
+            raise
+        else:
+            self._leave(task, pending)
+
+    def _leave(self, task: "asyncio.Task[RoutedReplica]", pending: PendingStart) -> bool:
+        """One waiter fewer; True when that abandoned the start (and it was cancelled)."""
+        pending.waiters -= 1
+        abandoned = not (pending.waiters or pending.held or task.done())
+        if abandoned and task in self._pending and pending.cancel(ABANDONED):
+            log.info("start_abandoned", model=self.model, start_id=pending.id)
+            return True
+        return False
 
     def note_crash(self, reason: str, replica_id: str) -> None:
         """A READY (or DRAINING) replica died: the backoff tracker tells a crash loop."""
