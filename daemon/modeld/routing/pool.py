@@ -276,7 +276,7 @@ async def _unless_cancelled(
 ) -> tuple[int, ...]:
     """The backoff wait and admission, unless the pending start is cancelled first.
 
-    `_cancel` cancels the admission task itself, so admission never takes another
+    `PendingStart.cancel` cancels the admission task itself, so admission never takes another
     step (a re-plan, an eviction) once its start is cancelled.
     """
     spec = pending.spec
