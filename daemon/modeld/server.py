@@ -351,6 +351,8 @@ class Daemon:
         self.metrics.set_sources(
             replicas=router.index.state_counts, in_flight=router.index.in_flight_counts
         )
+        if self.cluster is not None:
+            self.metrics.set_cluster_source(self.cluster.stats)
         if self.config.metrics_listen:
             self._metrics_server = MetricsServer(self.metrics, self.config.metrics_listen)
             await self._metrics_server.start()

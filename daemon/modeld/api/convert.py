@@ -9,6 +9,8 @@ from google.protobuf.message import DecodeError, Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
+from modeld.cluster.listing import HostEntry
+from modeld.cluster.view import RemoteReplica
 from modeld.errors import InvalidArgument
 from modeld.info import ReplicaInfo
 from modeld.ops.events import Event
@@ -144,7 +146,7 @@ def backend_to_proto(backend: BackendSpec) -> pb.Backend:
     )
 
 
-def replica_to_proto(info: ReplicaInfo) -> pb.Replica:
+def replica_to_proto(info: ReplicaInfo, host_id: str = "") -> pb.Replica:
     return pb.Replica(
         id=info.id,
         model=info.model,
@@ -163,7 +165,42 @@ def replica_to_proto(info: ReplicaInfo) -> pb.Replica:
         last_probe_ok=info.last_probe_ok,
         last_probe_at=timestamp(info.last_probe_at),
         node_id=info.node_id,
+        host_id=host_id,
     )
+
+
+def remote_replica_to_proto(replica: RemoteReplica) -> pb.Replica:
+    """Another host's replica, from what it publishes: no pid, GPU, memory or probe."""
+    return pb.Replica(
+        id=replica.id,
+        model=replica.model,
+        state=state(replica.state),
+        address=replica.address,
+        in_flight=replica.in_flight,
+        last_used=timestamp(replica.last_used or None),
+        restarts=replica.generation,
+        host_id=replica.host_id,
+    )
+
+
+def host_to_proto(host: HostEntry) -> pb.Host:
+    msg = pb.Host(
+        host_id=host.host_id,
+        address=host.address,
+        role=host.role,
+        state=f"HOST_{host.state.name}",
+        labels=dict(host.labels),
+        gpu_free=list(host.gpu_free),
+        gpu_total=list(host.gpu_total),
+        replicas=host.replicas,
+        epoch=host.epoch,
+        local=host.local,
+    )
+    if host.heartbeat_age is not None:
+        msg.heartbeat_age.CopyFrom(duration(host.heartbeat_age))
+    if host.lease_remaining is not None:
+        msg.lease_remaining.CopyFrom(duration(host.lease_remaining))
+    return msg
 
 
 def settings_to_proto(s: Settings) -> pb.Settings:
@@ -189,7 +226,8 @@ def settings_changes(msg: pb.Settings) -> dict[str, Any]:
     return changes
 
 
-def event_to_proto(event: Event) -> pb.Event:
+def event_to_proto(event: Event, host_id: str = "") -> pb.Event:
+    """`host_id`: this host's, in cluster mode, for events of its own replicas."""
     return pb.Event(
         time=timestamp(event.time),
         replica_id=event.replica_id,
@@ -197,6 +235,7 @@ def event_to_proto(event: Event) -> pb.Event:
         from_state=state(event.from_state),
         to_state=state(event.to_state),
         reason=event.reason,
+        host_id=event.host_id or host_id,
     )
 
 

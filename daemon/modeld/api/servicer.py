@@ -12,7 +12,7 @@ from modeld.api.pacing import Turnstile
 from modeld.api.status import Ctx, deadline_of, status_of, stream, unary
 from modeld.clock import Clock
 from modeld.errors import FailedPrecondition, InvalidArgument, ModeldError, NotFound
-from modeld.ops.events import EventBus
+from modeld.ops.events import CLUSTER, EventBus
 from modeld.ops.logstore import LogStore
 from modeld.ops.metrics import Metrics
 from modeld.routing.router import Router
@@ -226,8 +226,21 @@ class ModelControl(pb_grpc.ModelControlServicer):
         self, request: pb.ListReplicasRequest, context: Ctx
     ) -> pb.ListReplicasResponse:
         model = self._model(request.model) if request.model else None
+        if self._cluster is not None:
+            replicas = self._cluster.replicas(model, local=request.local)
+            return pb.ListReplicasResponse(replicas=replicas)
         infos = self._router.replicas(model)
         return pb.ListReplicasResponse(replicas=[convert.replica_to_proto(i) for i in infos])
+
+    @unary
+    async def ListHosts(self, request: pb.ListHostsRequest, context: Ctx) -> pb.ListHostsResponse:
+        if self._cluster is None:
+            raise FailedPrecondition(
+                "ListHosts lists the hosts of a cluster, and this modeld runs alone "
+                "([cluster] is not set); ListReplicas (`modeld ps`) lists its replicas"
+            )
+        hosts = self._cluster.hosts()
+        return pb.ListHostsResponse(hosts=[convert.host_to_proto(h) for h in hosts])
 
     @unary
     async def GetSettings(self, request: pb.GetSettingsRequest, context: Ctx) -> pb.Settings:
@@ -281,10 +294,13 @@ class ModelControl(pb_grpc.ModelControlServicer):
         self, request: pb.WatchEventsRequest, context: Ctx
     ) -> AsyncIterator[pb.Event]:
         model = self._model(request.model) if request.model else None
+        host_id = self._cluster.host_id if self._cluster is not None else ""
         subscription = self._events.subscribe(model)
         try:
             async for event in subscription:
+                if event.kind == CLUSTER and not request.cluster:
+                    continue
                 await self._event_sends.turn()
-                yield convert.event_to_proto(event)
+                yield convert.event_to_proto(event, host_id)
         finally:
             subscription.close()

@@ -8,6 +8,7 @@ itself (a router-role host refuses). Lease ids are `host_id~id`, so Release and
 RenewLease reach the owner from any modeld.
 """
 
+import dataclasses
 from pathlib import Path
 
 import structlog
@@ -17,6 +18,13 @@ from modeld.api import convert
 from modeld.clock import Clock
 from modeld.cluster.counters import ClusterCounters
 from modeld.cluster.forward import PeerFailed, Peers, forwarded_marker
+from modeld.cluster.listing import (
+    Here,
+    HostEntry,
+    host_replica_counts,
+    host_state_counts,
+    list_hosts,
+)
 from modeld.cluster.membership import FiguresFn, Membership
 from modeld.cluster.ownload import OwnLoad
 from modeld.cluster.store import ReplicaRow
@@ -24,6 +32,7 @@ from modeld.cluster.view import RemoteReplica, pick_remote
 from modeld.config import Config
 from modeld.errors import ConfigError, FailedPrecondition, NotFound, Unavailable
 from modeld.ops.events import EventBus
+from modeld.ops.metrics import ClusterStats
 from modeld.routing.leases import Lease
 from modeld.routing.router import Router
 from modeld.state import LIVE, ReplicaState
@@ -91,6 +100,45 @@ class ClusterRouter:
             for info in self._router.replicas(None)
             if info.state in LIVE
         ]
+
+    # listings: ListHosts, ListReplicas, metrics
+
+    def hosts(self) -> list[HostEntry]:
+        live = sum(1 for i in self._router.replicas(None) if i.state in LIVE)
+        here = Here(self.host_id, self._cfg.advertise, self._cfg.role, dict(self._cfg.labels), live)
+        return list_hosts(
+            self.membership.view,
+            self._clock.monotonic(),
+            self._cfg.host_ttl,
+            trust_expired=self.membership.trust_expired(),
+            here=here,
+        )
+
+    def replicas(self, model: str | None, *, local: bool) -> list[pb.Replica]:
+        """This host's replicas from its router, then (unless `local`) other hosts'
+        from the view; grouped by host."""
+        mine = [convert.replica_to_proto(i, self.host_id) for i in self._router.replicas(model)]
+        if local:
+            return mine
+        others = sorted(
+            (
+                r
+                for r in self.membership.view.replicas.values()
+                if r.host_id != self.host_id and (model is None or r.model == model)
+            ),
+            key=lambda r: (r.model, r.id),
+        )
+        listed = mine + [convert.remote_replica_to_proto(r) for r in others]
+        return sorted(listed, key=lambda r: r.host_id)
+
+    def stats(self) -> ClusterStats:
+        """What the cluster metrics read at scrape time."""
+        return ClusterStats(
+            counters=dataclasses.asdict(self.counters),
+            view_age=self.membership.view_age(),
+            host_replicas=host_replica_counts(self.membership.view),
+            hosts=host_state_counts(self.hosts()),
+        )
 
     # Route
 

@@ -27,12 +27,13 @@ import structlog
 
 from modeld.clock import Clock
 from modeld.cluster.hostcap import HostFigures, figures_in
+from modeld.cluster.listing import view_events
 from modeld.cluster.schema import CHANNEL, migrate
 from modeld.cluster.store import Fenced, ReplicaRow, Snapshot, Store
 from modeld.cluster.view import ClusterView, RemoteHost, RemoteReplica
 from modeld.config import ClusterConfig, redact_dsn
 from modeld.errors import RegistryError, Unavailable
-from modeld.ops.events import EventBus
+from modeld.ops.events import CLUSTER, EventBus
 from modeld.state import ReplicaState
 
 log = structlog.get_logger(__name__)
@@ -68,6 +69,9 @@ class Membership:
         self._up = False
         self._why_down = "not connected yet"
         self._back_at = clock.monotonic()
+        # Monotonic time of the last full resync that succeeded (None: none yet).
+        self.resynced_at: float | None = None
+        self._born = clock.monotonic()
         self._tick = asyncio.Event()
         self._publish_now = asyncio.Event()
         self._pending: set[str] = set()
@@ -130,6 +134,11 @@ class Membership:
     def trust_expired(self) -> bool:
         """True while host expiry cannot be judged: link down, or back for under one TTL."""
         return not self._up or self._clock.monotonic() - self._back_at < self._cfg.host_ttl
+
+    def view_age(self) -> float:
+        """Seconds since the view was last read in full (since start, before the first)."""
+        since = self._born if self.resynced_at is None else self.resynced_at
+        return self._clock.monotonic() - since
 
     def require(self, what: str) -> None:
         """Fail fast, without a round trip, when `what` needs the database and it is down."""
@@ -231,6 +240,7 @@ class Membership:
 
     async def _resync(self, store: Store) -> None:
         self._apply(await store.read(None), None)
+        self.resynced_at = self._clock.monotonic()
 
     async def _reap(self, store: Store) -> None:
         now = self._clock.monotonic()
@@ -246,7 +256,7 @@ class Membership:
         now = self._clock.monotonic()
         hosts = [_host(h, now) for h in snap.hosts]
         replicas = [_replica(r) for r in snap.replicas]
-        before = self._shape()
+        before, replicas_before = self._shape(), dict(self.view.replicas)
         seen = {h.host_id: figures_in(h) for h in self.view.hosts.values()}
         if host_ids is None:
             self.view.replace_all(hosts, replicas)
@@ -257,6 +267,12 @@ class Membership:
                 self.view.replace_host(host_id, by_id.get(host_id), mine)
         after = self._shape()
         if after != before:
+            wall = self._clock.wall()
+            changes = view_events(
+                replicas_before, self.view.replicas, self.view.hosts, self._cfg.host_id, wall
+            )
+            for event in changes:
+                self._events.publish(event)
             log.info(
                 "cluster_view_changed",
                 hosts={h.host_id: h.epoch for h in self.view.hosts.values()},
@@ -326,8 +342,10 @@ class Membership:
     async def _follow_events(self) -> None:
         subscription = self._events.subscribe()
         try:
-            async for _event in subscription:
-                self._publish_now.set()
+            async for event in subscription:
+                # Other hosts' changes (published by _apply) change nothing to publish.
+                if event.kind != CLUSTER:
+                    self._publish_now.set()
         finally:
             subscription.close()
 
