@@ -286,12 +286,13 @@ async def test_hosts_ps_events_and_metrics_across_two_hosts(tmp_path: Path, pg_d
         await _stop(a)
         raise
     try:
-        await _both_hosts(a, b, a_metrics)
+        await _hosts_are_listed(a, b)
+        await _replicas_events_and_metrics(a, b, a_metrics)
     finally:
         await _stop(a, b)
 
 
-async def _both_hosts(a: DaemonProc, b: DaemonProc, a_metrics: int) -> None:
+async def _hosts_are_listed(a: DaemonProc, b: DaemonProc) -> None:
     # a sees b once b's registration notification (or a resync) arrived.
     await a.wait_log(lambda e: e.get("event") == "cluster_view_changed" and "b" in e["hosts"], 20)
     hosts = {
@@ -312,6 +313,8 @@ async def _both_hosts(a: DaemonProc, b: DaemonProc, a_metrics: int) -> None:
     assert lines[1].split()[:3] == ["a", "(here)", a.addr] and "gpu=h100" in lines[1]
     assert lines[2].split()[:3] == ["b", b.addr, "node"]
 
+
+async def _replicas_events_and_metrics(a: DaemonProc, b: DaemonProc, a_metrics: int) -> None:
     # A replica starting on b shows on a's cluster watch, never on a plain one.
     everything, plain = await _watch(a, cluster=True), await _watch(a, cluster=False)
     on_b = (await b.stub.Load(pb.LoadRequest(model="echo"), timeout=30)).replicas[0]
