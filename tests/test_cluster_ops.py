@@ -6,6 +6,7 @@ data; the rest with real daemons and real PostgreSQL (cluster_proc.HOST_TTL = 2 
 """
 
 import asyncio
+import json
 import time
 import urllib.request
 from pathlib import Path
@@ -278,30 +279,39 @@ async def _next_event(call: Any, match: Any, limit_s: float = 20.0) -> pb.Event:
     return await asyncio.wait_for(find(), limit_s)
 
 
-async def test_hosts_ps_events_and_metrics_across_two_hosts(tmp_path: Path, pg_dsn: str) -> None:
-    a, a_metrics = await _start(tmp_path, pg_dsn, "a", 'labels = { gpu = "h100" }\n')
+async def test_hosts_ps_events_and_metrics_across_three_hosts(tmp_path: Path, pg_dsn: str) -> None:
+    # One at a time: three Python daemons starting at once on a loaded 2-core machine
+    # can overrun the start deadline.
+    daemons: list[DaemonProc] = []
     try:
+        a, a_metrics = await _start(tmp_path, pg_dsn, "a", 'labels = { gpu = "h100" }\n')
+        daemons.append(a)
         b, _ = await _start(tmp_path, pg_dsn, "b")
-    except BaseException:
-        await _stop(a)
-        raise
-    try:
-        await _hosts_are_listed(a, b)
+        daemons.append(b)
+        c, _ = await _start(tmp_path, pg_dsn, "c", 'role = "router"\n')
+        daemons.append(c)
+        await _hosts_are_listed(a, b, c)
         await _replicas_events_and_metrics(a, b, a_metrics)
+        await _a_router_lists_the_whole_cluster(c)
     finally:
-        await _stop(a, b)
+        await _stop(*daemons)
 
 
-async def _hosts_are_listed(a: DaemonProc, b: DaemonProc) -> None:
-    # a sees b once b's registration notification (or a resync) arrived.
-    await a.wait_log(lambda e: e.get("event") == "cluster_view_changed" and "b" in e["hosts"], 20)
+def _sees(*host_ids: str) -> Any:
+    return lambda e: e.get("event") == "cluster_view_changed" and set(host_ids) <= set(e["hosts"])
+
+
+async def _hosts_are_listed(a: DaemonProc, b: DaemonProc, c: DaemonProc) -> None:
+    # a sees b and c once their registrations' notifications (or a resync) arrived.
+    await a.wait_log(_sees("a", "b", "c"), 20)
     hosts = {
         h.host_id: h for h in (await a.stub.ListHosts(pb.ListHostsRequest(), timeout=10)).hosts
     }
-    assert sorted(hosts) == ["a", "b"]
-    assert (hosts["a"].local, hosts["b"].local) == (True, False)
-    assert hosts["b"].address == b.addr and hosts["a"].address == a.addr
-    assert dict(hosts["a"].labels) == {"gpu": "h100"} and hosts["b"].role == "node"
+    assert sorted(hosts) == ["a", "b", "c"]
+    assert [h.local for h in hosts.values()] == [True, False, False]
+    assert [h.address for h in hosts.values()] == [a.addr, b.addr, c.addr]
+    assert [h.role for h in hosts.values()] == ["node", "node", "router"]
+    assert dict(hosts["a"].labels) == {"gpu": "h100"} and not hosts["b"].labels
     for h in hosts.values():
         assert h.state in (pb.HOST_ALIVE, pb.HOST_SUSPECT)  # suspect only on a late renewal
         assert 0 <= h.heartbeat_age.ToNanoseconds() / 1e9 <= HOST_TTL
@@ -312,6 +322,7 @@ async def _hosts_are_listed(a: DaemonProc, b: DaemonProc) -> None:
     assert lines[0].split()[:4] == ["HOST", "ADDRESS", "ROLE", "STATE"]
     assert lines[1].split()[:3] == ["a", "(here)", a.addr] and "gpu=h100" in lines[1]
     assert lines[2].split()[:3] == ["b", b.addr, "node"]
+    assert lines[3].split()[:3] == ["c", c.addr, "router"]
 
 
 async def _replicas_events_and_metrics(a: DaemonProc, b: DaemonProc, a_metrics: int) -> None:
@@ -348,7 +359,7 @@ async def _replicas_events_and_metrics(a: DaemonProc, b: DaemonProc, a_metrics: 
     # A resync every host_ttl/3; a loaded machine may be late.
     assert 0 <= samples[("modeld_cluster_view_staleness_seconds", ())] < 3 * HOST_TTL
     hosts_now = (await a.stub.ListHosts(pb.ListHostsRequest(), timeout=10)).hosts
-    assert {h.host_id: h.replicas for h in hosts_now} == {"a": 1, "b": 1}
+    assert {h.host_id: h.replicas for h in hosts_now} == {"a": 1, "b": 1, "c": 0}
 
     # Stopping it on b: a's cluster watch hears it went away.
     await b.stub.Unload(pb.UnloadRequest(model="echo"), timeout=30)
@@ -358,6 +369,22 @@ async def _replicas_events_and_metrics(a: DaemonProc, b: DaemonProc, a_metrics: 
     assert (gone.host_id, gone.reason) == ("b", "gone from host b")
     everything.cancel()
     plain.cancel()
+
+
+async def _a_router_lists_the_whole_cluster(c: DaemonProc) -> None:
+    """c runs no backends: its ps is the view, a's replica only (b's was unloaded)."""
+    await c.wait_log(
+        lambda e: (
+            e.get("event") == "cluster_view_changed"
+            and [r.partition("/")[0] for r in e["ready"]] == ["a"]
+        ),
+        20,
+    )
+    ps = await modeld("ps", "--json", "--addr", c.addr)
+    assert ps.code == 0, ps.err
+    assert [r["host_id"] for r in json.loads(ps.out)["replicas"]] == ["a"]
+    local = await modeld("ps", "--local", "--addr", c.addr)
+    assert local.out.splitlines() == [local.out.splitlines()[0]]  # the header only
 
 
 async def test_view_staleness_grows_while_the_database_is_cut(tmp_path: Path, pg_dsn: str) -> None:
