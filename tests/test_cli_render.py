@@ -104,17 +104,25 @@ def test_hosts_table() -> None:
         host(host_id="gpu3", state=pb.HOST_EXPIRED, age=9),
     ]  # fmt: skip
     lines = render.hosts_table(hosts).splitlines()
-    assert lines[0].split() == ["HOST", "ADDRESS", "ROLE", "STATE", "LABELS", "GPU", "FREE",
+    assert lines[0].split() == ["HOST", "ADDRESS", "ROLE", "STATE", "LABELS", "FREE", "MEMORY",
                                 "REPLICAS", "HEARTBEAT"]  # fmt: skip
     assert lines[1].split()[:5] == ["gpu1", "(here)", "10.0.0.1:50051", "node", "alive"]
     assert "gpu=h100,zone=b" in lines[1]
-    assert "  0:12.0GiB/80.0GiB 1:3.0GiB/80.0GiB  " in lines[1]
+    assert "  gpu0:12.0GiB/80.0GiB gpu1:3.0GiB/80.0GiB  " in lines[1]
     assert lines[1].split()[-3:] == ["2", "1.2s", "ago"]
     assert lines[2].split()[1:5] == ["10.0.0.1:50051", "router", "suspect", "-"]
     assert lines[2].split()[-1] == "-"
     assert lines[3].split()[3] == "expired"
 
 
-def test_gpu_memory_without_totals_and_without_gpus() -> None:
-    assert render.gpu_memory([], []) == "-"
-    assert render.gpu_memory([1 << 30], []) == "0:1.0GiB"
+@pytest.mark.parametrize(
+    ("fields", "text"),
+    [
+        ({}, "-"),
+        ({"gpu_free": [1 << 30]}, "gpu0:1.0GiB"),  # no total published
+        ({"gpu_free": [1 << 30], "gpu_total": [2 << 30]}, "gpu0:1.0GiB/2.0GiB"),
+        ({"ram_free": 1 << 30, "ram_total": 4 << 30}, "ram:1.0GiB/4.0GiB"),  # no GPU
+    ],
+)
+def test_free_memory(fields: dict[str, object], text: str) -> None:
+    assert render.free_memory(host(**fields)) == text

@@ -9,6 +9,7 @@ import asyncio
 import json
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -77,7 +78,11 @@ def test_host_state(remaining: float | None, trust_expired: bool, expected: Host
 def test_list_hosts_from_the_view_and_this_host_from_its_router() -> None:
     view = ClusterView("me")
     view.replace_all(
-        [_host("me", 110.0), _host("b", 102.0, gpu="h100"), _host("c", 95.0)],
+        [
+            _host("me", 110.0),
+            replace(_host("b", 102.0, gpu="h100"), gpu_free=(1, 2), gpu_total=(3, 4)),
+            _host("c", 95.0),
+        ],
         [_replica("r1", "b"), _replica("r2", "b", S.LOADING), _replica("r3", "me")],
     )
     here = Here("me", "me:1", "node", {}, replicas=3)
@@ -90,7 +95,8 @@ def test_list_hosts_from_the_view_and_this_host_from_its_router() -> None:
     assert rows[0].labels == {"gpu": "h100"}
     assert rows[0].lease_remaining == pytest.approx(2.0)
     assert rows[0].heartbeat_age == pytest.approx(8.0)
-    assert rows[0].gpu_free == rows[0].gpu_total == ()
+    assert (rows[0].gpu_free, rows[0].gpu_total) == ((1, 2), (3, 4))
+    assert rows[1].gpu_free == rows[1].gpu_total == ()  # not published yet
     # Not in the view yet (database unreachable since start): described by itself.
     alone = list_hosts(ClusterView("me"), 100.0, 10.0, trust_expired=True, here=here)
     assert [(h.host_id, h.state, h.heartbeat_age, h.address) for h in alone] == [
@@ -166,16 +172,17 @@ async def test_membership_records_resyncs_and_publishes_view_changes() -> None:
 
 def test_host_and_remote_replica_and_event_converters() -> None:
     entry = HostEntry("b", 7, "b:1", "router", {"gpu": "h100"}, HostState.SUSPECT, 2,
-                      (1, 2), (3, 4), -0.5, 10.5, False)  # fmt: skip
+                      (1, 2), (3, 4), 5, 6, -0.5, 10.5, False)  # fmt: skip
     msg = convert.host_to_proto(entry)
     assert (msg.host_id, msg.state, msg.role, msg.epoch, dict(msg.labels)) == (
         "b", pb.HOST_SUSPECT, "router", 7, {"gpu": "h100"}
     )  # fmt: skip
     assert (list(msg.gpu_free), list(msg.gpu_total), msg.replicas) == ([1, 2], [3, 4], 2)
+    assert (msg.ram_free, msg.ram_total) == (5, 6)
     assert msg.heartbeat_age.ToNanoseconds() == 10_500_000_000
     assert msg.lease_remaining.ToNanoseconds() == -500_000_000
     unknown = convert.host_to_proto(
-        HostEntry("me", 0, "", "node", {}, HostState.SUSPECT, 0, (), (), None, None, True)
+        HostEntry("me", 0, "", "node", {}, HostState.SUSPECT, 0, (), (), 0, 0, None, None, True)
     )
     assert not unknown.HasField("heartbeat_age") and unknown.local
 
@@ -316,6 +323,8 @@ async def _hosts_are_listed(a: DaemonProc, b: DaemonProc, c: DaemonProc) -> None
         assert h.state in (pb.HOST_ALIVE, pb.HOST_SUSPECT)  # suspect only on a late renewal
         assert 0 <= h.heartbeat_age.ToNanoseconds() / 1e9 <= HOST_TTL
         assert h.epoch > 0 and h.replicas == 0
+        # Memory is published with the registration (GPUs where there are, RAM always).
+        assert h.ram_total > 0 and h.ram_free > 0
     shown = await modeld("hosts", "--addr", a.addr)
     assert shown.code == 0, shown.err
     lines = shown.out.splitlines()

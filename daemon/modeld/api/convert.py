@@ -192,6 +192,8 @@ def host_to_proto(host: HostEntry) -> pb.Host:
         labels=dict(host.labels),
         gpu_free=list(host.gpu_free),
         gpu_total=list(host.gpu_total),
+        ram_free=host.ram_free,
+        ram_total=host.ram_total,
         replicas=host.replicas,
         epoch=host.epoch,
         local=host.local,

@@ -183,15 +183,19 @@ def host_state_name(state: int) -> str:
     return pb.HostState.Name(state).removeprefix("HOST_").lower()
 
 
-def gpu_memory(free: Sequence[int], total: Sequence[int]) -> str:
-    """Free memory per GPU: "0:12.0 GiB/80.0 GiB 1:3.0 GiB" (total when published)."""
-    if not free:
-        return "-"
-    cells = []
-    for i, n in enumerate(free):
-        of = f"/{format_size(total[i])}" if i < len(total) and total[i] else ""
-        cells.append(f"{i}:{format_size(n)}{of}")
-    return " ".join(cells)
+def free_memory(host: pb.Host) -> str:
+    """Free of total memory per GPU ("gpu0:12.0GiB/80.0GiB gpu1:..."), else of host
+    RAM ("ram:..."), as the host last published them; "-" before it did."""
+
+    def cell(name: str, free: int, total: int) -> str:
+        return f"{name}:{format_size(free)}" + (f"/{format_size(total)}" if total else "")
+
+    if host.gpu_free:
+        totals = [*host.gpu_total, *[0] * len(host.gpu_free)]
+        return " ".join(cell(f"gpu{i}", n, totals[i]) for i, n in enumerate(host.gpu_free))
+    if host.ram_total:
+        return cell("ram", host.ram_free, host.ram_total)
+    return "-"
 
 
 def hosts_table(hosts: Iterable[pb.Host]) -> str:
@@ -202,11 +206,11 @@ def hosts_table(hosts: Iterable[pb.Host]) -> str:
             h.role or "-",
             host_state_name(h.state),
             ",".join(f"{k}={v}" for k, v in sorted(h.labels.items())) or "-",
-            gpu_memory(h.gpu_free, h.gpu_total),
+            free_memory(h),
             str(h.replicas),
             f"{seconds(h.heartbeat_age):.1f}s ago" if h.HasField("heartbeat_age") else "-",
         )
         for h in hosts
     ]
-    header = ("HOST", "ADDRESS", "ROLE", "STATE", "LABELS", "GPU FREE", "REPLICAS", "HEARTBEAT")
+    header = ("HOST", "ADDRESS", "ROLE", "STATE", "LABELS", "FREE MEMORY", "REPLICAS", "HEARTBEAT")
     return table(header, rows)

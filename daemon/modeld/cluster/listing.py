@@ -51,8 +51,10 @@ class HostEntry:
     labels: Mapping[str, str]
     state: HostState
     replicas: int
-    gpu_free: tuple[int, ...]
+    gpu_free: tuple[int, ...]  # bytes per GPU as the host published them; () until it does
     gpu_total: tuple[int, ...]
+    ram_free: int  # 0: not published yet
+    ram_total: int
     lease_remaining: float | None  # None: not known (this host, not registered yet)
     heartbeat_age: float | None
     local: bool
@@ -66,15 +68,6 @@ def host_state(remaining: float | None, ttl: float, trust_expired: bool) -> Host
     if remaining < ttl * SUSPECT_FRACTION:
         return HostState.SUSPECT
     return HostState.ALIVE
-
-
-def gpu_memory(host: RemoteHost) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Free and total bytes per GPU as the host published them; empty when it did not.
-
-    The one place that reads them, so that wiring RemoteHost's published figures in
-    changes nothing else.
-    """
-    return tuple(getattr(host, "gpu_free", ())), tuple(getattr(host, "gpu_total", ()))
 
 
 def list_hosts(
@@ -101,6 +94,8 @@ def list_hosts(
                 replicas=here.replicas,
                 gpu_free=(),
                 gpu_total=(),
+                ram_free=0,
+                ram_total=0,
                 lease_remaining=None,
                 heartbeat_age=None,
                 local=True,
@@ -112,7 +107,6 @@ def list_hosts(
 def _entry(
     host: RemoteHost, remaining: float, ttl: float, trust_expired: bool, *, replicas: int, here: str
 ) -> HostEntry:
-    free, total = gpu_memory(host)
     return HostEntry(
         host_id=host.host_id,
         epoch=host.epoch,
@@ -121,8 +115,10 @@ def _entry(
         labels=dict(host.labels),
         state=host_state(remaining, ttl, trust_expired),
         replicas=replicas,
-        gpu_free=free,
-        gpu_total=total,
+        gpu_free=host.gpu_free,
+        gpu_total=host.gpu_total,
+        ram_free=host.ram_free,
+        ram_total=host.ram_total,
         lease_remaining=remaining,
         # A renewal sets the lease to host_ttl; the database keeps no renewal time, so
         # the age assumes the host runs this host's host_ttl.
