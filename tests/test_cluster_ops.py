@@ -206,7 +206,7 @@ def test_cluster_metrics_are_read_at_scrape_time() -> None:
     metrics = Metrics(process=False)
     assert b"modeld_cluster" not in metrics.exposition()
     stats = ClusterStats(
-        counters={"forwards": 5, "claims_lost": 1},
+        counters={"forwards": 5, "claims_lost": 1, "claims_renewed": 3},
         view_age=0.75,
         host_replicas={"a": {"READY": 2}, "b": {}},
         hosts={"alive": 2, "suspect": 0, "expired": 0},
@@ -216,6 +216,7 @@ def test_cluster_metrics_are_read_at_scrape_time() -> None:
     assert samples[("modeld_cluster_forwards_total", ())] == 5
     assert samples[("modeld_cluster_claims_lost_total", ())] == 1
     assert samples[("modeld_cluster_placement_refusals_total", ())] == 0
+    assert samples[("modeld_cluster_claims_renewed_total", ())] == 3  # not in the table
     assert samples[("modeld_cluster_view_staleness_seconds", ())] == 0.75
     assert samples[("modeld_cluster_host_replicas", (("host", "a"), ("state", "READY")))] == 2
     assert samples[("modeld_cluster_host_replicas", (("host", "b"), ("state", "READY")))] == 0

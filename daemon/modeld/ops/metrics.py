@@ -120,7 +120,9 @@ class _ClusterCollector(Collector):
             return []
         stats = self.source()
         families: list[Metric] = []
-        for field, (name, doc) in CLUSTER_COUNTERS.items():
+        # A counter another stream adds to ClusterCounters is exported too, by its name.
+        for field in [*CLUSTER_COUNTERS, *sorted(stats.counters.keys() - CLUSTER_COUNTERS.keys())]:
+            name, doc = CLUSTER_COUNTERS.get(field, (f"modeld_cluster_{field}", field))
             family = CounterMetricFamily(name, doc)
             family.add_metric([], stats.counters.get(field, 0))
             families.append(family)
