@@ -254,8 +254,13 @@ class ClusterRouter:
         return await self.specs.put(spec)
 
     async def delete_model(self, name: str) -> bool:
+        # This host's own replicas were checked from the router's memory (servicer).
         hosts = sorted(
-            {r.host_id for r in self.membership.view.replicas.values() if r.model == name}
+            {
+                r.host_id
+                for r in self.membership.view.replicas.values()
+                if r.model == name and r.host_id != self.host_id
+            }
         )
         if hosts:
             raise FailedPrecondition(
