@@ -45,7 +45,8 @@ async def delete_once_gone(daemon: DaemonProc, model: str) -> pb.DeleteModelResp
             if exc.code() is not grpc.StatusCode.FAILED_PRECONDITION:
                 raise
         await daemon.wait_log(
-            lambda e: id(e) not in seen and e.get("event") == "cluster_view_changed", 10
+            lambda e, seen=seen: id(e) not in seen and e.get("event") == "cluster_view_changed",
+            10,
         )
     raise AssertionError(f"{model} never stopped running in the view")
 
@@ -76,8 +77,10 @@ async def test_put_on_one_host_is_seen_by_all_and_delete_on_another_removes_it(
         # A running replica anywhere in the cluster blocks the delete, naming its host.
         await a.stub.Load(pb.LoadRequest(model="shared", host="c"), timeout=30)
         await b.wait_log(
-            lambda e: e.get("event") == "cluster_view_changed"
-            and any(r.startswith("c/") for r in e.get("ready", [])),
+            lambda e: (
+                e.get("event") == "cluster_view_changed"
+                and any(r.startswith("c/") for r in e.get("ready", []))
+            ),
             10,
         )
         with pytest.raises(grpc.aio.AioRpcError) as refused:
