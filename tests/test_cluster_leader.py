@@ -6,19 +6,23 @@ kill -9 and after SIGSTOP past host_ttl (the resumed one no longer leads).
 import asyncio
 import signal
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from cluster_proc import HOST_TTL, db_rows, running_cluster
 from daemon_proc import DaemonProc
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
+from modeld.cluster.schema import migrate
 from modeld.policy.cluster_replicas import Counted, Start, plan
 from modeld.policy.host_placement import HostCapacity
 from modeld.spec import ModelSpec
 from modeld.state import ReplicaState
+from pg import server_dsn, with_database
 
 READY, DRAINING = ReplicaState.READY, ReplicaState.DRAINING
 KEEP = '\n[models.keep]\nbackend = "echo"\nmin_replicas = 2\nmax_replicas = 2\n'
@@ -204,7 +208,7 @@ async def test_sigstop_past_ttl_unseats_the_leader_and_the_resumed_one_steps_dow
             pg_dsn,
             "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
             "WHERE l.locktype = 'advisory' AND l.granted AND a.application_name "
-            "LIKE 'modeld-leader/%'",
+            "LIKE 'modeld-leader/%' AND a.datname = current_database()",
         )
         assert [r["application_name"].rsplit("/", 1)[1] for r in holder] == [other_name]
         acted = [
@@ -213,3 +217,67 @@ async def test_sigstop_past_ttl_unseats_the_leader_and_the_resumed_one_steps_dow
             if e.get("event") in ("leader_elected", "min_replicas_start")
         ]
         assert acted == []
+
+
+@pytest.fixture
+async def other_dsn() -> AsyncIterator[str]:
+    """A second database on the same server: a second, unrelated cluster."""
+    server = server_dsn()
+    name = f"modeld_test_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(server)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    try:
+        yield with_database(server, name)
+    finally:
+        conn = await asyncpg.connect(server)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+
+LEADER_SESSIONS = (
+    "SELECT a.pid FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE "
+    "l.locktype = 'advisory' AND l.granted AND a.datname = current_database() "
+    "AND a.application_name LIKE 'modeld-leader/%'"
+)
+
+
+@pytest.mark.timeout(120)
+async def test_a_cluster_never_unseats_the_leader_of_another_database(
+    tmp_path: Path, pg_dsn: str, other_dsn: str
+) -> None:
+    """pg_locks lists the locks of every database: a follower that judged another
+    database's leader by its own host table would end that leader's session."""
+    conn = await asyncpg.connect(other_dsn)
+    try:
+        await migrate(conn)
+        # Epochs that x's host table does not have, so that they look dead there.
+        await conn.execute("SELECT setval('modeld_epoch', 1000)")
+    finally:
+        await conn.close()
+    for folder in ("x", "y"):
+        (tmp_path / folder).mkdir()
+    async with running_cluster(tmp_path / "y", other_dsn, ["solo"]) as y:
+        solo = y["solo"]
+        await solo.wait_log(event("leader_elected"), 20)
+        before = await db_rows(other_dsn, LEADER_SESSIONS)
+        assert len(before) == 1
+        async with running_cluster(tmp_path / "x", pg_dsn, ["a", "b"]) as x:
+            await leader_of(x)
+            # A few seconds of x's follower looking up the holder every host_ttl/3.
+            replica = (await x["a"].stub.Load(pb.LoadRequest(model="echo", host="b"))).replicas[0]
+            await x["a"].wait_log(
+                lambda e: (
+                    e.get("event") == "cluster_view_changed"
+                    and f"b/{replica.id}" in e.get("ready", [])
+                ),
+                10,
+            )
+            await x["b"].stub.Unload(pb.UnloadRequest(model="echo"), timeout=30)
+            assert not any(e.get("event") == "leader_unseated" for d in x.values() for e in d.log)
+        assert await db_rows(other_dsn, LEADER_SESSIONS) == before
+        assert not any(e.get("event") == "leader_lost" for e in solo.log)

@@ -106,7 +106,7 @@ async def test_a_missed_notification_is_covered_by_the_resync(tmp_path: Path, pg
         await db_rows(
             pg_dsn,
             "SELECT pg_terminate_backend(pid, 2000) FROM pg_stat_activity "
-            "WHERE application_name = 'modeld-specs/b'",
+            "WHERE application_name = 'modeld-specs/b' AND datname = current_database()",
         )
         spec = pb.ModelSpec(name="late", backend="echo")
         await a.stub.PutModel(pb.PutModelRequest(spec=spec), timeout=10)

@@ -55,16 +55,19 @@ from modeld.storage.catalog import Catalog
 log = structlog.get_logger(__name__)
 # pg_locks shows a bigint advisory key as two 32-bit halves, with objsubid 1.
 _CLASSID, _OBJID = LEADER_LOCK >> 32, LEADER_LOCK & 0xFFFFFFFF
-_HOLDS = """
-SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND classid::bigint = $1
-               AND objid::bigint = $2 AND objsubid = 1 AND pid = pg_backend_pid() AND granted)
+# pg_locks shows every database's locks: only this database's lock is the cluster's.
+_THIS_DB = "(SELECT oid FROM pg_database WHERE datname = current_database())"
+_HOLDS = f"""
+SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND database = {_THIS_DB}
+               AND classid::bigint = $1 AND objid::bigint = $2 AND objsubid = 1
+               AND pid = pg_backend_pid() AND granted)
    AND EXISTS (SELECT 1 FROM modeld_hosts WHERE host_id = $3 AND epoch = $4
                AND lease_expires_at > now())
 """
-_HOLDER = """
+_HOLDER = f"""
 SELECT a.pid, a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-WHERE l.locktype = 'advisory' AND l.classid::bigint = $1 AND l.objid::bigint = $2
-  AND l.objsubid = 1 AND l.granted
+WHERE l.locktype = 'advisory' AND l.database = {_THIS_DB} AND l.classid::bigint = $1
+  AND l.objid::bigint = $2 AND l.objsubid = 1 AND l.granted
 """
 _EPOCH_LIVE = (
     "SELECT EXISTS (SELECT 1 FROM modeld_hosts WHERE epoch = $1 AND lease_expires_at > now())"
