@@ -184,8 +184,8 @@ class SharedSpecs:
         body = json.dumps(spec.to_dict())
         async with self._lock:
             await self._write(f"PutModel of {spec.name!r}", self._put_sql, spec.name, body)
-            await self._resync_locked()
-        return self._catalog.get(spec.name)
+            await self._apply_written()
+        return spec
 
     async def delete(self, name: str) -> bool:
         if self._catalog.config_spec(name) is not None:
@@ -195,8 +195,14 @@ class SharedSpecs:
         self._membership.require(f"DeleteModel of {name!r}")
         async with self._lock:
             deleted = await self._write(f"DeleteModel of {name!r}", self._delete_sql, name, "")
-            await self._resync_locked()
+            await self._apply_written()
         return deleted
+
+    async def _apply_written(self) -> None:
+        """After a committed write: it is the cluster's now, whether or not this read
+        succeeds; a failed read is repaired by the next resync."""
+        with contextlib.suppress(*DB_ERRORS):
+            await self._resync_locked()
 
     async def _write(self, what: str, step: Any, name: str, body: str) -> bool:
         try:
