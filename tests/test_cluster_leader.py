@@ -33,7 +33,7 @@ def spec(name: str = "m", low: int = 2, high: int = 2) -> ModelSpec:
 
 
 def nodes(*ids: str, role: str = "node") -> list[HostCapacity]:
-    return [HostCapacity(host_id=h, role=role) for h in ids]
+    return [HostCapacity(host_id=h, role=role, backends=frozenset({"echo"})) for h in ids]
 
 
 # the decision
@@ -78,6 +78,19 @@ def test_no_node_host_is_unplaceable_with_the_reason() -> None:
     assert decided.starts == ()
     assert set(decided.unplaceable) == {"m"}
     assert "no node host" in decided.unplaceable["m"]
+
+
+def test_placement_rules_apply_hosts_without_the_backend_are_never_chosen() -> None:
+    bare = HostCapacity(host_id="a", role="node")
+    decided = plan([spec(low=1)], [], [bare, *nodes("b")])
+    assert decided.starts == (Start("m", "b", 1),)
+    decided = plan([spec(low=1)], [], [bare])
+    assert "no host has backend 'echo'" in decided.unplaceable["m"]
+
+
+def test_binpack_puts_the_missing_replicas_together() -> None:
+    decided = plan([spec(high=2)], [], nodes("a", "b"), default_mode="binpack")
+    assert decided.starts == (Start("m", "a", 2),)
 
 
 def test_models_are_counted_apart() -> None:

@@ -37,6 +37,7 @@ from modeld.capacity.resources import ResourceReader, make_reader
 from modeld.capacity.watchdog import Watchdog
 from modeld.clock import Clock, SystemClock
 from modeld.cluster.front import ClusterRouter
+from modeld.cluster.hostcap import LocalFigures
 from modeld.config import Config
 from modeld.errors import ConfigError
 from modeld.ops.events import EventBus
@@ -116,7 +117,15 @@ class Daemon:
         self.router = router = self._build_router(catalog, settings)
         self.watchdog = self._build_watchdog(router, settings)
         if self.config.cluster is not None:
-            self.cluster = ClusterRouter(self.config, router, self.clock, self.events, catalog)
+            figures = LocalFigures(
+                [*self.config.backends, *self.config.aliases],
+                self.reader,
+                router.views,
+                lambda: settings.current.max_loaded,
+            )
+            self.cluster = ClusterRouter(
+                self.config, router, self.clock, self.events, catalog=catalog, figures=figures.read
+            )
             await self.cluster.start()
         await self._serve_grpc(catalog, router, settings)
         await self._serve_metrics(router)

@@ -108,6 +108,8 @@ def spec_from_proto(msg: pb.ModelSpec) -> ModelSpec:
         gpus=msg.gpus if msg.HasField("gpus") else None,
         gpu_ids=tuple(msg.gpu_ids),
         source="api",
+        host_labels=tuple(sorted(msg.host_labels.items())),
+        placement=msg.placement,
     )
 
 
@@ -124,6 +126,8 @@ def spec_to_proto(spec: ModelSpec) -> pb.ModelSpec:
         memory_estimate=spec.memory_estimate,
         gpu_ids=list(spec.gpu_ids),
         source=spec.source,
+        host_labels=dict(spec.host_labels),
+        placement=spec.placement,
     )
     for name in ("idle_ttl", "lease_ttl", "busy_timeout"):
         value = getattr(spec, name)

@@ -21,7 +21,7 @@ from modeld.clock import Clock
 from modeld.cluster.counters import ClusterCounters
 from modeld.cluster.forward import PeerFailed, Peers, forwarded_marker
 from modeld.cluster.leader import Leader
-from modeld.cluster.membership import Membership
+from modeld.cluster.membership import FiguresFn, Membership
 from modeld.cluster.ownload import OwnLoad
 from modeld.cluster.specs import SharedSpecs
 from modeld.cluster.store import ReplicaRow
@@ -44,7 +44,14 @@ SEP = "~"
 
 class ClusterRouter:
     def __init__(
-        self, config: Config, router: Router, clock: Clock, events: EventBus, catalog: Catalog
+        self,
+        config: Config,
+        router: Router,
+        clock: Clock,
+        events: EventBus,
+        *,
+        catalog: Catalog,
+        figures: FiguresFn | None = None,
     ) -> None:
         cfg = config.cluster
         assert cfg is not None
@@ -53,7 +60,7 @@ class ClusterRouter:
         self._clock = clock
         self.peers = Peers(config)
         dsn = _dsn(cfg.dsn, cfg.dsn_file)
-        self.membership = Membership(cfg, dsn, clock, events, self.rows)
+        self.membership = Membership(cfg, dsn, clock, events, self.rows, figures=figures)
         self._own = OwnLoad()
         self.counters = ClusterCounters()
         self._forward_cap = max(1.0, min(5.0, cfg.host_ttl))
@@ -76,6 +83,7 @@ class ClusterRouter:
             peers=self.peers,
             interval=cfg.host_ttl / 3,
             timeout=timeout,
+            placement=cfg.placement,
         )
 
     async def start(self) -> None:

@@ -35,7 +35,6 @@ leader starts nothing.
 
 import asyncio
 import contextlib
-from collections.abc import Iterable
 
 import asyncpg
 import structlog
@@ -43,12 +42,11 @@ import structlog
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld.clock import Clock
 from modeld.cluster.forward import Peers
+from modeld.cluster.hostcap import capacities
 from modeld.cluster.membership import DB_ERRORS, Membership
 from modeld.cluster.schema import LEADER_LOCK
-from modeld.cluster.view import ClusterView
 from modeld.errors import ModeldError
 from modeld.policy.cluster_replicas import Counted, Start, plan
-from modeld.policy.host_placement import HostCapacity
 from modeld.state import ReplicaState
 from modeld.storage.catalog import Catalog
 
@@ -195,27 +193,6 @@ def _epoch_of(application_name: str) -> int | None:
     return int(parts[1])
 
 
-def host_capacities(view: ClusterView, alive: Iterable[str]) -> list[HostCapacity]:
-    """What placement needs of the live hosts, from the view (until hosts publish more)."""
-    out = []
-    for host_id in sorted(alive):
-        host = view.hosts[host_id]
-        mine = [r for r in view.replicas.values() if r.host_id == host_id]
-        per_model: dict[str, int] = {}
-        for r in mine:
-            per_model[r.model] = per_model.get(r.model, 0) + 1
-        out.append(
-            HostCapacity(
-                host_id=host_id,
-                role=host.role,
-                labels=host.labels,
-                loaded=len(mine),
-                model_replicas=per_model,
-            )
-        )
-    return out
-
-
 class Leader:
     """Runs the election every `interval`; while leading, tops up min_replicas."""
 
@@ -230,8 +207,10 @@ class Leader:
         peers: Peers,
         interval: float,
         timeout: float,
+        placement: str,
     ) -> None:
         self.election = Election(dsn, host_id, timeout)
+        self._placement = placement
         self._clock = clock
         self._membership = membership
         self._catalog = catalog
@@ -289,9 +268,10 @@ class Leader:
         decided = plan(
             self._catalog.list(),
             counted.values(),
-            host_capacities(view, alive),
+            capacities(view, now, trust_expired=False),
             busy={model for model, _ in self._loads},
             refused=refused,
+            default_mode=self._placement,
         )
         if decided.unplaceable != self._unplaceable:
             for model, why in decided.unplaceable.items():

@@ -3,6 +3,7 @@
 Tables (one writer per row: the host it names):
 - modeld_hosts: one row per live host; `epoch` comes from a sequence, so a host
   that re-registers fences every write of its earlier self (writes check epoch).
+  It also holds the host's published capacity (backends, memory, replicas).
 - modeld_replicas: a host's replicas with their state, address, generation and
   published load; deleted with their host (reaping is `DELETE` of the host row).
 Writers NOTIFY `modeld_cluster` with their host id; receivers re-read that host.
@@ -50,6 +51,18 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at timestamptz NOT NULL DEFAULT now()
     );
     CREATE INDEX modeld_replicas_host ON modeld_replicas (host_id);
+    """,
+    # Host capacity for placement (cluster/hostcap.py), written by the host itself.
+    """
+    ALTER TABLE modeld_hosts
+        ADD COLUMN backends text[] NOT NULL DEFAULT '{}',
+        ADD COLUMN gpu_free bigint[] NOT NULL DEFAULT '{}',
+        ADD COLUMN gpu_total bigint[] NOT NULL DEFAULT '{}',
+        ADD COLUMN ram_free bigint NOT NULL DEFAULT 0,
+        ADD COLUMN ram_total bigint NOT NULL DEFAULT 0,
+        ADD COLUMN loaded integer NOT NULL DEFAULT 0,
+        ADD COLUMN max_loaded integer NOT NULL DEFAULT 0,
+        ADD COLUMN evictable bigint NOT NULL DEFAULT 0;
     """,
     """
     CREATE TABLE modeld_models (

@@ -15,7 +15,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from modeld.errors import FailedPrecondition
-from modeld.policy.host_placement import HostCapacity, place
+from modeld.policy.host_placement import HostCapacity, place, placement_mode
 from modeld.spec import ModelSpec
 from modeld.state import STARTING_STATES, ReplicaState
 
@@ -66,12 +66,13 @@ def plan(
     *,
     busy: Collection[str] = (),
     refused: Mapping[str, Collection[str]] | None = None,
-    mode: str = "spread",
+    default_mode: str = "spread",
 ) -> Plan:
     """Starts that bring each model in `specs` up to its min_replicas across `hosts`.
 
     `busy`: models with a Load of the leader's still in flight (planned next round).
     `refused`: model -> hosts that recently refused or failed a Load of it.
+    `default_mode`: the cluster's placement, for specs that do not name their own.
     """
     counted = counts(replicas)
     refused = refused or {}
@@ -88,6 +89,7 @@ def plan(
             for h in hosts
             if h.host_id not in skip
         ]
+        mode = placement_mode(spec, default_mode)
         wanted, why = _place_missing(spec, candidates, missing, mode)
         starts += [
             Start(spec.name, host_id, have.get(host_id, 0) + extra)
