@@ -108,10 +108,20 @@ async def test_a_missed_notification_is_covered_by_the_resync(tmp_path: Path, pg
             "SELECT pg_terminate_backend(pid, 2000) FROM pg_stat_activity "
             "WHERE application_name = 'modeld-specs/b' AND datname = current_database()",
         )
+        # A row this modeld cannot read (as a broken writer might leave) is named, and
+        # does not keep the others from being applied.
+        await db_rows(
+            pg_dsn,
+            "INSERT INTO modeld_models (name, spec, version, updated_by) "
+            """VALUES ('broken', '{"backend": "echo"}', 0, 'test')""",
+        )
         spec = pb.ModelSpec(name="late", backend="echo")
         await a.stub.PutModel(pb.PutModelRequest(spec=spec), timeout=10)
         await b.wait_log(event("model_put", model="late", by="cluster"), 10)
         assert "late" in await names(b)
+        said = await b.wait_log(event("cluster_spec_unusable", model="broken"), 10)
+        assert "cannot be read" in said["reason"]
+        assert "broken" not in await names(b)
 
 
 async def test_a_host_whose_config_disagrees_names_the_fields_at_start(

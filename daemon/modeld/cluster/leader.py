@@ -96,11 +96,12 @@ class Election:
                 return False
             conn = await self._connection()
             if self.leading is not None:
-                if not await self._confirm(conn, epoch):
+                if await self._confirm(conn, epoch):
+                    self._become(epoch)
+                else:
                     await self._resign("its lock or its host row of this epoch is gone")
             elif await self._take(conn, epoch):
-                self.leading = epoch
-                log.info("leader_elected", host_id=self._host, epoch=epoch)
+                self._become(epoch)
         except DB_ERRORS as exc:
             self._drop(f"{type(exc).__name__}: {exc}"[:200])
         return self.leading is not None
@@ -110,7 +111,7 @@ class Election:
             with contextlib.suppress(*DB_ERRORS):
                 await asyncio.wait_for(self._conn.close(), self._timeout)
             self._conn = None
-        self.leading = None
+        self._become(None, "modeld is stopping")
 
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
@@ -127,10 +128,7 @@ class Election:
         if epoch != self.leading:
             # Re-registered under a new epoch: followers judge this session by its name.
             await self._name(conn, epoch)
-        held = await conn.fetchval(_HOLDS, _CLASSID, _OBJID, self._host, epoch)
-        if held:
-            self.leading = epoch
-        return bool(held)
+        return bool(await conn.fetchval(_HOLDS, _CLASSID, _OBJID, self._host, epoch))
 
     async def _take(self, conn: asyncpg.Connection, epoch: int) -> bool:
         await self._name(conn, epoch)
@@ -168,19 +166,26 @@ class Election:
         )
         return bool(ended)
 
+    def _become(self, epoch: int | None, why: str = "") -> None:
+        """The one place leadership changes, logged once per change."""
+        if epoch == self.leading:
+            return
+        if epoch is None:
+            log.warning("leader_lost", host_id=self._host, epoch=self.leading, reason=why)
+        elif self.leading is None:
+            log.info("leader_elected", host_id=self._host, epoch=epoch)
+        self.leading = epoch
+
     async def _resign(self, why: str) -> None:
         if self.leading is None:
             return
-        log.warning("leader_lost", host_id=self._host, epoch=self.leading, reason=why)
-        self.leading = None
+        self._become(None, why)
         if self._conn is not None and not self._conn.is_closed():
             await self._conn.execute("SELECT pg_advisory_unlock_all()")
 
     def _drop(self, why: str) -> None:
         """The connection failed or closed: the lock went with it."""
-        if self.leading is not None:
-            log.warning("leader_lost", host_id=self._host, epoch=self.leading, reason=why)
-            self.leading = None
+        self._become(None, why)
         if self._conn is not None and not self._conn.is_closed():
             self._conn.terminate()
         self._conn = None

@@ -103,6 +103,8 @@ class SharedSpecs:
             except DB_ERRORS as exc:
                 # The membership reports the link; the next round retries.
                 log.debug("cluster_specs_resync_failed", error=f"{type(exc).__name__}: {exc}")
+            except Exception:
+                log.exception("cluster_specs_resync_failed")
 
     def _notified(self, _conn: Any, _pid: int, _channel: str, _payload: str) -> None:
         self._wake.set()
@@ -146,18 +148,28 @@ class SharedSpecs:
         if version == self._applied:
             return
         rows = json.loads(row["specs"])
-        shared = {name: _decode(name, data["spec"]) for name, data in rows.items()}
+        shared: dict[str, tuple[ModelSpec, list[str]]] = {}
+        unreadable: dict[str, str] = {}
+        for name, data in rows.items():
+            try:
+                shared[name] = _decode(name, data["spec"])
+            except (TypeError, ValueError, KeyError) as exc:
+                unreadable[name] = f"its stored spec cannot be read ({type(exc).__name__}: {exc})"
         unusable = await self._catalog.adopt_shared({n: s for n, (s, _) in shared.items()})
+        unusable.update(unreadable)
         self._applied = version
-        for name, (spec, ignored) in shared.items():
+        for name in rows:
+            spec, ignored = shared.get(name, (None, []))
             self._say(name, int(rows[name]["version"]), spec, ignored, unusable.get(name, ""))
-        for name in set(self._said) - set(shared):
+        for name in set(self._said) - set(rows):
             del self._said[name]
 
-    def _say(self, name: str, version: int, spec: ModelSpec, ignored: list[str], why: str) -> None:
+    def _say(
+        self, name: str, version: int, spec: ModelSpec | None, ignored: list[str], why: str
+    ) -> None:
         """Log once per spec version what keeps this host from running the cluster's spec."""
         config = self._catalog.config_spec(name)
-        differ = diverging_fields(config, spec) if config is not None else []
+        differ = diverging_fields(config, spec) if config and spec else []
         said = f"{differ}|{ignored}|{why}"
         if self._said.get(name) == (version, said):
             return
