@@ -157,8 +157,10 @@ async def test_min_replicas_is_restored_on_another_host_after_kill9(
         leader = await leader_of(hosts)
         rows = await ready_keep(pg_dsn, 2, 30)
         assert len(rows) == 2
-        # Spread: the two replicas are on two hosts, and neither host started its own.
+        # Spread: the two replicas are on two hosts; no host kept a count of its own
+        # (that would be 2 per host).
         assert len({r["host_id"] for r in rows}) == 2
+        assert len(await db_rows(pg_dsn, "SELECT 1 FROM modeld_replicas")) == 2
         victim = next(r["host_id"] for r in rows if r["host_id"] != leader)
         dead = hosts[victim]
         started = time.monotonic()
