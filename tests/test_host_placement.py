@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from modeld.api import convert
 from modeld.capacity.resources import ResourceReader
-from modeld.clock import FakeClock
+from modeld.clock import FakeClock, SystemClock
 from modeld.cluster.hostcap import GRID, HostFigures, LocalFigures, capacities, figures_of
 from modeld.cluster.membership import Membership
 from modeld.cluster.view import ClusterView, RemoteHost, RemoteReplica
@@ -363,7 +363,7 @@ class Unreadable:
 
 async def test_unreadable_resources_publish_memory_as_unknown() -> None:
     reader: ResourceReader = Unreadable()  # type: ignore[assignment]
-    local = LocalFigures(["echo"], reader, lambda: [view("r")], lambda: 4)
+    local = LocalFigures(["echo"], reader, lambda: [view("r")], lambda: 4, SystemClock())
     figures = await local.read()
     assert (figures.backends, figures.gpu_total, figures.ram_total) == (("echo",), (), 0)
     assert (figures.loaded, figures.max_loaded, figures.evictable) == (1, 4, GIB)

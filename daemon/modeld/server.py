@@ -122,6 +122,7 @@ class Daemon:
                 self.reader,
                 router.views,
                 lambda: settings.current.max_loaded,
+                self.clock,
             )
             self.cluster = ClusterRouter(
                 self.config, router, self.clock, self.events, catalog=catalog, figures=figures.read

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from modeld.capacity.resources import ResourceReader
 from modeld.capacity.sampler import Sampler
+from modeld.clock import Clock
 from modeld.cluster.view import ClusterView, RemoteHost
 from modeld.policy.host_placement import HostCapacity
 from modeld.policy.view import HostView, ReplicaView
@@ -79,9 +80,10 @@ class LocalFigures:
         reader: ResourceReader,
         views: Callable[[], list[ReplicaView]],
         max_loaded: Callable[[], int],
+        clock: Clock,
     ) -> None:
         self._backends = tuple(backends)
-        self._sampler = Sampler(reader)
+        self._sampler = Sampler(reader, clock)
         self._views = views
         self._max_loaded = max_loaded
 

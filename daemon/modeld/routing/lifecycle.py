@@ -95,7 +95,7 @@ class Lifecycle:
             )
         pool = self._index.pool(model)
         servable = pool.servable()[:replicas]
-        pending = pool.pending_tasks()[: replicas - len(servable)]
+        pending = pool.claim_pending(replicas - len(servable))
         missing = replicas - len(servable) - len(pending)
         if missing > 0:
             self.check_open()
