@@ -273,7 +273,7 @@ class ClusterRouter:
         if hosts:
             raise FailedPrecondition(
                 f"model {name!r} has running replicas on host(s) {', '.join(hosts)}; "
-                "Unload it first (Load/Unload accept a host)"
+                "Unload it there first"
             )
         return await self.specs.delete(name)
 
