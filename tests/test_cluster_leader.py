@@ -173,7 +173,7 @@ async def test_min_replicas_is_restored_on_another_host_after_kill9(
         total = await db_rows(pg_dsn, "SELECT 1 FROM modeld_replicas WHERE model = 'keep'")
         survivors = [d for h, d in hosts.items() if h != victim]
         assert len(total) <= 3  # the dead host's row until it is reaped; never more
-        reply = await survivors[0].stub.Route(pb.RouteRequest(model="keep"), timeout=10)
+        reply = await survivors[0].stub.Route(pb.RouteRequest(model="keep"), timeout=30)
         assert not reply.cold_start
 
 
