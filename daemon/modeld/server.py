@@ -125,7 +125,7 @@ class Daemon:
                 self.clock,
             )
             self.cluster = ClusterRouter(
-                self.config, router, self.clock, self.events, figures=figures.read
+                self.config, router, self.clock, self.events, catalog=catalog, figures=figures.read
             )
             await self.cluster.start()
         await self._serve_grpc(catalog, router, settings)
@@ -275,16 +275,17 @@ class Daemon:
             views=router.views,
             observe=router.observe,
             evict=router.evict,
-            maintain=router.maintain if self._runs_backends else list,
+            maintain=router.maintain if self._keeps_min_replicas else list,
         )
 
     @property
-    def _runs_backends(self) -> bool:
-        """A cluster host with role "router" only routes: no min_replicas here."""
-        return self.config.cluster is None or self.config.cluster.role == "node"
+    def _keeps_min_replicas(self) -> bool:
+        """In a cluster, min_replicas counts the whole cluster and only its leader keeps
+        it (cluster/leader.py); a host keeping its own count too would fight it."""
+        return self.config.cluster is None
 
     async def _start_min_replicas(self, router: Router) -> None:
-        starts = router.maintain() if self._runs_backends else []
+        starts = router.maintain() if self._keeps_min_replicas else []
         if starts:
             log.info("min_replicas_starting", replicas=len(starts))
             await asyncio.wait(starts)

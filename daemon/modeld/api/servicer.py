@@ -192,7 +192,12 @@ class ModelControl(pb_grpc.ModelControlServicer):
     async def PutModel(self, request: pb.PutModelRequest, context: Ctx) -> pb.ModelSpec:
         if not request.HasField("spec"):
             raise InvalidArgument("spec is required")
-        spec = await self._catalog.put(convert.spec_from_proto(request.spec))
+        spec = convert.spec_from_proto(request.spec)
+        if self._cluster is not None:
+            # The cluster's spec: stored in PostgreSQL, applied on every host.
+            spec = await self._cluster.put_model(spec)
+        else:
+            spec = await self._catalog.put(spec)
         return convert.spec_to_proto(spec)
 
     @unary
@@ -204,7 +209,11 @@ class ModelControl(pb_grpc.ModelControlServicer):
             raise FailedPrecondition(
                 f"model {request.name!r} has running replicas; Unload it first"
             )
-        return pb.DeleteModelResponse(deleted=await self._catalog.delete(request.name))
+        if self._cluster is not None:
+            deleted = await self._cluster.delete_model(request.name)
+        else:
+            deleted = await self._catalog.delete(request.name)
+        return pb.DeleteModelResponse(deleted=deleted)
 
     @unary
     async def ListModels(

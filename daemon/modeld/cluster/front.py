@@ -6,6 +6,9 @@ to its owner, which leases from its own memory; a failed or stale owner means
 another replica, at most MAX_FORWARDS. With none left, a node starts the model
 itself (a router-role host refuses). Lease ids are `host_id~id`, so Release and
 RenewLease reach the owner from any modeld.
+
+It also holds the cluster's leader election (leader.py: min_replicas across the
+cluster) and its shared model specs (specs.py: PutModel/DeleteModel).
 """
 
 import dataclasses
@@ -18,6 +21,7 @@ from modeld.api import convert
 from modeld.clock import Clock
 from modeld.cluster.counters import ClusterCounters
 from modeld.cluster.forward import PeerFailed, Peers, forwarded_marker
+from modeld.cluster.leader import Leader
 from modeld.cluster.listing import (
     Here,
     HostEntry,
@@ -27,6 +31,7 @@ from modeld.cluster.listing import (
 )
 from modeld.cluster.membership import FiguresFn, Membership
 from modeld.cluster.ownload import OwnLoad
+from modeld.cluster.specs import SharedSpecs
 from modeld.cluster.store import ReplicaRow
 from modeld.cluster.view import RemoteReplica, pick_remote
 from modeld.config import Config
@@ -35,7 +40,9 @@ from modeld.ops.events import EventBus
 from modeld.ops.metrics import ClusterStats
 from modeld.routing.leases import Lease
 from modeld.routing.router import Router
+from modeld.spec import ModelSpec
 from modeld.state import LIVE, ReplicaState
+from modeld.storage.catalog import Catalog
 
 log = structlog.get_logger(__name__)
 MAX_FORWARDS = 3
@@ -52,6 +59,7 @@ class ClusterRouter:
         clock: Clock,
         events: EventBus,
         *,
+        catalog: Catalog,
         figures: FiguresFn | None = None,
     ) -> None:
         cfg = config.cluster
@@ -60,17 +68,41 @@ class ClusterRouter:
         self._router = router
         self._clock = clock
         self.peers = Peers(config)
-        self.membership = Membership(
-            cfg, _dsn(cfg.dsn, cfg.dsn_file), clock, events, self.rows, figures=figures
-        )
+        dsn = _dsn(cfg.dsn, cfg.dsn_file)
+        self.membership = Membership(cfg, dsn, clock, events, self.rows, figures=figures)
         self._own = OwnLoad()
         self.counters = ClusterCounters()
         self._forward_cap = max(1.0, min(5.0, cfg.host_ttl))
+        # As the membership's: every round fits in one host_ttl/3.
+        timeout = max(min(cfg.host_ttl / 3, 5.0), 1.0)
+        self.specs = SharedSpecs(
+            dsn=dsn,
+            host_id=cfg.host_id,
+            catalog=catalog,
+            membership=self.membership,
+            interval=cfg.host_ttl / 3,
+            timeout=timeout,
+        )
+        self.leader = Leader(
+            dsn=dsn,
+            host_id=cfg.host_id,
+            clock=clock,
+            membership=self.membership,
+            catalog=catalog,
+            peers=self.peers,
+            interval=cfg.host_ttl / 3,
+            timeout=timeout,
+            placement=cfg.placement,
+        )
 
     async def start(self) -> None:
         await self.membership.start()
+        await self.specs.start()
+        await self.leader.start()
 
     async def close(self) -> None:
+        await self.leader.close()
+        await self.specs.close()
         await self.membership.close()
         await self.peers.close()
 
@@ -271,6 +303,27 @@ class ClusterRouter:
         self.membership.require(f"loading model {request.model!r}")
         infos = await self._router.load(request.model, request.replicas or 1, deadline)
         return pb.LoadResponse(replicas=[convert.replica_to_proto(i) for i in infos])
+
+    # model specs, shared by the cluster
+
+    async def put_model(self, spec: ModelSpec) -> ModelSpec:
+        return await self.specs.put(spec)
+
+    async def delete_model(self, name: str) -> bool:
+        # This host's own replicas were checked from the router's memory (servicer).
+        hosts = sorted(
+            {
+                r.host_id
+                for r in self.membership.view.replicas.values()
+                if r.model == name and r.host_id != self.host_id
+            }
+        )
+        if hosts:
+            raise FailedPrecondition(
+                f"model {name!r} has running replicas on host(s) {', '.join(hosts)}; "
+                "Unload it there first"
+            )
+        return await self.specs.delete(name)
 
 
 def _dsn(dsn: str, dsn_file: str) -> str:

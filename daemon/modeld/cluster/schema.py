@@ -7,6 +7,10 @@ Tables (one writer per row: the host it names):
 - modeld_replicas: a host's replicas with their state, address, generation and
   published load; deleted with their host (reaping is `DELETE` of the host row).
 Writers NOTIFY `modeld_cluster` with their host id; receivers re-read that host.
+- modeld_models: the cluster's model specs (PutModel/DeleteModel on any host), each
+  with the version that last wrote it; modeld_models_version holds the version of
+  the whole set, bumped in the same transaction as every change, so one read gives a
+  consistent set and its version. Changes NOTIFY `modeld_models` (cluster/specs.py).
 """
 
 import asyncpg
@@ -17,6 +21,9 @@ CHANNEL = "modeld_cluster"
 # Serialises migrations of concurrently starting modelds; distinct from the reap lock.
 MIGRATE_LOCK = 0x6D6F64656C64_01
 REAP_LOCK = 0x6D6F64656C64_02
+# Held for as long as a host is the leader, on its own connection (cluster/leader.py).
+LEADER_LOCK = 0x6D6F64656C64_03
+SPECS_CHANNEL = "modeld_models"
 
 MIGRATIONS: tuple[str, ...] = (
     """
@@ -56,6 +63,17 @@ MIGRATIONS: tuple[str, ...] = (
         ADD COLUMN loaded integer NOT NULL DEFAULT 0,
         ADD COLUMN max_loaded integer NOT NULL DEFAULT 0,
         ADD COLUMN evictable bigint NOT NULL DEFAULT 0;
+    """,
+    """
+    CREATE TABLE modeld_models (
+        name text PRIMARY KEY,
+        spec jsonb NOT NULL,
+        version bigint NOT NULL,
+        updated_by text NOT NULL,
+        updated_at timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE TABLE modeld_models_version (version bigint NOT NULL);
+    INSERT INTO modeld_models_version (version) VALUES (0);
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
