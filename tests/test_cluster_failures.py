@@ -121,6 +121,11 @@ async def test_sigstop_past_ttl_is_fenced_and_reregisters(tmp_path: Path, pg_dsn
         assert reply.replica_id == replica.id and reply.lease_id.startswith("b~")
 
 
+# The outage of the issue: many host TTLs long, so every lease runs out in the database.
+OUTAGE_S = 30.0
+
+
+@pytest.mark.timeout(180)
 async def test_database_outage_keeps_warm_routes(tmp_path: Path, pg_dsn: str) -> None:
     target = urlsplit(pg_dsn)
     proxy = await FaultProxy.start(target.hostname or "127.0.0.1", target.port or 5432)
@@ -129,41 +134,87 @@ async def test_database_outage_keeps_warm_routes(tmp_path: Path, pg_dsn: str) ->
         async with running_cluster(tmp_path, dsn, ["a", "b"]) as hosts:
             a, b = hosts["a"], hosts["b"]
             replica = await load_on(b, "b")
-            await a.wait_log(sees_ready("b", replica.id), 10)
+            seen = await a.wait_log(sees_ready("b", replica.id), 10)
+            epochs = seen["hosts"]
             down = [after(d, event("cluster_db_down")) for d in (a, b)]
             up = [after(d, event("cluster_db_up")) for d in (a, b)]
-            registered = after(b, event("cluster_registered"))
-            seen_again = after(a, sees_ready("b", replica.id))
+            mark = {name: len(d.log) for name, d in hosts.items()}
             proxy.cut()
             await asyncio.gather(a.wait_log(down[0], 10), b.wait_log(down[1], 10))
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await a.stub.Load(pb.LoadRequest(model="echo"), timeout=10)
-            assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
-            assert "cluster database" in (refused.value.details() or "")
-            ok = failed = 0
-            # Longer than one TTL: every host's lease runs out in the database meanwhile.
-            loop = asyncio.get_running_loop()
-            until = loop.time() + 2 * HOST_TTL
-            while loop.time() < until or ok + failed < 200:
-                try:
-                    reply = await a.stub.Route(pb.RouteRequest(model="echo"), timeout=5)
-                    assert reply.replica_id == replica.id
-                    await a.stub.Release(pb.ReleaseRequest(lease_id=reply.lease_id), timeout=5)
-                    ok += 1
-                except grpc.aio.AioRpcError:
-                    failed += 1
+            await refused_fast(a, pb.LoadRequest(model="echo"), proxy.port)
+            await refused_fast(b, pb.LoadRequest(model="echo"), proxy.port)
+            ok, failed = await warm_routes(a, replica.id, OUTAGE_S)
+            print(f"warm routes during a {OUTAGE_S:.0f} s outage: {ok} ok, {failed} failed")
             assert ok / (ok + failed) >= 0.99, (ok, failed)
             proxy.restore()
             await asyncio.gather(a.wait_log(up[0], 15), b.wait_log(up[1], 15))
-            # b's lease expired during the outage: it re-registers, and nobody reaps it.
-            await b.wait_log(registered, 10)
-            await a.wait_log(seen_again, 10)
+            # b renews its own row, same epoch, within one heartbeat of its link coming back.
+            await until_db(
+                pg_dsn,
+                "SELECT host_id, epoch FROM modeld_hosts WHERE lease_expires_at > now()",
+                lambda rows: {r["host_id"]: r["epoch"] for r in rows} == epochs,
+                HOST_TTL + 5,
+            )
+            # Past the reap delay (one host_ttl after the link is back): nobody reaped.
+            with pytest.raises(TimeoutError):
+                await a.wait_log(after(a, event("cluster_host_reaped")), 2 * HOST_TTL)
+            for name, daemon in hosts.items():
+                since = daemon.log[mark[name] :]
+                for gone in ("cluster_host_reaped", "cluster_registered", "cluster_fenced"):
+                    assert not [e for e in since if e.get("event") == gone], (name, gone)
+                # b's replica never left a's view, not even for a moment.
+                views = [e for e in since if e.get("event") == "cluster_view_changed"]
+                assert all(f"b/{replica.id}" in e["ready"] for e in views), views
+                assert all(e["hosts"] == epochs for e in views), views
+            rows = await db_rows(pg_dsn, "SELECT host_id, epoch FROM modeld_hosts")
+            assert {r["host_id"]: r["epoch"] for r in rows} == epochs
+            # a's trust window is over: routing to b now means its view renewed b's lease.
             reply = await a.stub.Route(pb.RouteRequest(model="echo"), timeout=5)
-            assert reply.replica_id == replica.id
-            for daemon in (a, b):
-                assert not [e for e in daemon.log if e.get("event") == "cluster_host_reaped"]
+            assert reply.replica_id == replica.id and reply.lease_id.startswith("b~")
     finally:
         await proxy.close()
+
+
+async def until_db(
+    dsn: str, sql: str, ok: Callable[[list[Any]], bool], limit_s: float
+) -> list[Any]:
+    """Poll the database until `ok(rows)`; fail after `limit_s`."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + limit_s
+    while True:
+        rows = await db_rows(dsn, sql)
+        if ok(rows):
+            return rows
+        assert loop.time() < until, rows
+        await asyncio.sleep(0.1)
+
+
+async def refused_fast(daemon: DaemonProc, request: pb.LoadRequest, port: int) -> None:
+    """A Load needs the database: refused at once, with UNAVAILABLE naming it."""
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await daemon.stub.Load(request, timeout=10)
+    assert loop.time() - began < 2.0
+    assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+    details = refused.value.details() or ""
+    assert "cluster database" in details and f"127.0.0.1:{port}" in details, details
+
+
+async def warm_routes(via: DaemonProc, replica_id: str, seconds: float) -> tuple[int, int]:
+    """Route+Release pairs through `via` for `seconds`: (succeeded, failed)."""
+    ok = failed = 0
+    loop = asyncio.get_running_loop()
+    until = loop.time() + seconds
+    while loop.time() < until:
+        try:
+            reply = await via.stub.Route(pb.RouteRequest(model="echo"), timeout=5)
+            assert reply.replica_id == replica_id
+            await via.stub.Release(pb.ReleaseRequest(lease_id=reply.lease_id), timeout=5)
+            ok += 1
+        except grpc.aio.AioRpcError:
+            failed += 1
+    return ok, failed
 
 
 async def test_killed_listen_connection_reconnects_and_misses_nothing(

@@ -43,7 +43,7 @@ SELECT
 
 
 class Fenced(Exception):
-    """This host's row has another epoch, or expired: its writes no longer count."""
+    """This host's row has another epoch, or was reaped: its writes no longer count."""
 
 
 @dataclass(frozen=True)
@@ -99,10 +99,13 @@ class Store:
             return epoch
 
     async def heartbeat(self, epoch: int, ttl: float) -> None:
+        """Renew this epoch's lease. An expired row that nobody reaped is still ours:
+        after a database outage every lease has run out, and renewing it (rather than
+        a new epoch) is what keeps the cluster from churning once the link is back."""
         renewed = await self._pool.fetchval(
             """
             UPDATE modeld_hosts SET lease_expires_at = now() + make_interval(secs => $3)
-            WHERE host_id = $1 AND epoch = $2 AND lease_expires_at > now()
+            WHERE host_id = $1 AND epoch = $2
             RETURNING 1
             """,
             self._host,
@@ -117,8 +120,7 @@ class Store:
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
             live = await conn.fetchval(
                 """
-                SELECT 1 FROM modeld_hosts
-                WHERE host_id = $1 AND epoch = $2 AND lease_expires_at > now() FOR SHARE
+                SELECT 1 FROM modeld_hosts WHERE host_id = $1 AND epoch = $2 FOR SHARE
                 """,
                 self._host,
                 epoch,
@@ -168,6 +170,8 @@ class Store:
                 DELETE FROM modeld_hosts WHERE host_id = (
                     SELECT host_id FROM modeld_hosts WHERE lease_expires_at < now()
                     ORDER BY lease_expires_at LIMIT 1)
+                -- Checked again on the locked row: a heartbeat that just won stays.
+                AND lease_expires_at < now()
                 RETURNING host_id
                 """,
                 timeout=self._timeout,
