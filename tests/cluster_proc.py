@@ -6,15 +6,22 @@
 Each host has its own state dir, port and host_id; `host_ttl` is short so that
 failure tests stay quick. Daemons start concurrently; each is SERVING and
 registered (its `cluster_registered` log line) before the block runs.
+
+`start_host(..., netns=("modeld-x-0", "10.1.2.2"))` runs the daemon inside that
+network namespace (`ip netns exec`, which execs: the process is the daemon),
+listening on and advertising that address; its backends bind there too.
 """
 
 import asyncio
 import contextlib
+import os
+import sys
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import asyncpg
 
+from backend_proc import free_port
 from daemon_proc import ECHO_CATALOG, DaemonProc, start_daemon, write_config
 
 HOST_TTL = 2.0
@@ -29,14 +36,55 @@ def cluster_toml(dsn: str, host_id: str, ttl: float = HOST_TTL, extra: str = "")
 
 
 async def start_host(
-    tmp_path: Path, dsn: str, host_id: str, ttl: float = HOST_TTL, extra: str = ""
+    tmp_path: Path,
+    dsn: str,
+    host_id: str,
+    ttl: float = HOST_TTL,
+    extra: str = "",
+    netns: tuple[str, str] | None = None,
 ) -> DaemonProc:
     folder = tmp_path / host_id
     folder.mkdir(exist_ok=True)
-    config, addr = write_config(folder, cluster_toml(dsn, host_id, ttl, extra))
-    daemon = await start_daemon(config, addr)
+    if netns is None:
+        config, addr = write_config(folder, cluster_toml(dsn, host_id, ttl, extra))
+        daemon = await start_daemon(config, addr)
+    else:
+        daemon = await _start_in_netns(folder, dsn, host_id, ttl, extra, *netns)
     try:
         await daemon.wait_log(lambda e: e.get("event") == "cluster_registered", 20.0)
+    except BaseException:
+        await daemon.close()
+        raise
+    return daemon
+
+
+async def _start_in_netns(
+    folder: Path, dsn: str, host_id: str, ttl: float, extra: str, netns: str, address: str
+) -> DaemonProc:
+    # A fresh namespace has every port free; the daemon is alone on its address.
+    addr = f"{address}:{free_port()}"
+    (folder / "models").mkdir(exist_ok=True)
+    config = folder / "modeld.toml"
+    config.write_text(
+        f'listen = ["{addr}"]\nstate_dir = "{folder / "state"}"\n'
+        f'models_dir = "{folder / "models"}"\nlog_level = "debug"\nshutdown_grace = "5s"\n'
+        # Between namespaces is not loopback: plaintext must be allowed explicitly.
+        "allow_insecure_remote = true\n"
+        + cluster_toml(dsn, host_id, ttl, f'advertise = "{addr}"\nallow_insecure_remote = true\n')
+        + extra
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELD_")}
+    proc = await asyncio.create_subprocess_exec(
+        *("ip", "netns", "exec", netns, sys.executable, "-m", "modeld.cli.main", "serve"),
+        *("--config", str(config)),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    daemon = DaemonProc(proc, addr, config)
+    try:
+        await daemon.wait_serving()
     except BaseException:
         await daemon.close()
         raise
@@ -50,11 +98,17 @@ async def running_cluster(
     host_ids: Sequence[str],
     ttl: float = HOST_TTL,
     extra: str = "",
+    netns: Sequence[tuple[str, str]] | None = None,
 ) -> AsyncIterator[dict[str, DaemonProc]]:
-    """`dsn` may be one per host (e.g. some through a fault proxy)."""
+    """`dsn` may be one per host (e.g. some through a fault proxy); `netns` one
+    (namespace, address) per host."""
     dsns = [dsn] * len(host_ids) if isinstance(dsn, str) else list(dsn)
+    spaces: Sequence[tuple[str, str] | None] = netns or [None] * len(host_ids)
     started = await asyncio.gather(
-        *(start_host(tmp_path, d, h, ttl, extra) for d, h in zip(dsns, host_ids, strict=True)),
+        *(
+            start_host(tmp_path, d, h, ttl, extra, n)
+            for d, h, n in zip(dsns, host_ids, spaces, strict=True)
+        ),
         return_exceptions=True,
     )
     hosts = {h: d for h, d in zip(host_ids, started, strict=True) if isinstance(d, DaemonProc)}
