@@ -69,15 +69,28 @@ async def test_routes_land_on_the_owner_then_kill9_fails_over(tmp_path: Path, pg
         assert not again.released
 
         # kill -9 of host b, and of its backend (a dead host takes its backends along).
+        loop = asyncio.get_running_loop()
+        killed_at = loop.time()
         b.proc.kill()
         os.kill(replica.pid, signal.SIGKILL)
         await b.proc.wait()
-        lost = await a.stub.Release(pb.ReleaseRequest(lease_id=leases["c"]), timeout=10)
-        assert not lost.released
+        # Its leases died with it: released false, from any modeld, not an error.
+        for daemon, lease in ((a, leases["c"]), (c, leases["b"])):
+            lost = await daemon.stub.Release(pb.ReleaseRequest(lease_id=lease), timeout=10)
+            assert not lost.released
         for daemon in (a, c):
             reply = await daemon.stub.Route(pb.RouteRequest(model="echo"), timeout=30)
             assert reply.replica_id != replica.id
             assert reply.lease_id.startswith(("a~", "c~"))
+        # From host_ttl + 1 s after the kill on, no modeld even tries b.
+        await asyncio.sleep(max(0.0, killed_at + HOST_TTL + 1 - loop.time()))
+        tried = [after(d, event("cluster_forward_retry", replica_id=replica.id)) for d in (a, c)]
+        for daemon in (a, c, a, c):
+            reply = await daemon.stub.Route(pb.RouteRequest(model="echo"), timeout=10)
+            assert reply.lease_id.startswith(("a~", "c~"))
+            await daemon.stub.Release(pb.ReleaseRequest(lease_id=reply.lease_id), timeout=10)
+        for daemon, match in zip((a, c), tried, strict=True):
+            assert not [e for e in daemon.log if match(e)]
         reaped = [
             asyncio.ensure_future(d.wait_log(event("cluster_host_reaped", host_id="b"), 15))
             for d in (a, c)
@@ -94,6 +107,10 @@ async def test_routes_land_on_the_owner_then_kill9_fails_over(tmp_path: Path, pg
                 lambda e: e.get("event") == "cluster_view_changed" and "b" not in e["hosts"], 10
             )
             assert not any(r.startswith("b/") for r in view["ready"])
+            assert "b" not in view["hosts"]
+        # Reaped: a lease of b is still answered, released false.
+        gone = await c.stub.Release(pb.ReleaseRequest(lease_id=leases["a"]), timeout=10)
+        assert not gone.released
 
 
 async def test_sigstop_past_ttl_is_fenced_and_reregisters(tmp_path: Path, pg_dsn: str) -> None:
@@ -111,7 +128,10 @@ async def test_sigstop_past_ttl_is_fenced_and_reregisters(tmp_path: Path, pg_dsn
             seen_again = after(a, sees_ready("b", replica.id))
         finally:
             b.proc.send_signal(signal.SIGCONT)
+        fenced = after(b, event("cluster_fenced", epoch=registered["epoch"]))
         again = await b.wait_log(reregistered, 10)
+        # Its first write after SIGCONT, under the old epoch, was refused.
+        assert [e for e in b.log if fenced(e)]
         assert again["epoch"] > registered["epoch"]
         assert again["replicas"] == 1
         await a.wait_log(seen_again, 10)
@@ -119,6 +139,11 @@ async def test_sigstop_past_ttl_is_fenced_and_reregisters(tmp_path: Path, pg_dsn
         assert [(r["replica_id"], r["epoch"]) for r in rows] == [(replica.id, again["epoch"])]
         reply = await a.stub.Route(pb.RouteRequest(model="echo"), timeout=10)
         assert reply.replica_id == replica.id and reply.lease_id.startswith("b~")
+        # Never twice: every view a logged showed b under one epoch and its replica once.
+        for entry in a.log:
+            if entry.get("event") == "cluster_view_changed":
+                assert entry["ready"].count(f"b/{replica.id}") <= 1, entry
+                assert entry["hosts"].get("b") in (None, registered["epoch"], again["epoch"])
 
 
 # The outage of the issue: many host TTLs long, so every lease runs out in the database.
@@ -220,23 +245,46 @@ async def warm_routes(via: DaemonProc, replica_id: str, seconds: float) -> tuple
 async def test_killed_listen_connection_reconnects_and_misses_nothing(
     tmp_path: Path, pg_dsn: str
 ) -> None:
-    async with running_cluster(tmp_path, pg_dsn, ["a", "b"]) as hosts:
+    # A long TTL: the periodic resync (every host_ttl / 3 = 20 s) cannot be what
+    # brings the change; only the resync on reconnecting, or a notification, can.
+    ttl = 60.0
+    async with running_cluster(tmp_path, pg_dsn, ["a", "b"], ttl=ttl) as hosts:
         a, b = hosts["a"], hosts["b"]
         lost = after(a, event("cluster_listen_lost"))
         listening = after(a, event("cluster_listening"))
-        killed = await db_rows(
-            pg_dsn,
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE application_name = 'modeld-listen/a'",
-        )
-        assert [r[0] for r in killed] == [True]
+        # a is stopped while its LISTEN connection is killed and b changes: the
+        # notification is sent while a has no LISTEN connection at all.
+        a.proc.send_signal(signal.SIGSTOP)
+        try:
+            # pg_stat_activity spans every database: other runs have hosts named a too.
+            mine = "datname = current_database() AND application_name = 'modeld-listen/a'"
+            killed = await db_rows(
+                pg_dsn, f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE {mine}"
+            )
+            assert [r[0] for r in killed] == [True]
+            await until_db(
+                pg_dsn, f"SELECT pid FROM pg_stat_activity WHERE {mine}", lambda r: r == [], 10
+            )
+            replica = await load_on(b, "b")
+            seen = after(a, sees_ready("b", replica.id))
+        finally:
+            a.proc.send_signal(signal.SIGCONT)
+        loop = asyncio.get_running_loop()
+        resumed = loop.time()
         await a.wait_log(lost, 10)
-        # Changed while a may not be listening: the resync after reconnecting must see it.
-        replica = await load_on(b, "b")
         await a.wait_log(listening, 10)
-        await a.wait_log(sees_ready("b", replica.id), 10)
+        view = await a.wait_log(seen, 10)
+        assert a.log.index(view) > a.log.index(next(e for e in a.log if listening(e)))
+        assert loop.time() - resumed < ttl / 3
         reply = await a.stub.Route(pb.RouteRequest(model="echo"), timeout=10)
         assert reply.replica_id == replica.id
+        await a.stub.Release(pb.ReleaseRequest(lease_id=reply.lease_id), timeout=10)
+        # Listening again: b's next change arrives by notification, long before a resync.
+        unloaded = after(a, lambda e: e.get("event") == "cluster_view_changed" and not e["ready"])
+        changed_at = loop.time()
+        await b.stub.Unload(pb.UnloadRequest(model="echo"), timeout=30)
+        await a.wait_log(unloaded, 10)
+        assert loop.time() - changed_at < ttl / 3
 
 
 async def test_owner_checks_replica_identity_before_leasing(tmp_path: Path, pg_dsn: str) -> None:
