@@ -25,6 +25,8 @@ from backend_proc import free_port
 from daemon_proc import ECHO_CATALOG, DaemonProc, start_daemon, write_config
 
 HOST_TTL = 2.0
+# Several daemons start at once, on a CI machine that may be busy: generous.
+START_S = 60.0
 
 
 def cluster_toml(dsn: str, host_id: str, ttl: float = HOST_TTL, extra: str = "") -> str:
@@ -39,6 +41,7 @@ async def start_host(
     tmp_path: Path,
     dsn: str,
     host_id: str,
+    *,
     ttl: float = HOST_TTL,
     extra: str = "",
     netns: tuple[str, str] | None = None,
@@ -47,20 +50,21 @@ async def start_host(
     folder.mkdir(exist_ok=True)
     if netns is None:
         config, addr = write_config(folder, cluster_toml(dsn, host_id, ttl, extra))
-        daemon = await start_daemon(config, addr)
+        daemon = await start_daemon(config, addr, wait=False)
     else:
-        daemon = await _start_in_netns(folder, dsn, host_id, ttl, extra, *netns)
+        text = cluster_toml(dsn, host_id, ttl, extra)
+        daemon = await _start_in_netns(folder, text, *netns)
     try:
-        await daemon.wait_log(lambda e: e.get("event") == "cluster_registered", 20.0)
+        await daemon.wait_serving(START_S)
+        await daemon.wait_log(lambda e: e.get("event") == "cluster_registered", START_S)
     except BaseException:
         await daemon.close()
         raise
     return daemon
 
 
-async def _start_in_netns(
-    folder: Path, dsn: str, host_id: str, ttl: float, extra: str, netns: str, address: str
-) -> DaemonProc:
+async def _start_in_netns(folder: Path, cluster: str, netns: str, address: str) -> DaemonProc:
+    """`cluster`: the config after the top-level keys, its [cluster] table last."""
     # A fresh namespace has every port free; the daemon is alone on its address.
     addr = f"{address}:{free_port()}"
     (folder / "models").mkdir(exist_ok=True)
@@ -70,8 +74,8 @@ async def _start_in_netns(
         f'models_dir = "{folder / "models"}"\nlog_level = "debug"\nshutdown_grace = "5s"\n'
         # Between namespaces is not loopback: plaintext must be allowed explicitly.
         "allow_insecure_remote = true\n"
-        + cluster_toml(dsn, host_id, ttl, f'advertise = "{addr}"\nallow_insecure_remote = true\n')
-        + extra
+        + cluster
+        + f'advertise = "{addr}"\nallow_insecure_remote = true\n'
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODELD_")}
     proc = await asyncio.create_subprocess_exec(
@@ -82,13 +86,7 @@ async def _start_in_netns(
         stderr=asyncio.subprocess.PIPE,
         env=env,
     )
-    daemon = DaemonProc(proc, addr, config)
-    try:
-        await daemon.wait_serving()
-    except BaseException:
-        await daemon.close()
-        raise
-    return daemon
+    return DaemonProc(proc, addr, config)
 
 
 @contextlib.asynccontextmanager
@@ -96,6 +94,7 @@ async def running_cluster(
     tmp_path: Path,
     dsn: str | Sequence[str],
     host_ids: Sequence[str],
+    *,
     ttl: float = HOST_TTL,
     extra: str = "",
     netns: Sequence[tuple[str, str]] | None = None,
@@ -106,7 +105,7 @@ async def running_cluster(
     spaces: Sequence[tuple[str, str] | None] = netns or [None] * len(host_ids)
     started = await asyncio.gather(
         *(
-            start_host(tmp_path, d, h, ttl, extra, n)
+            start_host(tmp_path, d, h, ttl=ttl, extra=extra, netns=n)
             for d, h, n in zip(dsns, host_ids, spaces, strict=True)
         ),
         return_exceptions=True,

@@ -20,7 +20,7 @@ from daemon_proc import DaemonProc
 from faultproxy import FaultProxy
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = pytest.mark.timeout(150)
 
 
 def after(daemon: DaemonProc, match: Callable[[dict[str, Any]], bool]) -> Callable[..., Any]:
@@ -150,7 +150,7 @@ async def test_sigstop_past_ttl_is_fenced_and_reregisters(tmp_path: Path, pg_dsn
 OUTAGE_S = 30.0
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(240)
 async def test_database_outage_keeps_warm_routes(tmp_path: Path, pg_dsn: str) -> None:
     target = urlsplit(pg_dsn)
     proxy = await FaultProxy.start(target.hostname or "127.0.0.1", target.port or 5432)

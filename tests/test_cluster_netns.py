@@ -31,7 +31,7 @@ from faultproxy import FaultProxy
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from test_cluster_failures import after, event, load_on, sees_ready
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(180)
 
 
 def ip(*args: str) -> str:
@@ -177,7 +177,10 @@ async def test_host_cut_off_its_network_is_routed_around_then_rejoins(
             assert not [e for e in a.log if tried_b(e)]
             print(f"10 Route+Release pairs after the cut took {loop.time() - began:.3f} s")
             await asyncio.wait(
-                [asyncio.ensure_future(d.wait_log(m, 15)) for d, m in zip((a, c), reaped)],
+                [
+                    asyncio.ensure_future(d.wait_log(m, 15))
+                    for d, m in zip((a, c), reaped, strict=True)
+                ],
                 return_when=asyncio.FIRST_COMPLETED,
             )
             for daemon in (a, c):
@@ -193,9 +196,11 @@ async def test_host_cut_off_its_network_is_routed_around_then_rejoins(
             assert again["epoch"] > first["epoch"] and again["replicas"] == 1
             for daemon in (a, c):
                 view = await daemon.wait_log(
-                    lambda e: e.get("event") == "cluster_view_changed"
-                    and e["hosts"].get("b") == again["epoch"]
-                    and f"b/{on_b.id}" in e["ready"],
+                    lambda e: (
+                        e.get("event") == "cluster_view_changed"
+                        and e["hosts"].get("b") == again["epoch"]
+                        and f"b/{on_b.id}" in e["ready"]
+                    ),
                     15,
                 )
                 assert sorted(view["ready"]) == sorted([f"b/{on_b.id}", f"c/{on_c.id}"])
