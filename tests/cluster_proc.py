@@ -10,19 +10,24 @@ registered (its `cluster_registered` log line) before the block runs.
 `start_host(..., netns=("modeld-x-0", "10.1.2.2"))` runs the daemon inside that
 network namespace (`ip netns exec`, which execs: the process is the daemon),
 listening on and advertising that address; its backends bind there too.
+
+Helpers for the tests: log matchers (`event`, `sees_ready`, `after`: only lines
+logged from now on), `load_on` (Load on a named host), `db_rows`/`until_db`.
 """
 
 import asyncio
 import contextlib
 import os
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 
 from backend_proc import free_port
 from daemon_proc import ECHO_CATALOG, DaemonProc, start_daemon, write_config
+from modeld._proto.modeld.v1 import modeld_pb2 as pb
 
 HOST_TTL = 2.0
 # Several daemons start at once, on a CI machine that may be busy: generous.
@@ -134,3 +139,40 @@ async def db_rows(dsn: str, sql: str, *args: object) -> list[asyncpg.Record]:
         return rows
     finally:
         await conn.close()
+
+
+def after(daemon: DaemonProc, match: Callable[[dict[str, Any]], bool]) -> Callable[..., Any]:
+    """A log matcher that only accepts lines logged from now on."""
+    seen = {id(e) for e in daemon.log}
+    return lambda e: id(e) not in seen and match(e)
+
+
+def sees_ready(host: str, replica_id: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda e: (
+        e.get("event") == "cluster_view_changed" and f"{host}/{replica_id}" in e.get("ready", [])
+    )
+
+
+def event(name: str, **fields: object) -> Callable[[dict[str, Any]], bool]:
+    return lambda e: e.get("event") == name and all(e.get(k) == v for k, v in fields.items())
+
+
+async def load_on(via: DaemonProc, host: str, model: str = "echo") -> pb.Replica:
+    reply = await via.stub.Load(pb.LoadRequest(model=model, host=host), timeout=30)
+    assert len(reply.replicas) == 1
+    replica: pb.Replica = reply.replicas[0]
+    return replica
+
+
+async def until_db(
+    dsn: str, sql: str, ok: Callable[[list[Any]], bool], limit_s: float
+) -> list[Any]:
+    """Poll the database until `ok(rows)`; fail after `limit_s`."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + limit_s
+    while True:
+        rows = await db_rows(dsn, sql)
+        if ok(rows):
+            return rows
+        assert loop.time() < until, rows
+        await asyncio.sleep(0.1)

@@ -7,43 +7,28 @@ Host TTL is 2 s (cluster_proc.HOST_TTL), so each test takes a few seconds.
 import asyncio
 import os
 import signal
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
 import pytest
 
-from cluster_proc import HOST_TTL, db_rows, running_cluster, start_host
+from cluster_proc import (
+    HOST_TTL,
+    after,
+    db_rows,
+    event,
+    load_on,
+    running_cluster,
+    sees_ready,
+    start_host,
+    until_db,
+)
 from daemon_proc import DaemonProc
 from faultproxy import FaultProxy
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 
 pytestmark = pytest.mark.timeout(150)
-
-
-def after(daemon: DaemonProc, match: Callable[[dict[str, Any]], bool]) -> Callable[..., Any]:
-    """A log matcher that only accepts lines logged from now on."""
-    seen = {id(e) for e in daemon.log}
-    return lambda e: id(e) not in seen and match(e)
-
-
-def sees_ready(host: str, replica_id: str) -> Callable[[dict[str, Any]], bool]:
-    return lambda e: (
-        e.get("event") == "cluster_view_changed" and f"{host}/{replica_id}" in e.get("ready", [])
-    )
-
-
-def event(name: str, **fields: object) -> Callable[[dict[str, Any]], bool]:
-    return lambda e: e.get("event") == name and all(e.get(k) == v for k, v in fields.items())
-
-
-async def load_on(via: DaemonProc, host: str, model: str = "echo") -> pb.Replica:
-    reply = await via.stub.Load(pb.LoadRequest(model=model, host=host), timeout=30)
-    assert len(reply.replicas) == 1
-    replica: pb.Replica = reply.replicas[0]
-    return replica
 
 
 async def test_routes_land_on_the_owner_then_kill9_fails_over(tmp_path: Path, pg_dsn: str) -> None:
@@ -198,20 +183,6 @@ async def test_database_outage_keeps_warm_routes(tmp_path: Path, pg_dsn: str) ->
             assert reply.replica_id == replica.id and reply.lease_id.startswith("b~")
     finally:
         await proxy.close()
-
-
-async def until_db(
-    dsn: str, sql: str, ok: Callable[[list[Any]], bool], limit_s: float
-) -> list[Any]:
-    """Poll the database until `ok(rows)`; fail after `limit_s`."""
-    loop = asyncio.get_running_loop()
-    until = loop.time() + limit_s
-    while True:
-        rows = await db_rows(dsn, sql)
-        if ok(rows):
-            return rows
-        assert loop.time() < until, rows
-        await asyncio.sleep(0.1)
 
 
 async def refused_fast(daemon: DaemonProc, request: pb.LoadRequest, port: int) -> None:

@@ -25,11 +25,10 @@ from urllib.parse import urlsplit
 import grpc
 import pytest
 
-from cluster_proc import HOST_TTL, db_rows, running_cluster
+from cluster_proc import HOST_TTL, after, db_rows, event, load_on, running_cluster, sees_ready
 from daemon_proc import DaemonProc
 from faultproxy import FaultProxy
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
-from test_cluster_failures import after, event, load_on, sees_ready
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -111,14 +110,17 @@ def _why_no_netns() -> str | None:
     return None
 
 
+_WHY_NOT = _why_no_netns()
+if _WHY_NOT is not None:
+    # Once for the whole module: one line, not one per test.
+    _MESSAGE = f"cluster network namespace tests need root and `ip netns`: {_WHY_NOT}"
+    if os.environ.get("MODELD_REQUIRE_NETNS") == "1":
+        pytest.fail(_MESSAGE + " (MODELD_REQUIRE_NETNS=1)", pytrace=False)
+    pytest.skip(_MESSAGE + "; skipped", allow_module_level=True)
+
+
 @pytest.fixture
 def spaces() -> Iterator[Namespaces]:
-    why = _why_no_netns()
-    if why is not None:
-        message = f"network namespace tests skipped: {why}"
-        if os.environ.get("MODELD_REQUIRE_NETNS") == "1":
-            pytest.fail(message + " (MODELD_REQUIRE_NETNS=1)")
-        pytest.skip(message)
     made = Namespaces(3)
     try:
         made.create()
