@@ -14,12 +14,14 @@ import asyncio
 import contextlib
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
@@ -42,7 +44,10 @@ class Namespaces:
     """`count` network namespaces on one bridge; host i has `address(i)`."""
 
     def __init__(self, count: int) -> None:
-        tag = uuid.uuid4().hex[:6]
+        # The creating process's pid is in every name, so that a later run can sweep
+        # what a killed run left (sweep_left_over); the random part tells runs of
+        # one process apart. At most 12 + 1 characters: link names stop at 15.
+        tag = f"{os.getpid():x}{uuid.uuid4().hex[:2]}"
         self.bridge = f"mdb{tag}"
         self.names = [f"modeld-{tag}-{i}" for i in range(count)]
         self._veths = [f"mdv{tag}{i}" for i in range(count)]
@@ -98,6 +103,28 @@ class Namespaces:
             ip("link", "delete", self.bridge)
 
 
+_OURS = re.compile(r"(?:modeld-|mdb)([0-9a-f]+)[0-9a-f]{2}\b")
+
+
+def sweep_left_over() -> None:
+    """Delete namespaces and bridges of earlier runs whose process is gone (a run
+    killed outright never reaches its own clean-up)."""
+    names = [line.split()[0] for line in ip("netns", "list").splitlines() if line.strip()]
+    bridges = [
+        line.split(":")[1].strip()
+        for line in ip("-o", "link", "show", "type", "bridge").splitlines()
+    ]
+    for name in names + bridges:
+        found = _OURS.match(name)
+        if found is None or Path(f"/proc/{int(found[1], 16)}").exists():
+            continue
+        with contextlib.suppress(subprocess.CalledProcessError):
+            if name in names:
+                ip("netns", "delete", name)
+            else:
+                ip("link", "delete", name)
+
+
 def _why_no_netns() -> str | None:
     if os.geteuid() != 0:
         return "not root"
@@ -121,6 +148,7 @@ if _WHY_NOT is not None:
 
 @pytest.fixture
 def spaces() -> Iterator[Namespaces]:
+    sweep_left_over()
     made = Namespaces(3)
     try:
         made.create()
@@ -266,8 +294,15 @@ async def test_reused_backend_address_is_never_routed_under_the_old_identity(
             await a.wait_log(down, 10)
             os.kill(old.pid, signal.SIGKILL)
             await crashed(b, old)
-            new = await load_on(b, "b")
-            spaces.sysctl(1, "net.ipv4.ip_local_port_range", "32768 60999")
+            # The replacement picks its port at spawn; the range is widened again at
+            # once, since b's own connections (probes, LoadModel) need ports too.
+            spawned = after(b, lambda e: e.get("event") == "replica_state" and spawn_of(e))
+            loading = asyncio.ensure_future(load_on(b, "b"))
+            try:
+                await b.wait_log(spawned, 30)
+            finally:
+                spaces.sysctl(1, "net.ipv4.ip_local_port_range", "32768 60999")
+            new = await loading
             assert new.address == old.address and new.id != old.id, (old, new)
 
             # a still believes in the old (id, generation): b refuses that identity, and
@@ -295,6 +330,10 @@ async def test_reused_backend_address_is_never_routed_under_the_old_identity(
     finally:
         await proxy.close()
         await a_proxy.close()
+
+
+def spawn_of(entry: dict[str, Any]) -> bool:
+    return str(entry.get("reason", "")).startswith("spawned pid ")
 
 
 async def crashed(daemon: DaemonProc, old: pb.Replica) -> None:
