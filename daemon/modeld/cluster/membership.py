@@ -205,8 +205,7 @@ class Membership:
         await store.heartbeat(self.epoch, self._cfg.host_ttl)
 
     async def _resync(self, store: Store) -> None:
-        sent = self._clock.monotonic()
-        self._apply(await store.read(None), None, sent)
+        self._apply(await store.read(None), None)
 
     async def _reap(self, store: Store) -> None:
         now = self._clock.monotonic()
@@ -218,10 +217,9 @@ class Membership:
             self._pending.add(host)
             self._reread_wake.set()
 
-    def _apply(self, snap: Snapshot, host_ids: Sequence[str] | None, sent: float) -> None:
-        """`sent`: when the read was sent. Leases are counted from then, not from the
-        reply: a slow read must not keep a dead host routable past its TTL."""
-        hosts = [_host(h, sent) for h in snap.hosts]
+    def _apply(self, snap: Snapshot, host_ids: Sequence[str] | None) -> None:
+        now = self._clock.monotonic()
+        hosts = [_host(h, now) for h in snap.hosts]
         replicas = [_replica(r) for r in snap.replicas]
         before = self._shape()
         if host_ids is None:
@@ -288,8 +286,7 @@ class Membership:
             hosts, self._pending = sorted(self._pending), set()
 
             async def step(store: Store, hosts: list[str] = hosts) -> None:
-                sent = self._clock.monotonic()
-                self._apply(await store.read(hosts), hosts, sent)
+                self._apply(await store.read(hosts), hosts)
 
             # On failure, the resync once the link is back covers these hosts.
             await self._db(step)
