@@ -124,6 +124,8 @@ async def test_sigstop_past_ttl_is_fenced_and_reregisters(tmp_path: Path, pg_dsn
         assert [(r["replica_id"], r["epoch"]) for r in rows] == [(replica.id, again["epoch"])]
         reply = await a.stub.Route(pb.RouteRequest(model="echo"), timeout=10)
         assert reply.replica_id == replica.id and reply.lease_id.startswith("b~")
+        # One new epoch: a stale write's refusal, arriving late, did not fence it again.
+        assert len([e for e in b.log if reregistered(e)]) == 1
         # Never twice: every view a logged showed b under one epoch and its replica once.
         for entry in a.log:
             if entry.get("event") == "cluster_view_changed":

@@ -43,7 +43,12 @@ SELECT
 
 
 class Fenced(Exception):
-    """This host's row has another epoch, or was reaped: its writes no longer count."""
+    """This host's row has another epoch, or was reaped: writes under `epoch` no longer
+    count."""
+
+    def __init__(self, host_id: str, epoch: int) -> None:
+        super().__init__(f"{host_id} epoch {epoch}")
+        self.epoch = epoch
 
 
 @dataclass(frozen=True)
@@ -114,7 +119,7 @@ class Store:
             timeout=self._timeout,
         )
         if renewed is None:
-            raise Fenced(self._host)
+            raise Fenced(self._host, epoch)
 
     async def publish(self, epoch: int, rows: Sequence[ReplicaRow], gone: Sequence[str]) -> None:
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
@@ -127,7 +132,7 @@ class Store:
                 timeout=self._timeout,
             )
             if live is None:
-                raise Fenced(self._host)
+                raise Fenced(self._host, epoch)
             await self._write_rows(conn, epoch, rows, gone)
 
     async def _write_rows(
