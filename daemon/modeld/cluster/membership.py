@@ -188,7 +188,11 @@ class Membership:
             await step(await self._connect())
         except RegistryError:
             raise
-        except Fenced:
+        except Fenced as fenced:
+            if fenced.epoch != self.epoch:
+                # A write still under an epoch already replaced: old news, and
+                # clearing the new epoch would register yet another one.
+                return False
             log.warning("cluster_fenced", host_id=self._cfg.host_id, epoch=self.epoch)
             self.epoch = None
             self._tick.set()

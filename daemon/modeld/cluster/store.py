@@ -55,7 +55,12 @@ RETURNING 1
 
 
 class Fenced(Exception):
-    """This host's row has another epoch, or expired: its writes no longer count."""
+    """This host's row has another epoch, or was reaped: writes under `epoch` no longer
+    count."""
+
+    def __init__(self, host_id: str, epoch: int) -> None:
+        super().__init__(f"{host_id} epoch {epoch}")
+        self.epoch = epoch
 
 
 @dataclass(frozen=True)
@@ -115,10 +120,13 @@ class Store:
             return epoch
 
     async def heartbeat(self, epoch: int, ttl: float) -> None:
+        """Renew this epoch's lease. An expired row that nobody reaped is still ours:
+        after a database outage every lease has run out, and renewing it (rather than
+        a new epoch) is what keeps the cluster from churning once the link is back."""
         renewed = await self._pool.fetchval(
             """
             UPDATE modeld_hosts SET lease_expires_at = now() + make_interval(secs => $3)
-            WHERE host_id = $1 AND epoch = $2 AND lease_expires_at > now()
+            WHERE host_id = $1 AND epoch = $2
             RETURNING 1
             """,
             self._host,
@@ -127,21 +135,20 @@ class Store:
             timeout=self._timeout,
         )
         if renewed is None:
-            raise Fenced(self._host)
+            raise Fenced(self._host, epoch)
 
     async def publish(self, epoch: int, rows: Sequence[ReplicaRow], gone: Sequence[str]) -> None:
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
             live = await conn.fetchval(
                 """
-                SELECT 1 FROM modeld_hosts
-                WHERE host_id = $1 AND epoch = $2 AND lease_expires_at > now() FOR SHARE
+                SELECT 1 FROM modeld_hosts WHERE host_id = $1 AND epoch = $2 FOR SHARE
                 """,
                 self._host,
                 epoch,
                 timeout=self._timeout,
             )
             if live is None:
-                raise Fenced(self._host)
+                raise Fenced(self._host, epoch)
             await self._write_rows(conn, epoch, rows, gone)
 
     async def publish_host(self, epoch: int, figures: HostFigures) -> None:
@@ -212,6 +219,8 @@ class Store:
                 DELETE FROM modeld_hosts WHERE host_id = (
                     SELECT host_id FROM modeld_hosts WHERE lease_expires_at < now()
                     ORDER BY lease_expires_at LIMIT 1)
+                -- Checked again on the locked row: a heartbeat that just won stays.
+                AND lease_expires_at < now()
                 RETURNING host_id
                 """,
                 timeout=self._timeout,
