@@ -49,7 +49,7 @@ SELECT
 _FIGURES = """
 UPDATE modeld_hosts SET backends = $3, gpu_free = $4, gpu_total = $5, ram_free = $6,
     ram_total = $7, loaded = $8, max_loaded = $9, evictable = $10
-WHERE host_id = $1 AND epoch = $2 AND lease_expires_at > now()
+WHERE host_id = $1 AND epoch = $2
 RETURNING 1
 """
 
@@ -177,7 +177,7 @@ class Store:
             timeout=self._timeout,
         )
         if written is None:
-            raise Fenced(self._host)
+            raise Fenced(self._host, epoch)
 
     async def _write_rows(
         self,
