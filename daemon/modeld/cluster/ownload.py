@@ -2,9 +2,9 @@
 
 Owners publish load at most once a second, so a forwarder that picked only by
 published figures would send a whole burst to one replica. It adds what it knows
-itself: forwards still in flight, and leases it obtained (minus those released
-through it) since the replica's row was last read. A new row resets that count,
-since the owner's figure then includes them.
+itself: forwards still in flight, the owner's own figure that came back with its
+last answer to a forwarded Route, and leases released through this host since.
+A new row resets that correction, since the owner's figure then includes them.
 """
 
 from collections import Counter, OrderedDict
@@ -19,7 +19,7 @@ MAX_TRACKED_LEASES = 100_000
 class OwnLoad:
     def __init__(self) -> None:
         self._pending: Counter[str] = Counter()
-        # replica id → (the row the count is relative to, leases since that row)
+        # replica id → (the row a correction is relative to, the correction to its in-flight)
         self._since: dict[str, tuple[RemoteReplica, int]] = {}
         self._leases: OrderedDict[str, RemoteReplica] = OrderedDict()
 
@@ -39,13 +39,19 @@ class OwnLoad:
             del self._pending[replica.id]
 
     def granted(self, row: RemoteReplica | None, lease_id: str) -> None:
-        """A forwarded Route got `lease_id` on the replica whose current row is `row`."""
+        """A forwarded Route got `lease_id` on the replica whose current row is `row`
+        (counted by the `observed` figure that came with it; remembered for Release)."""
         if row is None:
             return
-        self._shift(row, +1)
         self._leases[lease_id] = row
         if len(self._leases) > MAX_TRACKED_LEASES:
             self._leases.popitem(last=False)
+
+    def observed(self, row: RemoteReplica | None, in_flight: int) -> None:
+        """The owner answered a forwarded Route with the replica's in-flight: exact
+        for now, so it replaces the estimate until the next row."""
+        if row is not None:
+            self._since[row.id] = (row, in_flight - row.in_flight)
 
     def row_of(self, lease_id: str) -> RemoteReplica | None:
         return self._leases.get(lease_id)
