@@ -31,17 +31,18 @@ ERRORS: dict[grpc.StatusCode, type[errors.ModeldError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
     grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceeded,
 }
-# A forwarded Route that ends in one of these is retried on another replica
-# (CANCELLED: its channel was closed because the host left the view).
+# A forwarded Route that ends in one of these is retried on another replica.
 RETRY_CODES = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
         grpc.StatusCode.NOT_FOUND,
         grpc.StatusCode.FAILED_PRECONDITION,
         grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.CANCELLED,
     }
 )
+
+
+LEFT = "the call was cut: the host left the cluster view"
 
 
 class PeerFailed(Exception):
@@ -141,6 +142,9 @@ class Peers:
             if exc.code() in RETRY_CODES:
                 raise PeerFailed(host.host_id, exc.code(), exc.details() or "") from None
             raise _domain(host.host_id, exc) from None
+        except asyncio.CancelledError:
+            _reraise_if_cancelled()
+            raise PeerFailed(host.host_id, grpc.StatusCode.CANCELLED, LEFT) from None
         return reply
 
     async def release(self, host: RemoteHost, request: pb.ReleaseRequest, limit_s: float) -> bool:
@@ -167,6 +171,9 @@ class Peers:
             )
         except grpc.aio.AioRpcError as exc:
             raise _domain(host.host_id, exc) from None
+        except asyncio.CancelledError:
+            _reraise_if_cancelled()
+            raise errors.Unavailable(f"host {host.host_id}: {LEFT}") from None
 
     async def close(self) -> None:
         for channel, _stub in self._peers.values():
@@ -174,6 +181,14 @@ class Peers:
         self._peers.clear()
         if self._closing:
             await asyncio.gather(*self._closing)
+
+
+def _reraise_if_cancelled() -> None:
+    """A call on a channel `forget` closed ends in CancelledError although nobody
+    cancelled this task: only a real cancellation of the task goes on as one."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _domain(host: str, exc: grpc.aio.AioRpcError) -> errors.ModeldError:
