@@ -42,6 +42,9 @@ RETRY_CODES = frozenset(
 )
 
 
+# Forwarded calls are never retried by gRPC itself (the forwarder picks another
+# replica), and need no channelz bookkeeping: both cost on every call.
+FAST = (("grpc.enable_retries", 0), ("grpc.enable_channelz", 0))
 LEFT = "the call was cut: the host left the cluster view"
 
 
@@ -108,7 +111,7 @@ class Peers:
         # The stub is cached with its channel: building one creates a callable per RPC.
         peer = self._peers.get(address)
         if peer is None:
-            options = [("grpc.max_receive_message_length", self._limit)]
+            options = [("grpc.max_receive_message_length", self._limit), *FAST]
             channel = (
                 grpc.aio.secure_channel(address, self._creds, options)
                 if self._creds is not None
