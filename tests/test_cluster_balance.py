@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster_proc import running_cluster
+from cluster_proc import running_cluster, start_host
 from daemon_proc import DaemonProc
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 
@@ -113,3 +113,33 @@ async def test_in_flight_stays_balanced_over_three_hosts(
         busy = [s for s in samples if sum(s.values()) >= CLIENTS - 3]
         assert len(busy) >= len(samples) // 2, samples
         assert await in_flight(hosts, owned) == dict.fromkeys(owned, 0)
+
+
+async def test_owner_declines_a_bounded_forward_unless_its_replica_has_fewer(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    a = await start_host(tmp_path, pg_dsn, "a")
+    try:
+        replica = (await a.stub.Load(pb.LoadRequest(model="echo"), timeout=30)).replicas[0]
+        held = [await a.stub.Route(pb.RouteRequest(model="echo"), timeout=10) for _ in range(2)]
+
+        async def forwarded(bound: int) -> pb.RouteResponse:
+            md = (("modeld-forwarded", f"{replica.id}:{replica.restarts}:{bound}"),)
+            reply: pb.RouteResponse = await a.stub.Route(
+                pb.RouteRequest(model="echo"), metadata=md, timeout=10
+            )
+            return reply
+
+        # The forwarder's own replica has 2 in flight too: not worth a hop, no lease.
+        declined = await forwarded(2)
+        assert declined.declined and not declined.lease_id
+        assert declined.owner_in_flight == 2
+        granted = await forwarded(3)
+        assert not granted.declined and granted.lease_id.startswith("a~")
+        assert granted.owner_in_flight == 3
+        for lease in (*held, granted):
+            reply = await a.stub.Release(pb.ReleaseRequest(lease_id=lease.lease_id), timeout=10)
+            assert reply.released
+    finally:
+        await a.stop()
+        await a.close()

@@ -1,10 +1,12 @@
 """Calls from this modeld to another: forwarded Route, Release, RenewLease and Load.
 
 Every forwarded call carries `modeld-forwarded` metadata (for a Route: the replica
-id and generation the forwarder picked), so the owner answers from its own
-memory and never forwards again: at most one hop. Calls use this daemon's TLS
-settings and the cluster token. A peer's status comes back as the same domain
-error, prefixed with the host it came from.
+id and generation the forwarder picked, and the forwarder's own replica's in-flight
+when it has one, which the owner's must be below or it declines), so the owner
+answers from its own memory and never forwards again: at most one hop. Calls use
+this daemon's TLS settings and the cluster token, over one cached channel per
+peer, closed when the peer leaves the view. A peer's status comes back as the same
+domain error, prefixed with the host it came from.
 """
 
 import asyncio

@@ -102,9 +102,10 @@ class ClusterRouter:
         marker = forwarded_marker(metadata)
         if marker is not None:
             return await self._route_as_owner(model, marker, deadline)
-        local = self._local_in_flight(model)
         tried: list[str] = []
-        for attempt in range(MAX_FORWARDS):
+        for _ in range(MAX_FORWARDS):
+            # Read again after each failed forward: other Routes went on meanwhile.
+            local = self._local_in_flight(model)
             candidates = self.membership.view.candidates(
                 model,
                 self._clock.monotonic(),
@@ -114,13 +115,11 @@ class ClusterRouter:
             chosen = route_target(local, candidates, self._own.extra(candidates))
             if chosen is None:
                 break
-            if attempt:
-                self.counters.forward_retries += 1
             tried.append(chosen.id)
             reply = await self._forward(model, chosen, local, deadline)
             if reply is not None:
                 return reply
-        if local is not None:
+        if self._local_in_flight(model) is not None:
             return self._response(await self._router.route(model, deadline))
         return await self._start_here(model, deadline)
 
@@ -138,6 +137,7 @@ class ClusterRouter:
                 host, model, make_marker(chosen.id, chosen.generation, local), max(timeout, 0.001)
             )
         except PeerFailed as exc:
+            self.counters.forward_retries += 1
             log.info("cluster_forward_retry", model=model, replica_id=chosen.id, error=str(exc))
             return None
         finally:
