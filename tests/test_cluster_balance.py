@@ -1,6 +1,8 @@
 """The balance property with 3 real daemons and real PostgreSQL: load spread over
 the 3 modelds, evenly or skewed onto one, keeps the in-flight of the 3 replicas (one
-per host) within 2 of each other at every sample.
+per host) within 2 of each other at every sample. Also the forwarding pieces it
+rests on: the owner's decline of a bounded forward, and the forwarder's channel to
+a host closed once that host has left the view.
 
 Load is bounded and slow on purpose, so that a loaded 2-core machine keeps up: a
 fixed number of clients, each holding its lease for HOLD_S (its "work") and then
@@ -143,3 +145,23 @@ async def test_owner_declines_a_bounded_forward_unless_its_replica_has_fewer(
     finally:
         await a.stop()
         await a.close()
+
+
+async def test_the_channel_to_a_reaped_host_is_closed(tmp_path: Path, pg_dsn: str) -> None:
+    async with running_cluster(tmp_path, pg_dsn, ["a", "b"]) as hosts:
+        a, b = hosts["a"], hosts["b"]
+        replica = (await b.stub.Load(pb.LoadRequest(model="echo"), timeout=30)).replicas[0]
+        await a.wait_log(
+            lambda e: (
+                e.get("event") == "cluster_view_changed" and f"b/{replica.id}" in e.get("ready", [])
+            ),
+            20,
+        )
+        # A forwarded Route opens a's channel to b.
+        lease = await a.stub.Route(pb.RouteRequest(model="echo"), timeout=10)
+        assert lease.lease_id.startswith("b~")
+        assert not [e for e in a.log if e.get("event") == "cluster_peer_closed"]
+        b.proc.kill()
+        await b.proc.wait()
+        closed = await a.wait_log(lambda e: e.get("event") == "cluster_peer_closed", 30)
+        assert (closed["host_id"], closed["address"]) == ("b", b.addr)

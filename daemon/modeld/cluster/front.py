@@ -67,6 +67,8 @@ class ClusterRouter:
     def _host_left(self, host: RemoteHost) -> None:
         # Another host may have taken over the address (a restart on the same port).
         if all(h.address != host.address for h in self.membership.view.hosts.values()):
+            if host.address in self.peers.addresses():
+                log.info("cluster_peer_closed", host_id=host.host_id, address=host.address)
             self.peers.forget(host.address)
 
     @property
