@@ -50,7 +50,7 @@ async def in_flight(hosts: Mapping[str, DaemonProc], owned: Mapping[str, str]) -
 
     async def one(name: str) -> int:
         reply = await hosts[name].stub.ListReplicas(
-            pb.ListReplicasRequest(model="echo"), timeout=10
+            pb.ListReplicasRequest(model="echo", local=True), timeout=10
         )
         return next(r.in_flight for r in reply.replicas if r.id == owned[name])
 

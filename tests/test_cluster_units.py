@@ -199,9 +199,8 @@ async def test_peers_forget_closes_the_channel_of_a_departed_host() -> None:
     address = f"127.0.0.1:{silent.sockets[0].getsockname()[1]}"
     peers = Peers(config.load(None, env={"MODELD_CLUSTER_DSN": "postgresql://db/x"}))
     try:
-        departed = RemoteHost("a", 1, address, "node", {}, 10.0)
         call = asyncio.ensure_future(
-            peers.release(departed, pb.ReleaseRequest(lease_id="a~1"), limit_s=60)
+            peers.release("a", address, pb.ReleaseRequest(lease_id="a~1"), limit_s=60)
         )
         # One turn of the loop puts the call on a new channel.
         await asyncio.sleep(0)

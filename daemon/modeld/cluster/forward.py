@@ -20,7 +20,6 @@ from modeld import errors
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld._proto.modeld.v1 import modeld_pb2_grpc as pb_grpc
 from modeld.api.security import load_tokens
-from modeld.cluster.view import RemoteHost
 from modeld.config import Config
 from modeld.errors import ConfigError
 from modeld.netaddr import is_loopback, split_host_port
@@ -135,50 +134,56 @@ class Peers:
         task.add_done_callback(self._closing.discard)
 
     async def route(
-        self, host: RemoteHost, model: str, marker: str, limit_s: float
+        self, host: str, address: str, model: str, marker: str, limit_s: float
     ) -> pb.RouteResponse:
         try:
-            reply: pb.RouteResponse = await self._stub(host.address).Route(
+            reply: pb.RouteResponse = await self._stub(address).Route(
                 pb.RouteRequest(model=model),
                 metadata=((FORWARDED, marker), *self._auth),
                 timeout=limit_s,
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() in RETRY_CODES:
-                raise PeerFailed(host.host_id, exc.code(), exc.details() or "") from None
-            raise _domain(host.host_id, exc) from None
+                raise PeerFailed(host, exc.code(), exc.details() or "") from None
+            raise _domain(host, exc) from None
         except asyncio.CancelledError:
             _reraise_if_cancelled()
-            raise PeerFailed(host.host_id, grpc.StatusCode.CANCELLED, LEFT) from None
+            raise PeerFailed(host, grpc.StatusCode.CANCELLED, LEFT) from None
         return reply
 
-    async def release(self, host: RemoteHost, request: pb.ReleaseRequest, limit_s: float) -> bool:
-        reply: pb.ReleaseResponse = await self._call(host, "Release", request, limit_s)
+    async def release(
+        self, host: str, address: str, request: pb.ReleaseRequest, limit_s: float
+    ) -> bool:
+        reply: pb.ReleaseResponse = await self._call(host, address, "Release", request, limit_s)
         return reply.released
 
     async def renew(
-        self, host: RemoteHost, request: pb.RenewLeaseRequest, limit_s: float
+        self, host: str, address: str, request: pb.RenewLeaseRequest, limit_s: float
     ) -> pb.RenewLeaseResponse:
-        reply: pb.RenewLeaseResponse = await self._call(host, "RenewLease", request, limit_s)
+        reply: pb.RenewLeaseResponse = await self._call(
+            host, address, "RenewLease", request, limit_s
+        )
         return reply
 
     async def load(
-        self, host: RemoteHost, request: pb.LoadRequest, limit_s: float
+        self, host: str, address: str, request: pb.LoadRequest, limit_s: float
     ) -> pb.LoadResponse:
-        reply: pb.LoadResponse = await self._call(host, "Load", request, limit_s)
+        reply: pb.LoadResponse = await self._call(host, address, "Load", request, limit_s)
         return reply
 
-    async def _call(self, host: RemoteHost, method: str, request: Message, limit_s: float) -> Any:
+    async def _call(
+        self, host: str, address: str, method: str, request: Message, limit_s: float
+    ) -> Any:
         """One forwarded call; a peer's status comes back as the same domain error."""
         try:
-            return await getattr(self._stub(host.address), method)(
+            return await getattr(self._stub(address), method)(
                 request, metadata=self._plain_md, timeout=limit_s
             )
         except grpc.aio.AioRpcError as exc:
-            raise _domain(host.host_id, exc) from None
+            raise _domain(host, exc) from None
         except asyncio.CancelledError:
             _reraise_if_cancelled()
-            raise errors.Unavailable(f"host {host.host_id}: {LEFT}") from None
+            raise errors.Unavailable(f"host {host}: {LEFT}") from None
 
     async def close(self) -> None:
         for channel, _stub in self._peers.values():

@@ -8,8 +8,12 @@ another replica, at most MAX_FORWARDS, and then the local one. With no local REA
 replica and none left remote, a node starts the model itself (a router-role host
 refuses). Lease ids are `host_id~id`, so Release and
 RenewLease reach the owner from any modeld.
+
+It also holds the cluster's leader election (leader.py: min_replicas across the
+cluster) and its shared model specs (specs.py: PutModel/DeleteModel).
 """
 
+import dataclasses
 from pathlib import Path
 
 import structlog
@@ -25,16 +29,28 @@ from modeld.cluster.forward import (
     make_marker,
     parse_marker,
 )
-from modeld.cluster.membership import Membership
+from modeld.cluster.leader import Leader
+from modeld.cluster.listing import (
+    Here,
+    HostEntry,
+    host_replica_counts,
+    host_state_counts,
+    list_hosts,
+)
+from modeld.cluster.membership import FiguresFn, Membership
 from modeld.cluster.ownload import OwnLoad
+from modeld.cluster.specs import SharedSpecs
 from modeld.cluster.store import ReplicaRow
 from modeld.cluster.view import RemoteHost, RemoteReplica, route_target
 from modeld.config import Config
 from modeld.errors import ConfigError, FailedPrecondition, NotFound, Unavailable
 from modeld.ops.events import EventBus
+from modeld.ops.metrics import ClusterStats
 from modeld.routing.leases import Lease
 from modeld.routing.router import Router
+from modeld.spec import ModelSpec
 from modeld.state import LIVE, ReplicaState
+from modeld.storage.catalog import Catalog
 
 log = structlog.get_logger(__name__)
 MAX_FORWARDS = 3
@@ -44,23 +60,58 @@ SEP = "~"
 
 
 class ClusterRouter:
-    def __init__(self, config: Config, router: Router, clock: Clock, events: EventBus) -> None:
+    def __init__(
+        self,
+        config: Config,
+        router: Router,
+        clock: Clock,
+        events: EventBus,
+        *,
+        catalog: Catalog,
+        figures: FiguresFn | None = None,
+    ) -> None:
         cfg = config.cluster
         assert cfg is not None
         self._cfg = cfg
         self._router = router
         self._clock = clock
         self.peers = Peers(config)
-        self.membership = Membership(cfg, _dsn(cfg.dsn, cfg.dsn_file), clock, events, self.rows)
+        dsn = _dsn(cfg.dsn, cfg.dsn_file)
+        self.membership = Membership(cfg, dsn, clock, events, self.rows, figures=figures)
         self.membership.view.on_leave = self._host_left
         self._own = OwnLoad()
         self.counters = ClusterCounters()
         self._forward_cap = max(1.0, min(5.0, cfg.host_ttl))
+        # As the membership's: every round fits in one host_ttl/3.
+        timeout = max(min(cfg.host_ttl / 3, 5.0), 1.0)
+        self.specs = SharedSpecs(
+            dsn=dsn,
+            host_id=cfg.host_id,
+            catalog=catalog,
+            membership=self.membership,
+            interval=cfg.host_ttl / 3,
+            timeout=timeout,
+        )
+        self.leader = Leader(
+            dsn=dsn,
+            host_id=cfg.host_id,
+            clock=clock,
+            membership=self.membership,
+            catalog=catalog,
+            peers=self.peers,
+            interval=cfg.host_ttl / 3,
+            timeout=timeout,
+            placement=cfg.placement,
+        )
 
     async def start(self) -> None:
         await self.membership.start()
+        await self.specs.start()
+        await self.leader.start()
 
     async def close(self) -> None:
+        await self.leader.close()
+        await self.specs.close()
         await self.membership.close()
         await self.peers.close()
 
@@ -97,6 +148,45 @@ class ClusterRouter:
             for info in self._router.replicas(None)
             if info.state in LIVE
         ]
+
+    # listings: ListHosts, ListReplicas, metrics
+
+    def hosts(self) -> list[HostEntry]:
+        live = sum(1 for i in self._router.replicas(None) if i.state in LIVE)
+        here = Here(self.host_id, self._cfg.advertise, self._cfg.role, dict(self._cfg.labels), live)
+        return list_hosts(
+            self.membership.view,
+            self._clock.monotonic(),
+            self._cfg.host_ttl,
+            trust_expired=self.membership.trust_expired(),
+            here=here,
+        )
+
+    def replicas(self, model: str | None, *, local: bool) -> list[pb.Replica]:
+        """This host's replicas from its router, then (unless `local`) other hosts'
+        from the view; grouped by host."""
+        mine = [convert.replica_to_proto(i, self.host_id) for i in self._router.replicas(model)]
+        if local:
+            return mine
+        others = sorted(
+            (
+                r
+                for r in self.membership.view.replicas.values()
+                if r.host_id != self.host_id and (model is None or r.model == model)
+            ),
+            key=lambda r: (r.model, r.id),
+        )
+        listed = mine + [convert.remote_replica_to_proto(r) for r in others]
+        return sorted(listed, key=lambda r: r.host_id)
+
+    def stats(self) -> ClusterStats:
+        """What the cluster metrics read at scrape time."""
+        return ClusterStats(
+            counters=dataclasses.asdict(self.counters),
+            view_age=self.membership.view_age(),
+            host_replicas=host_replica_counts(self.membership.view),
+            hosts=host_state_counts(self.hosts()),
+        )
 
     # Route
 
@@ -136,7 +226,11 @@ class ClusterRouter:
         self._own.begin(chosen)
         try:
             reply = await self.peers.route(
-                host, model, make_marker(chosen.id, chosen.generation, local), max(timeout, 0.001)
+                host.host_id,
+                host.address,
+                model,
+                make_marker(chosen.id, chosen.generation, local),
+                max(timeout, 0.001),
             )
         except PeerFailed as exc:
             self.counters.forward_retries += 1
@@ -219,7 +313,7 @@ class ClusterRouter:
             # Its host left the cluster (or was reaped): its leases ended with it.
             return False
         try:
-            released = await self.peers.release(host, request, self._forward_cap)
+            released = await self.peers.release(owner, host.address, request, self._forward_cap)
         except Unavailable as exc:
             log.info("cluster_release_unreachable", host_id=owner, error=str(exc))
             return False
@@ -242,7 +336,7 @@ class ClusterRouter:
                 f"lease {request.lease_id[:80]!r}: its host {owner[:64]!r} is not in the "
                 "cluster, and its leases ended with it; Route again"
             )
-        return await self.peers.renew(host, request, self._forward_cap)
+        return await self.peers.renew(owner, host.address, request, self._forward_cap)
 
     # Load
 
@@ -255,7 +349,7 @@ class ClusterRouter:
             if forwarded_marker(metadata) is not None or host is None:
                 raise NotFound(f"host {target[:64]!r} is not in the cluster")
             timeout = max(deadline - self._clock.monotonic(), 0.001)
-            return await self.peers.load(host, request, timeout)
+            return await self.peers.load(target, host.address, request, timeout)
         if self._cfg.role == "router":
             raise FailedPrecondition(
                 f"host {self.host_id} is a router (cluster.role = router) and runs no backends; "
@@ -264,6 +358,27 @@ class ClusterRouter:
         self.membership.require(f"loading model {request.model!r}")
         infos = await self._router.load(request.model, request.replicas or 1, deadline)
         return pb.LoadResponse(replicas=[convert.replica_to_proto(i) for i in infos])
+
+    # model specs, shared by the cluster
+
+    async def put_model(self, spec: ModelSpec) -> ModelSpec:
+        return await self.specs.put(spec)
+
+    async def delete_model(self, name: str) -> bool:
+        # This host's own replicas were checked from the router's memory (servicer).
+        hosts = sorted(
+            {
+                r.host_id
+                for r in self.membership.view.replicas.values()
+                if r.model == name and r.host_id != self.host_id
+            }
+        )
+        if hosts:
+            raise FailedPrecondition(
+                f"model {name!r} has running replicas on host(s) {', '.join(hosts)}; "
+                "Unload it there first"
+            )
+        return await self.specs.delete(name)
 
 
 def _dsn(dsn: str, dsn_file: str) -> str:

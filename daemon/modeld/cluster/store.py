@@ -12,6 +12,7 @@ from typing import Any
 
 import asyncpg
 
+from modeld.cluster.hostcap import HostFigures
 from modeld.cluster.schema import CHANNEL, REAP_LOCK
 
 # (replica_id, model, state, address, generation, in_flight, last_used, free_memory)
@@ -32,13 +33,24 @@ _READ = """
 SELECT
   coalesce((SELECT json_agg(json_build_object(
       'host_id', host_id, 'epoch', epoch, 'address', address, 'role', role, 'labels', labels,
-      'remaining', extract(epoch FROM lease_expires_at - now())))
+      'remaining', extract(epoch FROM lease_expires_at - now()),
+      'backends', backends, 'gpu_free', gpu_free, 'gpu_total', gpu_total,
+      'ram_free', ram_free, 'ram_total', ram_total, 'loaded', loaded,
+      'max_loaded', max_loaded, 'evictable', evictable))
     FROM modeld_hosts WHERE $1::text[] IS NULL OR host_id = ANY($1)), '[]') AS hosts,
   coalesce((SELECT json_agg(json_build_object(
       'id', replica_id, 'host_id', host_id, 'epoch', epoch, 'model', model, 'state', state,
       'address', address, 'generation', generation, 'in_flight', in_flight,
       'last_used', last_used, 'free_memory', free_memory))
     FROM modeld_replicas WHERE $1::text[] IS NULL OR host_id = ANY($1)), '[]') AS replicas
+"""
+
+# Fenced as replica rows are: only this host's live row of this epoch.
+_FIGURES = """
+UPDATE modeld_hosts SET backends = $3, gpu_free = $4, gpu_total = $5, ram_free = $6,
+    ram_total = $7, loaded = $8, max_loaded = $9, evictable = $10
+WHERE host_id = $1 AND epoch = $2 AND lease_expires_at > now()
+RETURNING 1
 """
 
 
@@ -68,8 +80,11 @@ class Store:
         labels: dict[str, str],
         ttl: float,
         rows: Sequence[ReplicaRow],
+        *,
+        figures: HostFigures | None = None,
     ) -> int:
-        """A new epoch for this host; its older rows are dropped and `rows` announced."""
+        """A new epoch for this host; its older rows are dropped, `rows` and its capacity
+        announced (an earlier life's capacity never survives a new epoch)."""
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
             epoch: int = await conn.fetchval(
                 """
@@ -95,6 +110,7 @@ class Store:
                 epoch,
                 timeout=self._timeout,
             )
+            await self._write_figures(conn, epoch, figures or HostFigures())
             await self._write_rows(conn, epoch, rows, ())
             return epoch
 
@@ -127,6 +143,34 @@ class Store:
             if live is None:
                 raise Fenced(self._host)
             await self._write_rows(conn, epoch, rows, gone)
+
+    async def publish_host(self, epoch: int, figures: HostFigures) -> None:
+        """This host's capacity figures, in its own host row."""
+        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            await self._write_figures(conn, epoch, figures)
+            await conn.execute(
+                "SELECT pg_notify($1, $2)", CHANNEL, self._host, timeout=self._timeout
+            )
+
+    async def _write_figures(
+        self, conn: asyncpg.Connection, epoch: int, figures: HostFigures
+    ) -> None:
+        written = await conn.fetchval(
+            _FIGURES,
+            self._host,
+            epoch,
+            list(figures.backends),
+            list(figures.gpu_free),
+            list(figures.gpu_total),
+            figures.ram_free,
+            figures.ram_total,
+            figures.loaded,
+            figures.max_loaded,
+            figures.evictable,
+            timeout=self._timeout,
+        )
+        if written is None:
+            raise Fenced(self._host)
 
     async def _write_rows(
         self,
