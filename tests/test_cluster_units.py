@@ -131,22 +131,30 @@ async def test_schema_migrates_once_and_refuses_a_newer_one(pg_dsn: str) -> None
 def test_own_load_counts_forwards_owner_figures_and_releases_until_a_new_row() -> None:
     own = OwnLoad()
     row = _replica("x", "h", 1, in_flight=3)
+    # Three forwards at once; the owner grants them in order (4, 5, 6 in flight)
+    # but the answers come back 6, 4, 5: the estimate is right after each one.
+    for _ in range(3):
+        own.begin(row)
+    assert own.extra([row]) == {"x": 3}
+    for figure in (6, 4, 5):
+        own.end(row)
+        own.granted(row, f"h~{figure}")
+        own.observed(row, figure)
+        assert own.extra([row]) == {"x": 3}
+    # Others' leases there (the owner's own clients) raise the estimate...
     own.begin(row)
-    assert own.extra([row]) == {"x": 1}
     own.end(row)
-    # The owner answered with its own figure (our lease and others' since the row).
-    own.observed(row, 5)
-    own.granted(row, "h~1")
-    own.granted(row, "h~2")
-    assert own.extra([row]) == {"x": 2}
-    own.released("h~1", row)
-    assert own.extra([row]) == {"x": 1}
-    # The owner published: its figure now includes our lease, ours starts again from 0.
-    newer = _replica("x", "h", 1, in_flight=4)
+    own.observed(row, 9)  # a declined forward: no lease, the owner's figure
+    assert own.extra([row]) == {"x": 6}
+    # ...and a release through this host lowers it.
+    own.released("h~4", row)
+    assert own.extra([row]) == {"x": 5}
+    # The owner published: its figure now includes our leases, ours starts again from 0.
+    newer = _replica("x", "h", 1, in_flight=8)
     assert own.extra([newer]) == {"x": 0}
-    own.released("h~2", newer)
+    own.released("h~5", newer)
     assert own.extra([newer]) == {"x": -1}
-    own.released("h~2", newer)
+    own.released("h~5", newer)
     assert own.extra([newer]) == {"x": -1}
     # Estimates never go below 0 (a release counted against a row that had it already).
     assert estimate(_replica("x", "h", 1, in_flight=0), {"x": -1}) == 0

@@ -239,11 +239,10 @@ class ClusterRouter:
         finally:
             self._own.end(chosen)
         row = self.membership.view.replicas.get(reply.replica_id)
+        if not reply.declined:
+            self._own.granted(row, reply.lease_id)
         self._own.observed(row, reply.owner_in_flight)
-        if reply.declined:
-            return None
-        self._own.granted(row, reply.lease_id)
-        return reply
+        return None if reply.declined else reply
 
     def _local_in_flight(self, model: str) -> int | None:
         """The least-loaded local READY replica's in-flight (what the local pick takes),
