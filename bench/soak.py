@@ -12,7 +12,9 @@ models under load. Then it checks, and prints as figures:
 
 - every Route got a lease or UNAVAILABLE / DEADLINE_EXCEEDED / RESOURCE_EXHAUSTED
   (CANCELLED only where the client cancelled); no RPC ever got INTERNAL/UNKNOWN;
-- after the lease TTL every replica's in_flight is 0, and none was ever negative;
+- at every sample (4 a second) and at the end, each replica's in_flight equals its
+  live lease count (`Replica.live_leases`, read by the daemon in the same loop
+  turn), and after the lease TTL both are 0;
 - every backend process the daemon started (found by an environment marker) is a
   READY replica or gone, and none is left after the daemon stops;
 - the registry passes integrity_check and its live rows are the live replicas.
@@ -35,6 +37,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,13 +107,30 @@ class Tally:
     served: int = 0
     predict_failed: int = 0
     pids: set[int] = field(default_factory=set)
-    min_in_flight: int = 0
+    lease_samples: int = 0
+    lease_readings: int = 0
+    lease_mismatches: int = 0
+    max_in_flight: int = 0
     failures: list[str] = field(default_factory=list)
 
     def call(self, method: str, code: str) -> None:
         self.calls[f"{method}:{code}"] += 1
         if code in NEVER:
             self.failures.append(f"{method} answered {code}")
+
+    def check_leases(self, replicas: Iterable[pb.Replica], when: str) -> None:
+        """In-flight is counted once, by the lease table: any replica whose in_flight
+        is not its live lease count is a bookkeeping bug, whenever it is seen."""
+        self.lease_samples += 1
+        for r in replicas:
+            self.lease_readings += 1
+            self.max_in_flight = max(self.max_in_flight, r.in_flight)
+            if r.in_flight != r.live_leases:
+                self.lease_mismatches += 1
+                self.failures.append(
+                    f"{when}: replica {r.id} ({pb.ReplicaState.Name(r.state)}) has in_flight "
+                    f"{r.in_flight} but {r.live_leases} live leases"
+                )
 
 
 def marked_pids(marker: str) -> set[int]:
@@ -355,8 +375,7 @@ class Soak:
                 "ListReplicas", self.stub.ListReplicas(pb.ListReplicasRequest())
             )
             if reply is not None:
-                low = min((r.in_flight for r in reply.replicas), default=0)
-                self.tally.min_in_flight = min(self.tally.min_in_flight, low)
+                self.tally.check_leases(reply.replicas, "sample")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), 0.25)
 
@@ -421,9 +440,8 @@ class Soak:
         failures = self.tally.failures
         if not await self.until(self.settled, LEASE_TTL_S + 20):
             failures.append(f"not settled (in_flight / states): {await self.replicas()}")
-        if self.tally.min_in_flight < 0:
-            failures.append(f"in_flight went negative: {self.tally.min_in_flight}")
         replicas = await self.replicas()
+        self.tally.check_leases(replicas, "end")
         ready = {r.pid for r in replicas if r.state == pb.READY}
         stray = marked_pids(self.marker) - ready
         if stray:
@@ -485,7 +503,10 @@ def figures(soak: Soak) -> dict[str, Any]:
         "leases_expired": t.events["lease_expired"],
         "backend_pids_seen": len(t.pids),
         "ready_at_end": getattr(soak, "ready_at_end", 0),
-        "min_in_flight_seen": t.min_in_flight,
+        "lease_samples": t.lease_samples,
+        "lease_readings": t.lease_readings,
+        "lease_mismatches": t.lease_mismatches,
+        "max_in_flight_seen": t.max_in_flight,
         "other_calls": {k: v for k, v in t.calls.items() if not k.startswith("Route:")},
         "failures": t.failures[:20],
         "passed": not t.failures,
@@ -511,7 +532,11 @@ def print_figures(r: dict[str, Any]) -> None:
         f"(crashes of READY ones {r['crashes_of_ready_replicas']}), "
         f"leases expired {r['leases_expired']}, backend pids seen {r['backend_pids_seen']}"
     )
-    print(f"  min in_flight seen {r['min_in_flight_seen']}; READY at the end {r['ready_at_end']}")
+    print(
+        f"  in_flight == live leases: {r['lease_samples']} samples, {r['lease_readings']} "
+        f"replica readings, {r['lease_mismatches']} mismatches (max in_flight seen "
+        f"{r['max_in_flight_seen']}); READY at the end {r['ready_at_end']}"
+    )
     print(f"  other calls: {_counts(r['other_calls'])}")
     for failure in r["failures"]:
         print(f"  FAILED: {failure}")
