@@ -227,8 +227,7 @@ class Router:
         (no await between them), so that anyone outside can check the two are equal."""
         leases = self.leases.per_replica()
         return [
-            replace(info, live_leases=leases.get(info.id, 0))
-            for info in self.index.replicas(model)
+            replace(info, live_leases=leases.get(info.id, 0)) for info in self.index.replicas(model)
         ]
 
     def has_live(self, model: str) -> bool:
