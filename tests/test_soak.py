@@ -77,7 +77,7 @@ def test_every_sample_is_checked_and_a_mismatch_fails_the_soak(tmp_path: Path) -
         return run
 
     run = asyncio.run(sample())
-    figures = soak.figures(run)
+    figures = soak.figures(run.tally, run.args)
     assert run.tally.lease_samples == 3 and figures["lease_mismatches"] == 3
     assert not figures["passed"]
     assert figures["failures"][0] == "sample: replica r1 (READY) has in_flight 1 but 0 live leases"
