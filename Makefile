@@ -40,7 +40,17 @@ bench: $(STUBS)
 bench-cluster: $(STUBS)
 	$(BIN)/python bench/cluster_bench.py $(ARGS)
 
+# The soak: the stateful router test at >= 50,000 steps (the test asserts at least
+# 20 steps per example; its log goes to bench/results/, the step count is printed),
+# then the chaos soak against the real daemon.
+SOAK_STATEFUL_EXAMPLES ?= 2500
 soak: $(STUBS)
+	@mkdir -p bench/results
+	@echo "stateful router test: $(SOAK_STATEFUL_EXAMPLES) examples (log: bench/results/stateful_soak.log)"
+	@ROUTER_STATEFUL_EXAMPLES=$(SOAK_STATEFUL_EXAMPLES) $(BIN)/python -m pytest -q -s --timeout 3600 \
+		-p no:cacheprovider tests/test_router_stateful.py >bench/results/stateful_soak.log 2>&1 \
+		|| { tail -n 80 bench/results/stateful_soak.log; exit 1; }
+	@grep -E '^stateful router steps|[0-9]+ passed' bench/results/stateful_soak.log
 	$(BIN)/python bench/soak.py $(ARGS)
 
 clean:

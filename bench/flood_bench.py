@@ -21,34 +21,32 @@ bench/results/flood_bench.json, and exits 0 unless something could not be measur
 
 import argparse
 import asyncio
-import contextlib
-import json
 import os
 import sys
 import tempfile
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
-import grpc
-import uvloop
-
+import harness
 from harness import (
     CALL_LIMIT_S,
+    HERE,
     BenchError,
-    Command,
     Series,
     Server,
-    free_port,
+    Target,
+    bench_main,
+    daemon_command,
     route_pair,
-    rpc_error,
-    spawn_all,
+    serving,
+    targets_table,
     warm_up,
 )
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld._proto.modeld.v1 import modeld_pb2_grpc as pb_grpc
-from report import Target
 
-HERE = Path(__file__).resolve().parent
+TOOL = "flood_bench"
 QUIET, CHATTY = "quiet", "chatty"
 CONDITIONS = ("quiet", "chatty", "flood")
 BURST_LINES = 100_000
@@ -75,27 +73,19 @@ backend = "chatty"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=5.0, help="per condition (default 5)")
+    parser = harness.arguments(__doc__, "flood_bench.json", 5.0, "condition")
     parser.add_argument("--clients", type=int, default=4, help="Route+Release clients (4)")
     parser.add_argument("--rate", type=int, default=50_000, help="chatty lines/s (50000)")
     parser.add_argument("--followers", type=int, default=200, help="stalled followers (200)")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "flood_bench.json")
     return parser.parse_args(argv)
 
 
 def progress(text: str) -> None:
-    print(f"flood_bench: {text}", file=sys.stderr, flush=True)
+    harness.progress(TOOL, text)
 
 
-def daemon_command(tmp: Path, logs: Path, rate: int) -> Command:
-    addr = f"127.0.0.1:{free_port()}"
-    (tmp / "models").mkdir()
-    config = tmp / "modeld.toml"
-    body = CONFIG.format(addr=addr, state=tmp / "state", models=tmp / "models", rate=rate)
-    config.write_text(body)
-    argv = [sys.executable, "-m", "modeld.cli.main", "serve", "--config", str(config)]
-    return Command("modeld", argv, addr, logs / "flood_daemon.log")
+def section(name: str, work: Awaitable[dict[str, Any]]) -> Awaitable[dict[str, Any]]:
+    return harness.section(TOOL, name, work)
 
 
 def rss_mib(pid: int) -> float:
@@ -225,25 +215,12 @@ async def memory(daemon: Server, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-async def section(name: str, work: Any) -> dict[str, Any]:
-    try:
-        result: dict[str, Any] = await work
-        return result
-    except grpc.aio.AioRpcError as exc:
-        error = rpc_error(exc)
-    except (BenchError, TimeoutError) as exc:
-        error = str(exc) or type(exc).__name__
-    progress(f"{name} failed: {error}")
-    return {"error": error}
-
-
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="modeld-flood-") as tmp:
-        async with contextlib.AsyncExitStack() as stack:
-            progress("starting the daemon")
-            (daemon,) = await spawn_all([daemon_command(Path(tmp), args.out.parent, args.rate)])
-            stack.push_async_callback(daemon.stop)
-            await daemon.wait_serving()
+        progress("starting the daemon")
+        log = args.out.parent / "flood_daemon.log"
+        command = daemon_command("modeld", CONFIG, Path(tmp), log, rate=args.rate)
+        async with serving([command]) as [daemon]:
             await load(daemon.stub, QUIET)
             await warm_up(route_pair(daemon.stub, QUIET), args.clients, WARM_UP_S)
             results: dict[str, Any] = {"setup": setup(args)}
@@ -308,28 +285,12 @@ def render(results: dict[str, Any], checks: list[Target]) -> str:
     for key in ("conditions", "memory"):
         if "error" in results[key]:
             lines.append(f"  {key}: ERROR {results[key]['error']}")
-    lines += ["\nTargets", f"  {'figure':<30}{'value':>10}  {'target':<8}"]
-    for t in checks:
-        value = "ERROR" if t.value is None else f"{t.value:.3g}"
-        lines.append(f"  {t.name:<30}{value:>10}  {t.goal:<8}{'ok' if t.ok else 'MISSED'}")
-    return "\n".join(lines)
+    return "\n".join(lines + targets_table(checks, 30))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            results = runner.run(run(args))
-    except BenchError as exc:
-        print(f"flood_bench: {exc}", file=sys.stderr)
-        return 1
-    checks = targets(results)
-    results["targets"] = [c.to_dict() for c in checks]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(render(results, checks))
-    print(f"\nJSON: {args.out}")
-    return 1 if any("error" in results[k] for k in ("conditions", "memory")) else 0
+    return bench_main(TOOL, args.out, lambda: run(args), targets, render)
 
 
 if __name__ == "__main__":

@@ -1,24 +1,31 @@
-"""What the route benchmark is built from: server processes and a closed-loop load.
+"""What the benchmarks are built from: server processes, closed-loop load, figures.
 
 A `Server` is a gRPC server in its own process (the daemon or the reference),
-started with its output in a log file and awaited on `Ping` racing its exit. A
-`Series` accumulates one workload's pairs over several timed slices, so that
-workloads measured in alternating slices see the same drift.
+started with its output in a log file and awaited on `Ping` racing its exit;
+`daemon_command` writes a daemon's config and `serving` runs servers for a block.
+A `Series` accumulates one workload's pairs over several timed slices, so that
+workloads measured in alternating slices see the same drift. `quantile` and
+`latency_summary` are the one percentile code; `section` records a failed figure
+group so the others are still measured; `bench_main` is every benchmark's main.
 """
 
+import argparse
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
+import sys
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
+import uvloop
 
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld._proto.modeld.v1 import modeld_pb2_grpc as pb_grpc
@@ -28,10 +35,53 @@ STOP_LIMIT_S = 20.0
 CALL_LIMIT_S = 30.0
 
 Pair = Callable[[], Awaitable[None]]
+HERE = Path(__file__).resolve().parent
+Results = dict[str, Any]
 
 
 class BenchError(Exception):
     """A measurement could not be taken; the message says why."""
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    value: float | None
+    goal: str
+    ok: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def quantile(values: list[float], q: float) -> float:
+    """The q-quantile (nearest rank below) of `values`; 0 for none."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+
+
+def latency_summary(seconds: list[float]) -> dict[str, float]:
+    """p50, p99 and max in ms of call durations given in seconds."""
+    return {
+        "p50_ms": round(quantile(seconds, 0.50) * 1000, 3),
+        "p99_ms": round(quantile(seconds, 0.99) * 1000, 3),
+        "max_ms": round(max(seconds, default=0.0) * 1000, 3),
+        "samples": len(seconds),
+    }
+
+
+def arguments(doc: str | None, out_name: str, seconds: float, per: str) -> argparse.ArgumentParser:
+    """The flags every benchmark has: `--seconds` (per `per`) and `--out` (its JSON)."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    parser.add_argument(
+        "--seconds", type=float, default=seconds, help=f"per {per} (default {seconds:g})"
+    )
+    parser.add_argument("--out", type=Path, default=HERE / "results" / out_name)
+    return parser
+
+
+def progress(tool: str, text: str) -> None:
+    print(f"{tool}: {text}", file=sys.stderr, flush=True)
 
 
 def free_port() -> int:
@@ -93,6 +143,18 @@ class Command:
     log_path: Path
 
 
+def daemon_command(name: str, template: str, work: Path, log_path: Path, **fields: Any) -> Command:
+    """`modeld serve` on a free port, with `template` formatted as its config: {addr},
+    {state} and {models} (created) under `work`, and `fields`."""
+    addr = f"127.0.0.1:{free_port()}"
+    models = work / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    config = work / "modeld.toml"
+    config.write_text(template.format(addr=addr, state=work / "state", models=models, **fields))
+    argv = [sys.executable, "-m", "modeld.cli.main", "serve", "--config", str(config)]
+    return Command(name, argv, addr, log_path)
+
+
 async def spawn_all(commands: list[Command]) -> list[Server]:
     """Start each command with its output in its log; `Server.wait_serving` awaits one.
 
@@ -111,6 +173,63 @@ async def spawn_all(commands: list[Command]) -> list[Server]:
     return [
         Server(c.name, c.addr, proc, c.log_path) for c, proc in zip(commands, procs, strict=True)
     ]
+
+
+@contextlib.asynccontextmanager
+async def serving(commands: list[Command]) -> AsyncIterator[list[Server]]:
+    """Every command serving for the block (all forked first, see `spawn_all`), then stopped."""
+    servers = await spawn_all(commands)
+    try:
+        for server in servers:
+            await server.wait_serving()
+        yield servers
+    finally:
+        for server in reversed(servers):
+            await server.stop()
+
+
+async def section(tool: str, name: str, work: Awaitable[Results]) -> Results:
+    """One figure group; a failure is recorded (and said) so the others are still measured."""
+    try:
+        return await work
+    except grpc.aio.AioRpcError as exc:
+        error = rpc_error(exc)
+    except (BenchError, TimeoutError) as exc:
+        error = str(exc) or type(exc).__name__
+    progress(tool, f"{name} failed: {error}")
+    return {"error": error}
+
+
+def targets_table(checks: list[Target], width: int) -> list[str]:
+    lines = ["\nTargets", f"  {'figure':<{width}}{'value':>10}  {'target':<8}"]
+    for t in checks:
+        value = "ERROR" if t.value is None else f"{t.value:.3g}"
+        lines.append(f"  {t.name:<{width}}{value:>10}  {t.goal:<8}{'ok' if t.ok else 'MISSED'}")
+    return lines
+
+
+def bench_main(
+    tool: str,
+    out: Path,
+    run: Callable[[], Coroutine[Any, Any, Results]],
+    targets: Callable[[Results], list[Target]],
+    render: Callable[[Results, list[Target]], str],
+) -> int:
+    """Run on uvloop, judge, write the JSON to `out`, print the table; 0 unless a
+    figure group could not be measured."""
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            results = runner.run(run())
+    except BenchError as exc:
+        print(f"{tool}: {exc}", file=sys.stderr)
+        return 1
+    checks = targets(results)
+    results["targets"] = [c.to_dict() for c in checks]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(render(results, checks))
+    print(f"\nJSON: {out}")
+    return 1 if any(isinstance(v, dict) and "error" in v for v in results.values()) else 0
 
 
 def route_pair(stub: pb_grpc.ModelControlStub, model: str) -> Pair:
@@ -168,21 +287,16 @@ class Series:
     def rate(self) -> float:
         return len(self.latencies) / self.seconds if self.seconds else 0.0
 
-    def quantile_ms(self, q: float) -> float:
-        ordered = sorted(self.latencies)
-        if not ordered:
-            return 0.0
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
-
     def summary(self) -> dict[str, Any]:
+        latency = latency_summary(self.latencies)
         return {
             "kind": self.kind,
             "concurrency": self.concurrency,
             "pairs": len(self.latencies),
             "seconds": round(self.seconds, 3),
             "pairs_per_s": round(self.rate, 1),
-            "p50_ms": round(self.quantile_ms(0.50), 3),
-            "p99_ms": round(self.quantile_ms(0.99), 3),
+            "p50_ms": latency["p50_ms"],
+            "p99_ms": latency["p99_ms"],
         }
 
 

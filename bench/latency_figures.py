@@ -15,6 +15,7 @@ of its own, each figure next to a baseline taken in the same run:
 """
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -22,18 +23,31 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 import grpc
 import uvloop
 
-from harness import CALL_LIMIT_S, BenchError, Command, EventWatch, Server, free_port, spawn_all
+import harness
+from harness import (
+    CALL_LIMIT_S,
+    BenchError,
+    EventWatch,
+    Server,
+    daemon_command,
+    latency_summary,
+    serving,
+)
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld._proto.modeld.v1 import modeld_pb2_grpc as pb_grpc
 
+TOOL = "latency_figures"
 SAMPLES = 200
+# While a disturbance lasts until some condition, calls are timed in batches this big.
+BATCH = 10
 CRASHES = 3
 FLOOD_LINES = 100_000
 FOLLOWERS = 200
@@ -60,28 +74,11 @@ backend = "flood"
 """
 
 
-def _command(tmp: Path) -> Command:
-    addr = f"127.0.0.1:{free_port()}"
-    (tmp / "models").mkdir(exist_ok=True)
-    config = tmp / "latency.toml"
-    config.write_text(
-        CONFIG.format(
-            addr=addr,
-            state=tmp / "state",
-            models=tmp / "models",
-            lines=FLOOD_LINES,
-            crashes=CRASHES,
-        )
-    )
-    argv = [sys.executable, "-m", "modeld.cli.main", "serve", "--config", str(config)]
-    return Command("modeld (latency)", argv, addr, tmp / "latency-modeld.log")
-
-
 def _ms(seconds: float) -> float:
     return round(seconds * 1000, 2)
 
 
-async def _timed(call: Callable[[], Awaitable[Any]], samples: int = SAMPLES) -> list[float]:
+async def _timed(call: Callable[[], Awaitable[Any]], samples: int) -> list[float]:
     took = []
     for _ in range(samples):
         started = time.perf_counter()
@@ -90,14 +87,20 @@ async def _timed(call: Callable[[], Awaitable[Any]], samples: int = SAMPLES) -> 
     return took
 
 
-def _summary(took: list[float]) -> dict[str, float]:
-    ordered = sorted(took)
-    return {
-        "p50_ms": _ms(statistics.median(ordered)),
-        "p99_ms": _ms(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]),
-        "max_ms": _ms(ordered[-1]),
-        "samples": len(ordered),
-    }
+async def before_and_during(
+    call: Callable[[], Awaitable[Any]],
+    disturbance: AbstractAsyncContextManager[None],
+    until: Callable[[], Awaitable[bool]] | None = None,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """`call` timed SAMPLES times alone, then while `disturbance` lasts: SAMPLES times,
+    or (given `until`) in batches until `until()` holds. The one measurement loop of
+    every figure here that has a baseline."""
+    before = await _timed(call, SAMPLES)
+    async with disturbance, asyncio.timeout(120):
+        during = await _timed(call, SAMPLES if until is None else BATCH)
+        while until is not None and not await until():
+            during += await _timed(call, BATCH)
+    return latency_summary(before), latency_summary(during)
 
 
 async def crash_to_failed(stub: pb_grpc.ModelControlStub) -> dict[str, Any]:
@@ -128,28 +131,35 @@ async def _tail(stub: pb_grpc.ModelControlStub, model: str) -> str:
     return stdout[-1] if stdout else ""
 
 
-async def health_during_flood(stub: pb_grpc.ModelControlStub) -> dict[str, Any]:
-    health = lambda: stub.Health(pb.HealthRequest(), timeout=CALL_LIMIT_S)  # noqa: E731
-    before = await _timed(health)
+@contextlib.asynccontextmanager
+async def _flood_with_a_stalled_follower(stub: pb_grpc.ModelControlStub) -> AsyncIterator[None]:
     stalled = stub.StreamLogs(pb.StreamLogsRequest(model="flood", follow=True))
     try:
         await stub.Load(pb.LoadRequest(model="flood"), timeout=60)
-        last = f"flood line {FLOOD_LINES - 1}"
-        during: list[float] = []
-        async with asyncio.timeout(120):
-            while await _tail(stub, "flood") != last:
-                during += await _timed(health, 10)
+        yield
     finally:
         stalled.cancel()
-    summary = {"before": _summary(before), "during": _summary(during)}
-    worst_ratio = summary["during"]["max_ms"] / max(summary["before"]["p99_ms"], 1e-3)
-    return {**summary, "worst_over_before_p99": round(worst_ratio, 2)}
 
 
-async def ping_with_stalled_followers(server: Server) -> dict[str, Any]:
-    stub = server.stub
-    ping = lambda: stub.Ping(pb.PingRequest(), timeout=CALL_LIMIT_S)  # noqa: E731
-    before = _summary(await _timed(ping))
+async def health_during_flood(stub: pb_grpc.ModelControlStub) -> dict[str, Any]:
+    last = f"flood line {FLOOD_LINES - 1}"
+
+    async def flood_written() -> bool:
+        return await _tail(stub, "flood") == last
+
+    before, during = await before_and_during(
+        lambda: stub.Health(pb.HealthRequest(), timeout=CALL_LIMIT_S),
+        _flood_with_a_stalled_follower(stub),
+        until=flood_written,
+    )
+    worst_ratio = during["max_ms"] / max(before["p99_ms"], 1e-3)
+    return {"before": before, "during": during, "worst_over_before_p99": round(worst_ratio, 2)}
+
+
+@contextlib.asynccontextmanager
+async def _stalled_followers(server: Server) -> AsyncIterator[None]:
+    """FOLLOWERS streams on a channel of their own that never read: half StreamLogs of
+    a chatty model (loaded here), half WatchEvents."""
     quiet = grpc.aio.insecure_channel(server.addr)
     try:
         quiet_stub = pb_grpc.ModelControlStub(quiet)  # type: ignore[no-untyped-call]
@@ -159,12 +169,19 @@ async def ping_with_stalled_followers(server: Server) -> dict[str, Any]:
             else quiet_stub.WatchEvents(pb.WatchEventsRequest())
             for i in range(FOLLOWERS)
         ]
-        await stub.Load(pb.LoadRequest(model="chatty"), timeout=60)
-        with_them = _summary(await _timed(ping))
+        await server.stub.Load(pb.LoadRequest(model="chatty"), timeout=60)
+        yield
         for call in stalled:
             call.cancel()
     finally:
         await quiet.close(None)
+
+
+async def ping_with_stalled_followers(server: Server) -> dict[str, Any]:
+    stub = server.stub
+    before, with_them = await before_and_during(
+        lambda: stub.Ping(pb.PingRequest(), timeout=CALL_LIMIT_S), _stalled_followers(server)
+    )
     return {
         "followers": FOLLOWERS,
         "before": before,
@@ -173,28 +190,30 @@ async def ping_with_stalled_followers(server: Server) -> dict[str, Any]:
     }
 
 
-async def _section(work: Awaitable[dict[str, Any]]) -> dict[str, Any]:
-    try:
-        return await work
-    except grpc.aio.AioRpcError as exc:
-        return {"error": f"{exc.code().name}: {exc.details()}"}
-    except (BenchError, TimeoutError) as exc:
-        return {"error": str(exc) or type(exc).__name__}
-
-
 async def measure() -> dict[str, Any]:
     """Every figure, on a daemon started (and stopped) for them alone."""
     with tempfile.TemporaryDirectory(prefix="modeld-latency-") as tmp:
-        [server] = await spawn_all([_command(Path(tmp))])
-        try:
-            await server.wait_serving()
+        work = Path(tmp)
+        command = daemon_command(
+            "modeld (latency)",
+            CONFIG,
+            work,
+            work / "latency-modeld.log",
+            lines=FLOOD_LINES,
+            crashes=CRASHES,
+        )
+        async with serving([command]) as [server]:
             return {
-                "crash_to_failed": await _section(crash_to_failed(server.stub)),
-                "health_during_flood": await _section(health_during_flood(server.stub)),
-                "ping_with_stalled_followers": await _section(ping_with_stalled_followers(server)),
+                "crash_to_failed": await _section("crash", crash_to_failed(server.stub)),
+                "health_during_flood": await _section("flood", health_during_flood(server.stub)),
+                "ping_with_stalled_followers": await _section(
+                    "stalled", ping_with_stalled_followers(server)
+                ),
             }
-        finally:
-            await server.stop()
+
+
+def _section(name: str, work: Awaitable[dict[str, Any]]) -> Awaitable[dict[str, Any]]:
+    return harness.section(TOOL, name, work)
 
 
 def render(section: dict[str, Any]) -> list[str]:

@@ -20,8 +20,6 @@ bench/results/route_bench.json, and exits 0 unless something could not be measur
 
 import argparse
 import asyncio
-import contextlib
-import json
 import os
 import platform
 import statistics
@@ -33,22 +31,25 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import uvloop
 
+import harness
 import latency_figures
 from harness import (
     CALL_LIMIT_S,
+    HERE,
     BenchError,
     Command,
     EventWatch,
     Pair,
     Series,
     Server,
+    bench_main,
+    daemon_command,
     empty_pair,
     free_port,
     route_pair,
     rpc_error,
-    spawn_all,
+    serving,
     warm_up,
 )
 from modeld._proto.backend import backend_pb2, backend_pb2_grpc
@@ -56,7 +57,7 @@ from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld._proto.modeld.v1 import modeld_pb2_grpc as pb_grpc
 from report import render, targets
 
-HERE = Path(__file__).resolve().parent
+TOOL = "route_bench"
 MODEL = "echo"
 REPLICAS = 2
 SLICES = 8
@@ -78,28 +79,19 @@ max_replicas = {replicas}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=7.0, help="per figure (default 7)")
+    parser = harness.arguments(__doc__, "route_bench.json", 7.0, "figure")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--cold-runs", type=int, default=5, help="cold starts timed")
     parser.add_argument("--cold-routes", type=int, default=100, help="concurrent cold Routes")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "route_bench.json")
     return parser.parse_args(argv)
 
 
 def progress(text: str) -> None:
-    print(f"route_bench: {text}", file=sys.stderr, flush=True)
+    harness.progress(TOOL, text)
 
 
-def daemon_command(tmp: Path, logs: Path) -> Command:
-    addr = f"127.0.0.1:{free_port()}"
-    (tmp / "models").mkdir()
-    config = tmp / "modeld.toml"
-    config.write_text(
-        CONFIG.format(addr=addr, state=tmp / "state", models=tmp / "models", replicas=REPLICAS)
-    )
-    argv = [sys.executable, "-m", "modeld.cli.main", "serve", "--config", str(config)]
-    return Command("modeld", argv, addr, logs / "modeld.log")
+def section(name: str, work: Awaitable[dict[str, Any]]) -> Awaitable[dict[str, Any]]:
+    return harness.section(TOOL, name, work)
 
 
 def reference_command(tmp: Path, logs: Path) -> Command:
@@ -257,18 +249,6 @@ async def release_all(stub: pb_grpc.ModelControlStub, leases: list[pb.RouteRespo
     )
 
 
-async def section(name: str, work: Awaitable[dict[str, Any]]) -> dict[str, Any]:
-    """One figure group; a failure is recorded so the others are still measured."""
-    try:
-        return await work
-    except grpc.aio.AioRpcError as exc:
-        error = rpc_error(exc)
-    except (BenchError, TimeoutError) as exc:
-        error = str(exc) or type(exc).__name__
-    progress(f"{name} failed: {error}")
-    return {"error": error}
-
-
 async def measure(daemon: Server, reference: Server, args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"setup": setup(args)}
     results["load"] = await section("load", load_replicas(daemon.stub))
@@ -300,14 +280,12 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     logs = args.out.parent
     with tempfile.TemporaryDirectory(prefix="modeld-bench-") as tmp:
-        async with contextlib.AsyncExitStack() as stack:
-            progress("starting the daemon and the reference")
-            commands = [daemon_command(Path(tmp), logs), reference_command(Path(tmp), logs)]
-            daemon, reference = await spawn_all(commands)
-            stack.push_async_callback(daemon.stop)
-            stack.push_async_callback(reference.stop)
-            await daemon.wait_serving()
-            await reference.wait_serving()
+        progress("starting the daemon and the reference")
+        commands = [
+            daemon_command("modeld", CONFIG, Path(tmp), logs / "modeld.log", replicas=REPLICAS),
+            reference_command(Path(tmp), logs),
+        ]
+        async with serving(commands) as (daemon, reference):
             started = time.perf_counter()
             results = await measure(daemon, reference, args)
             results["setup"]["measured_s"] = round(time.perf_counter() - started, 1)
@@ -316,20 +294,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            results = runner.run(run(args))
-    except BenchError as exc:
-        print(f"route_bench: {exc}", file=sys.stderr)
-        return 1
-    checks = targets(results)
-    results["targets"] = [c.to_dict() for c in checks]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(render(results, checks))
-    print(f"\nJSON: {args.out}")
-    failed = [k for k, v in results.items() if isinstance(v, dict) and "error" in v]
-    return 1 if failed else 0
+    return bench_main(TOOL, args.out, lambda: run(args), targets, render)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ models under load. Then it checks, and prints as figures:
 
 - every Route got a lease or UNAVAILABLE / DEADLINE_EXCEEDED / RESOURCE_EXHAUSTED
   (CANCELLED only where the client cancelled); no RPC ever got INTERNAL/UNKNOWN;
-- after the lease TTL every replica's in_flight is 0, and none was ever negative;
+- at every sample (4 a second) and at the end, each replica's in_flight equals its
+  live lease count (`Replica.live_leases`, read by the daemon in the same loop
+  turn), and after the lease TTL both are 0;
 - every backend process the daemon started (found by an environment marker) is a
   READY replica or gone, and none is left after the daemon stops;
 - the registry passes integrity_check and its live rows are the live replicas.
@@ -34,8 +36,6 @@ import sys
 import tempfile
 import time
 import uuid
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +44,13 @@ import grpc
 from modeld._proto.backend import backend_pb2, backend_pb2_grpc
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld._proto.modeld.v1 import modeld_pb2_grpc as pb_grpc
+from soak_tally import Tally, figures, print_figures
 
 MARKER_VAR = "CHAOS_MARKER"
 LEASE_TTL_S = 3.0
 # The router's probe gives up on a backend after 2 s; a stop must outlast that.
 STOP_FOR_S = 3.5
 ROUTE_OK_CODES = frozenset({"OK", "UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"})
-NEVER = frozenset({"INTERNAL", "UNKNOWN"})
 TERMINAL = frozenset({pb.STOPPED, pb.FAILED})
 MODELS = {
     # name: (backend flags, max_replicas)
@@ -89,28 +89,6 @@ def config_text(addr: str, work: Path, marker: str) -> str:
             f"max_replicas = {replicas}",
         ]
     return "\n".join(lines) + "\n"
-
-
-@dataclass
-class Tally:
-    """Everything the run observed; one instance, mutated only on the event loop."""
-
-    routes: Counter[str] = field(default_factory=Counter)
-    calls: Counter[str] = field(default_factory=Counter)
-    faults: Counter[str] = field(default_factory=Counter)
-    events: Counter[str] = field(default_factory=Counter)
-    route_ms: list[float] = field(default_factory=list)
-    warm_route_ms: list[float] = field(default_factory=list)
-    served: int = 0
-    predict_failed: int = 0
-    pids: set[int] = field(default_factory=set)
-    min_in_flight: int = 0
-    failures: list[str] = field(default_factory=list)
-
-    def call(self, method: str, code: str) -> None:
-        self.calls[f"{method}:{code}"] += 1
-        if code in NEVER:
-            self.failures.append(f"{method} answered {code}")
 
 
 def marked_pids(marker: str) -> set[int]:
@@ -355,8 +333,7 @@ class Soak:
                 "ListReplicas", self.stub.ListReplicas(pb.ListReplicasRequest())
             )
             if reply is not None:
-                low = min((r.in_flight for r in reply.replicas), default=0)
-                self.tally.min_in_flight = min(self.tally.min_in_flight, low)
+                self.tally.check_leases(reply.replicas, "sample")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), 0.25)
 
@@ -421,16 +398,15 @@ class Soak:
         failures = self.tally.failures
         if not await self.until(self.settled, LEASE_TTL_S + 20):
             failures.append(f"not settled (in_flight / states): {await self.replicas()}")
-        if self.tally.min_in_flight < 0:
-            failures.append(f"in_flight went negative: {self.tally.min_in_flight}")
         replicas = await self.replicas()
+        self.tally.check_leases(replicas, "end")
         ready = {r.pid for r in replicas if r.state == pb.READY}
         stray = marked_pids(self.marker) - ready
         if stray:
             failures.append(f"backend processes that are no READY replica: {sorted(stray)}")
         if not await self.until(self.rows_agree, 5):
             failures.append(f"registry rows {self.registry_rows()} != live replicas {replicas}")
-        self.ready_at_end = len(ready)
+        self.tally.ready_at_end = len(ready)
 
     async def check_after_stop(self, code: int) -> None:
         if code != 0:
@@ -462,62 +438,6 @@ class Soak:
         await self.check_after_stop(await self.stop_daemon())
 
 
-def quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
-
-
-def figures(soak: Soak) -> dict[str, Any]:
-    t = soak.tally
-    return {
-        "duration_s": soak.args.duration,
-        "clients": soak.args.clients,
-        "routes": dict(t.routes),
-        "requests_served": t.served,
-        "predict_failed": t.predict_failed,
-        "route_p50_ms": round(quantile(t.route_ms, 0.50), 2),
-        "route_p99_ms": round(quantile(t.route_ms, 0.99), 2),
-        "warm_route_p99_ms": round(quantile(t.warm_route_ms, 0.99), 2),
-        "faults_injected": dict(t.faults),
-        "replicas_started": t.events["STARTING"],
-        "replicas_failed": t.events["FAILED"],
-        "crashes_of_ready_replicas": t.events["crashed"],
-        "leases_expired": t.events["lease_expired"],
-        "backend_pids_seen": len(t.pids),
-        "ready_at_end": getattr(soak, "ready_at_end", 0),
-        "min_in_flight_seen": t.min_in_flight,
-        "other_calls": {k: v for k, v in t.calls.items() if not k.startswith("Route:")},
-        "failures": t.failures[:20],
-        "passed": not t.failures,
-    }
-
-
-def _counts(counts: dict[str, int]) -> str:
-    listed = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-    return f"{sum(counts.values())} ({listed})"
-
-
-def print_figures(r: dict[str, Any]) -> None:
-    print(f"soak: {r['duration_s']:.0f}s, {r['clients']} clients")
-    print(f"  routes: {_counts(r['routes'])}")
-    print(f"  requests served (Predict OK): {r['requests_served']}, failed {r['predict_failed']}")
-    print(
-        f"  Route latency during faults: p50 {r['route_p50_ms']} ms, "
-        f"p99 {r['route_p99_ms']} ms (warm p99 {r['warm_route_p99_ms']} ms)"
-    )
-    print(f"  faults injected: {_counts(r['faults_injected'])}")
-    print(
-        f"  replicas started {r['replicas_started']}, failed {r['replicas_failed']} "
-        f"(crashes of READY ones {r['crashes_of_ready_replicas']}), "
-        f"leases expired {r['leases_expired']}, backend pids seen {r['backend_pids_seen']}"
-    )
-    print(f"  min in_flight seen {r['min_in_flight_seen']}; READY at the end {r['ready_at_end']}")
-    print(f"  other calls: {_counts(r['other_calls'])}")
-    for failure in r["failures"]:
-        print(f"  FAILED: {failure}")
-    print("soak: PASSED" if r["passed"] else "soak: FAILED")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=120.0, help="seconds of load and faults")
@@ -539,7 +459,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         if soak.proc is not None and soak.proc.returncode is None:
             soak.proc.kill()
             await soak.proc.wait()
-    result = figures(soak)
+    result = figures(soak.tally, args)
     result["work_dir"] = str(work)
     if not args.keep and result["passed"]:
         shutil.rmtree(work, ignore_errors=True)

@@ -455,3 +455,27 @@ async def test_a_crash_after_a_route_is_logged_under_the_replica_not_the_route(
     [crash] = [e for e in logged if e.get("to_state") == "FAILED"]
     assert crash["replica_id"] == replica.id
     assert "request_id" not in crash and "method" not in crash, crash
+
+
+async def test_a_spawn_the_registry_cannot_record_is_killed_and_fails_the_start(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The start sequence (starting.py) hears of the child only once the replica
+    holds it; a child whose row cannot be written must still be killed and reaped."""
+    real_insert = harness.registry.insert_replica
+    refused: list[int | None] = []
+
+    async def refusing_insert(row: Any) -> None:
+        if not refused:
+            refused.append(row.pid)
+            raise Unavailable("injected: the registry cannot write")
+        await real_insert(row)
+
+    monkeypatch.setattr(harness.registry, "insert_replica", refusing_insert)
+    replica = harness.replica()
+    with pytest.raises(Unavailable, match="Unavailable: injected"):
+        await replica.ensure_ready()
+
+    assert replica.state is S.FAILED and refused == [replica.pid]
+    assert replica.pid is not None and not pid_alive(replica.pid)
+    assert "(phase spawn)" in replica.last_error

@@ -24,3 +24,4 @@ class ReplicaInfo:
     last_probe_ok: bool = False
     last_probe_at: float | None = None
     node_id: str = "local"
+    live_leases: int = 0

@@ -166,6 +166,7 @@ def replica_to_proto(info: ReplicaInfo, host_id: str = "") -> pb.Replica:
         last_probe_at=timestamp(info.last_probe_at),
         node_id=info.node_id,
         host_id=host_id,
+        live_leases=info.live_leases,
     )
 
 

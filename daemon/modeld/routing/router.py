@@ -18,6 +18,7 @@ the registry in batches (counters.py).
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import replace
 
 import structlog
 
@@ -222,7 +223,12 @@ class Router:
         return {pool.model: [self.index.info(r) for r in pool.all()] for pool in pools}
 
     def replicas(self, model: str | None) -> list[ReplicaInfo]:
-        return self.index.replicas(model)
+        """Each with its live lease count, read in the same loop turn as its in-flight
+        (no await between them), so that anyone outside can check the two are equal."""
+        leases = self.leases.per_replica()
+        return [
+            replace(info, live_leases=leases.get(info.id, 0)) for info in self.index.replicas(model)
+        ]
 
     def has_live(self, model: str) -> bool:
         return self.index.has_live(model)

@@ -6,84 +6,49 @@ time, logs once, writes the row and publishes the event.
 
 Three tasks may act on a replica, and each owns a slice of its life:
 - the start task (`ensure_ready`) owns the starting states, port retries included,
-  and reports a failed start;
+  and reports a failed start: it runs the start sequence (starting.py), lent the
+  transition method and the rest of what a start does to the replica;
 - the exit watch of each process notices its exit at once; it reports a crash
   only of a READY or DRAINING replica (during a start the start task reports it,
   during STOPPING the exit was asked for);
 - the stop task (`stop`) waits for the start task to give up (every wait of a
   start races the stop request), then drains, stops and reaps.
+
+The mechanics live beside it, free of its state: spawning a process and reading
+its stderr (spawning.py), the waits of a start (readiness.py), the drain and the
+stop ladder (stopping.py), the row and the events (record.py), what every replica
+is built with (deps.py).
 """
 
 import asyncio
 import contextvars
-import os
-import shlex
 import signal
-import sys
-from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import structlog
 
-from modeld.clock import Clock
-from modeld.errors import InvalidArgument, Unavailable
-from modeld.ops.events import Event, EventBus
-from modeld.ops.logstore import STDERR, STDOUT, LogStore
+from modeld.errors import Unavailable
 from modeld.routing.slots import Slots
 from modeld.spec import BackendSpec, ModelSpec
 from modeld.state import ALLOWED, TERMINAL, ReplicaState
-from modeld.storage.registry import Registry, ReplicaRow
-from modeld.supervisor.backend_client import (
-    BackendCallError,
-    GrpcBackend,
-    HttpBackend,
-    grpc_health_once,
-)
-from modeld.supervisor.child import (
-    KILL_WAIT_S,
-    PIPE_DRAIN_S,
-    Child,
-    describe_exit,
-    discard,
-    wait_tasks,
-)
-from modeld.supervisor.containment import Containment
-from modeld.supervisor.launch import LaunchPlan, plan_launch
-from modeld.supervisor.process import Spawner, free_port, proc_start_time
-from modeld.supervisor.readiness import StartFailed, StartRace, StopRequested, exit_failure
+from modeld.storage.registry import ReplicaRow
+from modeld.supervisor.backend_client import GrpcBackend
+from modeld.supervisor.child import PIPE_DRAIN_S, Child, describe_exit, wait_tasks
+from modeld.supervisor.deps import ReplicaDeps
+from modeld.supervisor.launch import LaunchPlan
+from modeld.supervisor.readiness import StartRace, StopRequested
+from modeld.supervisor.record import ReplicaRecord
+from modeld.supervisor.spawning import health_probe, spawn_child, with_stderr
+from modeld.supervisor.starting import StartHooks, StartSequence
+from modeld.supervisor.stopping import drain, terminate
+
+__all__ = ["Replica", "ReplicaDeps", "StateListener"]
 
 S = ReplicaState
 T = TypeVar("T")
 log = structlog.get_logger(__name__)
 
-FREE_LIMIT_S = 2.0
-STDERR_TAIL = 20
-EXIT_ADDR_IN_USE = 98
-
-
-@dataclass(frozen=True)
-class ReplicaDeps:
-    clock: Clock
-    spawner: Spawner
-    registry: Registry
-    logs: LogStore
-    events: EventBus
-    models_dir: Path
-    python: str = sys.executable
-    host: str = "127.0.0.1"
-    node_id: str = "local"
-    # Picks the port of each start attempt; tests inject one to force a clash.
-    ports: Callable[[str], int] = free_port
-    # How every descendant of a backend is found and stopped (the daemon probes for it).
-    containment: Containment = field(default_factory=Containment.marker_only)
-    # (replica id, GPU ids, every pid it had): its processes are gone, its GPU memory
-    # may not be yet (capacity/releasing.py).
-    on_released: Callable[[str, tuple[int, ...], list[int]], None] | None = None
-
-
-_PHASE = {S.STARTING: "spawn", S.WAITING_READY: "ready", S.LOADING: "load"}
 # The replica's owner hears every state change at once, by direct call (not the bus).
 StateListener = Callable[["Replica", ReplicaState, ReplicaState, str], None]
 
@@ -112,7 +77,14 @@ class Replica:
         self._state = S.STARTING
         self._child: Child | None = None
         self._client: GrpcBackend | None = None
-        self._row_written = False
+        self._record = ReplicaRecord(
+            replica_id,
+            spec.name,
+            registry=deps.registry,
+            events=deps.events,
+            row=self._row,
+            log=self._log,
+        )
         self._restarts = 0
         self._started_at: float | None = None
         self._ready_at: float | None = None
@@ -275,7 +247,7 @@ class Replica:
             return False
         if self._client is not None:
             return await self._client.health(limit_s)
-        return await self._health_probe(child)(limit_s)
+        return await health_probe(self._backend, child)(limit_s)
 
     def kill(self) -> None:
         """SIGKILL the process group now (daemon shutdown without grace); the exit
@@ -325,34 +297,12 @@ class Replica:
         emit("replica_state", from_state=old.value, to_state=new.value, reason=reason)
         if self._listener is not None:
             self._listener(self, old, new, reason)
-        await self._persist(changes)
-        await self._publish(old, new, reason, wall)
+        await self._record.changed(changes)
+        await self._record.publish(old, new, reason, wall)
         if new in TERMINAL:
             self._deps.logs.close(self._id)
             if settled:
                 self._terminal.set()
-
-    async def _persist(self, changes: dict[str, object]) -> None:
-        # The in-memory state has changed (a process really exited); a registry that
-        # cannot write must not also hide that from the rest of the daemon.
-        try:
-            if self._row_written:
-                await self._deps.registry.update_replica(self._id, **changes)
-            else:
-                await self._deps.registry.insert_replica(self._row())
-                self._row_written = True
-        except Unavailable as exc:
-            self._log.error("replica_row_not_written", error=str(exc))
-
-    async def _publish(
-        self, old: ReplicaState | None, new: ReplicaState, reason: str, wall: float
-    ) -> None:
-        event = Event(wall, self._id, self._spec.name, old, new, reason)
-        self._deps.events.publish(event)
-        try:
-            await self._deps.registry.add_event(event)
-        except Unavailable as exc:
-            self._log.error("replica_event_not_written", error=str(exc))
 
     def _row(self) -> ReplicaRow:
         child = self._child
@@ -384,157 +334,52 @@ class Replica:
             backend=self._backend,
             stop_requested=self._stop_requested,
         )
-        try:
-            plan = plan_launch(
-                self._spec,
-                self._backend,
-                self._deps.models_dir,
-                python=self._deps.python,
-                base_env=os.environ,
-                gpu_ids=self._gpu_ids,
-                owner=self._box.owner,
-            )
-        except InvalidArgument as exc:
-            await self._transition(S.FAILED, "cannot be started as specified", last_error=str(exc))
-            raise
-        try:
-            await self._bring_up(plan, race)
-        except StopRequested:
-            raise Unavailable(f"{self._name()} was stopped while starting") from None
-        except StartFailed as failure:
-            raise await self._fail_start(failure) from None
-        except Exception as exc:
-            # A registry failure or a bug must not leave a half-started process behind.
-            internal = StartFailed(_PHASE.get(self._state, "spawn"), f"{type(exc).__name__}: {exc}")
-            raise await self._fail_start(internal) from exc
+        hooks = StartHooks(
+            state=lambda: self._state,
+            child=lambda: self._child,
+            transition=self._transition,
+            spawn=self._spawn,
+            finish=self._finish_child,
+            hold_client=self._hold_client,
+        )
+        sequence = StartSequence(
+            replica_id=self._id,
+            name=self._name(),
+            spec=self._spec,
+            backend=self._backend,
+            deps=self._deps,
+            gpu_ids=self._gpu_ids,
+            owner=self._box.owner,
+            race=race,
+            hooks=hooks,
+            log=self._log,
+        )
+        await sequence.run()
 
-    async def _bring_up(self, plan: LaunchPlan, race: StartRace) -> None:
-        child = await self._spawn_until_healthy(plan, race)
-        if self._backend.protocol == "grpc":
-            await self._transition(S.LOADING, "healthy; loading the model")
-            await self._load(child, plan, race)
-        if child.exited.is_set():
-            raise exit_failure(child, _PHASE[self._state])
-        elapsed = race.elapsed()
-        await self._transition(S.READY, f"ready at {child.address} after {elapsed:.3f}s")
-        self._deps.logs.note(self._id, f"ready at {child.address} after {elapsed:.3f}s")
-
-    async def _spawn_until_healthy(self, plan: LaunchPlan, race: StartRace) -> Child:
-        """Spawn and wait for health, on a fresh port while the last one was taken."""
-        attempt = 1
-        while True:
-            child = await self._spawn(plan)
-            if self._state is S.STARTING:
-                await self._transition(S.WAITING_READY, f"spawned pid {child.pid}")
-            try:
-                await race.wait_healthy(child, self._health_probe(child))
-            except StartFailed as failure:
-                if attempt >= self._backend.start_attempts or not self._lost_port(child, failure):
-                    raise
-                self._log.warning("replica_port_taken", port=child.port, attempt=attempt)
-                self._deps.logs.note(self._id, f"port {child.port} was taken; trying another")
-                await self._finish_child(child)
-                attempt += 1
-                self._restarts += 1
-            else:
-                return child
-
-    async def _spawn(self, plan: LaunchPlan) -> Child:
+    async def _spawn(self, plan: LaunchPlan, restarts: int) -> Child:
         if self._stop_requested.is_set():
             raise StopRequested
-        host = self._deps.host
-        port = self._deps.ports(host)
-        argv = plan.argv(host, port)
-        self._deps.logs.open(self._id, self._spec.name)
-        try:
-            self._box.prepare()
-            proc = await self._deps.spawner.spawn(
-                argv, env=plan.env, cwd=plan.cwd, cgroup=self._box.cgroup
-            )
-        except OSError as exc:
-            self._box.close()
-            raise StartFailed("spawn", f"cannot run {argv[0]!r}: {exc.strerror or exc}") from None
-        child = Child(
-            proc,
-            host,
-            port,
-            self._deps.clock.monotonic(),
-            self._deps.clock.wall(),
-            proc_start_time(proc.pid),
+        child = await spawn_child(
+            self._deps,
             self._box,
+            plan,
+            replica_id=self._id,
+            model=self.model,
+            backend=self._backend,
+            background=self._background,
+            watch=self._watch_exit,
             on_gone=self._released,
         )
-        max_line = self._backend.max_output_line
-        child.pumps = [
-            self._background(
-                self._deps.logs.pump(self._id, name, pipe, max_line=max_line),
-                f"{name}-{self._id}",
-            )
-            for name, pipe in ((STDOUT, proc.stdout), (STDERR, proc.stderr))
-        ]
-        child.watch = self._background(self._watch_exit(child), f"exit-{self._id}")
+        # Held before the first await, so the exit watch always finds it current.
         self._child = child
-        self._deps.logs.note(self._id, f"spawned pid {proc.pid}: {shlex.join(argv)}")
-        await self._record_spawn(child)
-        return child
-
-    async def _record_spawn(self, child: Child) -> None:
-        """Make the process durable before anyone hears of the replica."""
+        self._restarts = restarts
         if self._started_at is None:
             self._started_at = child.spawned_wall
-        if self._row_written:
-            await self._deps.registry.update_replica(
-                self._id,
-                address=child.address,
-                pid=child.pid,
-                pgid=child.pgid,
-                proc_start=child.proc_start,
-                restarts=self._restarts,
-            )
-            return
-        await self._deps.registry.insert_replica(self._row())
-        self._row_written = True
-        await self._publish(None, S.STARTING, f"spawned pid {child.pid}", child.spawned_wall)
+        await self._record.spawned(child, restarts)
+        return child
 
-    def _lost_port(self, child: Child, failure: StartFailed) -> bool:
-        if failure.exit_code is None:
-            return False
-        if failure.exit_code == EXIT_ADDR_IN_USE:
-            return True
-        lines = self._stderr_lines(since=child.spawned_wall)
-        return any("address already in use" in line.lower() for line in lines)
-
-    def _health_probe(self, child: Child) -> Callable[[float], Awaitable[bool]]:
-        if self._backend.protocol == "http":
-            return HttpBackend(child.host, child.port, self._backend.health_path).health
-        address = child.address
-        return lambda limit_s: grpc_health_once(address, limit_s)
-
-    async def _load(self, child: Child, plan: LaunchPlan, race: StartRace) -> None:
-        self._client = GrpcBackend(child.address)
-        limit = max(race.ceiling_left(), 0.001)
-        try:
-            message = await race.run(
-                child, self._client.load_model(plan.load_options, limit), "load"
-            )
-        except BackendCallError as exc:
-            raise StartFailed("load", str(exc)) from None
-        self._deps.logs.note(self._id, f"model loaded: {message}")
-
-    async def _fail_start(self, failure: StartFailed) -> Unavailable:
-        """Kill and reap what was started, then report FAILED with the backend's last words."""
-        child = self._child
-        if child is not None:
-            child.signal_group(signal.SIGKILL)
-            await child.wait_exited(KILL_WAIT_S)
-            await self._finish_child(child)
-        message = self._with_stderr(
-            f"{self._name()} failed to start (phase {failure.phase}): {failure.detail}"
-        )
-        await self._transition(
-            S.FAILED, f"{failure.phase} failed: {failure.detail}", last_error=message
-        )
-        return Unavailable(message)
+    def _hold_client(self, client: GrpcBackend) -> None:
+        self._client = client
 
     # exit watch
 
@@ -558,7 +403,7 @@ class Replica:
             await self._transition(
                 S.FAILED,
                 reason,
-                last_error=self._with_stderr(f"{self._name()} {reason}"),
+                last_error=with_stderr(self._deps.logs, self._id, f"{self._name()} {reason}"),
                 settled=False,
             )
             await self._finish_child(child)
@@ -591,30 +436,19 @@ class Replica:
             await self._transition(S.STOPPED, reason)
 
     async def _drain(self, limit_s: float) -> None:
-        if self._slots.count == 0 or self._forced.is_set():
-            return
-        waits: list[asyncio.Future[object]] = [asyncio.ensure_future(self._slots.wait_idle())]
-        waits += [asyncio.ensure_future(e.wait()) for e in (self._forced, self._terminal)]
-        try:
-            await asyncio.wait(waits, timeout=limit_s, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            discard(waits)
+        await drain(self._slots, limit_s, forced=self._forced, terminal=self._terminal)
         if self._slots.count and self._state is S.DRAINING:
             self._log.warning(
                 "replica_drain_cut_short", in_flight=self._slots.count, forced=self._forced.is_set()
             )
 
     async def _kill(self, child: Child) -> list[int]:
-        """Free → SIGTERM the group → grace → SIGKILL the group → reap; returns survivors."""
-        if self._client is not None and child.proc.returncode is None and not self._unresponsive:
-            freed = await self._client.free(FREE_LIMIT_S)
-            self._deps.logs.note(self._id, "model freed" if freed else "Free failed; stopping")
-        child.signal_group(signal.SIGTERM)
+        """The stop ladder, then reap; returns the pids that survived SIGKILL."""
+        client = None if self._unresponsive else self._client
         grace = self._backend.stop_grace
-        if not await child.wait_group_exit(grace):
-            self._log.warning("replica_stop_grace_expired", pid=child.pid, grace_s=grace)
-            child.signal_group(signal.SIGKILL)
-            await child.wait_exited(KILL_WAIT_S)
+        await terminate(
+            child, client, grace, logs=self._deps.logs, replica_id=self._id, log=self._log
+        )
         return await self._finish_child(child)
 
     def _released(self, pids: list[int]) -> None:
@@ -629,19 +463,6 @@ class Replica:
         if survivors:
             self._log.error("replica_processes_survived", pgid=child.pgid, pids=survivors)
         return survivors
-
-    # output
-
-    def _stderr_lines(self, since: float = 0.0) -> list[str]:
-        lines = self._deps.logs.tail_lines(self._id, STDERR_TAIL * 10)
-        texts = [ln.text for ln in lines if ln.stream == STDERR and ln.time >= since]
-        return texts[-STDERR_TAIL:]
-
-    def _with_stderr(self, message: str) -> str:
-        lines = self._stderr_lines()
-        if not lines:
-            return f"{message}\n(the backend wrote nothing to stderr)"
-        return f"{message}\nlast {len(lines)} stderr lines:\n" + "\n".join(lines)
 
     def _name(self) -> str:
         return f"replica {self._id} of model {self._spec.name!r} (backend {self._backend.name})"
