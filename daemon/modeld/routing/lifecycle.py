@@ -9,7 +9,7 @@ gate is checked again, with no await, right before a replica is created).
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import structlog
 
@@ -191,10 +191,19 @@ async def wait_until(awaitable: Awaitable[T], deadline: float, clock: Clock, mod
     remaining = deadline - clock.monotonic()
     if remaining <= 0:
         raise DeadlineExceeded(f"deadline passed before model {model!r} was ready")
+    shared = asyncio.ensure_future(awaitable)
+    # Once this caller gives up nobody may await the start any more: its outcome is
+    # still retrieved, so that the loop never reports it as lost.
+    shared.add_done_callback(_retrieve)
     try:
-        return await asyncio.wait_for(asyncio.shield(awaitable), remaining)
+        return await asyncio.wait_for(asyncio.shield(shared), remaining)
     except TimeoutError:
         raise DeadlineExceeded(
             f"model {model!r} was not ready within the deadline; it is still starting and "
             "later requests will use it"
         ) from None
+
+
+def _retrieve(task: "asyncio.Future[Any]") -> None:
+    if not task.cancelled():
+        task.exception()
