@@ -116,7 +116,7 @@ class Daemon:
         self.router = router = self._build_router(catalog, settings)
         self.watchdog = self._build_watchdog(router, settings)
         if self.config.cluster is not None:
-            self.cluster = ClusterRouter(self.config, router, self.clock, self.events)
+            self.cluster = ClusterRouter(self.config, router, self.clock, self.events, catalog)
             await self.cluster.start()
         await self._serve_grpc(catalog, router, settings)
         await self._serve_metrics(router)

@@ -118,11 +118,12 @@ class Peers:
         return reply
 
     async def load(
-        self, host: str, address: str, request: pb.LoadRequest, limit_s: float
+        self, host: str, address: str, request: pb.LoadRequest, limit_s: float, marker: str = "1"
     ) -> pb.LoadResponse:
+        """`marker`: a claim's (coldstart.py), so that the target publishes under it."""
         try:
             reply: pb.LoadResponse = await self._stub(address).Load(
-                request, metadata=self._md("1"), timeout=limit_s
+                request, metadata=self._md(marker), timeout=limit_s
             )
         except grpc.aio.AioRpcError as exc:
             raise _domain(host, exc) from None

@@ -4,10 +4,13 @@ Route: a local READY replica → the local router (today's pick). Otherwise a re
 READY replica from the view, picked by the same policy, and the Route forwarded
 to its owner, which leases from its own memory; a failed or stale owner means
 another replica, at most MAX_FORWARDS. With none left, a node starts the model
-itself (a router-role host refuses). Lease ids are `host_id~id`, so Release and
+it through the model's claim (`coldstart.py`): once, for the whole cluster, on the
+host placement picks. Lease ids are `host_id~id`, so Release and
 RenewLease reach the owner from any modeld.
 """
 
+from collections.abc import Callable
+from contextvars import ContextVar
 from pathlib import Path
 
 import structlog
@@ -15,6 +18,8 @@ import structlog
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld.api import convert
 from modeld.clock import Clock
+from modeld.cluster.claims import ClaimStore, parse_marker
+from modeld.cluster.coldstart import ColdStarts
 from modeld.cluster.counters import ClusterCounters
 from modeld.cluster.forward import PeerFailed, Peers, forwarded_marker
 from modeld.cluster.membership import Membership
@@ -23,35 +28,57 @@ from modeld.cluster.store import ReplicaRow
 from modeld.cluster.view import RemoteReplica, pick_remote
 from modeld.config import Config
 from modeld.errors import ConfigError, FailedPrecondition, NotFound, Unavailable
+from modeld.info import ReplicaInfo
 from modeld.ops.events import EventBus
 from modeld.routing.leases import Lease
 from modeld.routing.router import Router
 from modeld.state import LIVE, ReplicaState
+from modeld.storage.catalog import Catalog
 
 log = structlog.get_logger(__name__)
 MAX_FORWARDS = 3
 # Free memory is published on this grid, so that noise in the readings is not a change.
 MEMORY_GRID = 256 << 20
 SEP = "~"
+# A Route routes again after its cold start this many times at most (a replica that
+# was published but could not be reached): the depth of this request's retries.
+COLD_ROUTES = 3
+_cold_depth: ContextVar[int] = ContextVar("cold_depth", default=0)
 
 
 class ClusterRouter:
-    def __init__(self, config: Config, router: Router, clock: Clock, events: EventBus) -> None:
+    def __init__(
+        self, config: Config, router: Router, clock: Clock, events: EventBus, catalog: Catalog
+    ) -> None:
         cfg = config.cluster
         assert cfg is not None
         self._cfg = cfg
         self._router = router
         self._clock = clock
         self.peers = Peers(config)
-        self.membership = Membership(cfg, _dsn(cfg.dsn, cfg.dsn_file), clock, events, self.rows)
+        dsn = _dsn(cfg.dsn, cfg.dsn_file)
+        self.membership = Membership(cfg, dsn, clock, events, self.rows)
         self._own = OwnLoad()
         self.counters = ClusterCounters()
         self._forward_cap = max(1.0, min(5.0, cfg.host_ttl))
+        self._cold = ColdStarts(
+            host_id=cfg.host_id,
+            host_ttl=cfg.host_ttl,
+            router=router,
+            catalog=catalog,
+            membership=self.membership,
+            peers=self.peers,
+            claims=ClaimStore(dsn, cfg.host_id, max(min(cfg.host_ttl / 3, 5.0), 1.0)),
+            clock=clock,
+            counters=self.counters,
+            row_of=self._row_of,
+        )
 
     async def start(self) -> None:
         await self.membership.start()
 
     async def close(self) -> None:
+        await self._cold.close()
         await self.membership.close()
         await self.peers.close()
 
@@ -62,6 +89,12 @@ class ClusterRouter:
     # what this host publishes
 
     def rows(self) -> list[ReplicaRow]:
+        return self._rows(lambda info: info.state in LIVE and self._cold.visible(info))
+
+    def _row_of(self, replica_id: str) -> ReplicaRow | None:
+        return next(iter(self._rows(lambda info: info.id == replica_id)), None)
+
+    def _rows(self, which: Callable[[ReplicaInfo], bool]) -> list[ReplicaRow]:
         free = self._router.index.free_memory
         return [
             (
@@ -79,7 +112,7 @@ class ClusterRouter:
                 * MEMORY_GRID,
             )
             for info in self._router.replicas(None)
-            if info.state in LIVE
+            if which(info)
         ]
 
     # Route
@@ -142,13 +175,19 @@ class ClusterRouter:
         return self._response(await self._router.route(model, deadline))
 
     async def _start_here(self, model: str, deadline: float) -> pb.RouteResponse:
-        if self._cfg.role == "router":
-            raise FailedPrecondition(
-                f"model {model!r} has no READY replica on any host, and this modeld is a "
-                "router (cluster.role = router) that runs no backends; Load it on a node"
+        """No READY replica anywhere: start it through its claim, then route again."""
+        depth = _cold_depth.get()
+        if depth >= COLD_ROUTES:
+            raise Unavailable(
+                f"model {model!r}: its replica started but could not be reached; retry the Route"
             )
         self.membership.require(f"starting model {model!r}")
-        return self._response(await self._router.route(model, deadline))
+        await self._cold.ensure(model, deadline)
+        token = _cold_depth.set(depth + 1)
+        try:
+            return await self.route(model, deadline, ())
+        finally:
+            _cold_depth.reset(token)
 
     def _response(self, lease: Lease) -> pb.RouteResponse:
         reply = convert.route_response(lease)
@@ -211,7 +250,11 @@ class ClusterRouter:
                 "name a node in Load.host"
             )
         self.membership.require(f"loading model {request.model!r}")
-        infos = await self._router.load(request.model, request.replicas or 1, deadline)
+        claim = parse_marker(request.model, forwarded_marker(metadata))
+        if claim is not None:
+            infos = await self._cold.load_claimed(request.model, [claim], deadline)
+        else:
+            infos = await self._cold.load_here(request.model, request.replicas or 1, deadline)
         return pb.LoadResponse(replicas=[convert.replica_to_proto(i) for i in infos])
 
 

@@ -60,6 +60,7 @@ class Membership:
         self._pending: set[str] = set()
         self._reread_wake = asyncio.Event()
         self._published: dict[str, ReplicaRow] = {}
+        self._changed = asyncio.Event()
         self._load_written = 0.0
         self._tasks: list[asyncio.Task[None]] = []
         self.where = redact_dsn(dsn)
@@ -231,6 +232,8 @@ class Membership:
                 self.view.replace_host(host_id, by_id.get(host_id), mine)
         after = self._shape()
         if after != before:
+            self._changed.set()
+            self._changed = asyncio.Event()
             log.info(
                 "cluster_view_changed",
                 hosts={h.host_id: h.epoch for h in self.view.hosts.values()},
@@ -240,6 +243,15 @@ class Membership:
                     if r.state is ReplicaState.READY
                 ),
             )
+
+    def changed(self) -> asyncio.Event:
+        """Set at the next change of the view's shape; take it before reading the view."""
+        return self._changed
+
+    def adopt(self, row: ReplicaRow) -> None:
+        """`row` was written by a claim-fenced publish (claims.bind): it is published,
+        so that its removal is published too."""
+        self._published[row[0]] = row
 
     def _shape(self) -> tuple[frozenset[tuple[str, int]], frozenset[tuple[str, str, str, int]]]:
         """What a view change is: hosts and epochs, replicas and states (not load)."""

@@ -1,0 +1,344 @@
+"""Cold starts across the cluster: one claim, one load, every waiter routed to it.
+
+A Route that finds no READY replica anywhere joins this modeld's one driver for the
+model (`ensure`). The driver takes the model's claim (`claims.py`) or, when another
+start holds it, waits for the view to change (NOTIFY), polling the claim as a
+fallback. The claim owner renews the claim while its load goes on, asks hosts in
+placement order to load (a refusal by a target's admission: the next host), and
+the target publishes the replica only if the claim still holds (`load_claimed`):
+a replica whose claim was taken over meanwhile is stopped instead. A failed load
+is recorded on the claim, and every waiter, on any modeld, fails with its error.
+"""
+
+import asyncio
+import contextlib
+import functools
+from collections.abc import AsyncIterator, Callable, Sequence
+
+import structlog
+
+from modeld import errors
+from modeld._proto.modeld.v1 import modeld_pb2 as pb
+from modeld.clock import Clock
+from modeld.cluster.claims import Claim, ClaimStore, Failed, Full, Wait
+from modeld.cluster.counters import ClusterCounters
+from modeld.cluster.forward import Peers
+from modeld.cluster.membership import Membership
+from modeld.cluster.store import ReplicaRow
+from modeld.cluster.view import ClusterView
+from modeld.info import ReplicaInfo
+from modeld.policy.backoff import DEFAULT as BACKOFF
+from modeld.policy.host_placement import HostCapacity, place
+from modeld.routing.lifecycle import wait_until
+from modeld.routing.router import Router
+from modeld.spec import ModelSpec
+from modeld.state import LIVE, ReplicaState
+from modeld.storage.catalog import Catalog
+
+log = structlog.get_logger(__name__)
+# How often a waiter reads the claim when no notification came (a failure is not one).
+POLL_S = 0.25
+# A claim outlives its owner's host row, so a host that stopped renewing is out of
+# the view (and never asked to load) by the time its claim is taken over.
+CLAIM_TTL_HOSTS = 2.0
+REFUSALS = (errors.ResourceExhausted, errors.FailedPrecondition)
+RowOf = Callable[[str], ReplicaRow | None]
+
+
+def capacities(view: ClusterView, now: float, trust_expired: bool) -> list[HostCapacity]:
+    """The live hosts as placement sees them (until published capacity replaces it)."""
+    return [
+        HostCapacity(h.host_id, h.role, labels=h.labels)
+        for h in view.hosts.values()
+        if view.alive(h.host_id, now, trust_expired)
+    ]
+
+
+class ColdStarts:
+    def __init__(
+        self,
+        *,
+        host_id: str,
+        host_ttl: float,
+        router: Router,
+        catalog: Catalog,
+        membership: Membership,
+        peers: Peers,
+        claims: ClaimStore,
+        clock: Clock,
+        counters: ClusterCounters,
+        row_of: RowOf,
+    ) -> None:
+        self._host = host_id
+        self._ttl = host_ttl * CLAIM_TTL_HOSTS
+        self._router = router
+        self._catalog = catalog
+        self._membership = membership
+        self._peers = peers
+        self._claims = claims
+        self._clock = clock
+        self.counters = counters
+        self._row_of = row_of
+        # model → this modeld's one driver of its cold start, and the latest waiter's deadline
+        self._drivers: dict[str, asyncio.Task[None]] = {}
+        self._until: dict[str, float] = {}
+        # model → replica ids publishable while a claimed load of it runs here
+        self._shown: dict[str, set[str]] = {}
+        self._claimed_loads: dict[str, int] = {}
+        self._fenced: set[str] = set()
+
+    # what this host may publish
+
+    def visible(self, info: ReplicaInfo) -> bool:
+        """A replica started under a claim is published only by `bind`, and a fenced
+        one never: the ordinary publish skips both."""
+        if info.id in self._fenced:
+            return False
+        shown = self._shown.get(info.model)
+        return shown is None or info.id in shown
+
+    # Route: wait for (or drive) the one cold start
+
+    async def ensure(self, model: str, deadline: float) -> None:
+        """Returns once a READY replica of `model` is in sight; raises the start's error."""
+        self._catalog.get(model)
+        self._until[model] = max(self._until.get(model, 0.0), deadline)
+        task = self._drivers.get(model)
+        if task is None:
+            task = asyncio.create_task(self._drive(model), name=f"cold-start-{model}")
+            self._drivers[model] = task
+            task.add_done_callback(functools.partial(self._driver_done, model))
+        await wait_until(asyncio.shield(task), deadline, self._clock, model)
+
+    def _driver_done(self, model: str, task: "asyncio.Task[None]") -> None:
+        if self._drivers.get(model) is task:
+            del self._drivers[model]
+            self._until.pop(model, None)
+        if not task.cancelled():
+            task.exception()  # retrieved here: every waiter may have given up already
+
+    def _ready(self, model: str) -> bool:
+        if any(i.state is ReplicaState.READY for i in self._router.replicas(model)):
+            return True
+        now = self._clock.monotonic()
+        trust = self._membership.trust_expired()
+        return bool(self._membership.view.candidates(model, now, trust_expired=trust))
+
+    async def _drive(self, model: str) -> None:
+        spec = self._catalog.get(model)
+        while not self._ready(model):
+            changed = self._membership.changed()
+            decision = await self._claims.take(model, spec.max_replicas, self._ttl, cold=True)
+            if isinstance(decision, Failed):
+                raise _error(decision)
+            if isinstance(decision, Claim):
+                self._taken(decision)
+                await self._own(decision, spec)
+                continue
+            remaining = self._until.get(model, 0.0) - self._clock.monotonic()
+            if remaining <= 0:
+                raise errors.DeadlineExceeded(f"model {model!r}: no replica started in time")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), min(POLL_S, remaining))
+
+    def _taken(self, claim: Claim) -> None:
+        self.counters.claims_taken += 1
+        if claim.took_over:
+            self.counters.claims_taken_over += 1
+        log.info(
+            "cluster_claim_taken",
+            model=claim.model,
+            slot=claim.slot,
+            claim_id=claim.claim_id,
+            took_over=claim.took_over,
+        )
+
+    async def _own(self, claim: Claim, spec: ModelSpec) -> None:
+        """As the claim's owner: place, load, and wait for the replica to be in sight."""
+        async with self._renewing([claim]) as lost:
+            try:
+                host = await self._place_and_load(claim, spec, lost)
+            except errors.ModeldError as exc:
+                if not lost.is_set():
+                    await self._fail([claim], exc)
+                    raise
+                host = None
+        if host is None:
+            return  # lost: whoever took it over starts the model; we wait for that
+        deadline = self._until.get(claim.model, 0.0)
+        while not self._ready(claim.model) and self._clock.monotonic() < deadline:
+            changed = self._membership.changed()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), POLL_S)
+
+    async def _place_and_load(
+        self, claim: Claim, spec: ModelSpec, lost: asyncio.Event
+    ) -> str | None:
+        """The host that loaded it, or None when the claim was lost meanwhile."""
+        view = self._membership.view
+        now = self._clock.monotonic()
+        hosts = capacities(view, now, self._membership.trust_expired())
+        why: list[str] = []
+        for host_id in place(claim.model, spec, hosts):
+            if lost.is_set():
+                return None
+            try:
+                await self._load_on(host_id, claim)
+                return host_id
+            except REFUSALS as exc:
+                if not await self._claims.renew(claim, self._ttl):
+                    lost.set()
+                    return None
+                self.counters.placement_refusals += 1
+                log.info(
+                    "cluster_placement_refused", model=claim.model, host_id=host_id, error=str(exc)
+                )
+                why.append(str(exc))
+            except errors.Unavailable as exc:
+                log.info("cluster_placement_unreachable", model=claim.model, host_id=host_id)
+                why.append(str(exc))
+        raise errors.ResourceExhausted(
+            f"model {claim.model!r}: no host could start it: " + "; ".join(why or ["no host"])
+        )
+
+    async def _load_on(self, host_id: str, claim: Claim) -> None:
+        deadline = self._until.get(claim.model, 0.0)
+        if host_id == self._host:
+            await self.load_claimed(claim.model, [claim], deadline)
+            return
+        host = self._membership.view.hosts.get(host_id)
+        if host is None:
+            raise errors.Unavailable(f"host {host_id} left the cluster")
+        request = pb.LoadRequest(model=claim.model, replicas=1, host=host_id)
+        timeout = max(deadline - self._clock.monotonic(), 0.001)
+        await self._peers.load(host_id, host.address, request, timeout, marker=claim.marker)
+
+    # renewing and ending claims
+
+    @contextlib.asynccontextmanager
+    async def _renewing(self, claims: Sequence[Claim]) -> AsyncIterator[asyncio.Event]:
+        """Renews `claims` every third of their TTL; the event is set once one is lost."""
+        lost = asyncio.Event()
+        task = asyncio.create_task(self._renew(claims, lost), name="cluster-claim-renew")
+        try:
+            yield lost
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            if lost.is_set():
+                self.counters.claims_lost += 1
+                log.warning("cluster_claim_lost", model=claims[0].model, claims=len(claims))
+
+    async def _renew(self, claims: Sequence[Claim], lost: asyncio.Event) -> None:
+        while not lost.is_set():
+            await asyncio.sleep(self._ttl / 3)  # the renewal period, not a synchronisation
+            for claim in claims:
+                try:
+                    held = await self._claims.renew(claim, self._ttl)
+                except errors.Unavailable:
+                    continue  # the database is away; the claim may expire, fencing still holds
+                if not held:
+                    lost.set()
+
+    async def _fail(self, claims: Sequence[Claim], exc: errors.ModeldError) -> None:
+        log.warning("cluster_claim_failed", model=claims[0].model, error=str(exc))
+        code = type(exc).__name__
+        for claim in claims:
+            with contextlib.suppress(errors.Unavailable):
+                await self._claims.fail(claim, str(exc), code, BACKOFF.base, BACKOFF.cap)
+
+    # loads on this host
+
+    async def load_here(self, model: str, replicas: int, deadline: float) -> list[ReplicaInfo]:
+        """A Load on this host: one slot per replica it starts, so max_replicas holds
+        across the cluster; no free slot is a clear error, and nothing starts."""
+        spec = self._catalog.get(model)
+        ready = [i for i in self._router.replicas(model) if i.state is ReplicaState.READY]
+        claims: list[Claim] = []
+        for _ in range(replicas - len(ready)):
+            decision = await self._claims.take(model, spec.max_replicas, self._ttl, cold=False)
+            if isinstance(decision, Claim):
+                self._taken(decision)
+                claims.append(decision)
+                continue
+            for claim in claims:
+                with contextlib.suppress(errors.Unavailable):
+                    await self._claims.release(claim)
+            raise _refusal(model, spec, decision)
+        if not claims:
+            return await self._router.load(model, replicas, deadline)
+        async with self._renewing(claims) as lost:
+            try:
+                return await self.load_claimed(model, claims, deadline)
+            except errors.ModeldError as exc:
+                if not lost.is_set():
+                    await self._fail(claims, exc)
+                raise
+
+    async def load_claimed(
+        self, model: str, claims: Sequence[Claim], deadline: float
+    ) -> list[ReplicaInfo]:
+        """Start one replica per claim here; each is published only if its claim holds."""
+        before = {i.id for i in self._router.replicas(model) if i.state in LIVE}
+        self._fenced &= {r.id for r in self._router.live_replicas()}
+        ready = sum(1 for i in self._router.replicas(model) if i.state is ReplicaState.READY)
+        self._shown.setdefault(model, set(before))
+        self._claimed_loads[model] = self._claimed_loads.get(model, 0) + 1
+        try:
+            infos = await self._router.load(model, ready + len(claims), deadline)
+            new = [i for i in infos if i.id not in before]
+            lost = [c for c, i in zip(claims, new, strict=False) if not await self._bind(c, i)]
+        finally:
+            self._claimed_loads[model] -= 1
+            if not self._claimed_loads[model]:
+                del self._claimed_loads[model]
+                del self._shown[model]
+        for claim in claims[len(new) :]:
+            with contextlib.suppress(errors.Unavailable):
+                await self._claims.release(claim)  # a start already under way served it
+        if lost:
+            raise errors.FailedPrecondition(
+                f"model {model!r}: claim {lost[0].claim_id} was taken over by another host "
+                "while this one loaded; its replica was stopped, the other one serves"
+            )
+        return [i for i in infos if i.id not in self._fenced]
+
+    async def _bind(self, claim: Claim, info: ReplicaInfo) -> bool:
+        row = self._row_of(info.id)
+        epoch = self._membership.epoch
+        if row is not None and epoch is not None and await self._claims.bind(claim, epoch, row):
+            self._membership.adopt(row)
+            self._shown[info.model].add(info.id)
+            return True
+        self._fenced.add(info.id)
+        log.warning(
+            "cluster_claim_fenced", model=claim.model, claim_id=claim.claim_id, replica_id=info.id
+        )
+        with contextlib.suppress(errors.NotFound):
+            await self._router.unload_replica(info.id, True, 0.0)
+        return False
+
+    async def close(self) -> None:
+        tasks = list(self._drivers.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._claims.close()
+
+
+def _error(failed: Failed) -> errors.ModeldError:
+    kind = getattr(errors, failed.code, None)
+    if not (isinstance(kind, type) and issubclass(kind, errors.ModeldError)):
+        kind = errors.Unavailable
+    return kind(f"{failed.error} (the model is in failure backoff across the cluster)")
+
+
+def _refusal(model: str, spec: ModelSpec, decision: Wait | Failed | Full) -> errors.ModeldError:
+    if isinstance(decision, Failed):
+        return _error(decision)
+    held = "; ".join(s.describe() for s in decision.held) if isinstance(decision, Full) else ""
+    return errors.FailedPrecondition(
+        f"model {model!r} already has max_replicas = {spec.max_replicas} replica(s) in the "
+        f"cluster, running or starting ({held or decision}); unload one first or raise "
+        "max_replicas"
+    )
