@@ -26,10 +26,10 @@ GATED = str(Path(__file__).with_name("gated_backend.py"))
 CLAIM_TTL = 2 * HOST_TTL
 
 
-def gated_toml(gate: Path, extra: str = "") -> str:
+def gated_toml(gate: Path, extra: str = "", flags: str = "") -> str:
     return (
         f'[backends.gated]\ncommand = ["{sys.executable}", "{GATED}", "{gate}", '
-        '"--addr", "{addr}"]\nstop_grace = "2s"\n'
+        f'"--addr", "{{addr}}"{flags}]\nstop_grace = "2s"\n'
         f'[models.gated]\nbackend = "gated"\n{extra}'
     )
 
@@ -231,4 +231,26 @@ async def test_refused_by_the_first_host_then_the_next(
         assert reply.lease_id.startswith("b~")
         refused = await hosts["c"].wait_log(event("cluster_placement_refused", host_id="a"), 5)
         assert "cannot start" in str(refused["error"])
+        assert spawns(gate) == 1
+
+
+async def test_a_failed_load_fails_every_waiter_and_backs_off_cluster_wide(
+    tmp_path: Path, pg_dsn: str, gate: Path
+) -> None:
+    extras = {h: gated_toml(gate, flags=', "--fail-load"') for h in ("a", "b", "c")}
+    async with cluster(tmp_path, pg_dsn, extras) as hosts:
+        calls = [asyncio.ensure_future(route(d)) for d in hosts.values() for _ in range(3)]
+        await spawned(gate, 1)
+        (gate / "open").touch()
+        failures = await asyncio.gather(*calls, return_exceptions=True)
+        assert all(isinstance(f, grpc.aio.AioRpcError) for f in failures), failures
+        codes = {f.code() for f in failures if isinstance(f, grpc.aio.AioRpcError)}
+        assert len(codes) == 1
+        # In backoff: refused at once on any host, and nothing starts again.
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as again:
+            await route(hosts["c"])
+        assert again.value.code() in codes
+        assert "failure backoff" in (again.value.details() or "")
+        assert time.monotonic() - started < 5
         assert spawns(gate) == 1

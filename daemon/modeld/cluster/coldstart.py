@@ -41,6 +41,8 @@ POLL_S = 0.25
 # A claim outlives its owner's host row, so a host that stopped renewing is out of
 # the view (and never asked to load) by the time its claim is taken over.
 CLAIM_TTL_HOSTS = 2.0
+# What a target's admission answers when it cannot take the replica: ask the next host.
+# Anything else (a backend that failed, an unreachable target) fails the load.
 REFUSALS = (errors.ResourceExhausted, errors.FailedPrecondition)
 RowOf = Callable[[str], ReplicaRow | None]
 
@@ -193,9 +195,6 @@ class ColdStarts:
                 log.info(
                     "cluster_placement_refused", model=claim.model, host_id=host_id, error=str(exc)
                 )
-                why.append(str(exc))
-            except errors.Unavailable as exc:
-                log.info("cluster_placement_unreachable", model=claim.model, host_id=host_id)
                 why.append(str(exc))
         raise errors.ResourceExhausted(
             f"model {claim.model!r}: no host could start it: " + "; ".join(why or ["no host"])
