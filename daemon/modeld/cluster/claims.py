@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from modeld.cluster.schema import CHANNEL
-from modeld.cluster.store import _UPSERT, ReplicaRow
+from modeld.cluster.store import ReplicaRow
 from modeld.errors import Unavailable
 
 LOADING, SERVING, FAILED = "loading", "serving", "failed"
@@ -45,6 +45,32 @@ WHERE (modeld_claims.state <> 'serving' AND modeld_claims.expires_at <= now())
    OR (modeld_claims.state = 'serving' AND NOT EXISTS (
         SELECT 1 FROM modeld_replicas r WHERE r.replica_id = modeld_claims.replica_id))
 RETURNING claim_id
+"""
+# One statement (one round trip, one transaction): the claim becomes serving only if
+# its id still holds and this host's epoch is live, and the replica row is written
+# and announced only then. Parameters: model, slot, claim id, then the ReplicaRow
+# fields ($4..$11), host id, epoch.
+_BIND = """
+WITH bound AS (
+    UPDATE modeld_claims SET state = 'serving', replica_id = $4, failures = 0,
+        error = '', code = ''
+    WHERE model = $1 AND slot = $2 AND claim_id = $3 AND state = 'loading'
+      AND EXISTS (SELECT 1 FROM modeld_hosts
+                  WHERE host_id = $12 AND epoch = $13 AND lease_expires_at > now())
+    RETURNING 1
+), written AS (
+    INSERT INTO modeld_replicas (replica_id, host_id, epoch, model, state, address,
+                                 generation, in_flight, last_used, free_memory, updated_at)
+    SELECT $4, $12, $13, $5, $6, $7, $8, $9, $10, $11, now() FROM bound
+    ON CONFLICT (replica_id) DO UPDATE SET
+        epoch = EXCLUDED.epoch, model = EXCLUDED.model, state = EXCLUDED.state,
+        address = EXCLUDED.address, generation = EXCLUDED.generation,
+        in_flight = EXCLUDED.in_flight, last_used = EXCLUDED.last_used,
+        free_memory = EXCLUDED.free_memory, updated_at = now()
+    WHERE modeld_replicas.host_id = EXCLUDED.host_id
+    RETURNING 1
+)
+SELECT pg_notify($14, $12) FROM bound
 """
 
 
@@ -160,6 +186,12 @@ class ClaimStore:
             )
         return self._pool
 
+    async def connect(self) -> None:
+        try:
+            await self._get_pool()
+        except DB_ERRORS as exc:
+            raise _down("opening the claims' connections", exc) from None
+
     async def close(self) -> None:
         if self._pool is not None:
             await self._pool.close()
@@ -229,32 +261,20 @@ class ClaimStore:
         """Publish `row` as the replica serving `claim`, only if the claim still holds."""
         try:
             pool = await self._get_pool()
-            async with pool.acquire(timeout=self._timeout) as conn, conn.transaction():
-                live = await conn.fetchval(
-                    "SELECT 1 FROM modeld_hosts WHERE host_id = $1 AND epoch = $2 "
-                    "AND lease_expires_at > now() FOR SHARE",
-                    self._host,
-                    epoch,
-                )
-                bound = live and await conn.fetchval(
-                    """
-                    UPDATE modeld_claims SET state = 'serving', replica_id = $4, failures = 0,
-                        error = '', code = ''
-                    WHERE model = $1 AND slot = $2 AND claim_id = $3 AND state = 'loading'
-                    RETURNING 1
-                    """,
-                    claim.model,
-                    claim.slot,
-                    claim.claim_id,
-                    row[0],
-                )
-                if not bound:
-                    return False
-                await conn.execute(_UPSERT, *row, self._host, epoch)
-                await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, self._host)
+            rows = await pool.fetch(
+                _BIND,
+                claim.model,
+                claim.slot,
+                claim.claim_id,
+                *row,
+                self._host,
+                epoch,
+                CHANNEL,
+                timeout=self._timeout,
+            )
         except DB_ERRORS as exc:
             raise _down(f"publishing a replica of model {claim.model!r}", exc) from None
-        return True
+        return bool(rows)
 
     async def _one(self, sql: str, claim: Claim, *args: object) -> bool:
         try:

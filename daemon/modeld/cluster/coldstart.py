@@ -88,6 +88,14 @@ class ColdStarts:
         self._shown: dict[str, set[str]] = {}
         self._claimed_loads: dict[str, int] = {}
         self._fenced: set[str] = set()
+        # Set (and replaced) when this host publishes a claimed replica: its own waiters
+        # hear no notification of it (a host does not reread itself).
+        self._bound = asyncio.Event()
+
+    async def start(self) -> None:
+        """Opens the claims' connections now, so that the first cold Route does not wait."""
+        with contextlib.suppress(errors.Unavailable):
+            await self._claims.connect()
 
     # what this host may publish
 
@@ -129,7 +137,7 @@ class ColdStarts:
     async def _drive(self, model: str) -> None:
         spec = self._catalog.get(model)
         while not self._ready(model):
-            changed = self._membership.changed()
+            signals = self._signals()
             decision = await self._claims.take(model, spec.max_replicas, self._ttl, cold=True)
             if isinstance(decision, Failed):
                 raise _error(decision)
@@ -140,8 +148,11 @@ class ColdStarts:
             remaining = self._until.get(model, 0.0) - self._clock.monotonic()
             if remaining <= 0:
                 raise errors.DeadlineExceeded(f"model {model!r}: no replica started in time")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), min(POLL_S, remaining))
+            await _first(signals, min(POLL_S, remaining))
+
+    def _signals(self) -> tuple[asyncio.Event, ...]:
+        """Taken before looking, so that a change while looking is not missed."""
+        return self._membership.changed(), self._bound
 
     def _taken(self, claim: Claim) -> None:
         self.counters.claims_taken += 1
@@ -169,9 +180,7 @@ class ColdStarts:
             return  # lost: whoever took it over starts the model; we wait for that
         deadline = self._until.get(claim.model, 0.0)
         while not self._ready(claim.model) and self._clock.monotonic() < deadline:
-            changed = self._membership.changed()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), POLL_S)
+            await _first(self._signals(), POLL_S)
 
     async def _place_and_load(
         self, claim: Claim, spec: ModelSpec, lost: asyncio.Event
@@ -304,10 +313,17 @@ class ColdStarts:
 
     async def _bind(self, claim: Claim, info: ReplicaInfo) -> bool:
         row = self._row_of(info.id)
-        epoch = self._membership.epoch
-        if row is not None and epoch is not None and await self._claims.bind(claim, epoch, row):
+        if row is not None and await self._publish(claim, row):
             self._membership.adopt(row)
             self._shown[info.model].add(info.id)
+            log.info(
+                "cluster_claim_bound",
+                model=claim.model,
+                claim_id=claim.claim_id,
+                replica_id=info.id,
+            )
+            self._bound.set()
+            self._bound = asyncio.Event()
             return True
         self._fenced.add(info.id)
         log.warning(
@@ -317,12 +333,31 @@ class ColdStarts:
             await self._router.unload_replica(info.id, True, 0.0)
         return False
 
+    async def _publish(self, claim: Claim, row: ReplicaRow) -> bool:
+        epoch = self._membership.epoch
+        if epoch is None:
+            return False
+        try:
+            return await self._claims.bind(claim, epoch, row)
+        except errors.Unavailable:
+            return False  # not published: stopped, as a fenced one, so that none is hidden
+
     async def close(self) -> None:
         tasks = list(self._drivers.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._claims.close()
+
+
+async def _first(events: Sequence[asyncio.Event], limit_s: float) -> None:
+    """Until one of `events` is set, or `limit_s` (the poll fallback)."""
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, timeout=limit_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
 
 
 def _error(failed: Failed) -> errors.ModeldError:

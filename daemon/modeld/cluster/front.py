@@ -76,6 +76,7 @@ class ClusterRouter:
 
     async def start(self) -> None:
         await self.membership.start()
+        await self._cold.start()
 
     async def close(self) -> None:
         await self._cold.close()
