@@ -23,7 +23,7 @@ from modeld._proto.modeld.v1 import modeld_pb2 as pb
 pytestmark = pytest.mark.timeout(120)
 GATED = str(Path(__file__).with_name("gated_backend.py"))
 # Claims outlive their owner's host row by this factor (coldstart.CLAIM_TTL_HOSTS).
-CLAIM_TTL = 2 * HOST_TTL
+CLAIM_TTL = 3 * HOST_TTL
 
 
 def gated_toml(gate: Path, extra: str = "", flags: str = "") -> str:

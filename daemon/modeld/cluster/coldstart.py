@@ -40,11 +40,15 @@ log = structlog.get_logger(__name__)
 POLL_S = 0.25
 # A claim outlives its owner's host row, so a host that stopped renewing is out of
 # the view (and never asked to load) by the time its claim is taken over.
-CLAIM_TTL_HOSTS = 2.0
+CLAIM_TTL_HOSTS = 3.0
 # What a target's admission answers when it cannot take the replica: ask the next host.
 # Anything else (a backend that failed, an unreachable target) fails the load.
 REFUSALS = (errors.ResourceExhausted, errors.FailedPrecondition)
 RowOf = Callable[[str], ReplicaRow | None]
+
+
+class TargetLost(Exception):
+    """The host asked to load left the cluster meanwhile: ask the next one."""
 
 
 def capacities(view: ClusterView, now: float, trust_expired: bool) -> list[HostCapacity]:
@@ -205,6 +209,9 @@ class ColdStarts:
                     "cluster_placement_refused", model=claim.model, host_id=host_id, error=str(exc)
                 )
                 why.append(str(exc))
+            except TargetLost as exc:
+                log.info("cluster_placement_target_lost", model=claim.model, host_id=host_id)
+                why.append(str(exc))
         raise errors.ResourceExhausted(
             f"model {claim.model!r}: no host could start it: " + "; ".join(why or ["no host"])
         )
@@ -216,10 +223,29 @@ class ColdStarts:
             return
         host = self._membership.view.hosts.get(host_id)
         if host is None:
-            raise errors.Unavailable(f"host {host_id} left the cluster")
+            raise TargetLost(f"host {host_id} left the cluster")
         request = pb.LoadRequest(model=claim.model, replicas=1, host=host_id)
         timeout = max(deadline - self._clock.monotonic(), 0.001)
-        await self._peers.load(host_id, host.address, request, timeout, marker=claim.marker)
+        load = asyncio.ensure_future(
+            self._peers.load(host_id, host.address, request, timeout, marker=claim.marker)
+        )
+        watch = asyncio.ensure_future(self._until_gone(host_id))
+        try:
+            await asyncio.wait([load, watch], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (load, watch):
+                task.cancel()
+            await asyncio.gather(load, watch, return_exceptions=True)
+        if load.cancelled():
+            raise TargetLost(f"host {host_id} stopped renewing its membership while loading")
+        load.result()
+
+    async def _until_gone(self, host_id: str) -> None:
+        """Returns once `host_id` is no longer alive in the view: a load there is lost
+        (should it still finish, its claim is no longer loading, and it cannot publish)."""
+        view = self._membership.view
+        while view.alive(host_id, self._clock.monotonic(), self._membership.trust_expired()):
+            await _first(self._signals(), POLL_S)
 
     # renewing and ending claims
 
