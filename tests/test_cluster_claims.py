@@ -254,3 +254,14 @@ async def test_a_failed_load_fails_every_waiter_and_backs_off_cluster_wide(
         assert "failure backoff" in (again.value.details() or "")
         assert time.monotonic() - started < 5
         assert spawns(gate) == 1
+
+
+async def test_a_router_starts_a_cold_model_on_a_node(
+    tmp_path: Path, pg_dsn: str, gate: Path
+) -> None:
+    (gate / "open").touch()
+    extras = {"r": 'role = "router"\n' + gated_toml(gate), "n": gated_toml(gate)}
+    async with cluster(tmp_path, pg_dsn, extras) as hosts:
+        reply = await route(hosts["r"])
+        assert reply.lease_id.startswith("n~")
+        assert spawns(gate) == 1

@@ -28,14 +28,20 @@ CLAIM_LOCK = 0x6D6F6463
 MARKER = "claim"
 DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
-_SLOTS = """
+# A serving slot is held by its replica's row while that row's host is live: a dead
+# host's replicas free their slots when its lease expires, not only once it is reaped.
+_HELD_BY = """
+    modeld_replicas r JOIN modeld_hosts h
+    ON h.host_id = r.host_id AND h.epoch = r.epoch AND h.lease_expires_at > now()
+"""
+_SLOTS = f"""
 SELECT c.slot, c.claim_id, c.owner_host, c.state, c.expires_at > now() AS live,
        r.state AS replica_state, c.error, c.code
-FROM modeld_claims c LEFT JOIN modeld_replicas r ON r.replica_id = c.replica_id
+FROM modeld_claims c LEFT JOIN ({_HELD_BY}) ON r.replica_id = c.replica_id
 WHERE c.model = $1
 """
 # The WHERE is the guard that makes a take safe on its own: only a free slot is taken.
-_TAKE = """
+_TAKE = f"""
 INSERT INTO modeld_claims (model, slot, claim_id, owner_host, state, expires_at)
 VALUES ($1, $2, nextval('modeld_claim_id'), $3, 'loading', now() + make_interval(secs => $4))
 ON CONFLICT (model, slot) DO UPDATE SET
@@ -43,7 +49,7 @@ ON CONFLICT (model, slot) DO UPDATE SET
     expires_at = EXCLUDED.expires_at, replica_id = NULL, error = '', code = ''
 WHERE (modeld_claims.state <> 'serving' AND modeld_claims.expires_at <= now())
    OR (modeld_claims.state = 'serving' AND NOT EXISTS (
-        SELECT 1 FROM modeld_replicas r WHERE r.replica_id = modeld_claims.replica_id))
+        SELECT 1 FROM {_HELD_BY} WHERE r.replica_id = modeld_claims.replica_id))
 RETURNING claim_id
 """
 # One statement (one round trip, one transaction): the claim becomes serving only if

@@ -25,7 +25,7 @@ from modeld.cluster.counters import ClusterCounters
 from modeld.cluster.forward import Peers
 from modeld.cluster.membership import Membership
 from modeld.cluster.store import ReplicaRow
-from modeld.cluster.view import ClusterView
+from modeld.cluster.view import ClusterView, RemoteReplica
 from modeld.info import ReplicaInfo
 from modeld.policy.backoff import DEFAULT as BACKOFF
 from modeld.policy.host_placement import HostCapacity, place
@@ -88,6 +88,9 @@ class ColdStarts:
         # model → this modeld's one driver of its cold start, and the latest waiter's deadline
         self._drivers: dict[str, asyncio.Task[None]] = {}
         self._until: dict[str, float] = {}
+        # model → the remote READY replicas in sight when its driver began: the Route
+        # just failed to reach them, so only a new (or newly published) one ends a wait.
+        self._stale: dict[str, frozenset[RemoteReplica]] = {}
         # model → replica ids publishable while a claimed load of it runs here
         self._shown: dict[str, set[str]] = {}
         self._claimed_loads: dict[str, int] = {}
@@ -119,6 +122,7 @@ class ColdStarts:
         self._until[model] = max(self._until.get(model, 0.0), deadline)
         task = self._drivers.get(model)
         if task is None:
+            self._stale[model] = frozenset(self._candidates(model))
             task = asyncio.create_task(self._drive(model), name=f"cold-start-{model}")
             self._drivers[model] = task
             task.add_done_callback(functools.partial(self._driver_done, model))
@@ -128,15 +132,20 @@ class ColdStarts:
         if self._drivers.get(model) is task:
             del self._drivers[model]
             self._until.pop(model, None)
+            self._stale.pop(model, None)
         if not task.cancelled():
             task.exception()  # retrieved here: every waiter may have given up already
+
+    def _candidates(self, model: str) -> list[RemoteReplica]:
+        now = self._clock.monotonic()
+        trust = self._membership.trust_expired()
+        return self._membership.view.candidates(model, now, trust_expired=trust)
 
     def _ready(self, model: str) -> bool:
         if any(i.state is ReplicaState.READY for i in self._router.replicas(model)):
             return True
-        now = self._clock.monotonic()
-        trust = self._membership.trust_expired()
-        return bool(self._membership.view.candidates(model, now, trust_expired=trust))
+        stale = self._stale.get(model, frozenset())
+        return any(r not in stale for r in self._candidates(model))
 
     async def _drive(self, model: str) -> None:
         spec = self._catalog.get(model)
