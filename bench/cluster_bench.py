@@ -58,6 +58,8 @@ def config_text(folder: Path, dsn: str, host: str, ttl: float) -> tuple[Path, st
         f'listen = ["{addr}"]\nstate_dir = "{folder / "state"}"\n'
         f'models_dir = "{folder / "models"}"\nlog_level = "info"\n'
         + ECHO_CATALOG
+        # The plain cold Load runs a model of its own: max_replicas counts the cluster.
+        + '[models.echo_load]\nbackend = "echo"\n'
         + f'\n[cluster]\ndsn = "{dsn}"\nhost_id = "{host}"\nhost_ttl = "{ttl}s"\n'
     )
     path = folder / "modeld.toml"
@@ -167,9 +169,9 @@ async def measure(args: argparse.Namespace, server: str, name: str, root: Path) 
         out.update(await measure_xact(args, server, name, a))
         out.update(await measure_latency(args, a, b))
         cold_started = time.perf_counter()
-        await c.stub.Load(pb.LoadRequest(model="echo"), timeout=60)
+        await c.stub.Load(pb.LoadRequest(model="echo_load"), timeout=60)
         out["cold_load_s"] = round(time.perf_counter() - cold_started, 3)
-        await c.stub.Unload(pb.UnloadRequest(model="echo", force=True), timeout=60)
+        await c.stub.Unload(pb.UnloadRequest(model="echo_load", force=True), timeout=60)
         await a.wait_log(
             lambda e: (
                 e.get("event") == "cluster_view_changed"

@@ -44,6 +44,9 @@ CLAIM_TTL_HOSTS = 3.0
 # What a target's admission answers when it cannot take the replica: ask the next host.
 # Anything else (a backend that failed, an unreachable target) fails the load.
 REFUSALS = (errors.ResourceExhausted, errors.FailedPrecondition)
+# How gRPC describes a target it could not reach or lost the connection to (as opposed
+# to an UNAVAILABLE the target answered, e.g. its backend failed): ask the next host.
+UNREACHABLE = ("failed to connect to all addresses", "Socket closed", "Connection reset")
 RowOf = Callable[[str], ReplicaRow | None]
 
 
@@ -201,7 +204,9 @@ class ColdStarts:
         """The host that loaded it, or None when the claim was lost meanwhile."""
         view = self._membership.view
         now = self._clock.monotonic()
-        hosts = capacities(view, now, self._membership.trust_expired())
+        # Not trust_expired(): a host whose lease ran out is not asked to start anything,
+        # even by a modeld that just connected (whose view it may still be in).
+        hosts = capacities(view, now, trust_expired=False)
         why: list[str] = []
         for host_id in place(claim.model, spec, hosts):
             if lost.is_set():
@@ -247,7 +252,12 @@ class ColdStarts:
             await asyncio.gather(load, watch, return_exceptions=True)
         if load.cancelled():
             raise TargetLost(f"host {host_id} stopped renewing its membership while loading")
-        load.result()
+        try:
+            load.result()
+        except errors.Unavailable as exc:
+            if any(sign in str(exc) for sign in UNREACHABLE):
+                raise TargetLost(str(exc)) from None
+            raise
 
     async def _until_gone(self, host_id: str) -> None:
         """Returns once `host_id` is no longer alive in the view: a load there is lost

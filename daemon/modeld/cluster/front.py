@@ -186,9 +186,11 @@ class ClusterRouter:
         await self._cold.ensure(model, deadline)
         token = _cold_depth.set(depth + 1)
         try:
-            return await self.route(model, deadline, ())
+            reply = await self.route(model, deadline, ())
         finally:
             _cold_depth.reset(token)
+        reply.cold_start = True
+        return reply
 
     def _response(self, lease: Lease) -> pb.RouteResponse:
         reply = convert.route_response(lease)
