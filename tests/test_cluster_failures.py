@@ -176,7 +176,7 @@ async def test_killed_listen_connection_reconnects_and_misses_nothing(
         killed = await db_rows(
             pg_dsn,
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE application_name = 'modeld-listen/a'",
+            "WHERE application_name = 'modeld-listen/a' AND datname = current_database()",
         )
         assert [r[0] for r in killed] == [True]
         await a.wait_log(lost, 10)
