@@ -306,6 +306,10 @@ class ColdStarts:
         """A Load on this host: one slot per replica it starts, so max_replicas holds
         across the cluster; no free slot is a clear error, and nothing starts."""
         spec = self._catalog.get(model)
+        if replicas > spec.max_replicas:
+            raise errors.FailedPrecondition(
+                f"model {model!r} allows at most {spec.max_replicas} replicas (max_replicas)"
+            )
         ready = [i for i in self._router.replicas(model) if i.state is ReplicaState.READY]
         claims: list[Claim] = []
         for _ in range(replicas - len(ready)):
@@ -345,7 +349,7 @@ class ColdStarts:
             self._claimed_loads[model] -= 1
             if not self._claimed_loads[model]:
                 del self._claimed_loads[model]
-                del self._shown[model]
+                await self._stop_unbound(model, self._shown.pop(model))
         for claim in claims[len(new) :]:
             with contextlib.suppress(errors.Unavailable):
                 await self._claims.release(claim)  # a start already under way served it
@@ -355,6 +359,16 @@ class ColdStarts:
                 "while this one loaded; its replica was stopped, the other one serves"
             )
         return [i for i in infos if i.id not in self._fenced]
+
+    async def _stop_unbound(self, model: str, shown: set[str]) -> None:
+        """A replica begun under a claim whose load gave up (deadline, error) and that
+        still starts was never bound: it is stopped, never published without a slot."""
+        for info in self._router.replicas(model):
+            if info.state in LIVE and info.id not in shown and info.id not in self._fenced:
+                self._fenced.add(info.id)
+                log.warning("cluster_claim_unbound_stopped", model=model, replica_id=info.id)
+                with contextlib.suppress(errors.NotFound):
+                    await self._router.unload_replica(info.id, True, 0.0)
 
     async def _bind(self, claim: Claim, info: ReplicaInfo) -> bool:
         row = self._row_of(info.id)

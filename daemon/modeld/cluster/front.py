@@ -3,10 +3,12 @@
 Route: a local READY replica → the local router (today's pick). Otherwise a remote
 READY replica from the view, picked by the same policy, and the Route forwarded
 to its owner, which leases from its own memory; a failed or stale owner means
-another replica, at most MAX_FORWARDS. With none left, a node starts the model
-it through the model's claim (`coldstart.py`): once, for the whole cluster, on the
-host placement picks. Lease ids are `host_id~id`, so Release and
-RenewLease reach the owner from any modeld.
+another replica, at most MAX_FORWARDS. With none left, the model is started
+through its claim (`coldstart.py`): once for the whole cluster, on the host
+placement picks, and the Route is routed again. Lease ids are `host_id~id`, so
+Release and RenewLease reach the owner from any modeld. A Load on this host takes
+one of the model's max_replicas slots per replica it starts (a forwarded Load that
+carries a claim starts one replica under it).
 """
 
 from collections.abc import Callable
