@@ -145,7 +145,8 @@ class ColdStarts:
         return self._membership.view.candidates(model, now, trust_expired=trust)
 
     def _ready(self, model: str) -> bool:
-        if any(i.state is ReplicaState.READY for i in self._router.replicas(model)):
+        local = self._router.replicas(model)
+        if any(i.state is ReplicaState.READY and self.visible(i) for i in local):
             return True
         stale = self._stale.get(model, frozenset())
         return any(r not in stale for r in self._candidates(model))
