@@ -1,6 +1,7 @@
 """A TCP proxy with faults, between daemons and PostgreSQL.
 
 proxy = await FaultProxy.start("127.0.0.1", 5432)   # proxy.port is where to connect
+proxy = await FaultProxy.start("127.0.0.1", 5432, listen="10.1.2.1")   # e.g. a bridge
 proxy.cut()        # drop every connection, refuse (accept and close) new ones
 proxy.restore()
 proxy.latency = 0.05   # seconds added to every chunk, both ways
@@ -9,12 +10,11 @@ proxy.latency = 0.05   # seconds added to every chunk, both ways
 import asyncio
 import contextlib
 
-from backend_proc import free_port
-
 
 class FaultProxy:
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, listen: str) -> None:
         self._target = (host, port)
+        self.listen = listen
         self.port = 0
         self.latency = 0.0
         self.accepted = 0
@@ -24,17 +24,17 @@ class FaultProxy:
         self._tasks: set[asyncio.Task[None]] = set()
 
     @classmethod
-    async def start(cls, host: str, port: int) -> "FaultProxy":
-        proxy = cls(host, port)
-        proxy.port = free_port()
-        proxy._server = await asyncio.start_server(proxy._client, "127.0.0.1", proxy.port)
+    async def start(cls, host: str, port: int, listen: str = "127.0.0.1") -> "FaultProxy":
+        proxy = cls(host, port, listen)
+        proxy._server = await asyncio.start_server(proxy._client, listen, 0)
+        proxy.port = proxy._server.sockets[0].getsockname()[1]
         return proxy
 
     def dsn(self, dsn: str) -> str:
         """`dsn` with its host:port replaced by the proxy's."""
         host_port = f"{self._target[0]}:{self._target[1]}"
         assert host_port in dsn, dsn
-        return dsn.replace(host_port, f"127.0.0.1:{self.port}")
+        return dsn.replace(host_port, f"{self.listen}:{self.port}")
 
     def cut(self) -> None:
         self._cut = True

@@ -172,7 +172,7 @@ def test_every_verb_documents_json_and_the_connection_flags() -> None:
     verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     client_verbs = set(verbs.choices) - {"serve", "config"}
     assert client_verbs == {"ps", "models", "load", "unload", "route", "release", "health",
-                            "logs", "events", "settings"}  # fmt: skip
+                            "logs", "events", "settings", "hosts"}  # fmt: skip
     for name in client_verbs:
         helped = verbs.choices[name].format_help()
         for flag in ("--json", "--addr", "--token-file", "--tls-ca", "--tls-cert", "--tls-key"):

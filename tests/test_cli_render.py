@@ -71,3 +71,58 @@ def test_ps_table_aligns_columns() -> None:
 def test_health_table_names_models_without_replicas() -> None:
     table = render.health_table([pb.ModelHealth(model="idle-model")], NOW)
     assert table.splitlines()[1].split()[:3] == ["idle-model", "-", "no"]
+
+
+def test_ps_table_has_a_host_column_only_in_a_cluster() -> None:
+    single = render.ps_table([replica()], [render.Idle(None, None, "-")])
+    assert single.splitlines()[0].split()[0] == "MODEL"
+    here, there = replica(), pb.Replica(id="r2", model="m", state=pb.READY, host_id="b")
+    here.host_id = "a"
+    idles = [render.Idle(None, None, "-")] * 2
+    lines = render.ps_table([here, there], idles).splitlines()
+    assert lines[0].split()[:3] == ["HOST", "MODEL", "REPLICA"]
+    assert lines[1].split()[:3] == ["a", "m", "r1"]
+    # Another host's replica: no pid, GPU or memory is published.
+    assert lines[2].split()[:8] == ["b", "m", "r2", "READY", "-", "-", "-", "-"]
+
+
+def host(age: float | None = None, **fields: object) -> pb.Host:
+    base: dict[str, object] = {
+        "host_id": "gpu1", "address": "10.0.0.1:50051", "role": "node", "state": pb.HOST_ALIVE
+    }  # fmt: skip
+    h = pb.Host(**{**base, **fields})
+    if age is not None:
+        h.heartbeat_age.FromNanoseconds(int(age * 1e9))
+    return h
+
+
+def test_hosts_table() -> None:
+    hosts = [
+        host(labels={"zone": "b", "gpu": "h100"}, age=1.25, replicas=2, local=True,
+             gpu_free=[12 << 30, 3 << 30], gpu_total=[80 << 30, 80 << 30]),
+        host(host_id="gpu2", state=pb.HOST_SUSPECT, role="router"),
+        host(host_id="gpu3", state=pb.HOST_EXPIRED, age=9),
+    ]  # fmt: skip
+    lines = render.hosts_table(hosts).splitlines()
+    assert lines[0].split() == ["HOST", "ADDRESS", "ROLE", "STATE", "LABELS", "FREE", "MEMORY",
+                                "REPLICAS", "HEARTBEAT"]  # fmt: skip
+    assert lines[1].split()[:5] == ["gpu1", "(here)", "10.0.0.1:50051", "node", "alive"]
+    assert "gpu=h100,zone=b" in lines[1]
+    assert "  gpu0:12.0GiB/80.0GiB gpu1:3.0GiB/80.0GiB  " in lines[1]
+    assert lines[1].split()[-3:] == ["2", "1.2s", "ago"]
+    assert lines[2].split()[1:5] == ["10.0.0.1:50051", "router", "suspect", "-"]
+    assert lines[2].split()[-1] == "-"
+    assert lines[3].split()[3] == "expired"
+
+
+@pytest.mark.parametrize(
+    ("fields", "text"),
+    [
+        ({}, "-"),
+        ({"gpu_free": [1 << 30]}, "gpu0:1.0GiB"),  # no total published
+        ({"gpu_free": [1 << 30], "gpu_total": [2 << 30]}, "gpu0:1.0GiB/2.0GiB"),
+        ({"ram_free": 1 << 30, "ram_total": 4 << 30}, "ram:1.0GiB/4.0GiB"),  # no GPU
+    ],
+)
+def test_free_memory(fields: dict[str, object], text: str) -> None:
+    assert render.free_memory(host(**fields)) == text

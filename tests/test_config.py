@@ -56,6 +56,20 @@ def test_layers_file_then_env_then_flags(tmp_path: Path) -> None:
         ('[backends.b]\ncommand = ["x"]\ncrash_loop_window = "2d"\n', "crash_loop_window"),
         ("listen = 5\n", "listen"),
         ("this is not toml", "invalid TOML"),
+        (
+            '[backends.b]\ncommand = ["x"]\n[models.m]\nbackend = "b"\nplacement = "pack"\n',
+            "models.m.placement: expected one of spread, binpack",
+        ),
+        (
+            '[backends.b]\ncommand = ["x"]\n[models.m]\nbackend = "b"\nhost_labels = "gpu"\n',
+            "models.m.host_labels: expected a table",
+        ),
+        (
+            '[backends.b]\ncommand = ["x"]\n[models.m]\nbackend = "b"\n'
+            'host_labels = { gpu = "h 100" }\n',
+            "models.m: model 'm': host_labels: 'h 100'",
+        ),
+        ('[cluster]\ndsn = "postgresql://x/y"\nplacement = "fill"\n', "cluster.placement"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, needle: str) -> None:
@@ -82,6 +96,27 @@ def test_aliases_map_to_one_backend(tmp_path: Path) -> None:
     cfg = config.load(write(tmp_path, text), env={})
     assert cfg.models["m"].backend == "llama"
     assert cfg.backend("llama-cpp") is cfg.backends["llama"]
+
+
+def test_placement_fields_parse_and_show(tmp_path: Path) -> None:
+    text = (
+        '[backends.b]\ncommand = ["x"]\n'
+        '[models.m]\nbackend = "b"\nhost_labels = { gpu = "h100", nvlink = true }\n'
+        'placement = "BinPack"\n[models.n]\nbackend = "b"\n'
+        '[cluster]\ndsn = "postgresql://x/y"\nadvertise = "10.0.0.1:1"\n'
+    )
+    cfg = config.load(write(tmp_path, text), env={})
+    m, n = cfg.models["m"], cfg.models["n"]
+    assert m.host_labels == (("gpu", "h100"), ("nvlink", "true"))
+    assert (m.placement, n.placement, n.host_labels) == ("binpack", "", ())
+    assert cfg.cluster is not None and cfg.cluster.placement == "spread"
+    shown = cfg.to_dict()
+    assert shown["models"]["m"]["host_labels"] == {"gpu": "h100", "nvlink": "true"}
+    assert shown["models"]["m"]["placement"] == "binpack"
+    assert shown["cluster"]["placement"] == "spread"
+    env = {"MODELD_CLUSTER_PLACEMENT": "binpack"}
+    binpack = config.load(write(tmp_path, text), env=env).cluster
+    assert binpack is not None and binpack.placement == "binpack"
 
 
 def test_units() -> None:

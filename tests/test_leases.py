@@ -1,6 +1,10 @@
-"""The lease table: expiry order, renewals, releases and the lazy heap."""
+"""The lease table: expiry order, renewals, releases, the lazy heap and the per-replica index."""
 
 from dataclasses import dataclass
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
 
 from modeld.routing.leases import Lease, LeaseTable
 
@@ -77,3 +81,62 @@ def test_the_heap_stays_bounded_under_churn() -> None:
     assert len(table) == 1
     assert len(table._heap) <= 4 * 64
     assert table.pop_expired(20_000.0) == [keep]
+
+
+# The per-replica index against a brute-force scan of every lease.
+
+HOLDERS = [Holder(name) for name in "abc"]
+
+
+class LeaseTableMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = LeaseTable()
+        self.now = 0.0
+        self.serial = 0
+
+    live = Bundle("live")
+
+    @rule(target=live, holder=st.sampled_from(HOLDERS), back=st.sampled_from([0.0, 0.0, 0.5, 3.0]))
+    def add(self, holder: Holder, back: float) -> str:
+        # Mostly now (as grant does), sometimes earlier: the table must sort those in.
+        self.serial += 1
+        lid = f"l{self.serial}"
+        self.table.add(lease(lid, holder, self.now - back, 5.0))
+        return lid
+
+    @rule(lid=live)
+    def release(self, lid: str) -> None:
+        self.table.pop(lid)
+
+    @rule(lid=live)
+    def renew(self, lid: str) -> None:
+        held = self.table.get(lid)
+        if held is not None:
+            self.table.renew(held, self.now, self.now + 1e9)
+
+    @rule(seconds=st.sampled_from([0.0, 0.5, 1.0, 2.0]))
+    def advance_and_expire(self, seconds: float) -> None:
+        self.now += seconds
+        self.table.pop_expired(self.now)
+
+    @invariant()
+    def agrees_with_a_scan(self) -> None:
+        leases = list(self.table._leases.values())
+        oldest: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for held in leases:
+            rid = held.replica.id
+            oldest[rid] = min(oldest.get(rid, held.started), held.started)
+            counts[rid] = counts.get(rid, 0) + 1
+        assert self.table.oldest_started() == oldest
+        assert self.table.per_replica() == counts
+        for holder in HOLDERS:
+            expected = sorted(x.id for x in leases if x.replica.id == holder.id)
+            assert sorted(x.id for x in self.table.of_replica(holder.id)) == expected
+
+
+LeaseTableMachine.TestCase.settings = settings(
+    max_examples=60, stateful_step_count=40, deadline=None
+)
+test_the_per_replica_index_agrees_with_a_scan = LeaseTableMachine.TestCase

@@ -11,107 +11,31 @@ import re
 import socket
 import sys
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modeld.config_models import build_models
+from modeld.config_values import Parser
+from modeld.config_values import boolean as _bool
+from modeld.config_values import check_config_name as _check_config_name
+from modeld.config_values import choice as _choice
+from modeld.config_values import file_mode as _mode
+from modeld.config_values import integer as _int
+from modeld.config_values import number as _float
+from modeld.config_values import parse_table as _parse_table
+from modeld.config_values import str_list as _str_list
+from modeld.config_values import str_map as _str_map
+from modeld.config_values import text as _str
 from modeld.errors import ConfigError, InvalidArgument
 from modeld.netaddr import split_host_port
-from modeld.spec import (
-    BackendSpec,
-    ModelSpec,
-    Settings,
-    check_model_spec,
-    check_name,
-    check_settings,
-)
-from modeld.units import parse_duration, parse_size
+from modeld.spec import PLACEMENTS, BackendSpec, ModelSpec, Settings, check_settings
+from modeld.units import parse_duration
 
 # Bounds on leases (`[leases]`): a client that never releases cannot grow the table forever.
 DEFAULT_MAX_LEASES_PER_REPLICA = 10_000
 DEFAULT_MAX_LEASES = 100_000
-
-Parser = Callable[[Any], Any]
-
-
-def _str(v: Any) -> str:
-    if not isinstance(v, str):
-        raise ValueError(f"expected a string, got {v!r}")
-    return v
-
-
-def _int(v: Any) -> int:
-    if isinstance(v, str) and v.strip().lstrip("-").isdigit():
-        return int(v)
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ValueError(f"expected an integer, got {v!r}")
-    return v
-
-
-def _float(v: Any) -> float:
-    if isinstance(v, str):
-        try:
-            return float(v)
-        except ValueError:
-            pass
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        raise ValueError(f"expected a number, got {v!r}")
-    return float(v)
-
-
-def _bool(v: Any) -> bool:
-    if isinstance(v, str) and v.lower() in ("true", "1", "yes", "false", "0", "no"):
-        return v.lower() in ("true", "1", "yes")
-    if not isinstance(v, bool):
-        raise ValueError(f"expected true or false, got {v!r}")
-    return v
-
-
-def _str_list(v: Any) -> tuple[str, ...]:
-    if isinstance(v, str):
-        v = [part.strip() for part in v.split(",") if part.strip()]
-    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-        raise ValueError(f"expected a list of strings, got {v!r}")
-    return tuple(v)
-
-
-def _int_list(v: Any) -> tuple[int, ...]:
-    if not isinstance(v, list):
-        raise ValueError(f"expected a list of integers, got {v!r}")
-    return tuple(_int(x) for x in v)
-
-
-def _str_map(v: Any) -> tuple[tuple[str, str], ...]:
-    if not isinstance(v, dict):
-        raise ValueError(f"expected a table, got {v!r}")
-    out = []
-    for key, value in v.items():
-        if isinstance(value, dict | list):
-            raise ValueError(f"{key}: expected a string, number or boolean, got {value!r}")
-        out.append((str(key), str(value).lower() if isinstance(value, bool) else str(value)))
-    return tuple(sorted(out))
-
-
-def _mode(v: Any) -> int:
-    if isinstance(v, str):
-        try:
-            v = int(v, 8)
-        except ValueError:
-            raise ValueError(f'expected an octal mode like "0660", got {v!r}') from None
-    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 0o777:
-        raise ValueError(f"expected a file mode 0..0777, got {v!r}")
-    return v
-
-
-def _choice(*options: str) -> Parser:
-    def parse(v: Any) -> str:
-        if not isinstance(v, str) or v.lower() not in options:
-            raise ValueError(f"expected one of {', '.join(options)}, got {v!r}")
-        return v.lower()
-
-    return parse
-
 
 TOP: dict[str, Parser] = {
     "listen": _str_list,
@@ -161,6 +85,7 @@ TABLES: dict[str, dict[str, Parser]] = {
         "labels": _str_map,
         "host_ttl": parse_duration,
         "role": _choice("node", "router"),
+        "placement": _choice(*PLACEMENTS),
         "token_file": _str,
         "allow_insecure_remote": _bool,
     },
@@ -179,22 +104,6 @@ BACKEND_KEYS: dict[str, Parser] = {
     "start_attempts": _int,
     "crash_loop_window": parse_duration,
 }
-MODEL_KEYS: dict[str, Parser] = {
-    "backend": _str,
-    "model_file": _str,
-    "options": _str_map,
-    "min_replicas": _int,
-    "max_replicas": _int,
-    "pinned": _bool,
-    "groups": _str_list,
-    "idle_ttl": parse_duration,
-    "lease_ttl": parse_duration,
-    "busy_timeout": parse_duration,
-    "memory_estimate": parse_size,
-    "gpus": _int,
-    "gpu_ids": _int_list,
-}
-
 DEFAULTS: dict[str, Any] = {
     "listen": ["127.0.0.1:50051"],
     "state_dir": "./var",
@@ -238,8 +147,9 @@ _SECURITY_KEYS = (
 )
 # Environment variables the client verbs read; not config keys.
 CLIENT_ENV = frozenset({"MODELD_ADDR", "MODELD_CONFIG", "MODELD_TOKEN_FILE"})
-# Read by the test suite (PostgreSQL for the cluster tests); not config keys either.
-TEST_ENV = frozenset({"MODELD_TEST_PG_DSN", "MODELD_REQUIRE_POSTGRES"})
+# Read by the test suite (PostgreSQL and network namespaces for the cluster tests);
+# not config keys either.
+TEST_ENV = frozenset({"MODELD_TEST_PG_DSN", "MODELD_REQUIRE_POSTGRES", "MODELD_REQUIRE_NETNS"})
 
 
 @dataclass(frozen=True)
@@ -254,6 +164,8 @@ class ClusterConfig:
     labels: tuple[tuple[str, str], ...] = ()
     host_ttl: float = 10.0
     role: str = "node"
+    # How replicas of one model go over hosts unless its spec says (spec.PLACEMENTS).
+    placement: str = "spread"
     token_file: str = ""
     allow_insecure_remote: bool = False
 
@@ -383,27 +295,12 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     target[leaf] = value
 
 
-def _parse_table(where: str, data: Any, schema: Mapping[str, Parser]) -> dict[str, Any]:
-    if not isinstance(data, dict):
-        raise ConfigError(f"config: {where}: expected a table")
-    out = {}
-    for key, value in data.items():
-        name = f"{where}.{key}" if where else key
-        if key not in schema:
-            raise ConfigError(f"config: unknown key {name!r}")
-        try:
-            out[key] = schema[key](value)
-        except ValueError as exc:
-            raise ConfigError(f"config: {name}: {exc}") from None
-    return out
-
-
 def _build(raw: dict[str, Any], source: str) -> Config:
     tables = {"backends", "models", *TABLES}
     top = _parse_table("", {k: v for k, v in raw.items() if k not in tables}, TOP)
     parsed = {t: _parse_table(t, raw.get(t, {}), TABLES[t]) for t in TABLES}
     backends, aliases = _build_backends(raw.get("backends", {}))
-    models = _build_models(raw.get("models", {}), backends, aliases)
+    models = build_models(raw.get("models", {}), backends, aliases)
     try:
         settings = check_settings(Settings(**parsed["watchdog"], **parsed["routing"]))
     except InvalidArgument as exc:
@@ -480,6 +377,7 @@ def _build_cluster(
         labels=values.get("labels", ()),
         host_ttl=ttl,
         role=values.get("role", "node"),
+        placement=values.get("placement", "spread"),
         token_file=values.get("token_file", ""),
         allow_insecure_remote=values.get("allow_insecure_remote", False),
     )
@@ -525,30 +423,3 @@ def _check_backend_limits(where: str, values: Mapping[str, Any]) -> None:
         raise ConfigError(f"config: {where}.ready_timeout: must be positive")
     if not 0 <= values.get("crash_loop_window", 30.0) <= 86400:
         raise ConfigError(f"config: {where}.crash_loop_window: expected 0..24h")
-
-
-def _build_models(
-    data: Any, backends: Mapping[str, BackendSpec], aliases: Mapping[str, str]
-) -> dict[str, ModelSpec]:
-    if not isinstance(data, dict):
-        raise ConfigError("config: models: expected a table of [models.NAME] tables")
-    models = {}
-    for name, table in data.items():
-        where = f"models.{name}"
-        _check_config_name(where, "model", name)
-        values = _parse_table(where, table, MODEL_KEYS)
-        if "backend" not in values:
-            raise ConfigError(f"config: {where}.backend: required")
-        values["backend"] = aliases.get(values["backend"], values["backend"])
-        try:
-            models[name] = check_model_spec(ModelSpec(name=name, **values), dict(backends))
-        except InvalidArgument as exc:
-            raise ConfigError(f"config: {where}: {exc}") from None
-    return models
-
-
-def _check_config_name(where: str, kind: str, name: str) -> None:
-    try:
-        check_name(kind, name)
-    except InvalidArgument as exc:
-        raise ConfigError(f"config: {where}: {exc}") from None

@@ -37,6 +37,7 @@ from modeld.capacity.resources import ResourceReader, make_reader
 from modeld.capacity.watchdog import Watchdog
 from modeld.clock import Clock, SystemClock
 from modeld.cluster.front import ClusterRouter
+from modeld.cluster.hostcap import LocalFigures
 from modeld.config import Config
 from modeld.errors import ConfigError
 from modeld.ops.events import EventBus
@@ -116,7 +117,16 @@ class Daemon:
         self.router = router = self._build_router(catalog, settings)
         self.watchdog = self._build_watchdog(router, settings)
         if self.config.cluster is not None:
-            self.cluster = ClusterRouter(self.config, router, self.clock, self.events, catalog)
+            figures = LocalFigures(
+                [*self.config.backends, *self.config.aliases],
+                self.reader,
+                router.views,
+                lambda: settings.current.max_loaded,
+                self.clock,
+            )
+            self.cluster = ClusterRouter(
+                self.config, router, self.clock, self.events, catalog=catalog, figures=figures.read
+            )
             await self.cluster.start()
         await self._serve_grpc(catalog, router, settings)
         await self._serve_metrics(router)
@@ -265,16 +275,17 @@ class Daemon:
             views=router.views,
             observe=router.observe,
             evict=router.evict,
-            maintain=router.maintain if self._runs_backends else list,
+            maintain=router.maintain if self._keeps_min_replicas else list,
         )
 
     @property
-    def _runs_backends(self) -> bool:
-        """A cluster host with role "router" only routes: no min_replicas here."""
-        return self.config.cluster is None or self.config.cluster.role == "node"
+    def _keeps_min_replicas(self) -> bool:
+        """In a cluster, min_replicas counts the whole cluster and only its leader keeps
+        it (cluster/leader.py); a host keeping its own count too would fight it."""
+        return self.config.cluster is None
 
     async def _start_min_replicas(self, router: Router) -> None:
-        starts = router.maintain() if self._runs_backends else []
+        starts = router.maintain() if self._keeps_min_replicas else []
         if starts:
             log.info("min_replicas_starting", replicas=len(starts))
             await asyncio.wait(starts)
@@ -341,6 +352,8 @@ class Daemon:
         self.metrics.set_sources(
             replicas=router.index.state_counts, in_flight=router.index.in_flight_counts
         )
+        if self.cluster is not None:
+            self.metrics.set_cluster_source(self.cluster.stats)
         if self.config.metrics_listen:
             self._metrics_server = MetricsServer(self.metrics, self.config.metrics_listen)
             await self._metrics_server.start()

@@ -14,6 +14,9 @@ from modeld.supervisor import load_options
 
 Protocol = Literal["grpc", "http"]
 PROTOCOLS: tuple[Protocol, ...] = ("grpc", "http")
+# How the replicas of one model are laid over the hosts of a cluster ("" in a spec:
+# the cluster's `[cluster] placement`).
+PLACEMENTS = ("spread", "binpack")
 
 # Limits on what a spec may hold (README "Limits"): a request can never make the
 # daemon store or log an unbounded amount, and every value is checked on the way in.
@@ -23,6 +26,8 @@ MAX_OPTION_LEN = 4096
 # All keys and values of one spec together: keeps a spec (and ListModels) small.
 MAX_OPTIONS_BYTES = 16384
 MAX_GROUPS = 16
+MAX_HOST_LABELS = 16
+MAX_LABEL_LEN = 128
 MAX_REPLICAS = 64
 MIN_LEASE_TTL_S = 0.1
 MAX_PATH_LEN = 1024
@@ -30,6 +35,8 @@ MAX_TTL_S = 365 * 86400
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/+-]*")
 # Option keys become "key:value" LoadModel entries: no '=', ':', spaces or controls.
 _OPTION_KEY_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+# Host label names and values: printable, no spaces, so they read well in `modeld hosts`.
+_LABEL_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./:-]*")
 
 
 def check_name(kind: str, name: str) -> str:
@@ -87,6 +94,10 @@ class ModelSpec:
     gpus: int | None = None
     gpu_ids: tuple[int, ...] = ()
     source: str = "config"
+    # In a cluster: the labels a host's `[cluster] labels` must all contain for it to
+    # run this model, and "spread" | "binpack" ("" = the cluster's default).
+    host_labels: tuple[tuple[str, str], ...] = ()
+    placement: str = ""
 
     def option_map(self) -> dict[str, str]:
         return dict(self.options)
@@ -96,6 +107,7 @@ class ModelSpec:
         out["options"] = dict(self.options)
         out["groups"] = list(self.groups)
         out["gpu_ids"] = list(self.gpu_ids)
+        out["host_labels"] = dict(self.host_labels)
         return out
 
     @classmethod
@@ -104,6 +116,9 @@ class ModelSpec:
         data["options"] = tuple(sorted((str(k), str(v)) for k, v in data["options"].items()))
         data["groups"] = tuple(data["groups"])
         data["gpu_ids"] = tuple(data["gpu_ids"])
+        labels = data.get("host_labels") or {}
+        data["host_labels"] = tuple(sorted((str(k), str(v)) for k, v in labels.items()))
+        data["placement"] = data.get("placement") or ""
         return cls(**data)
 
     def with_source(self, source: str) -> "ModelSpec":
@@ -126,6 +141,7 @@ def check_model_spec(spec: ModelSpec, backends: dict[str, BackendSpec]) -> Model
         raise InvalidArgument(f"model {spec.name!r}: more than {MAX_GROUPS} groups")
     for group in spec.groups:
         check_name("group", group)
+    _check_placement(spec)
     durations = {
         "idle_ttl": spec.idle_ttl,
         "lease_ttl": spec.lease_ttl,
@@ -161,6 +177,28 @@ def _check_options(spec: ModelSpec) -> None:
     # Typed options (context_size, cuda, ...) are checked here so a bad value is refused
     # when the spec is put, not at its first start.
     load_options.parse(spec.name, spec.options)
+
+
+def _check_placement(spec: ModelSpec) -> None:
+    if spec.placement not in ("", *PLACEMENTS):
+        raise InvalidArgument(
+            f"model {spec.name!r}: placement {spec.placement[:40]!r} must be one of "
+            f"{', '.join(PLACEMENTS)} (or empty for the cluster's default)"
+        )
+    check_host_labels(f"model {spec.name!r}: host_labels", spec.host_labels)
+
+
+def check_host_labels(where: str, labels: tuple[tuple[str, str], ...]) -> None:
+    """A spec's host_labels: few, short, printable names and values."""
+    if len(labels) > MAX_HOST_LABELS:
+        raise InvalidArgument(f"{where}: more than {MAX_HOST_LABELS} labels")
+    for key, value in labels:
+        for part in (key, value):
+            if len(part) > MAX_LABEL_LEN or not _LABEL_RE.fullmatch(part):
+                raise InvalidArgument(
+                    f"{where}: {part[:40]!r} (of label {key[:40]!r}) must be 1..{MAX_LABEL_LEN} "
+                    "letters, digits and _ . / : - (starting with a letter, digit or _)"
+                )
 
 
 def _check_counts(spec: ModelSpec) -> None:

@@ -9,6 +9,8 @@ from google.protobuf.message import DecodeError, Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
+from modeld.cluster.listing import HostEntry
+from modeld.cluster.view import RemoteReplica
 from modeld.errors import InvalidArgument
 from modeld.info import ReplicaInfo
 from modeld.ops.events import Event
@@ -108,6 +110,8 @@ def spec_from_proto(msg: pb.ModelSpec) -> ModelSpec:
         gpus=msg.gpus if msg.HasField("gpus") else None,
         gpu_ids=tuple(msg.gpu_ids),
         source="api",
+        host_labels=tuple(sorted(msg.host_labels.items())),
+        placement=msg.placement,
     )
 
 
@@ -124,6 +128,8 @@ def spec_to_proto(spec: ModelSpec) -> pb.ModelSpec:
         memory_estimate=spec.memory_estimate,
         gpu_ids=list(spec.gpu_ids),
         source=spec.source,
+        host_labels=dict(spec.host_labels),
+        placement=spec.placement,
     )
     for name in ("idle_ttl", "lease_ttl", "busy_timeout"):
         value = getattr(spec, name)
@@ -140,7 +146,7 @@ def backend_to_proto(backend: BackendSpec) -> pb.Backend:
     )
 
 
-def replica_to_proto(info: ReplicaInfo) -> pb.Replica:
+def replica_to_proto(info: ReplicaInfo, host_id: str = "") -> pb.Replica:
     return pb.Replica(
         id=info.id,
         model=info.model,
@@ -159,7 +165,44 @@ def replica_to_proto(info: ReplicaInfo) -> pb.Replica:
         last_probe_ok=info.last_probe_ok,
         last_probe_at=timestamp(info.last_probe_at),
         node_id=info.node_id,
+        host_id=host_id,
     )
+
+
+def remote_replica_to_proto(replica: RemoteReplica) -> pb.Replica:
+    """Another host's replica, from what it publishes: no pid, GPU, memory or probe."""
+    return pb.Replica(
+        id=replica.id,
+        model=replica.model,
+        state=state(replica.state),
+        address=replica.address,
+        in_flight=replica.in_flight,
+        last_used=timestamp(replica.last_used or None),
+        restarts=replica.generation,
+        host_id=replica.host_id,
+    )
+
+
+def host_to_proto(host: HostEntry) -> pb.Host:
+    msg = pb.Host(
+        host_id=host.host_id,
+        address=host.address,
+        role=host.role,
+        state=f"HOST_{host.state.name}",
+        labels=dict(host.labels),
+        gpu_free=list(host.gpu_free),
+        gpu_total=list(host.gpu_total),
+        ram_free=host.ram_free,
+        ram_total=host.ram_total,
+        replicas=host.replicas,
+        epoch=host.epoch,
+        local=host.local,
+    )
+    if host.heartbeat_age is not None:
+        msg.heartbeat_age.CopyFrom(duration(host.heartbeat_age))
+    if host.lease_remaining is not None:
+        msg.lease_remaining.CopyFrom(duration(host.lease_remaining))
+    return msg
 
 
 def settings_to_proto(s: Settings) -> pb.Settings:
@@ -185,7 +228,8 @@ def settings_changes(msg: pb.Settings) -> dict[str, Any]:
     return changes
 
 
-def event_to_proto(event: Event) -> pb.Event:
+def event_to_proto(event: Event, host_id: str = "") -> pb.Event:
+    """`host_id`: this host's, in cluster mode, for events of its own replicas."""
     return pb.Event(
         time=timestamp(event.time),
         replica_id=event.replica_id,
@@ -193,6 +237,7 @@ def event_to_proto(event: Event) -> pb.Event:
         from_state=state(event.from_state),
         to_state=state(event.to_state),
         reason=event.reason,
+        host_id=event.host_id or host_id,
     )
 
 

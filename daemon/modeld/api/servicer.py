@@ -12,7 +12,7 @@ from modeld.api.pacing import Turnstile
 from modeld.api.status import Ctx, deadline_of, status_of, stream, unary
 from modeld.clock import Clock
 from modeld.errors import FailedPrecondition, InvalidArgument, ModeldError, NotFound
-from modeld.ops.events import EventBus
+from modeld.ops.events import CLUSTER, EventBus
 from modeld.ops.logstore import LogStore
 from modeld.ops.metrics import Metrics
 from modeld.routing.router import Router
@@ -192,7 +192,12 @@ class ModelControl(pb_grpc.ModelControlServicer):
     async def PutModel(self, request: pb.PutModelRequest, context: Ctx) -> pb.ModelSpec:
         if not request.HasField("spec"):
             raise InvalidArgument("spec is required")
-        spec = await self._catalog.put(convert.spec_from_proto(request.spec))
+        spec = convert.spec_from_proto(request.spec)
+        if self._cluster is not None:
+            # The cluster's spec: stored in PostgreSQL, applied on every host.
+            spec = await self._cluster.put_model(spec)
+        else:
+            spec = await self._catalog.put(spec)
         return convert.spec_to_proto(spec)
 
     @unary
@@ -204,7 +209,11 @@ class ModelControl(pb_grpc.ModelControlServicer):
             raise FailedPrecondition(
                 f"model {request.name!r} has running replicas; Unload it first"
             )
-        return pb.DeleteModelResponse(deleted=await self._catalog.delete(request.name))
+        if self._cluster is not None:
+            deleted = await self._cluster.delete_model(request.name)
+        else:
+            deleted = await self._catalog.delete(request.name)
+        return pb.DeleteModelResponse(deleted=deleted)
 
     @unary
     async def ListModels(
@@ -226,8 +235,21 @@ class ModelControl(pb_grpc.ModelControlServicer):
         self, request: pb.ListReplicasRequest, context: Ctx
     ) -> pb.ListReplicasResponse:
         model = self._model(request.model) if request.model else None
+        if self._cluster is not None:
+            replicas = self._cluster.replicas(model, local=request.local)
+            return pb.ListReplicasResponse(replicas=replicas)
         infos = self._router.replicas(model)
         return pb.ListReplicasResponse(replicas=[convert.replica_to_proto(i) for i in infos])
+
+    @unary
+    async def ListHosts(self, request: pb.ListHostsRequest, context: Ctx) -> pb.ListHostsResponse:
+        if self._cluster is None:
+            raise FailedPrecondition(
+                "ListHosts lists the hosts of a cluster, and this modeld runs alone "
+                "([cluster] is not set); ListReplicas (`modeld ps`) lists its replicas"
+            )
+        hosts = self._cluster.hosts()
+        return pb.ListHostsResponse(hosts=[convert.host_to_proto(h) for h in hosts])
 
     @unary
     async def GetSettings(self, request: pb.GetSettingsRequest, context: Ctx) -> pb.Settings:
@@ -281,10 +303,13 @@ class ModelControl(pb_grpc.ModelControlServicer):
         self, request: pb.WatchEventsRequest, context: Ctx
     ) -> AsyncIterator[pb.Event]:
         model = self._model(request.model) if request.model else None
+        host_id = self._cluster.host_id if self._cluster is not None else ""
         subscription = self._events.subscribe(model)
         try:
             async for event in subscription:
+                if event.kind == CLUSTER and not request.cluster:
+                    continue
                 await self._event_sends.turn()
-                yield convert.event_to_proto(event)
+                yield convert.event_to_proto(event, host_id)
         finally:
             subscription.close()

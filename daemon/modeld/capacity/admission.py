@@ -62,7 +62,7 @@ class Admission:
         releasing: Releasing | None = None,
     ) -> None:
         self._clock = clock
-        self._sampler = Sampler(reader)
+        self._sampler = Sampler(reader, clock)
         self._settings = settings
         self._evictor = evictor
         self._freed_reads = freed_reads

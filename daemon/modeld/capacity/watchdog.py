@@ -19,7 +19,7 @@ import structlog
 
 from modeld.capacity.admission import evict_if_due
 from modeld.capacity.resources import ResourceReader
-from modeld.capacity.sampler import Sampler
+from modeld.capacity.sampler import ProcessReading, Sampler
 from modeld.clock import Clock
 from modeld.policy.eviction import Eviction, busy_timeouts, idle_evictions, memory_pressure
 from modeld.policy.view import HostView, ReplicaView
@@ -39,12 +39,12 @@ class Watchdog:
         reader: ResourceReader,
         settings: SettingsStore,
         views: Callable[[], list[ReplicaView]],
-        observe: Callable[[HostView, dict[int, int]], None],
+        observe: Callable[[HostView, ProcessReading], None],
         evict: Callable[[Eviction, bool], Coroutine[Any, Any, None]],
         maintain: Callable[[], object],
     ) -> None:
         self._clock = clock
-        self._sampler = Sampler(reader)
+        self._sampler = Sampler(reader, clock)
         self._settings = settings
         self._views = views
         self._observe = observe

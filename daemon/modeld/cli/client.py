@@ -79,11 +79,14 @@ def _watch_verbs(sub: Any) -> None:
     p.add_argument("--tail", type=int, default=100, help="newest buffered lines to print first")
     p = _add(sub, "events", verbs.events, "follow replica state changes")
     p.add_argument("model", nargs="?")
+    p.add_argument("--cluster", action="store_true", help="in a cluster: other hosts' replicas too")
 
 
 def add_client_verbs(sub: Any) -> None:
     p = _add(sub, "ps", verbs.ps, "list replicas, their load and when they will be evicted")
     p.add_argument("model", nargs="?")
+    p.add_argument("--local", action="store_true", help="in a cluster: this host's only")
+    _add(sub, "hosts", verbs.hosts, "list the cluster's hosts, their state and replicas")
     _add(sub, "models", verbs.models, "list model specs")
     _lifecycle_verbs(sub)
     _watch_verbs(sub)

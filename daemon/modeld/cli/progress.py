@@ -59,10 +59,12 @@ def _reply_ids(future: Any) -> list[str]:
     return [r.id for r in future.result().replicas]
 
 
-def watch(session: Session, model: str) -> Any:
-    """The event stream of `model` ("" for all), subscribed by the time this returns."""
+def watch(session: Session, model: str, *, cluster: bool = False) -> Any:
+    """The event stream of `model` ("" for all), subscribed by the time this returns;
+    `cluster`: other hosts' replica changes too."""
     md = session.metadata
-    events = session.stub.WatchEvents(pb.WatchEventsRequest(model=model), metadata=md)
+    request = pb.WatchEventsRequest(model=model, cluster=cluster)
+    events = session.stub.WatchEvents(request, metadata=md)
     try:
         session.stub.Ping(pb.PingRequest(), timeout=session.timeout, metadata=md)
     except grpc.RpcError:

@@ -110,12 +110,16 @@ def _replica_cells(r: pb.Replica) -> list[str]:
 
 
 def ps_table(replicas: Sequence[pb.Replica], idles: Sequence[Idle]) -> str:
+    """One row per replica; a HOST column first when they come from a cluster."""
+    cluster = any(r.host_id for r in replicas)
     rows = []
     for r, i in zip(replicas, idles, strict=True):
         until = human_duration(i.until_eviction) if i.until_eviction is not None else i.note
         idle_for = human_duration(i.idle_for) if i.idle_for is not None else "-"
-        rows.append([*_replica_cells(r), idle_for, until])
-    return table((*REPLICA_HEADER, "IDLE FOR", "UNTIL EVICTION"), rows)
+        host = [r.host_id] if cluster else []
+        rows.append([*host, *_replica_cells(r), idle_for, until])
+    header = (*REPLICA_HEADER, "IDLE FOR", "UNTIL EVICTION")
+    return table(("HOST", *header) if cluster else header, rows)
 
 
 def replicas_table(replicas: Iterable[pb.Replica]) -> str:
@@ -172,3 +176,41 @@ def settings_table(s: pb.Settings) -> str:
         ("watchdog_interval", dur(s.watchdog_interval, "0s")),
     ]
     return table(("SETTING", "VALUE"), rows)
+
+
+def host_state_name(state: int) -> str:
+    """HOST_SUSPECT → "suspect"."""
+    return pb.HostState.Name(state).removeprefix("HOST_").lower()
+
+
+def free_memory(host: pb.Host) -> str:
+    """Free of total memory per GPU ("gpu0:12.0GiB/80.0GiB gpu1:..."), else of host
+    RAM ("ram:..."), as the host last published them; "-" before it did."""
+
+    def cell(name: str, free: int, total: int) -> str:
+        return f"{name}:{format_size(free)}" + (f"/{format_size(total)}" if total else "")
+
+    if host.gpu_free:
+        totals = [*host.gpu_total, *[0] * len(host.gpu_free)]
+        return " ".join(cell(f"gpu{i}", n, totals[i]) for i, n in enumerate(host.gpu_free))
+    if host.ram_total:
+        return cell("ram", host.ram_free, host.ram_total)
+    return "-"
+
+
+def hosts_table(hosts: Iterable[pb.Host]) -> str:
+    rows = [
+        (
+            f"{h.host_id} (here)" if h.local else h.host_id,
+            h.address or "-",
+            h.role or "-",
+            host_state_name(h.state),
+            ",".join(f"{k}={v}" for k, v in sorted(h.labels.items())) or "-",
+            free_memory(h),
+            str(h.replicas),
+            f"{seconds(h.heartbeat_age):.1f}s ago" if h.HasField("heartbeat_age") else "-",
+        )
+        for h in hosts
+    ]
+    header = ("HOST", "ADDRESS", "ROLE", "STATE", "LABELS", "FREE MEMORY", "REPLICAS", "HEARTBEAT")
+    return table(header, rows)

@@ -22,7 +22,8 @@ def _out(text: str) -> None:
 
 
 def ps(args: argparse.Namespace, s: Session) -> None:
-    replicas = _call(s, "ListReplicas", pb.ListReplicasRequest(model=args.model or "")).replicas
+    request = pb.ListReplicasRequest(model=args.model or "", local=args.local)
+    replicas = _call(s, "ListReplicas", request).replicas
     specs = {m.name: m for m in _call(s, "ListModels", pb.ListModelsRequest()).models}
     idle_timeout = render.seconds(_call(s, "GetSettings", pb.GetSettingsRequest()).idle_timeout)
     now = time.time()
@@ -37,6 +38,11 @@ def ps(args: argparse.Namespace, s: Session) -> None:
         row["until_eviction_seconds"] = i.until_eviction
         rows.append(row)
     _out(render.to_json({"replicas": rows}))
+
+
+def hosts(args: argparse.Namespace, s: Session) -> None:
+    reply = _call(s, "ListHosts", pb.ListHostsRequest())
+    _out(render.to_json(reply) if args.json else render.hosts_table(reply.hosts))
 
 
 def models(args: argparse.Namespace, s: Session) -> None:
@@ -118,8 +124,10 @@ def logs(args: argparse.Namespace, s: Session) -> None:
 
 
 def events(args: argparse.Namespace, s: Session) -> None:
-    stream = watch(s, args.model or "")
-    print(f"watching replica events of {args.model or 'every model'}", file=sys.stderr, flush=True)
+    stream = watch(s, args.model or "", cluster=args.cluster)
+    where = " on every host" if args.cluster else ""
+    what = args.model or "every model"
+    print(f"watching replica events of {what}{where}", file=sys.stderr, flush=True)
     for event in stream:
         if args.json:
             _out(render.to_json(event, indent=None))
@@ -127,7 +135,8 @@ def events(args: argparse.Namespace, s: Session) -> None:
         stamp = event.time.ToDatetime().strftime("%H:%M:%S.%f")[:-3]
         frm = render.state_name(event.from_state) if event.from_state else "-"
         to = render.state_name(event.to_state)
-        _out(f"{stamp} {event.model} {event.replica_id} {frm} -> {to}  {event.reason}")
+        host = f"{event.host_id} " if event.host_id else ""
+        _out(f"{stamp} {host}{event.model} {event.replica_id} {frm} -> {to}  {event.reason}")
 
 
 def _duration(flag: str, value: str) -> float:

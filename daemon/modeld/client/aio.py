@@ -1,4 +1,8 @@
-"""The asyncio client: `async with client.lease("model") as lease: ...` (a task renews it)."""
+"""The asyncio client: `async with client.lease("model") as lease: ...` (a task renews it).
+
+The asyncio twin of `Client`: same arguments, same rules (`client.rules`), awaitable
+calls. Create it inside the event loop that uses it.
+"""
 
 import asyncio
 import contextlib
@@ -9,44 +13,14 @@ from typing import Any
 import grpc
 
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
-from modeld._proto.modeld.v1 import modeld_pb2_grpc as pb_grpc
-from modeld.client.connect import ConnectOptions
-from modeld.client.lease import Lease, outcome_of, renewal_failed, status_code
-from modeld.client.sync import DEFAULT_TIMEOUT, RetryHook
+from modeld.client import rules
+from modeld.client.base import ClientBase
+from modeld.client.lease import Lease
 
 
-class AsyncClient:
-    """The asyncio twin of `Client`: same arguments, same behaviour, awaitable calls.
-
-    Create it inside the event loop that uses it.
-    """
-
-    def __init__(
-        self,
-        addr: str | None = None,
-        *,
-        token_file: str | None = None,
-        tls_ca: str | None = None,
-        tls_cert: str | None = None,
-        tls_key: str | None = None,
-        tls_server_name: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
-        retry_delay: float = 1.0,
-        on_retry: RetryHook | None = None,
-    ) -> None:
-        conn = ConnectOptions(addr, token_file, tls_ca, tls_cert, tls_key, tls_server_name)
-        resolved = conn.resolve()
-        self.addr = resolved.addr
-        self._metadata = resolved.metadata
-        self._channel = resolved.aio_channel()
-        self.stub: Any = pb_grpc.ModelControlStub(self._channel)  # type: ignore[no-untyped-call]
-        self.timeout = timeout
-        self.retry_delay = retry_delay
-        self.on_retry = on_retry
-
-    @property
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        return self._metadata
+class AsyncClient(ClientBase):
+    __doc__ = ClientBase.__doc__
+    _aio = True
 
     async def close(self) -> None:
         await self._channel.close(None)
@@ -58,34 +32,24 @@ class AsyncClient:
         await self.close()
 
     async def route(self, model: str) -> Lease:
-        request = pb.RouteRequest(model=model)
-        deadline = time.monotonic() + self.timeout
+        request = rules.route_request(model)
+        deadline = self._deadline()
         try:
-            return Lease.from_reply(await self._call("Route", request, deadline))
+            return rules.lease_of(await self._call("Route", request, deadline))
         except grpc.RpcError as exc:
-            if status_code(exc) is not grpc.StatusCode.UNAVAILABLE:
-                raise
-            if self.on_retry is not None:
-                self.on_retry(exc)
-        # A pause, not a synchronisation (see Client.route).
-        await asyncio.sleep(max(0.0, min(self.retry_delay, deadline - time.monotonic())))
-        reply = await self._call("Route", request, deadline, wait_for_ready=True)
-        return Lease.from_reply(reply)
+            pause = self._retry_pause(exc, deadline)
+        # A pause, not a synchronisation (see rules.retry_pause).
+        await asyncio.sleep(pause)
+        return rules.lease_of(await self._call("Route", request, deadline, wait_for_ready=True))
 
     async def release(self, lease: Lease, outcome: pb.ReleaseOutcome | None = None) -> bool:
-        request = pb.ReleaseRequest(
-            lease_id=lease.lease_id,
-            outcome=lease.outcome if outcome is None else outcome,
-        )
-        reply = await self._call("Release", request, time.monotonic() + self.timeout)
+        request = rules.release_request(lease, outcome)
+        reply = await self._call("Release", request, self._deadline())
         return bool(reply.released)
 
     async def renew(self, lease: Lease, limit: float | None = None) -> float:
-        request = pb.RenewLeaseRequest(lease_id=lease.lease_id)
-        reply = await self._call(
-            "RenewLease", request, time.monotonic() + (self.timeout if limit is None else limit)
-        )
-        expires = float(reply.lease_expires_at.ToNanoseconds() / 1e9)
+        reply = await self._call("RenewLease", rules.renew_request(lease), self._deadline(limit))
+        expires = rules.expiry_of(reply)
         lease._renewed(expires)
         return expires
 
@@ -106,36 +70,22 @@ class AsyncClient:
             if renewer is not None:
                 renewer.cancel()
                 await asyncio.gather(renewer, return_exceptions=True)
-            await self._release_on_exit(lease, outcome_of(lease, error, unreachable_on), error)
+            try:
+                await self.release(lease, rules.outcome_of(lease, error, unreachable_on))
+            except grpc.RpcError as exc:
+                rules.release_failed(lease, exc, error)
 
     async def _renew_until_done(self, lease: Lease) -> None:
         while True:
-            await asyncio.sleep(lease.renew_interval())
+            await asyncio.sleep(rules.renew_interval(lease.expires_at, time.time()))
             try:
-                await self.renew(lease, lease.time_left())
+                await self.renew(lease, rules.time_left(lease.expires_at, time.time()))
             except grpc.RpcError as exc:
-                if renewal_failed(lease, exc):
+                if rules.renewal_over(exc, lease.expires_at, time.time()):
+                    lease._lose(exc)
                     return
-
-    async def _release_on_exit(
-        self, lease: Lease, outcome: pb.ReleaseOutcome, error: BaseException | None
-    ) -> None:
-        try:
-            await self.release(lease, outcome)
-        except grpc.RpcError as exc:
-            if error is None:
-                raise
-            error.add_note(f"and releasing lease {lease.lease_id} failed too: {exc}")
-
-    def _deadline(self, limit: float | None) -> float:
-        return time.monotonic() + (self.timeout if limit is None else limit)
 
     async def _call(
         self, method: str, request: Any, deadline: float, *, wait_for_ready: bool = False
     ) -> Any:
-        return await getattr(self.stub, method)(
-            request,
-            timeout=max(0.0, deadline - time.monotonic()),
-            metadata=self._metadata,
-            wait_for_ready=wait_for_ready,
-        )
+        return await getattr(self.stub, method)(request, **self._options(deadline, wait_for_ready))

@@ -1,17 +1,11 @@
 """A lease as the client holds it, and how the body of a `with` block reports on it."""
 
 import threading
-import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
-
-# Renew when a third of the remaining time is gone: two more tries before expiry.
-RENEW_FRACTION = 1 / 3
-MIN_RENEW_INTERVAL = 0.05
 
 
 class BackendUnreachable(Exception):
@@ -42,17 +36,6 @@ class Lease:
     renewals: int = 0
     _changed: threading.Condition = field(default_factory=threading.Condition, repr=False)
 
-    @classmethod
-    def from_reply(cls, reply: Any) -> "Lease":
-        return cls(
-            lease_id=reply.lease_id,
-            replica_id=reply.replica_id,
-            address=reply.address,
-            protocol=pb.Protocol.Name(reply.protocol).lower(),
-            cold_start=reply.cold_start,
-            expires_at=reply.lease_expires_at.ToNanoseconds() / 1e9,
-        )
-
     def unreachable(self, cause: BaseException | None = None) -> BackendUnreachable:
         """Mark the lease BACKEND_UNREACHABLE; raise what this returns to leave the block."""
         self.outcome = pb.BACKEND_UNREACHABLE
@@ -73,13 +56,6 @@ class Lease:
             self._changed.wait_for(lambda: self.renewals >= count or self.lost, timeout)
             return self.renewals >= count
 
-    def time_left(self) -> float:
-        """Seconds until the lease expires (by this host's clock), at least a moment."""
-        return max(MIN_RENEW_INTERVAL, self.expires_at - time.time())
-
-    def renew_interval(self) -> float:
-        return max(MIN_RENEW_INTERVAL, self.time_left() * RENEW_FRACTION)
-
     def _renewed(self, expires_at: float) -> None:
         with self._changed:
             self.expires_at = expires_at
@@ -90,29 +66,3 @@ class Lease:
         with self._changed:
             self.lost = error
             self._changed.notify_all()
-
-
-def status_code(error: grpc.RpcError) -> grpc.StatusCode | None:
-    # Every RpcError grpc raises is also a grpc.Call; the stubs do not say so.
-    call: Any = error
-    return call.code() if hasattr(call, "code") else None
-
-
-def renewal_failed(lease: Lease, error: grpc.RpcError) -> bool:
-    """Record a failed renewal; True when renewing is over (the lease is gone)."""
-    if status_code(error) is grpc.StatusCode.NOT_FOUND or time.time() >= lease.expires_at:
-        lease._lose(error)
-        return True
-    return False
-
-
-def outcome_of(
-    lease: Lease, error: BaseException | None, unreachable_on: tuple[type, ...]
-) -> pb.ReleaseOutcome:
-    if isinstance(error, BackendUnreachable) or (
-        unreachable_on and isinstance(error, unreachable_on)
-    ):
-        return pb.BACKEND_UNREACHABLE
-    if isinstance(error, BackendFailed):
-        return pb.BACKEND_ERROR
-    return lease.outcome

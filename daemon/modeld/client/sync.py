@@ -1,57 +1,24 @@
-"""The blocking client: `with client.lease("model") as lease: ...` (a thread renews it)."""
+"""The blocking client: `with client.lease("model") as lease: ...` (a thread renews it).
+
+The decisions are `client.rules`'; this module only waits, in threads.
+"""
 
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
 
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
-from modeld._proto.modeld.v1 import modeld_pb2_grpc as pb_grpc
-from modeld.client.connect import ConnectOptions
-from modeld.client.lease import Lease, outcome_of, renewal_failed, status_code
-
-DEFAULT_TIMEOUT = 300.0
-RetryHook = Callable[[grpc.RpcError], None]
+from modeld.client import rules
+from modeld.client.base import ClientBase
+from modeld.client.lease import Lease
 
 
-class Client:
-    """A connection to modeld. Connection arguments are the CLI's (see `ConnectOptions`).
-
-    `timeout` bounds each call (a Route may wait for a cold start); a Route that
-    fails with UNAVAILABLE is tried once more after `retry_delay` seconds, waiting
-    for the daemon to be reachable, and `on_retry` (if given) sees the first error.
-    """
-
-    def __init__(
-        self,
-        addr: str | None = None,
-        *,
-        token_file: str | None = None,
-        tls_ca: str | None = None,
-        tls_cert: str | None = None,
-        tls_key: str | None = None,
-        tls_server_name: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
-        retry_delay: float = 1.0,
-        on_retry: RetryHook | None = None,
-    ) -> None:
-        conn = ConnectOptions(addr, token_file, tls_ca, tls_cert, tls_key, tls_server_name)
-        resolved = conn.resolve()
-        self.addr = resolved.addr
-        self._metadata = resolved.metadata
-        self._channel = resolved.channel()
-        # The generated stub, for every other RPC; pass `metadata=client.metadata`.
-        self.stub: Any = pb_grpc.ModelControlStub(self._channel)  # type: ignore[no-untyped-call]
-        self.timeout = timeout
-        self.retry_delay = retry_delay
-        self.on_retry = on_retry
-
-    @property
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        return self._metadata
+class Client(ClientBase):
+    __doc__ = ClientBase.__doc__
 
     def close(self) -> None:
         self._channel.close()
@@ -63,34 +30,23 @@ class Client:
         self.close()
 
     def route(self, model: str) -> Lease:
-        request = pb.RouteRequest(model=model)
-        deadline = time.monotonic() + self.timeout
+        request = rules.route_request(model)
+        deadline = self._deadline()
         try:
-            return Lease.from_reply(self._call("Route", request, deadline))
+            return rules.lease_of(self._call("Route", request, deadline))
         except grpc.RpcError as exc:
-            if status_code(exc) is not grpc.StatusCode.UNAVAILABLE:
-                raise
-            if self.on_retry is not None:
-                self.on_retry(exc)
-        # A pause, not a synchronisation: a just-crashed replica or a restarting
-        # daemon needs a moment before the same request can succeed.
-        time.sleep(max(0.0, min(self.retry_delay, deadline - time.monotonic())))
-        return Lease.from_reply(self._call("Route", request, deadline, wait_for_ready=True))
+            pause = self._retry_pause(exc, deadline)
+        # A pause, not a synchronisation (see rules.retry_pause).
+        time.sleep(pause)
+        return rules.lease_of(self._call("Route", request, deadline, wait_for_ready=True))
 
     def release(self, lease: Lease, outcome: pb.ReleaseOutcome | None = None) -> bool:
-        request = pb.ReleaseRequest(
-            lease_id=lease.lease_id,
-            outcome=lease.outcome if outcome is None else outcome,
-        )
-        reply = self._call("Release", request, time.monotonic() + self.timeout)
+        reply = self._call("Release", rules.release_request(lease, outcome), self._deadline())
         return bool(reply.released)
 
     def renew(self, lease: Lease, limit: float | None = None) -> float:
-        request = pb.RenewLeaseRequest(lease_id=lease.lease_id)
-        reply = self._call(
-            "RenewLease", request, time.monotonic() + (self.timeout if limit is None else limit)
-        )
-        expires = float(reply.lease_expires_at.ToNanoseconds() / 1e9)
+        reply = self._call("RenewLease", rules.renew_request(lease), self._deadline(limit))
+        expires = rules.expiry_of(reply)
         lease._renewed(expires)
         return expires
 
@@ -116,30 +72,15 @@ class Client:
         finally:
             if renewer is not None:
                 renewer.stop()
-            self._release_on_exit(lease, outcome_of(lease, error, unreachable_on), error)
-
-    def _release_on_exit(
-        self, lease: Lease, outcome: pb.ReleaseOutcome, error: BaseException | None
-    ) -> None:
-        try:
-            self.release(lease, outcome)
-        except grpc.RpcError as exc:
-            if error is None:
-                raise
-            error.add_note(f"and releasing lease {lease.lease_id} failed too: {exc}")
-
-    def _deadline(self, limit: float | None) -> float:
-        return time.monotonic() + (self.timeout if limit is None else limit)
+            try:
+                self.release(lease, rules.outcome_of(lease, error, unreachable_on))
+            except grpc.RpcError as exc:
+                rules.release_failed(lease, exc, error)
 
     def _call(
         self, method: str, request: Any, deadline: float, *, wait_for_ready: bool = False
     ) -> Any:
-        return getattr(self.stub, method)(
-            request,
-            timeout=max(0.0, deadline - time.monotonic()),
-            metadata=self._metadata,
-            wait_for_ready=wait_for_ready,
-        )
+        return getattr(self.stub, method)(request, **self._options(deadline, wait_for_ready))
 
 
 class _Renewer:
@@ -155,11 +96,13 @@ class _Renewer:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stopped.wait(self._lease.renew_interval()):
+        lease = self._lease
+        while not self._stopped.wait(rules.renew_interval(lease.expires_at, time.time())):
             try:
-                self._client.renew(self._lease, self._lease.time_left())
+                self._client.renew(lease, rules.time_left(lease.expires_at, time.time()))
             except grpc.RpcError as exc:
-                if renewal_failed(self._lease, exc):
+                if rules.renewal_over(exc, lease.expires_at, time.time()):
+                    lease._lose(exc)
                     return
 
     def stop(self) -> None:

@@ -23,12 +23,13 @@ from modeld.clock import Clock
 from modeld.cluster.claims import Claim, ClaimStore, Failed, Full, Wait
 from modeld.cluster.counters import ClusterCounters
 from modeld.cluster.forward import Peers
+from modeld.cluster.hostcap import capacities
 from modeld.cluster.membership import Membership
 from modeld.cluster.store import ReplicaRow
-from modeld.cluster.view import ClusterView, RemoteReplica
+from modeld.cluster.view import RemoteReplica
 from modeld.info import ReplicaInfo
 from modeld.policy.backoff import DEFAULT as BACKOFF
-from modeld.policy.host_placement import HostCapacity, place
+from modeld.policy.host_placement import place, placement_mode
 from modeld.routing.lifecycle import wait_until
 from modeld.routing.router import Router
 from modeld.spec import ModelSpec
@@ -54,21 +55,13 @@ class TargetLost(Exception):
     """The host asked to load left the cluster meanwhile: ask the next one."""
 
 
-def capacities(view: ClusterView, now: float, trust_expired: bool) -> list[HostCapacity]:
-    """The live hosts as placement sees them (until published capacity replaces it)."""
-    return [
-        HostCapacity(h.host_id, h.role, labels=h.labels)
-        for h in view.hosts.values()
-        if view.alive(h.host_id, now, trust_expired)
-    ]
-
-
 class ColdStarts:
     def __init__(
         self,
         *,
         host_id: str,
         host_ttl: float,
+        placement: str,
         router: Router,
         catalog: Catalog,
         membership: Membership,
@@ -80,6 +73,7 @@ class ColdStarts:
     ) -> None:
         self._host = host_id
         self._ttl = host_ttl * CLAIM_TTL_HOSTS
+        self._placement = placement
         self._router = router
         self._catalog = catalog
         self._membership = membership
@@ -209,7 +203,8 @@ class ColdStarts:
         # even by a modeld that just connected (whose view it may still be in).
         hosts = capacities(view, now, trust_expired=False)
         why: list[str] = []
-        for host_id in place(claim.model, spec, hosts):
+        mode = placement_mode(spec, self._placement)
+        for host_id in place(claim.model, spec, hosts, mode=mode):
             if lost.is_set():
                 return None
             try:

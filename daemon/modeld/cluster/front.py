@@ -9,8 +9,12 @@ placement picks, and the Route is routed again. Lease ids are `host_id~id`, so
 Release and RenewLease reach the owner from any modeld. A Load on this host takes
 one of the model's max_replicas slots per replica it starts (a forwarded Load that
 carries a claim starts one replica under it).
+
+It also holds the cluster's leader election (leader.py: min_replicas across the
+cluster) and its shared model specs (specs.py: PutModel/DeleteModel).
 """
 
+import dataclasses
 from collections.abc import Callable
 from contextvars import ContextVar
 from pathlib import Path
@@ -24,16 +28,27 @@ from modeld.cluster.claims import ClaimStore, parse_marker
 from modeld.cluster.coldstart import ColdStarts
 from modeld.cluster.counters import ClusterCounters
 from modeld.cluster.forward import PeerFailed, Peers, forwarded_marker
-from modeld.cluster.membership import Membership
+from modeld.cluster.leader import Leader
+from modeld.cluster.listing import (
+    Here,
+    HostEntry,
+    host_replica_counts,
+    host_state_counts,
+    list_hosts,
+)
+from modeld.cluster.membership import FiguresFn, Membership
 from modeld.cluster.ownload import OwnLoad
+from modeld.cluster.specs import SharedSpecs
 from modeld.cluster.store import ReplicaRow
 from modeld.cluster.view import RemoteReplica, pick_remote
 from modeld.config import Config
 from modeld.errors import ConfigError, FailedPrecondition, NotFound, Unavailable
 from modeld.info import ReplicaInfo
 from modeld.ops.events import EventBus
+from modeld.ops.metrics import ClusterStats
 from modeld.routing.leases import Lease
 from modeld.routing.router import Router
+from modeld.spec import ModelSpec
 from modeld.state import LIVE, ReplicaState
 from modeld.storage.catalog import Catalog
 
@@ -50,7 +65,14 @@ _cold_depth: ContextVar[int] = ContextVar("cold_depth", default=0)
 
 class ClusterRouter:
     def __init__(
-        self, config: Config, router: Router, clock: Clock, events: EventBus, catalog: Catalog
+        self,
+        config: Config,
+        router: Router,
+        clock: Clock,
+        events: EventBus,
+        *,
+        catalog: Catalog,
+        figures: FiguresFn | None = None,
     ) -> None:
         cfg = config.cluster
         assert cfg is not None
@@ -59,18 +81,40 @@ class ClusterRouter:
         self._clock = clock
         self.peers = Peers(config)
         dsn = _dsn(cfg.dsn, cfg.dsn_file)
-        self.membership = Membership(cfg, dsn, clock, events, self.rows)
+        self.membership = Membership(cfg, dsn, clock, events, self.rows, figures=figures)
         self._own = OwnLoad()
         self.counters = ClusterCounters()
         self._forward_cap = max(1.0, min(5.0, cfg.host_ttl))
+        # As the membership's: every round fits in one host_ttl/3.
+        timeout = max(min(cfg.host_ttl / 3, 5.0), 1.0)
+        self.specs = SharedSpecs(
+            dsn=dsn,
+            host_id=cfg.host_id,
+            catalog=catalog,
+            membership=self.membership,
+            interval=cfg.host_ttl / 3,
+            timeout=timeout,
+        )
+        self.leader = Leader(
+            dsn=dsn,
+            host_id=cfg.host_id,
+            clock=clock,
+            membership=self.membership,
+            catalog=catalog,
+            peers=self.peers,
+            interval=cfg.host_ttl / 3,
+            timeout=timeout,
+            placement=cfg.placement,
+        )
         self._cold = ColdStarts(
             host_id=cfg.host_id,
             host_ttl=cfg.host_ttl,
+            placement=cfg.placement,
             router=router,
             catalog=catalog,
             membership=self.membership,
             peers=self.peers,
-            claims=ClaimStore(dsn, cfg.host_id, max(min(cfg.host_ttl / 3, 5.0), 1.0)),
+            claims=ClaimStore(dsn, cfg.host_id, timeout),
             clock=clock,
             counters=self.counters,
             row_of=self._row_of,
@@ -78,10 +122,14 @@ class ClusterRouter:
 
     async def start(self) -> None:
         await self.membership.start()
+        await self.specs.start()
+        await self.leader.start()
         await self._cold.start()
 
     async def close(self) -> None:
         await self._cold.close()
+        await self.leader.close()
+        await self.specs.close()
         await self.membership.close()
         await self.peers.close()
 
@@ -117,6 +165,45 @@ class ClusterRouter:
             for info in self._router.replicas(None)
             if which(info)
         ]
+
+    # listings: ListHosts, ListReplicas, metrics
+
+    def hosts(self) -> list[HostEntry]:
+        live = sum(1 for i in self._router.replicas(None) if i.state in LIVE)
+        here = Here(self.host_id, self._cfg.advertise, self._cfg.role, dict(self._cfg.labels), live)
+        return list_hosts(
+            self.membership.view,
+            self._clock.monotonic(),
+            self._cfg.host_ttl,
+            trust_expired=self.membership.trust_expired(),
+            here=here,
+        )
+
+    def replicas(self, model: str | None, *, local: bool) -> list[pb.Replica]:
+        """This host's replicas from its router, then (unless `local`) other hosts'
+        from the view; grouped by host."""
+        mine = [convert.replica_to_proto(i, self.host_id) for i in self._router.replicas(model)]
+        if local:
+            return mine
+        others = sorted(
+            (
+                r
+                for r in self.membership.view.replicas.values()
+                if r.host_id != self.host_id and (model is None or r.model == model)
+            ),
+            key=lambda r: (r.model, r.id),
+        )
+        listed = mine + [convert.remote_replica_to_proto(r) for r in others]
+        return sorted(listed, key=lambda r: r.host_id)
+
+    def stats(self) -> ClusterStats:
+        """What the cluster metrics read at scrape time."""
+        return ClusterStats(
+            counters=dataclasses.asdict(self.counters),
+            view_age=self.membership.view_age(),
+            host_replicas=host_replica_counts(self.membership.view),
+            hosts=host_state_counts(self.hosts()),
+        )
 
     # Route
 
@@ -261,6 +348,27 @@ class ClusterRouter:
         else:
             infos = await self._cold.load_here(request.model, request.replicas or 1, deadline)
         return pb.LoadResponse(replicas=[convert.replica_to_proto(i) for i in infos])
+
+    # model specs, shared by the cluster
+
+    async def put_model(self, spec: ModelSpec) -> ModelSpec:
+        return await self.specs.put(spec)
+
+    async def delete_model(self, name: str) -> bool:
+        # This host's own replicas were checked from the router's memory (servicer).
+        hosts = sorted(
+            {
+                r.host_id
+                for r in self.membership.view.replicas.values()
+                if r.model == name and r.host_id != self.host_id
+            }
+        )
+        if hosts:
+            raise FailedPrecondition(
+                f"model {name!r} has running replicas on host(s) {', '.join(hosts)}; "
+                "Unload it there first"
+            )
+        return await self.specs.delete(name)
 
 
 def _dsn(dsn: str, dsn_file: str) -> str:

@@ -7,7 +7,9 @@ One task per duty, each waiting on an event with a deadline:
   `_reread` reads again. When the connection dies it reconnects and forces a resync.
 - `_publish`: writes this host's replica rows, at once on a state change and at
   most once a second for load; computed from the router each time, so an event
-  the lossy EventBus dropped is repaired on the next tick.
+  the lossy EventBus dropped is repaired on the next tick. It also writes this
+  host's capacity (cluster/hostcap.py) into its host row: read at most once a
+  second, written only when it changed.
 A database failure marks the link down: the view is then trusted as it is (a
 database outage is not a routing outage) and nobody is reaped until one host_ttl
 after the link is back, because after an outage every host looks expired.
@@ -17,18 +19,21 @@ import asyncio
 import contextlib
 import json
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict
 from typing import Any
 
 import asyncpg
 import structlog
 
 from modeld.clock import Clock
+from modeld.cluster.hostcap import HostFigures, figures_in
+from modeld.cluster.listing import view_events
 from modeld.cluster.schema import CHANNEL, migrate
 from modeld.cluster.store import Fenced, ReplicaRow, Snapshot, Store
 from modeld.cluster.view import ClusterView, RemoteHost, RemoteReplica
 from modeld.config import ClusterConfig, redact_dsn
 from modeld.errors import RegistryError, Unavailable
-from modeld.ops.events import EventBus
+from modeld.ops.events import CLUSTER, EventBus
 from modeld.state import ReplicaState
 
 log = structlog.get_logger(__name__)
@@ -36,17 +41,26 @@ DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceErro
 # Load figures are published at most this often; state changes at once.
 LOAD_INTERVAL = 1.0
 RowsFn = Callable[[], list[ReplicaRow]]
+FiguresFn = Callable[[], Awaitable[HostFigures]]
 
 
 class Membership:
     def __init__(
-        self, cfg: ClusterConfig, dsn: str, clock: Clock, events: EventBus, rows: RowsFn
+        self,
+        cfg: ClusterConfig,
+        dsn: str,
+        clock: Clock,
+        events: EventBus,
+        rows: RowsFn,
+        *,
+        figures: FiguresFn | None = None,
     ) -> None:
         self._cfg = cfg
         self._dsn = dsn
         self._clock = clock
         self._events = events
         self._rows = rows
+        self._figures = figures
         self.view = ClusterView(cfg.host_id)
         self.epoch: int | None = None
         self._store: Store | None = None
@@ -55,6 +69,9 @@ class Membership:
         self._up = False
         self._why_down = "not connected yet"
         self._back_at = clock.monotonic()
+        # Monotonic time of the last full resync that succeeded (None: none yet).
+        self.resynced_at: float | None = None
+        self._born = clock.monotonic()
         self._tick = asyncio.Event()
         self._publish_now = asyncio.Event()
         self._pending: set[str] = set()
@@ -62,6 +79,10 @@ class Membership:
         self._published: dict[str, ReplicaRow] = {}
         self._changed = asyncio.Event()
         self._load_written = 0.0
+        # The host row's capacity as last written, and when it was last read (at most
+        # once a second: a reading is a worker-thread NVML call).
+        self._figures_published: HostFigures | None = None
+        self._figures_checked = 0.0
         self._tasks: list[asyncio.Task[None]] = []
         self.where = redact_dsn(dsn)
 
@@ -115,6 +136,11 @@ class Membership:
         """True while host expiry cannot be judged: link down, or back for under one TTL."""
         return not self._up or self._clock.monotonic() - self._back_at < self._cfg.host_ttl
 
+    def view_age(self) -> float:
+        """Seconds since the view was last read in full (since start, before the first)."""
+        since = self._born if self.resynced_at is None else self.resynced_at
+        return self._clock.monotonic() - since
+
     def require(self, what: str) -> None:
         """Fail fast, without a round trip, when `what` needs the database and it is down."""
         if not self._up:
@@ -163,7 +189,11 @@ class Membership:
             await step(await self._connect())
         except RegistryError:
             raise
-        except Fenced:
+        except Fenced as fenced:
+            if fenced.epoch != self.epoch:
+                # A write still under an epoch already replaced: old news, and
+                # clearing the new epoch would register yet another one.
+                return False
             log.warning("cluster_fenced", host_id=self._cfg.host_id, epoch=self.epoch)
             self.epoch = None
             self._tick.set()
@@ -193,10 +223,18 @@ class Membership:
 
     async def _register(self, store: Store) -> None:
         rows = self._rows()
+        figures = await self._read_figures()
         self.epoch = await store.register(
-            self._cfg.advertise, self._cfg.role, dict(self._cfg.labels), self._cfg.host_ttl, rows
+            self._cfg.advertise,
+            self._cfg.role,
+            dict(self._cfg.labels),
+            self._cfg.host_ttl,
+            rows,
+            figures=figures,
         )
         self._published = {row[0]: row for row in rows}
+        self._figures_published = figures
+        self._figures_checked = self._clock.monotonic()
         log.info(
             "cluster_registered", host_id=self._cfg.host_id, epoch=self.epoch, replicas=len(rows)
         )
@@ -207,6 +245,7 @@ class Membership:
 
     async def _resync(self, store: Store) -> None:
         self._apply(await store.read(None), None)
+        self.resynced_at = self._clock.monotonic()
 
     async def _reap(self, store: Store) -> None:
         now = self._clock.monotonic()
@@ -222,7 +261,8 @@ class Membership:
         now = self._clock.monotonic()
         hosts = [_host(h, now) for h in snap.hosts]
         replicas = [_replica(r) for r in snap.replicas]
-        before = self._shape()
+        before, replicas_before = self._shape(), dict(self.view.replicas)
+        seen = {h.host_id: figures_in(h) for h in self.view.hosts.values()}
         if host_ids is None:
             self.view.replace_all(hosts, replicas)
         else:
@@ -232,6 +272,12 @@ class Membership:
                 self.view.replace_host(host_id, by_id.get(host_id), mine)
         after = self._shape()
         if after != before:
+            wall = self._clock.wall()
+            changes = view_events(
+                replicas_before, self.view.replicas, self.view.hosts, self._cfg.host_id, wall
+            )
+            for event in changes:
+                self._events.publish(event)
             self._changed.set()
             self._changed = asyncio.Event()
             log.info(
@@ -243,6 +289,10 @@ class Membership:
                     if r.state is ReplicaState.READY
                 ),
             )
+        for host in hosts:
+            figures = figures_in(host)
+            if seen.get(host.host_id) != figures:
+                log.debug("cluster_capacity_seen", host_id=host.host_id, **asdict(figures))
 
     def changed(self) -> asyncio.Event:
         """Set at the next change of the view's shape; take it before reading the view."""
@@ -308,8 +358,10 @@ class Membership:
     async def _follow_events(self) -> None:
         subscription = self._events.subscribe()
         try:
-            async for _event in subscription:
-                self._publish_now.set()
+            async for event in subscription:
+                # Other hosts' changes (published by _apply) change nothing to publish.
+                if event.kind != CLUSTER:
+                    self._publish_now.set()
         finally:
             subscription.close()
 
@@ -320,6 +372,7 @@ class Membership:
             self._publish_now.clear()
             if self.epoch is None or not self._up:
                 continue
+            await self._publish_figures()
             rows, gone, urgent = self._diff()
             now = self._clock.monotonic()
             if not (rows or gone) or (not urgent and now - self._load_written < LOAD_INTERVAL):
@@ -337,6 +390,26 @@ class Membership:
                     self._published[row[0]] = row
                 for rid in gone:
                     self._published.pop(rid, None)
+
+    async def _read_figures(self) -> HostFigures | None:
+        return await self._figures() if self._figures is not None else None
+
+    async def _publish_figures(self) -> None:
+        """The host row's capacity: read at most once a second, written when it changed."""
+        now = self._clock.monotonic()
+        if self._figures is None or now - self._figures_checked < LOAD_INTERVAL:
+            return
+        self._figures_checked = now
+        figures = await self._figures()
+        if figures == self._figures_published:
+            return
+
+        async def step(store: Store) -> None:
+            assert self.epoch is not None
+            await store.publish_host(self.epoch, figures)
+
+        if await self._db(step):
+            self._figures_published = figures
 
     def _diff(self) -> tuple[list[ReplicaRow], list[str], bool]:
         """Rows that changed since last written, ids gone, and whether identity changed."""
@@ -363,6 +436,14 @@ def _host(data: dict[str, Any], now: float) -> RemoteHost:
         role=data["role"],
         labels=labels if isinstance(labels, dict) else json.loads(labels),
         expires=now + float(data["remaining"]),
+        backends=tuple(data.get("backends") or ()),
+        gpu_free=tuple(int(b) for b in data.get("gpu_free") or ()),
+        gpu_total=tuple(int(b) for b in data.get("gpu_total") or ()),
+        ram_free=int(data.get("ram_free") or 0),
+        ram_total=int(data.get("ram_total") or 0),
+        loaded=int(data.get("loaded") or 0),
+        max_loaded=int(data.get("max_loaded") or 0),
+        evictable=int(data.get("evictable") or 0),
     )
 
 

@@ -3,6 +3,7 @@
 Tables (one writer per row: the host it names):
 - modeld_hosts: one row per live host; `epoch` comes from a sequence, so a host
   that re-registers fences every write of its earlier self (writes check epoch).
+  It also holds the host's published capacity (backends, memory, replicas).
 - modeld_replicas: a host's replicas with their state, address, generation and
   published load; deleted with their host (reaping is `DELETE` of the host row).
 - modeld_claims: who may start a replica of a model, one row per (model, slot) with
@@ -10,6 +11,10 @@ Tables (one writer per row: the host it names):
   while loading, the replica it became once serving, the error and backoff end
   once failed. A claim is taken and fenced by its `claim_id`, never by a lock.
 Writers NOTIFY `modeld_cluster` with their host id; receivers re-read that host.
+- modeld_models: the cluster's model specs (PutModel/DeleteModel on any host), each
+  with the version that last wrote it; modeld_models_version holds the version of
+  the whole set, bumped in the same transaction as every change, so one read gives a
+  consistent set and its version. Changes NOTIFY `modeld_models` (cluster/specs.py).
 """
 
 import asyncpg
@@ -20,6 +25,9 @@ CHANNEL = "modeld_cluster"
 # Serialises migrations of concurrently starting modelds; distinct from the reap lock.
 MIGRATE_LOCK = 0x6D6F64656C64_01
 REAP_LOCK = 0x6D6F64656C64_02
+# Held for as long as a host is the leader, on its own connection (cluster/leader.py).
+LEADER_LOCK = 0x6D6F64656C64_03
+SPECS_CHANNEL = "modeld_models"
 
 MIGRATIONS: tuple[str, ...] = (
     """
@@ -47,6 +55,29 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at timestamptz NOT NULL DEFAULT now()
     );
     CREATE INDEX modeld_replicas_host ON modeld_replicas (host_id);
+    """,
+    # Host capacity for placement (cluster/hostcap.py), written by the host itself.
+    """
+    ALTER TABLE modeld_hosts
+        ADD COLUMN backends text[] NOT NULL DEFAULT '{}',
+        ADD COLUMN gpu_free bigint[] NOT NULL DEFAULT '{}',
+        ADD COLUMN gpu_total bigint[] NOT NULL DEFAULT '{}',
+        ADD COLUMN ram_free bigint NOT NULL DEFAULT 0,
+        ADD COLUMN ram_total bigint NOT NULL DEFAULT 0,
+        ADD COLUMN loaded integer NOT NULL DEFAULT 0,
+        ADD COLUMN max_loaded integer NOT NULL DEFAULT 0,
+        ADD COLUMN evictable bigint NOT NULL DEFAULT 0;
+    """,
+    """
+    CREATE TABLE modeld_models (
+        name text PRIMARY KEY,
+        spec jsonb NOT NULL,
+        version bigint NOT NULL,
+        updated_by text NOT NULL,
+        updated_at timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE TABLE modeld_models_version (version bigint NOT NULL);
+    INSERT INTO modeld_models_version (version) VALUES (0);
     """,
     """
     CREATE SEQUENCE modeld_claim_id;

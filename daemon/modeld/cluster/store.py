@@ -12,6 +12,7 @@ from typing import Any
 
 import asyncpg
 
+from modeld.cluster.hostcap import HostFigures
 from modeld.cluster.schema import CHANNEL, REAP_LOCK
 
 # (replica_id, model, state, address, generation, in_flight, last_used, free_memory)
@@ -32,7 +33,10 @@ _READ = """
 SELECT
   coalesce((SELECT json_agg(json_build_object(
       'host_id', host_id, 'epoch', epoch, 'address', address, 'role', role, 'labels', labels,
-      'remaining', extract(epoch FROM lease_expires_at - now())))
+      'remaining', extract(epoch FROM lease_expires_at - now()),
+      'backends', backends, 'gpu_free', gpu_free, 'gpu_total', gpu_total,
+      'ram_free', ram_free, 'ram_total', ram_total, 'loaded', loaded,
+      'max_loaded', max_loaded, 'evictable', evictable))
     FROM modeld_hosts WHERE $1::text[] IS NULL OR host_id = ANY($1)), '[]') AS hosts,
   coalesce((SELECT json_agg(json_build_object(
       'id', replica_id, 'host_id', host_id, 'epoch', epoch, 'model', model, 'state', state,
@@ -41,9 +45,22 @@ SELECT
     FROM modeld_replicas WHERE $1::text[] IS NULL OR host_id = ANY($1)), '[]') AS replicas
 """
 
+# Fenced as replica rows are: only this host's live row of this epoch.
+_FIGURES = """
+UPDATE modeld_hosts SET backends = $3, gpu_free = $4, gpu_total = $5, ram_free = $6,
+    ram_total = $7, loaded = $8, max_loaded = $9, evictable = $10
+WHERE host_id = $1 AND epoch = $2
+RETURNING 1
+"""
+
 
 class Fenced(Exception):
-    """This host's row has another epoch, or expired: its writes no longer count."""
+    """This host's row has another epoch, or was reaped: writes under `epoch` no longer
+    count."""
+
+    def __init__(self, host_id: str, epoch: int) -> None:
+        super().__init__(f"{host_id} epoch {epoch}")
+        self.epoch = epoch
 
 
 @dataclass(frozen=True)
@@ -68,8 +85,11 @@ class Store:
         labels: dict[str, str],
         ttl: float,
         rows: Sequence[ReplicaRow],
+        *,
+        figures: HostFigures | None = None,
     ) -> int:
-        """A new epoch for this host; its older rows are dropped and `rows` announced."""
+        """A new epoch for this host; its older rows are dropped, `rows` and its capacity
+        announced (an earlier life's capacity never survives a new epoch)."""
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
             epoch: int = await conn.fetchval(
                 """
@@ -95,14 +115,18 @@ class Store:
                 epoch,
                 timeout=self._timeout,
             )
+            await self._write_figures(conn, epoch, figures or HostFigures())
             await self._write_rows(conn, epoch, rows, ())
             return epoch
 
     async def heartbeat(self, epoch: int, ttl: float) -> None:
+        """Renew this epoch's lease. An expired row that nobody reaped is still ours:
+        after a database outage every lease has run out, and renewing it (rather than
+        a new epoch) is what keeps the cluster from churning once the link is back."""
         renewed = await self._pool.fetchval(
             """
             UPDATE modeld_hosts SET lease_expires_at = now() + make_interval(secs => $3)
-            WHERE host_id = $1 AND epoch = $2 AND lease_expires_at > now()
+            WHERE host_id = $1 AND epoch = $2
             RETURNING 1
             """,
             self._host,
@@ -111,22 +135,49 @@ class Store:
             timeout=self._timeout,
         )
         if renewed is None:
-            raise Fenced(self._host)
+            raise Fenced(self._host, epoch)
 
     async def publish(self, epoch: int, rows: Sequence[ReplicaRow], gone: Sequence[str]) -> None:
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
             live = await conn.fetchval(
                 """
-                SELECT 1 FROM modeld_hosts
-                WHERE host_id = $1 AND epoch = $2 AND lease_expires_at > now() FOR SHARE
+                SELECT 1 FROM modeld_hosts WHERE host_id = $1 AND epoch = $2 FOR SHARE
                 """,
                 self._host,
                 epoch,
                 timeout=self._timeout,
             )
             if live is None:
-                raise Fenced(self._host)
+                raise Fenced(self._host, epoch)
             await self._write_rows(conn, epoch, rows, gone)
+
+    async def publish_host(self, epoch: int, figures: HostFigures) -> None:
+        """This host's capacity figures, in its own host row."""
+        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            await self._write_figures(conn, epoch, figures)
+            await conn.execute(
+                "SELECT pg_notify($1, $2)", CHANNEL, self._host, timeout=self._timeout
+            )
+
+    async def _write_figures(
+        self, conn: asyncpg.Connection, epoch: int, figures: HostFigures
+    ) -> None:
+        written = await conn.fetchval(
+            _FIGURES,
+            self._host,
+            epoch,
+            list(figures.backends),
+            list(figures.gpu_free),
+            list(figures.gpu_total),
+            figures.ram_free,
+            figures.ram_total,
+            figures.loaded,
+            figures.max_loaded,
+            figures.evictable,
+            timeout=self._timeout,
+        )
+        if written is None:
+            raise Fenced(self._host, epoch)
 
     async def _write_rows(
         self,
@@ -168,6 +219,8 @@ class Store:
                 DELETE FROM modeld_hosts WHERE host_id = (
                     SELECT host_id FROM modeld_hosts WHERE lease_expires_at < now()
                     ORDER BY lease_expires_at LIMIT 1)
+                -- Checked again on the locked row: a heartbeat that just won stays.
+                AND lease_expires_at < now()
                 RETURNING host_id
                 """,
                 timeout=self._timeout,

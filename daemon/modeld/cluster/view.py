@@ -22,6 +22,17 @@ class RemoteHost:
     labels: Mapping[str, str]
     # Local monotonic time at which the host's lease runs out, as far as we know.
     expires: float
+    # Published capacity (cluster/hostcap.py): backends configured there, free and
+    # total bytes per GPU and of RAM, live replicas, max_loaded (0 = no limit), and
+    # bytes held by its idle unpinned replicas. Zero/empty until it first publishes.
+    backends: tuple[str, ...] = ()
+    gpu_free: tuple[int, ...] = ()
+    gpu_total: tuple[int, ...] = ()
+    ram_free: int = 0
+    ram_total: int = 0
+    loaded: int = 0
+    max_loaded: int = 0
+    evictable: int = 0
 
 
 @dataclass(frozen=True, slots=True)

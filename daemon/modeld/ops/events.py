@@ -27,11 +27,15 @@ class Event:
     reason: str = ""
     # STATE: a replica changed state. LEASE_EXPIRED: a lease ran out (the states are the
     # replica's current one, unchanged); observers that count state changes skip it.
+    # CLUSTER: another host's replica changed, as the cluster view saw it.
     kind: str = "state"
+    # CLUSTER events: the host whose replica changed.
+    host_id: str = ""
 
 
 STATE = "state"
 LEASE_EXPIRED = "lease_expired"
+CLUSTER = "cluster"
 
 
 class _Ring:

@@ -12,6 +12,7 @@ one request per connection, no threads.
 import asyncio
 import contextlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import structlog
 from prometheus_client import (
@@ -22,12 +23,12 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from modeld.errors import ConfigError
 from modeld.netaddr import split_host_port
-from modeld.state import ReplicaState
+from modeld.state import LIVE, ReplicaState
 
 log = structlog.get_logger(__name__)
 
@@ -73,6 +74,80 @@ class _StateCollector(Collector):
         return [by_state, busy]
 
 
+@dataclass(frozen=True)
+class ClusterStats:
+    """The cluster's figures at one scrape (read from the cluster router)."""
+
+    counters: Mapping[str, int]  # ClusterCounters' fields by name
+    view_age: float  # seconds since the last full resync of the view
+    host_replicas: Mapping[str, Mapping[str, int]]  # host_id → state → replicas
+    hosts: Mapping[str, int]  # host state (alive, suspect, expired) → hosts
+
+
+ClusterSource = Callable[[], ClusterStats]
+
+# ClusterCounters field → (metric name, help). Counters other streams increment.
+CLUSTER_COUNTERS = {
+    "forwards": ("modeld_cluster_forwards", "Routes forwarded to a replica on another host."),
+    "forward_retries": (
+        "modeld_cluster_forward_retries",
+        "Forwards that failed and were tried on another replica.",
+    ),
+    "claims_taken": ("modeld_cluster_claims_taken", "Cold-load claims this host took."),
+    "claims_taken_over": (
+        "modeld_cluster_claims_taken_over",
+        "Expired claims of another host this host took over.",
+    ),
+    "claims_lost": ("modeld_cluster_claims_lost", "Claims this host held and lost (fenced)."),
+    "placement_refusals": (
+        "modeld_cluster_placement_refusals",
+        "Placements refused (no eligible host, or the target's admission said no).",
+    ),
+}
+
+
+class _ClusterCollector(Collector):
+    """Reads the cluster router's figures at scrape time; nothing in single-host mode."""
+
+    def __init__(self) -> None:
+        self.source: ClusterSource | None = None
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        if self.source is None:
+            return []
+        stats = self.source()
+        families: list[Metric] = []
+        # A counter another stream adds to ClusterCounters is exported too, by its name.
+        for field in [*CLUSTER_COUNTERS, *sorted(stats.counters.keys() - CLUSTER_COUNTERS.keys())]:
+            name, doc = CLUSTER_COUNTERS.get(field, (f"modeld_cluster_{field}", field))
+            family = CounterMetricFamily(name, doc)
+            family.add_metric([], stats.counters.get(field, 0))
+            families.append(family)
+        age = GaugeMetricFamily(
+            "modeld_cluster_view_staleness_seconds",
+            "Seconds since the cluster view was last read in full from the database.",
+        )
+        age.add_metric([], stats.view_age)
+        per_host = GaugeMetricFamily(
+            "modeld_cluster_host_replicas",
+            "Replicas by host and state, as this modeld's view shows them.",
+            labels=["host", "state"],
+        )
+        for host, states in sorted(stats.host_replicas.items()):
+            for state in ReplicaState:
+                if state in LIVE:
+                    per_host.add_metric([host, state.value], states.get(state.value, 0))
+        hosts = GaugeMetricFamily(
+            "modeld_cluster_hosts", "Hosts of the cluster by state.", labels=["state"]
+        )
+        for state_name, count in sorted(stats.hosts.items()):
+            hosts.add_metric([state_name], count)
+        return [*families, age, per_host, hosts]
+
+
 class Metrics:
     """Every metric the daemon exports, on a registry of its own (never the global one)."""
 
@@ -112,6 +187,8 @@ class Metrics:
         )
         self._state = _StateCollector()
         reg.register(self._state)
+        self._cluster = _ClusterCollector()
+        reg.register(self._cluster)
         if process:
             ProcessCollector(registry=reg)
 
@@ -119,6 +196,10 @@ class Metrics:
         """Where the replica and in-flight gauges are read from at each scrape."""
         self._state.replicas = replicas
         self._state.in_flight = in_flight
+
+    def set_cluster_source(self, source: ClusterSource) -> None:
+        """Cluster mode: where the modeld_cluster_* metrics are read from at each scrape."""
+        self._cluster.source = source
 
     def route(self, model: str, result: str, seconds: float) -> None:
         self.routes.labels(model, result).inc()

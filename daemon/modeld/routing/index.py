@@ -2,6 +2,9 @@
 
 Owns the pools (created on first use) and the latest resource readings the
 watchdog hands over (free memory for the picker, measured memory per pid).
+A replica's memory is the measured figure only once a reading begun after it
+became READY has arrived; before that (loading, or a reading begun mid-load)
+the process may not hold its model yet, so it counts at least its estimate.
 Everything it returns is a snapshot (`ReplicaView` for policy, `ReplicaInfo`
 for the API): nothing outside the owners mutates a replica.
 """
@@ -9,6 +12,7 @@ for the API): nothing outside the owners mutates a replica.
 from collections import Counter
 from collections.abc import Callable, Mapping
 
+from modeld.capacity.sampler import NO_READING, ProcessReading
 from modeld.clock import Clock
 from modeld.info import ReplicaInfo
 from modeld.policy.backoff import DEFAULT as DEFAULT_BACKOFF
@@ -36,7 +40,7 @@ class ReplicaIndex:
         self._oldest_leases = oldest_leases
         self._pools: dict[str, ModelPool] = {}
         self.free_memory: Mapping[int | None, int] = {}
-        self._measured: dict[int, int] = {}
+        self._processes = NO_READING
 
     def pool(self, model: str) -> ModelPool:
         pool = self._pools.get(model)
@@ -71,16 +75,21 @@ class ReplicaIndex:
 
     # readings
 
-    def observe(self, host: HostView, process_memory: dict[int, int]) -> None:
+    def observe(self, host: HostView, processes: ProcessReading) -> None:
         """Resource readings from the watchdog tick: free memory for the picker, per-pid use."""
         free: dict[int | None, int] = {g.index: g.free for g in host.gpus}
         free[None] = host.ram_available
         self.free_memory = free
-        self._measured = process_memory
+        self._processes = processes
 
     def memory_of(self, replica: RoutedReplica) -> int:
-        measured = self._measured.get(replica.pid) if replica.pid else None
-        return measured if measured is not None else replica.spec.memory_estimate
+        reading = self._processes
+        measured = reading.by_pid.get(replica.pid) if replica.pid else None
+        pool = self._pools.get(replica.model)
+        ready_since = pool.ready_since(replica.id) if pool else None
+        if measured is not None and ready_since is not None and reading.taken_at > ready_since:
+            return measured
+        return max(measured or 0, replica.spec.memory_estimate)
 
     # snapshots
 

@@ -85,9 +85,18 @@ class Lease:
 
 
 class LeaseTable:
+    """Leases by id, by expiry (a heap) and per replica in start order.
+
+    Per replica, leases sit in a dict in the order they started (a Route's lease
+    starts now, so appending keeps the order; an older start is sorted in), so
+    the oldest is the first: the busy-timeout input costs one step per replica
+    with leases, not one per lease.
+    """
+
     def __init__(self) -> None:
         self._leases: dict[str, Lease] = {}
         self._heap: list[tuple[float, str]] = []
+        self._by_replica: dict[str, dict[str, Lease]] = {}
 
     def __len__(self) -> int:
         return len(self._leases)
@@ -95,6 +104,13 @@ class LeaseTable:
     def add(self, lease: Lease) -> None:
         self._leases[lease.id] = lease
         heapq.heappush(self._heap, (lease.expires, lease.id))
+        held = self._by_replica.setdefault(lease.replica.id, {})
+        newest = next(reversed(held.values()), None)
+        held[lease.id] = lease
+        if newest is not None and lease.started < newest.started:
+            self._by_replica[lease.replica.id] = dict(
+                sorted(held.items(), key=lambda item: item[1].started)
+            )
 
     def get(self, lease_id: str) -> Lease | None:
         return self._leases.get(lease_id)
@@ -102,6 +118,8 @@ class LeaseTable:
     def pop(self, lease_id: str) -> Lease | None:
         """Remove a lease; None when it was already released or expired."""
         lease = self._leases.pop(lease_id, None)
+        if lease is not None:
+            self._unlink(lease)
         self._compact()
         return lease
 
@@ -117,6 +135,7 @@ class LeaseTable:
             lease = self._leases.get(lease_id)
             if lease is not None and lease.expires == at:
                 del self._leases[lease_id]
+                self._unlink(lease)
                 expired.append(lease)
         self._compact()
         return expired
@@ -125,22 +144,20 @@ class LeaseTable:
         return self._heap[0][0] if self._heap else None
 
     def of_replica(self, replica_id: str) -> list[Lease]:
-        return [lease for lease in self._leases.values() if lease.replica.id == replica_id]
+        return list(self._by_replica.get(replica_id, {}).values())
 
     def per_replica(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for lease in self._leases.values():
-            counts[lease.replica.id] = counts.get(lease.replica.id, 0) + 1
-        return counts
+        return {rid: len(held) for rid, held in self._by_replica.items()}
 
     def oldest_started(self) -> dict[str, float]:
         """Per replica id, the start of its oldest active lease (busy-timeout input)."""
-        oldest: dict[str, float] = {}
-        for lease in self._leases.values():
-            rid = lease.replica.id
-            if rid not in oldest or lease.started < oldest[rid]:
-                oldest[rid] = lease.started
-        return oldest
+        return {rid: next(iter(held.values())).started for rid, held in self._by_replica.items()}
+
+    def _unlink(self, lease: Lease) -> None:
+        held = self._by_replica[lease.replica.id]
+        del held[lease.id]
+        if not held:
+            del self._by_replica[lease.replica.id]
 
     def _compact(self) -> None:
         # Renewals and releases leave stale heap entries; rebuild when they dominate.

@@ -95,7 +95,7 @@ class Lifecycle:
             )
         pool = self._index.pool(model)
         servable = pool.servable()[:replicas]
-        pending = pool.pending_tasks()[: replicas - len(servable)]
+        pending = pool.claim_pending(replicas - len(servable))
         missing = replicas - len(servable) - len(pending)
         if missing > 0:
             self.check_open()
@@ -134,7 +134,11 @@ class Lifecycle:
     # background starts
 
     def maintain(self) -> list["asyncio.Task[RoutedReplica]"]:
-        """Keep every model's min_replicas running; returns the starts it began."""
+        """Keep every model's min_replicas running; returns the starts it began.
+
+        Single-host mode only: in a cluster, min_replicas counts the whole cluster and
+        the cluster's leader keeps it (cluster/leader.py), so the daemon never calls this.
+        """
         started: list[asyncio.Task[RoutedReplica]] = []
         if self._closed:
             return started

@@ -1,4 +1,4 @@
-"""One model's replicas: owns the set, the pending starts and the failure backoff.
+"""One model's replicas: owns the set and the pending starts; the backoff is its tracker's.
 
 Every start of a replica of this model goes through `start()`, so concurrent
 Routes, a Load and min_replicas all share one spawn when one is enough. A start
@@ -7,28 +7,36 @@ the start is part of the pool all the same (listed as ADMITTING, counted by
 `planned()`, cancelled by `cancel_pending()`), so Unload, DeleteModel and
 shutdown reach it. The replica is created only after admission, and only when
 the launcher's gate is still open, with no await in between.
+
+A start a Route began lasts while some Route waits for it (`waiting`): once the
+last one has left (deadline, cancellation) while it is still in admission, the
+pool cancels it, so it never evicts for a replica nobody waits for. A start a
+Load asked for (or claimed), or min_replicas or scale-up began, is *held*: it
+goes on whoever leaves, until its own deadline, Unload or shutdown.
 """
 
 import asyncio
+import contextlib
 import itertools
-import time
 from collections import deque
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import structlog
 
 from modeld.clock import Clock
-from modeld.errors import ModeldError, Unavailable
-from modeld.policy import backoff
+from modeld.errors import DeadlineExceeded, ModeldError, Unavailable
+from modeld.policy.backoff import DEFAULT, BackoffPolicy, BackoffState
 from modeld.routing.routed import RoutedReplica
+from modeld.routing.start_backoff import BackoffTracker
 from modeld.spec import ModelSpec
 from modeld.state import LIVE, STARTING_STATES, TERMINAL, ReplicaState
 
 log = structlog.get_logger(__name__)
 
 RECENT_TERMINAL = 5
+ABANDONED = "no caller waits for it any more"
 _ids = itertools.count(1)
 
 
@@ -49,10 +57,27 @@ class PendingStart:
     id: str
     spec: ModelSpec
     since: float  # wall clock
-    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
-    reason: str = ""
+    # Admission, while it runs: cancelling the start cancels it at once.
+    admission: "asyncio.Future[tuple[int, ...]] | None" = None
+    reason: str = ""  # why it was cancelled; empty while it is not
     ended: bool = False
     state: ReplicaState = ReplicaState.ADMITTING
+    # Routes waiting for it now. A start a Load or the pool's background work asked for
+    # is `held`: it goes on without waiters; a Route's start ends with its last waiter.
+    waiters: int = 0
+    held: bool = True
+
+    def is_cancelled(self) -> bool:
+        return bool(self.reason)
+
+    def cancel(self, reason: str) -> bool:
+        """Cancel the start (its admission at once); False when it was cancelled already."""
+        if self.reason:
+            return False
+        self.reason = reason
+        if self.admission is not None:
+            self.admission.cancel()
+        return True
 
 
 class ModelPool:
@@ -60,21 +85,21 @@ class ModelPool:
         self,
         model: str,
         clock: Clock,
-        policy: Callable[[ModelSpec], backoff.BackoffPolicy] = lambda _: backoff.DEFAULT,
+        policy: Callable[[ModelSpec], BackoffPolicy] = lambda _: DEFAULT,
     ) -> None:
         self.model = model
         self._clock = clock
-        self._policy_of = policy
-        self._policy = backoff.DEFAULT
-        # When each replica this pool started became READY, to tell a crash loop from a crash.
-        self._ready_since: dict[str, float] = {}
+        self._backoff = BackoffTracker(model, clock, policy)
         self.replicas: dict[str, RoutedReplica] = {}
         self._ended: deque[RoutedReplica] = deque(maxlen=RECENT_TERMINAL)
         # Ordered (a dict), so which start a Route joins does not depend on hashing.
         self._starts: dict[asyncio.Task[RoutedReplica], None] = {}
         self._pending: dict[asyncio.Task[RoutedReplica], PendingStart] = {}
         self._cancelled: deque[PendingStart] = deque(maxlen=RECENT_TERMINAL)
-        self.backoff: backoff.BackoffState | None = None
+
+    @property
+    def backoff(self) -> BackoffState | None:
+        return self._backoff.state
 
     def live(self) -> list[RoutedReplica]:
         return [r for r in self.replicas.values() if r.state in LIVE]
@@ -114,63 +139,73 @@ class ModelPool:
                 del self.replicas[rid]
                 self._ended.append(replica)
         # A crashed replica's time stays until note_crash reads it (its event may come later).
-        known = {r.id for r in self.all()}
-        for rid in [rid for rid in self._ready_since if rid not in known]:
-            del self._ready_since[rid]
+        self._backoff.keep(r.id for r in self.all())
 
     def cancel_pending(self, reason: str) -> list[PendingStart]:
         """End every start still in admission; their callers get Unavailable naming `reason`."""
-        cancelled = []
-        for pending in self._pending.values():
-            if not pending.cancelled.is_set():
-                pending.reason = reason
-                pending.cancelled.set()
-                cancelled.append(pending)
-        return cancelled
+        return [p for p in list(self._pending.values()) if p.cancel(reason)]
+
+    def claim_pending(self, count: int) -> list[asyncio.Task[RoutedReplica]]:
+        """Up to `count` starts in admission, held from now on for a Load."""
+        claimed = [t for t, p in self._pending.items() if not p.is_cancelled()][:count]
+        for task in claimed:
+            self._pending[task].held = True
+        return claimed
+
+    @contextlib.contextmanager
+    def waiting(self, start: Awaitable[RoutedReplica]) -> Iterator[None]:
+        """A Route waits for `start`. When the last Route waiting for a start still in
+        admission leaves (its deadline passed, it was cancelled) and nothing holds the
+        start, the start is cancelled: it would evict for a replica nobody waits for."""
+        task = start if isinstance(start, asyncio.Task) else None
+        pending = self._pending.get(task) if task is not None else None
+        if task is None or pending is None:
+            yield
+            return
+        pending.waiters += 1
+        try:
+            yield
+        except DeadlineExceeded:
+            if self._leave(task, pending):
+                raise DeadlineExceeded(
+                    f"model {self.model!r} was not ready within the deadline: its start was "
+                    "still waiting in admission for room, and was cancelled as nobody else "
+                    "waited for it"
+                ) from None
+            raise
+        except BaseException:
+            self._leave(task, pending)
+            raise
+        else:
+            self._leave(task, pending)
+
+    def _leave(self, task: "asyncio.Task[RoutedReplica]", pending: PendingStart) -> bool:
+        """One waiter fewer; True when that abandoned the start (and it was cancelled)."""
+        pending.waiters -= 1
+        abandoned = not (pending.waiters or pending.held or task.done())
+        if abandoned and task in self._pending and pending.cancel(ABANDONED):
+            log.info("start_abandoned", model=self.model, start_id=pending.id)
+            return True
+        return False
 
     def note_crash(self, reason: str, replica_id: str) -> None:
-        """A READY (or DRAINING) replica died. Soon after READY it was a crash loop and
-        counts as a failed start; later, the next demand simply starts a replacement."""
-        now = self._clock.monotonic()
-        ready_since = self._ready_since.pop(replica_id, None)
-        if ready_since is not None:
-            reason = f"replica {replica_id} died {now - ready_since:.1f}s after READY: {reason}"
-        self.backoff = backoff.after_crash(self.backoff, now, ready_since, reason, self._policy)
-        if not backoff.is_crash_loop(ready_since, now, self._policy) or self.backoff is None:
-            log.info("replica_crash_replaced_on_demand", model=self.model, replica_id=replica_id)
-            return
-        log.warning(
-            "model_backing_off",
-            model=self.model,
-            replica_id=replica_id,
-            failures=self.backoff.failures,
-            retry_in_s=round(self.backoff.not_before - now, 3),
-            reason=f"crash loop: {reason}",
-        )
+        """A READY (or DRAINING) replica died: the backoff tracker tells a crash loop."""
+        self._backoff.crashed(replica_id, reason)
 
     def check_backoff(self, deadline: float | None = None) -> float:
-        """When a start asked for now may begin (monotonic); raises Unavailable when the
-        caller's deadline (default: now) ends before the next attempt is allowed."""
-        now = self._clock.monotonic()
-        decision = backoff.decide_start(self.backoff, now, now if deadline is None else deadline)
-        state = decision.refused
-        if state is not None:
-            wait = state.not_before - now
-            at = time.strftime("%H:%M:%S", time.gmtime(self._clock.wall() + wait))
-            raise Unavailable(
-                f"model {self.model!r} is backing off after {state.failures} failure(s) to "
-                "start or to stay up; "
-                f"next attempt at {at} UTC (in {wait:.1f}s), after this call's deadline. "
-                f"Last error: {state.reason}"
-            )
-        return decision.at
+        """When a start asked for now may begin; raises Unavailable past the deadline."""
+        return self._backoff.check(deadline)
+
+    def ready_since(self, replica_id: str) -> float | None:
+        """When a replica this pool started became READY (monotonic)."""
+        return self._backoff.ready_since(replica_id)
 
     def start(
-        self, spec: ModelSpec, deadline: float, launcher: Launcher
+        self, spec: ModelSpec, deadline: float, launcher: Launcher, *, held: bool = True
     ) -> asyncio.Task[RoutedReplica]:
-        """Begin one more replica; the task outlives any single caller."""
+        """Begin one more replica; the task outlives any single caller (see `waiting`)."""
         at = self.check_backoff(deadline)
-        pending = PendingStart(f"admitting-{next(_ids)}", spec, self._clock.wall())
+        pending = PendingStart(f"admitting-{next(_ids)}", spec, self._clock.wall(), held=held)
         task = asyncio.create_task(
             self._start(spec, deadline, launcher, pending, at), name=f"start-{self.model}"
         )
@@ -184,7 +219,8 @@ class ModelPool:
     def start_or_join(
         self, spec: ModelSpec, deadline: float, launcher: Launcher
     ) -> Awaitable[RoutedReplica]:
-        """A replica that is starting, or a new start when none is: cold loads coalesce."""
+        """A replica that is starting, or a new start when none is: cold loads coalesce.
+        A new start is a Route's: it lasts while a Route is `waiting` for it."""
         starting = [r for r in self.servable() if r.state in STARTING_STATES]
         if starting:
             return ready(starting[0])
@@ -192,7 +228,7 @@ class ModelPool:
             # A start waiting out the backoff: a caller that cannot wait as long is refused.
             self.check_backoff(deadline)
             return next(iter(self._starts))
-        return self.start(spec, deadline, launcher)
+        return self.start(spec, deadline, launcher, held=False)
 
     async def _start(
         self,
@@ -202,8 +238,7 @@ class ModelPool:
         pending: PendingStart,
         at: float,
     ) -> RoutedReplica:
-        # The backend's crash-loop window, as the latest start found it.
-        self._policy = self._policy_of(spec)
+        self._backoff.starting(spec)
         gpu_ids = await _unless_cancelled(self._admit_after(launcher, spec, deadline, at), pending)
         replica = launcher.create(spec, gpu_ids)
         task = asyncio.current_task()
@@ -215,14 +250,10 @@ class ModelPool:
         except ModeldError as exc:
             # A start cut short by a stop (unload, shutdown) says nothing about the model.
             if replica.state is ReplicaState.FAILED:
-                self.backoff = backoff.after_failure(
-                    self.backoff, self._clock.monotonic(), str(exc)
-                )
+                self._backoff.failed(str(exc))
             self.prune()
             raise
-        now = self._clock.monotonic()
-        self._ready_since[replica.id] = now
-        self.backoff = backoff.after_ready(self.backoff, now, self._policy)
+        self._backoff.ready(replica.id)
         return replica
 
     async def _admit_after(
@@ -234,31 +265,42 @@ class ModelPool:
 
     def _admitted(self, task: "asyncio.Task[RoutedReplica]") -> None:
         pending = self._pending.pop(task, None)
-        if pending is not None and pending.cancelled.is_set():
+        if pending is not None and pending.is_cancelled():
             pending.ended = True
             pending.state = ReplicaState.STOPPED
             self._cancelled.append(pending)
 
 
 async def _unless_cancelled(
-    admission: Awaitable[tuple[int, ...]], pending: PendingStart
+    admission: Coroutine[Any, Any, tuple[int, ...]], pending: PendingStart
 ) -> tuple[int, ...]:
-    """The backoff wait and admission, unless the pending start is cancelled first."""
+    """The backoff wait and admission, unless the pending start is cancelled first.
+
+    `PendingStart.cancel` cancels the admission task itself, so admission never takes another
+    step (a re-plan, an eviction) once its start is cancelled.
+    """
     spec = pending.spec
-    admit = asyncio.ensure_future(admission)
-    cancel = asyncio.ensure_future(pending.cancelled.wait())
+    if pending.is_cancelled():
+        admission.close()
+        raise _cancelled(pending)
+    pending.admission = admit = asyncio.ensure_future(admission)
     try:
-        await asyncio.wait((admit, cancel), return_when=asyncio.FIRST_COMPLETED)
+        gpu_ids = await admit
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if pending.is_cancelled() and task is not None and not task.cancelling():
+            raise _cancelled(pending) from None
+        raise
     finally:
-        cancel.cancel()
-        if not admit.done():
-            admit.cancel()
-            await asyncio.gather(admit, return_exceptions=True)
-    if pending.cancelled.is_set():
-        if admit.done() and not admit.cancelled() and admit.exception() is None:
-            log.info("start_cancelled_after_admission", model=spec.name, why=pending.reason)
-        raise Unavailable(f"the start of model {spec.name!r} was cancelled: {pending.reason}")
-    return admit.result()
+        pending.admission = None
+    if pending.is_cancelled():
+        log.info("start_cancelled_after_admission", model=spec.name, why=pending.reason)
+        raise _cancelled(pending)
+    return gpu_ids
+
+
+def _cancelled(pending: PendingStart) -> Unavailable:
+    return Unavailable(f"the start of model {pending.spec.name!r} was cancelled: {pending.reason}")
 
 
 async def ready(replica: RoutedReplica) -> RoutedReplica:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 import structlog
 
 from modeld.capacity.admission import Evictor
+from modeld.capacity.sampler import ProcessReading
 from modeld.clock import Clock
 from modeld.errors import DeadlineExceeded, Unavailable
 from modeld.info import ReplicaInfo
@@ -127,7 +128,8 @@ class Router:
             cold = True
             try:
                 start = self.lifecycle.start_or_join(pool, spec, deadline)
-                await wait_until(start, deadline, self._clock, model)
+                with pool.waiting(start):
+                    await wait_until(start, deadline, self._clock, model)
             except DeadlineExceeded:
                 # A joined start may have run out of its first caller's (shorter) deadline.
                 if self._clock.monotonic() >= deadline:
@@ -237,8 +239,8 @@ class Router:
     def views(self) -> list[ReplicaView]:
         return self.index.views()
 
-    def observe(self, host: HostView, process_memory: dict[int, int]) -> None:
-        self.index.observe(host, process_memory)
+    def observe(self, host: HostView, processes: ProcessReading) -> None:
+        self.index.observe(host, processes)
 
     async def evict(self, eviction: Eviction, force: bool) -> None:
         await self.stopper.evict(eviction, force)

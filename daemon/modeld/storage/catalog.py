@@ -4,6 +4,10 @@ Specs from the config file are rewritten into the registry at every start (so
 tools reading the database see what runs); specs put through the API are
 durable and survive restarts. A config spec wins over an API spec of the same
 name, and the API may not overwrite or delete a config spec.
+
+In cluster mode the API specs are the cluster's (cluster/specs.py stores them in
+PostgreSQL and calls `adopt_shared` with the whole set after every change); the
+registry keeps a copy, so a host started while the database is down has them.
 """
 
 from collections.abc import Mapping
@@ -11,7 +15,7 @@ from dataclasses import replace
 
 import structlog
 
-from modeld.errors import FailedPrecondition, NotFound, ResourceExhausted
+from modeld.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from modeld.spec import BackendSpec, ModelSpec, check_model_spec
 from modeld.storage.registry import Registry
 
@@ -70,7 +74,8 @@ class Catalog:
     def list(self) -> list[ModelSpec]:
         return [self._models[name] for name in sorted(self._models)]
 
-    async def put(self, spec: ModelSpec) -> ModelSpec:
+    def check(self, spec: ModelSpec) -> ModelSpec:
+        """A spec the API may put: validated, its backend canonical, not a config model."""
         spec = spec.with_source("api")
         spec = check_model_spec(spec, self._backends_with_aliases())
         spec = _canonical_backend(spec, self.aliases)
@@ -78,6 +83,10 @@ class Catalog:
             raise FailedPrecondition(
                 f"model {spec.name!r} is defined in the config file; change it there"
             )
+        return spec
+
+    async def put(self, spec: ModelSpec) -> ModelSpec:
+        spec = self.check(spec)
         is_new = spec.name not in self._models and spec.name not in self._adding
         if is_new and self._api_count() + len(self._adding) >= MAX_API_MODELS:
             raise ResourceExhausted(
@@ -105,6 +114,37 @@ class Catalog:
         del self._models[name]
         log.info("model_deleted", model=name)
         return True
+
+    def config_spec(self, name: str) -> ModelSpec | None:
+        return self._config_models.get(name)
+
+    async def adopt_shared(self, shared: Mapping[str, ModelSpec]) -> dict[str, str]:
+        """Cluster mode: the API models become exactly the cluster's `shared` specs (those
+        a config model of the same name does not shadow), written through to the registry.
+
+        Returns model -> why for the specs this host cannot use (e.g. its backend is not
+        in this host's catalog); they are left out here, and the caller says so.
+        """
+        unusable: dict[str, str] = {}
+        wanted: dict[str, ModelSpec] = {}
+        for name, spec in shared.items():
+            if name in self._config_models:
+                continue
+            try:
+                wanted[name] = self.check(spec)
+            except (InvalidArgument, FailedPrecondition) as exc:
+                unusable[name] = str(exc)
+        for name in [n for n, s in self._models.items() if s.source != "config"]:
+            if name not in wanted:
+                await self._registry.delete_model(name)
+                del self._models[name]
+                log.info("model_deleted", model=name, by="cluster")
+        for name, spec in wanted.items():
+            if self._models.get(name) != spec:
+                await self._registry.put_model(spec)
+                self._models[name] = spec
+                log.info("model_put", model=name, backend=spec.backend, by="cluster")
+        return unusable
 
     def _api_count(self) -> int:
         return sum(1 for spec in self._models.values() if spec.source != "config")

@@ -60,4 +60,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             reason TEXT NOT NULL DEFAULT ''
         )""",
     ),
+    # A model spec's cluster placement (spec.ModelSpec.host_labels, .placement).
+    (
+        "ALTER TABLE models ADD COLUMN host_labels TEXT NOT NULL DEFAULT '{}'",
+        "ALTER TABLE models ADD COLUMN placement TEXT NOT NULL DEFAULT ''",
+    ),
 )

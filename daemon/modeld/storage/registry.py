@@ -63,7 +63,7 @@ class ReplicaRow:
 
 REPLICA_COLUMNS = tuple(f.name for f in fields(ReplicaRow))
 _MODEL_COLUMNS = tuple(f.name for f in fields(ModelSpec))
-_JSON_MODEL_COLUMNS = frozenset({"options", "groups", "gpu_ids"})
+_JSON_MODEL_COLUMNS = frozenset({"options", "groups", "gpu_ids", "host_labels"})
 
 # policy.picker as SQL over the rows written by flush_counters (policy.picker.counter_row).
 PICK_SQL = (

@@ -1,0 +1,111 @@
+"""What both clients decide about calls and leases: pure functions of replies, errors and `now`.
+
+`Client` (a thread renews) and `AsyncClient` (a task renews) build their requests,
+choose the release outcome, time renewals and decide on retries here; they
+differ only in how they wait. Nothing here reads a clock or does I/O.
+"""
+
+from typing import Any
+
+import grpc
+
+from modeld._proto.modeld.v1 import modeld_pb2 as pb
+from modeld.client.lease import BackendFailed, BackendUnreachable, Lease
+
+DEFAULT_TIMEOUT = 300.0
+# Renew when a third of the remaining time is gone: two more tries before expiry.
+RENEW_FRACTION = 1 / 3
+MIN_RENEW_INTERVAL = 0.05
+
+
+def route_request(model: str) -> pb.RouteRequest:
+    return pb.RouteRequest(model=model)
+
+
+def release_request(lease: Lease, outcome: pb.ReleaseOutcome | None) -> pb.ReleaseRequest:
+    return pb.ReleaseRequest(
+        lease_id=lease.lease_id, outcome=lease.outcome if outcome is None else outcome
+    )
+
+
+def renew_request(lease: Lease) -> pb.RenewLeaseRequest:
+    return pb.RenewLeaseRequest(lease_id=lease.lease_id)
+
+
+def lease_of(reply: Any) -> Lease:
+    """The lease a Route reply grants."""
+    return Lease(
+        lease_id=reply.lease_id,
+        replica_id=reply.replica_id,
+        address=reply.address,
+        protocol=pb.Protocol.Name(reply.protocol).lower(),
+        cold_start=reply.cold_start,
+        expires_at=expiry_of(reply),
+    )
+
+
+def expiry_of(reply: Any) -> float:
+    """A Route or RenewLease reply's lease expiry: the daemon's wall clock, in seconds."""
+    return float(reply.lease_expires_at.ToNanoseconds() / 1e9)
+
+
+def deadline_for(now: float, timeout: float, limit: float | None = None) -> float:
+    """A call's deadline (monotonic): the client's timeout, or a shorter `limit`."""
+    return now + (timeout if limit is None else limit)
+
+
+def call_timeout(deadline: float, now: float) -> float:
+    return max(0.0, deadline - now)
+
+
+def status_code(error: grpc.RpcError) -> grpc.StatusCode | None:
+    # Every RpcError grpc raises is also a grpc.Call; the stubs do not say so.
+    call: Any = error
+    return call.code() if hasattr(call, "code") else None
+
+
+def retry_pause(
+    error: grpc.RpcError, retry_delay: float, deadline: float, now: float
+) -> float | None:
+    """Seconds to pause before the one retry of a Route, or None: the error is final.
+
+    Only UNAVAILABLE is retried: a just-crashed replica or a restarting daemon needs
+    a moment before the same request can succeed. The pause never outlasts the deadline.
+    """
+    if status_code(error) is not grpc.StatusCode.UNAVAILABLE:
+        return None
+    return max(0.0, min(retry_delay, deadline - now))
+
+
+def time_left(expires_at: float, wall_now: float) -> float:
+    """Seconds until the lease expires (by this host's clock), at least a moment."""
+    return max(MIN_RENEW_INTERVAL, expires_at - wall_now)
+
+
+def renew_interval(expires_at: float, wall_now: float) -> float:
+    return max(MIN_RENEW_INTERVAL, time_left(expires_at, wall_now) * RENEW_FRACTION)
+
+
+def renewal_over(error: grpc.RpcError, expires_at: float, wall_now: float) -> bool:
+    """Whether a failed renewal ends renewing: the lease is gone, or past its expiry."""
+    return status_code(error) is grpc.StatusCode.NOT_FOUND or wall_now >= expires_at
+
+
+def outcome_of(
+    lease: Lease, error: BaseException | None, unreachable_on: tuple[type, ...]
+) -> pb.ReleaseOutcome:
+    """The outcome a lease block's exit releases with: what it raised, else what it marked."""
+    if isinstance(error, BackendUnreachable) or (
+        unreachable_on and isinstance(error, unreachable_on)
+    ):
+        return pb.BACKEND_UNREACHABLE
+    if isinstance(error, BackendFailed):
+        return pb.BACKEND_ERROR
+    return lease.outcome
+
+
+def release_failed(lease: Lease, failure: grpc.RpcError, error: BaseException | None) -> None:
+    """A block's release failed: raise that, unless the block raised (then note it there)."""
+    if error is None:
+        raise failure
+    error.add_note(f"and releasing lease {lease.lease_id} failed too: {failure}")
