@@ -40,7 +40,7 @@ async def cluster(
 ) -> AsyncIterator[dict[str, DaemonProc]]:
     """Hosts named by `extras`, each with its own extra config."""
     started = await asyncio.gather(
-        *(start_host(tmp_path, dsn, h, HOST_TTL, extra) for h, extra in extras.items()),
+        *(start_host(tmp_path, dsn, h, extra=extra) for h, extra in extras.items()),
         return_exceptions=True,
     )
     hosts = {h: d for h, d in zip(extras, started, strict=True) if isinstance(d, DaemonProc)}
