@@ -20,7 +20,7 @@ import structlog
 from modeld import errors
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld.clock import Clock
-from modeld.cluster.claims import Claim, ClaimStore, Failed, Full, Wait
+from modeld.cluster.claims import Claim, ClaimStore, Decision, Failed, Full, Wait
 from modeld.cluster.counters import ClusterCounters
 from modeld.cluster.forward import Peers
 from modeld.cluster.hostcap import capacities
@@ -39,6 +39,8 @@ from modeld.storage.catalog import Catalog
 log = structlog.get_logger(__name__)
 # How often a waiter reads the claim when no notification came (a failure is not one).
 POLL_S = 0.25
+# How long a Load retries when every slot is held (see _take_for_load).
+FULL_GRACE_S = 2.0
 # A claim outlives its owner's host row, so a host that stopped renewing is out of
 # the view (and never asked to load) by the time its claim is taken over.
 CLAIM_TTL_HOSTS = 3.0
@@ -309,7 +311,7 @@ class ColdStarts:
         ready = [i for i in self._router.replicas(model) if i.state is ReplicaState.READY]
         claims: list[Claim] = []
         for _ in range(replicas - len(ready)):
-            decision = await self._claims.take(model, spec.max_replicas, self._ttl, cold=False)
+            decision = await self._take_for_load(model, spec, deadline)
             if isinstance(decision, Claim):
                 self._taken(decision)
                 claims.append(decision)
@@ -327,6 +329,18 @@ class ColdStarts:
                 if not lost.is_set():
                     await self._fail(claims, exc)
                 raise
+
+    async def _take_for_load(self, model: str, spec: ModelSpec, deadline: float) -> Decision:
+        """A slot for a Load; every slot held is retried for FULL_GRACE_S, since a host
+        publishes that a replica went (a crash, an unload) a moment after it went."""
+        until = min(deadline, self._clock.monotonic() + FULL_GRACE_S)
+        while True:
+            signals = self._signals()
+            decision = await self._claims.take(model, spec.max_replicas, self._ttl, cold=False)
+            remaining = until - self._clock.monotonic()
+            if not isinstance(decision, Full) or remaining <= 0:
+                return decision
+            await _first(signals, min(POLL_S, remaining))
 
     async def load_claimed(
         self, model: str, claims: Sequence[Claim], deadline: float
