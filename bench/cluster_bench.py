@@ -8,7 +8,8 @@ the echo model loaded on b only. It measures:
    cluster's database over N warm Route+Release pairs sent through a (forwarded to
    b), next to the same duration with no requests at all (heartbeats, resyncs);
 2. forwarded (client → a → b) next to direct (client → b) Route+Release p50, in
-   alternating slices;
+   alternating slices, with a bare Ping to b in the same slices: one extra unary
+   gRPC round trip on this machine, the floor under each forwarding hop;
 3. failover: kill -9 of b (and its backend), then the time until a Route on a
    succeeds again (a starts the model itself), next to a plain cold Load's time;
 4. cold starts (`measure_cold`, three fresh daemons): 100 concurrent Routes for a
@@ -102,6 +103,15 @@ async def pairs(
     return times
 
 
+async def pings(to: DaemonProc, n: int) -> list[float]:
+    times: list[float] = []
+    for _ in range(n):
+        start = time.perf_counter()
+        await to.stub.Ping(pb.PingRequest(), timeout=30)
+        times.append(time.perf_counter() - start)
+    return times
+
+
 async def measure_xact(
     args: argparse.Namespace, server: str, name: str, a: DaemonProc
 ) -> dict[str, Any]:
@@ -130,13 +140,20 @@ async def measure_xact(
 
 async def measure_latency(args: argparse.Namespace, a: DaemonProc, b: DaemonProc) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    series: dict[str, list[float]] = {"direct": [], "forwarded": [], "release_at_owner": []}
+    series: dict[str, list[float]] = {
+        "direct": [],
+        "forwarded": [],
+        "release_at_owner": [],
+        "ping": [],
+    }
     for _ in range(SLICES):
         n = args.latency_pairs // SLICES
         series["forwarded"] += await pairs(a, n, 1)
         series["direct"] += await pairs(b, n, 1)
         series["release_at_owner"] += await pairs(a, n, 1, release_at=b)
+        series["ping"] += await pings(b, n)
     p50 = {k: statistics.median(v) * 1000 for k, v in series.items()}
+    out["ping_p50_ms"] = round(p50.pop("ping"), 3)
     out["pair_p50_ms"] = {k: round(v, 3) for k, v in p50.items()}
     # Route and Release both through a: two extra hops. Releasing at owner_address: one.
     out["forward_added_p50_ms"] = round(p50["forwarded"] - p50["direct"], 3)

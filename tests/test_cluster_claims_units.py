@@ -9,8 +9,8 @@ from modeld.cluster.claims import (
     Full,
     Slot,
     Wait,
+    claim_of,
     decide,
-    parse_marker,
 )
 
 
@@ -75,6 +75,6 @@ def test_slots_above_a_lowered_max_replicas_are_ignored() -> None:
 
 def test_claim_marker_round_trips() -> None:
     claim = Claim("m", 2, 12345)
-    assert parse_marker("m", claim.marker) == claim
+    assert claim_of("m", claim.marker) == claim
     for marker in (None, "1", "claim:", "claim:x:1", "claim:1:", "other:1:2"):
-        assert parse_marker("m", marker) is None
+        assert claim_of("m", marker) is None

@@ -283,7 +283,9 @@ async def test_owner_checks_replica_identity_before_leasing(tmp_path: Path, pg_d
 async def in_flight(nodes: list[DaemonProc], model: str = "echo") -> list[int]:
     counts = []
     for node in nodes:
-        reply = await node.stub.ListReplicas(pb.ListReplicasRequest(model=model), timeout=5)
+        reply = await node.stub.ListReplicas(
+            pb.ListReplicasRequest(model=model, local=True), timeout=5
+        )
         counts.append(sum(r.in_flight for r in reply.replicas))
     return counts
 

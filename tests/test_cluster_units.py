@@ -1,17 +1,27 @@
 """Cluster pieces without daemons: [cluster] config, the view and pick, the schema."""
 
+import asyncio
 import json
 from pathlib import Path
 
 import asyncpg
+import grpc
 import pytest
 
 from modeld import config
-from modeld.cluster.forward import Peers
+from modeld._proto.modeld.v1 import modeld_pb2 as pb
+from modeld.cluster.forward import Peers, make_marker, parse_marker
 from modeld.cluster.ownload import OwnLoad
 from modeld.cluster.schema import SCHEMA_VERSION, migrate
-from modeld.cluster.view import ClusterView, RemoteHost, RemoteReplica, pick_remote
-from modeld.errors import ConfigError, RegistryError
+from modeld.cluster.view import (
+    ClusterView,
+    RemoteHost,
+    RemoteReplica,
+    estimate,
+    pick_remote,
+    route_target,
+)
+from modeld.errors import ConfigError, RegistryError, Unavailable
 from modeld.state import ReplicaState
 
 
@@ -118,29 +128,99 @@ async def test_schema_migrates_once_and_refuses_a_newer_one(pg_dsn: str) -> None
         await conn.close()
 
 
-def test_own_load_counts_forwards_and_leases_until_a_new_row() -> None:
+def test_own_load_counts_forwards_owner_figures_and_releases_until_a_new_row() -> None:
     own = OwnLoad()
     row = _replica("x", "h", 1, in_flight=3)
+    # Three forwards at once; the owner grants them in order (4, 5, 6 in flight)
+    # but the answers come back 6, 4, 5: the estimate is right after each one.
+    for _ in range(3):
+        own.begin(row)
+    assert own.extra([row]) == {"x": 3}
+    for figure in (6, 4, 5):
+        own.end(row)
+        own.granted(row, f"h~{figure}")
+        own.observed(row, figure)
+        assert own.extra([row]) == {"x": 3}
+    # Others' leases there (the owner's own clients) raise the estimate...
     own.begin(row)
-    assert own.extra([row]) == {"x": 1}
     own.end(row)
-    own.granted(row, "h~1")
-    own.granted(row, "h~2")
-    assert own.extra([row]) == {"x": 2}
-    own.released("h~1", row)
-    assert own.extra([row]) == {"x": 1}
-    # The owner published: its figure now includes our lease, ours starts again from 0.
-    newer = _replica("x", "h", 1, in_flight=4)
+    own.observed(row, 9)  # a declined forward: no lease, the owner's figure
+    assert own.extra([row]) == {"x": 6}
+    # ...and a release through this host lowers it.
+    own.released("h~4", row)
+    assert own.extra([row]) == {"x": 5}
+    # The owner published: its figure now includes our leases, ours starts again from 0.
+    newer = _replica("x", "h", 1, in_flight=8)
     assert own.extra([newer]) == {"x": 0}
-    own.released("h~2", newer)
+    own.released("h~5", newer)
     assert own.extra([newer]) == {"x": -1}
-    own.released("h~2", newer)
+    own.released("h~5", newer)
     assert own.extra([newer]) == {"x": -1}
+    # Estimates never go below 0 (a release counted against a row that had it already).
+    assert estimate(_replica("x", "h", 1, in_flight=0), {"x": -1}) == 0
 
 
-def test_plaintext_between_hosts_only_on_loopback_or_when_allowed() -> None:
-    base = {"MODELD_CLUSTER_DSN": "postgresql://db/x", "MODELD_CLUSTER_ADVERTISE": "10.0.0.5:1"}
-    with pytest.raises(ConfigError, match="plaintext"):
-        Peers(config.load(None, env=base))
-    Peers(config.load(None, env={**base, "MODELD_CLUSTER_ALLOW_INSECURE_REMOTE": "true"}))
-    Peers(config.load(None, env={"MODELD_CLUSTER_DSN": "postgresql://db/x"}))
+def test_route_target_keeps_the_local_replica_unless_a_remote_has_fewer() -> None:
+    b = _replica("b", "hb", 1, in_flight=3)
+    c = _replica("c", "hc", 1, in_flight=2, last_used=50.0)
+    # No local READY replica: the best remote, or None (start one here).
+    assert route_target(None, [b, c], {}) is c
+    assert route_target(None, [], {}) is None
+    # A tie stays here (no hop); more than the best remote's estimate spills to it.
+    assert route_target(2, [b, c], {}) is None
+    assert route_target(3, [b, c], {}) is c
+    # The estimate counts this host's own forwards and leases: c is now 4, b is best.
+    assert route_target(3, [b, c], {"c": 2}) is None
+    assert route_target(4, [b, c], {"c": 2}) is b
+    # A margin tolerates that much more here before a hop.
+    assert route_target(3, [b, c], {}, margin=1) is None
+    assert route_target(4, [b, c], {}, margin=1) is c
+    assert route_target(0, [], {}) is None
+
+
+def test_forwarded_marker_names_replica_generation_and_bound() -> None:
+    assert parse_marker(make_marker("r1", 3, None)) == ("r1", 3, None)
+    assert parse_marker(make_marker("r1", 3, 0)) == ("r1", 3, 0)
+    assert parse_marker(make_marker("r1", 0, 7)) == ("r1", 0, 7)
+    # Malformed: names no replica, so the owner answers NOT_FOUND.
+    assert parse_marker("1")[0] == ""
+    assert parse_marker("r1:x:2")[0] == ""
+
+
+def test_view_reports_hosts_that_left_or_moved() -> None:
+    left: list[str] = []
+    view = ClusterView("me", on_leave=lambda h: left.append(f"{h.host_id}@{h.address}"))
+    view.replace_all([_host("a", 1, 10.0), _host("b", 1, 10.0), _host("c", 1, 10.0)], [])
+    assert left == []
+    # A new epoch at the same address is the same peer; a new address is not.
+    view.replace_host("a", _host("a", 2, 10.0), [])
+    view.replace_host("b", RemoteHost("b", 2, "b:2", "node", {}, 10.0), [])
+    assert left == ["b@b:1"]
+    view.replace_host("c", None, [])
+    view.replace_all([_host("a", 2, 10.0)], [])
+    assert left == ["b@b:1", "c@c:1", "b@b:2"]
+
+
+async def test_peers_forget_closes_the_channel_of_a_departed_host() -> None:
+    # A peer that accepts connections and never answers: a call to it would hang.
+    silent = await asyncio.start_server(lambda _r, _w: None, "127.0.0.1", 0)
+    address = f"127.0.0.1:{silent.sockets[0].getsockname()[1]}"
+    peers = Peers(config.load(None, env={"MODELD_CLUSTER_DSN": "postgresql://db/x"}))
+    try:
+        call = asyncio.ensure_future(
+            peers.release("a", address, pb.ReleaseRequest(lease_id="a~1"), limit_s=60)
+        )
+        # One turn of the loop puts the call on a new channel.
+        await asyncio.sleep(0)
+        channel = peers._peers[address][0]
+        peers.forget(address)
+        peers.forget(address)
+        assert peers.addresses() == set()
+        # The call still on it ends at once (not at its 60 s limit), as a domain error.
+        with pytest.raises(Unavailable, match=r"host a: .* left the cluster"):
+            await asyncio.wait_for(call, 20)
+        await peers.close()
+        assert channel.get_state() is grpc.ChannelConnectivity.SHUTDOWN
+    finally:
+        await peers.close()
+        silent.close()

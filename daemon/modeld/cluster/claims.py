@@ -135,7 +135,7 @@ class Full:
 Decision = Claim | Wait | Failed | Full
 
 
-def parse_marker(model: str, marker: str | None) -> Claim | None:
+def claim_of(model: str, marker: str | None) -> Claim | None:
     """The claim a forwarded Load carries (`claim:SLOT:ID`), or None for a plain Load."""
     kind, _, rest = (marker or "").partition(":")
     slot, _, claim_id = rest.partition(":")

@@ -1,15 +1,20 @@
 """Calls from this modeld to another: forwarded Route, Release, RenewLease and Load.
 
 Every forwarded call carries `modeld-forwarded` metadata (for a Route: the replica
-id and generation the forwarder picked), so the owner answers from its own
-memory and never forwards again: at most one hop. Calls use this daemon's TLS
-settings and the cluster token. A peer's status comes back as the same domain
-error, prefixed with the host it came from.
+id and generation the forwarder picked, and the forwarder's own replica's in-flight
+when it has one, which the owner's must be below or it declines), so the owner
+answers from its own memory and never forwards again: at most one hop. Calls use
+this daemon's TLS settings and the cluster token, over one cached channel per
+peer, closed when the peer leaves the view. A peer's status comes back as the same
+domain error, prefixed with the host it came from.
 """
 
+import asyncio
 from pathlib import Path
+from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 
 from modeld import errors
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
@@ -29,8 +34,19 @@ ERRORS: dict[grpc.StatusCode, type[errors.ModeldError]] = {
 }
 # A forwarded Route that ends in one of these is retried on another replica.
 RETRY_CODES = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION}
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    }
 )
+
+
+# Forwarded calls are never retried by gRPC itself (the forwarder picks another
+# replica), and need no channelz bookkeeping: both cost on every call.
+FAST = (("grpc.enable_retries", 0), ("grpc.enable_channelz", 0))
+LEFT = "the call was cut: the host left the cluster view"
 
 
 class PeerFailed(Exception):
@@ -49,7 +65,27 @@ def forwarded_marker(metadata: object) -> str | None:
     return None
 
 
+def make_marker(replica_id: str, generation: int, below: int | None) -> str:
+    """A forwarded Route's marker: the replica the forwarder picked, and (when the
+    forwarder has a local replica) the in-flight it must be below to be worth the hop."""
+    marker = f"{replica_id}:{generation}"
+    return marker if below is None else f"{marker}:{below}"
+
+
+def parse_marker(marker: str) -> tuple[str, int, int | None]:
+    """(replica id, generation, bound or None); a malformed one names no replica."""
+    replica_id, _, rest = marker.partition(":")
+    generation, _, below = rest.partition(":")
+    try:
+        return replica_id, int(generation), int(below) if below else None
+    except ValueError:
+        return "", -1, None
+
+
 class Peers:
+    """One channel (and stub) per peer address, kept while the peer is in the view:
+    `forget` closes it once the host has left."""
+
     def __init__(self, config: Config) -> None:
         cluster = config.cluster
         assert cluster is not None
@@ -63,76 +99,117 @@ class Peers:
                     "cluster.allow_insecure_remote = true"
                 )
         token = load_tokens(cluster.token_file)[0].decode() if cluster.token_file else None
-        self._auth = (("authorization", f"Bearer {token}"),) if token else ()
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._auth: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {token}"),) if token else ()
+        )
+        # Built once: Release, RenewLease and Load carry no replica in their marker.
+        self._plain_md = ((FORWARDED, "1"), *self._auth)
+        self._peers: dict[str, tuple[grpc.aio.Channel, pb_grpc.ModelControlStub]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
         self._limit = config.max_message_bytes
 
     def _stub(self, address: str) -> pb_grpc.ModelControlStub:
-        channel = self._channels.get(address)
-        if channel is None:
-            options = [("grpc.max_receive_message_length", self._limit)]
+        # The stub is cached with its channel: building one creates a callable per RPC.
+        peer = self._peers.get(address)
+        if peer is None:
+            options = [("grpc.max_receive_message_length", self._limit), *FAST]
             channel = (
                 grpc.aio.secure_channel(address, self._creds, options)
                 if self._creds is not None
                 else grpc.aio.insecure_channel(address, options)
             )
-            self._channels[address] = channel
-        return pb_grpc.ModelControlStub(channel)  # type: ignore[no-untyped-call]
+            peer = self._peers[address] = (channel, pb_grpc.ModelControlStub(channel))  # type: ignore[no-untyped-call]
+        return peer[1]
 
-    def _md(self, marker: str) -> tuple[tuple[str, str], ...]:
-        return ((FORWARDED, marker), *self._auth)
+    def addresses(self) -> set[str]:
+        return set(self._peers)
+
+    def forget(self, address: str) -> None:
+        """Close the channel to a peer that left; calls still on it end CANCELLED."""
+        peer = self._peers.pop(address, None)
+        if peer is None:
+            return
+        task = asyncio.get_running_loop().create_task(peer[0].close(None))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def route(
         self, host: str, address: str, model: str, marker: str, limit_s: float
     ) -> pb.RouteResponse:
         try:
             reply: pb.RouteResponse = await self._stub(address).Route(
-                pb.RouteRequest(model=model), metadata=self._md(marker), timeout=limit_s
+                pb.RouteRequest(model=model),
+                metadata=((FORWARDED, marker), *self._auth),
+                timeout=limit_s,
             )
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in RETRY_CODES or exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+            if exc.code() in RETRY_CODES:
                 raise PeerFailed(host, exc.code(), exc.details() or "") from None
             raise _domain(host, exc) from None
+        except asyncio.CancelledError:
+            _reraise_if_cancelled()
+            raise PeerFailed(host, grpc.StatusCode.CANCELLED, LEFT) from None
         return reply
 
     async def release(
         self, host: str, address: str, request: pb.ReleaseRequest, limit_s: float
     ) -> bool:
-        try:
-            reply = await self._stub(address).Release(
-                request, metadata=self._md("1"), timeout=limit_s
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise _domain(host, exc) from None
-        return bool(reply.released)
+        reply: pb.ReleaseResponse = await self._call(host, address, "Release", request, limit_s)
+        return reply.released
 
     async def renew(
         self, host: str, address: str, request: pb.RenewLeaseRequest, limit_s: float
     ) -> pb.RenewLeaseResponse:
-        try:
-            reply: pb.RenewLeaseResponse = await self._stub(address).RenewLease(
-                request, metadata=self._md("1"), timeout=limit_s
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise _domain(host, exc) from None
+        reply: pb.RenewLeaseResponse = await self._call(
+            host, address, "RenewLease", request, limit_s
+        )
         return reply
 
     async def load(
         self, host: str, address: str, request: pb.LoadRequest, limit_s: float, marker: str = "1"
     ) -> pb.LoadResponse:
         """`marker`: a claim's (coldstart.py), so that the target publishes under it."""
+        metadata = self._plain_md if marker == "1" else ((FORWARDED, marker), *self._auth)
+        reply: pb.LoadResponse = await self._call(
+            host, address, "Load", request, limit_s, metadata=metadata
+        )
+        return reply
+
+    async def _call(
+        self,
+        host: str,
+        address: str,
+        method: str,
+        request: Message,
+        limit_s: float,
+        *,
+        metadata: tuple[tuple[str, str], ...] | None = None,
+    ) -> Any:
+        """One forwarded call; a peer's status comes back as the same domain error."""
         try:
-            reply: pb.LoadResponse = await self._stub(address).Load(
-                request, metadata=self._md(marker), timeout=limit_s
+            return await getattr(self._stub(address), method)(
+                request, metadata=metadata or self._plain_md, timeout=limit_s
             )
         except grpc.aio.AioRpcError as exc:
             raise _domain(host, exc) from None
-        return reply
+        except asyncio.CancelledError:
+            _reraise_if_cancelled()
+            raise errors.Unavailable(f"host {host}: {LEFT}") from None
 
     async def close(self) -> None:
-        for channel in self._channels.values():
+        for channel, _stub in self._peers.values():
             await channel.close(None)
-        self._channels.clear()
+        self._peers.clear()
+        if self._closing:
+            await asyncio.gather(*self._closing)
+
+
+def _reraise_if_cancelled() -> None:
+    """A call on a channel `forget` closed ends in CancelledError although nobody
+    cancelled this task: only a real cancellation of the task goes on as one."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _domain(host: str, exc: grpc.aio.AioRpcError) -> errors.ModeldError:

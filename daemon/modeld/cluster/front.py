@@ -1,14 +1,16 @@
 """`ClusterRouter`: the one interface the servicer calls in cluster mode.
 
-Route: a local READY replica → the local router (today's pick). Otherwise a remote
-READY replica from the view, picked by the same policy, and the Route forwarded
-to its owner, which leases from its own memory; a failed or stale owner means
-another replica, at most MAX_FORWARDS. With none left, the model is started
-through its claim (`coldstart.py`): once for the whole cluster, on the host
-placement picks, and the Route is routed again. Lease ids are `host_id~id`, so
-Release and RenewLease reach the owner from any modeld. A Load on this host takes
-one of the model's max_replicas slots per replica it starts (a forwarded Load that
-carries a claim starts one replica under it).
+Route: the least-loaded local READY replica, unless the best remote READY replica
+of the view (same policy, by its estimated in-flight) has fewer in-flight than it
+(`view.route_target`, the spill rule): then the Route is forwarded to that
+replica's owner, which leases from its own memory; a failed or stale owner means
+another replica, at most MAX_FORWARDS, and then the local one. With no READY
+replica anywhere, the model is started through its claim (`coldstart.py`): once
+for the whole cluster, on the host placement picks, and the Route is routed
+again. Lease ids are `host_id~id`, so Release and RenewLease reach the owner from
+any modeld. A Load on this host takes one of the model's max_replicas slots per
+replica it starts (a forwarded Load that carries a claim starts one replica
+under it).
 
 It also holds the cluster's leader election (leader.py: min_replicas across the
 cluster) and its shared model specs (specs.py: PutModel/DeleteModel).
@@ -24,10 +26,16 @@ import structlog
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld.api import convert
 from modeld.clock import Clock
-from modeld.cluster.claims import ClaimStore, parse_marker
+from modeld.cluster.claims import ClaimStore, claim_of
 from modeld.cluster.coldstart import ColdStarts
 from modeld.cluster.counters import ClusterCounters
-from modeld.cluster.forward import PeerFailed, Peers, forwarded_marker
+from modeld.cluster.forward import (
+    PeerFailed,
+    Peers,
+    forwarded_marker,
+    make_marker,
+    parse_marker,
+)
 from modeld.cluster.leader import Leader
 from modeld.cluster.listing import (
     Here,
@@ -40,7 +48,7 @@ from modeld.cluster.membership import FiguresFn, Membership
 from modeld.cluster.ownload import OwnLoad
 from modeld.cluster.specs import SharedSpecs
 from modeld.cluster.store import ReplicaRow
-from modeld.cluster.view import RemoteReplica, pick_remote
+from modeld.cluster.view import RemoteHost, RemoteReplica, route_target
 from modeld.config import Config
 from modeld.errors import ConfigError, FailedPrecondition, NotFound, Unavailable
 from modeld.info import ReplicaInfo
@@ -82,6 +90,7 @@ class ClusterRouter:
         self.peers = Peers(config)
         dsn = _dsn(cfg.dsn, cfg.dsn_file)
         self.membership = Membership(cfg, dsn, clock, events, self.rows, figures=figures)
+        self.membership.view.on_leave = self._host_left
         self._own = OwnLoad()
         self.counters = ClusterCounters()
         self._forward_cap = max(1.0, min(5.0, cfg.host_ttl))
@@ -132,6 +141,13 @@ class ClusterRouter:
         await self.specs.close()
         await self.membership.close()
         await self.peers.close()
+
+    def _host_left(self, host: RemoteHost) -> None:
+        # Another host may have taken over the address (a restart on the same port).
+        if all(h.address != host.address for h in self.membership.view.hosts.values()):
+            if host.address in self.peers.addresses():
+                log.info("cluster_peer_closed", host_id=host.host_id, address=host.address)
+            self.peers.forget(host.address)
 
     @property
     def host_id(self) -> str:
@@ -211,58 +227,96 @@ class ClusterRouter:
         marker = forwarded_marker(metadata)
         if marker is not None:
             return await self._route_as_owner(model, marker, deadline)
-        if self._local_ready(model):
-            return self._response(await self._router.route(model, deadline))
         tried: list[str] = []
         for _ in range(MAX_FORWARDS):
+            # Read again after each failed forward: other Routes went on meanwhile.
+            local = self._local_in_flight(model)
             candidates = self.membership.view.candidates(
                 model,
                 self._clock.monotonic(),
                 trust_expired=self.membership.trust_expired(),
                 exclude=tried,
             )
-            chosen = pick_remote(candidates, self._own.extra(candidates))
+            chosen = route_target(local, candidates, self._own.extra(candidates))
             if chosen is None:
                 break
             tried.append(chosen.id)
-            host = self.membership.view.hosts[chosen.host_id]
-            timeout = min(deadline - self._clock.monotonic(), self._forward_cap)
-            self._own.begin(chosen)
-            try:
-                reply = await self.peers.route(
-                    host.host_id,
-                    host.address,
-                    model,
-                    f"{chosen.id}:{chosen.generation}",
-                    max(timeout, 0.001),
-                )
-            except PeerFailed as exc:
-                log.info("cluster_forward_retry", model=model, replica_id=chosen.id, error=str(exc))
-                continue
-            finally:
-                self._own.end(chosen)
-            self._own.granted(self.membership.view.replicas.get(reply.replica_id), reply.lease_id)
-            return reply
+            reply = await self._forward(model, chosen, local, deadline)
+            if reply is not None:
+                return reply
+        if self._local_in_flight(model) is not None:
+            return self._response(await self._router.route(model, deadline))
         return await self._start_here(model, deadline)
 
-    def _local_ready(self, model: str) -> bool:
-        return any(i.state is ReplicaState.READY for i in self._router.replicas(model))
+    async def _forward(
+        self, model: str, chosen: RemoteReplica, local: int | None, deadline: float
+    ) -> pb.RouteResponse | None:
+        """The Route forwarded to `chosen`'s owner, bounded by the local replica's
+        in-flight when there is one; None when it should go elsewhere."""
+        host = self.membership.view.hosts[chosen.host_id]
+        timeout = min(deadline - self._clock.monotonic(), self._forward_cap)
+        self.counters.forwards += 1
+        self._own.begin(chosen)
+        try:
+            reply = await self.peers.route(
+                host.host_id,
+                host.address,
+                model,
+                make_marker(chosen.id, chosen.generation, local),
+                max(timeout, 0.001),
+            )
+        except PeerFailed as exc:
+            self.counters.forward_retries += 1
+            log.info("cluster_forward_retry", model=model, replica_id=chosen.id, error=str(exc))
+            return None
+        finally:
+            self._own.end(chosen)
+        row = self.membership.view.replicas.get(reply.replica_id)
+        if not reply.declined:
+            self._own.granted(row, reply.lease_id)
+        self._own.observed(row, reply.owner_in_flight)
+        return None if reply.declined else reply
+
+    def _local_in_flight(self, model: str) -> int | None:
+        """The least-loaded local READY replica's in-flight (what the local pick takes),
+        None without one. A local Route leases without awaiting, so this is exact."""
+        pool = self._router.index.existing(model)
+        if pool is None:
+            return None
+        return min(
+            (
+                r.in_flight
+                for r in pool.replicas.values()
+                if r.state is ReplicaState.READY and not r.stop_requested
+            ),
+            default=None,
+        )
 
     async def _route_as_owner(self, model: str, marker: str, deadline: float) -> pb.RouteResponse:
-        replica_id, _, generation = marker.partition(":")
-        current = next((i for i in self._router.replicas(model) if i.id == replica_id), None)
+        replica_id, generation, below = parse_marker(marker)
+        pool = self._router.index.existing(model)
+        current = pool.replicas.get(replica_id) if pool is not None else None
         if (
             current is None
             or current.state is not ReplicaState.READY
-            or str(current.restarts) != generation
+            or current.stop_requested
+            or current.restarts != generation
         ):
             # The forwarder's view is stale (stopped, or restarted under another
             # generation, maybe on a reused address): it must pick another replica.
             raise NotFound(
-                f"replica {replica_id[:64]!r} generation {generation[:16]} of model {model!r} "
+                f"replica {replica_id[:64]!r} generation {generation} of model {model!r} "
                 f"is not ready on host {self.host_id}; route elsewhere"
             )
-        return self._response(await self._router.route(model, deadline))
+        if below is not None and current.in_flight >= below:
+            # The forwarder's estimate was low: its own replica is no busier than this one.
+            return pb.RouteResponse(
+                replica_id=replica_id, owner_in_flight=current.in_flight, declined=True
+            )
+        reply = self._response(await self._router.route(model, deadline))
+        granted = pool.replicas.get(reply.replica_id) if pool is not None else None
+        reply.owner_in_flight = granted.in_flight if granted is not None else 0
+        return reply
 
     async def _start_here(self, model: str, deadline: float) -> pb.RouteResponse:
         """No READY replica anywhere: start it through its claim, then route again."""
@@ -342,7 +396,7 @@ class ClusterRouter:
                 "name a node in Load.host"
             )
         self.membership.require(f"loading model {request.model!r}")
-        claim = parse_marker(request.model, forwarded_marker(metadata))
+        claim = claim_of(request.model, forwarded_marker(metadata))
         if claim is not None:
             infos = await self._cold.load_claimed(request.model, [claim], deadline)
         else:

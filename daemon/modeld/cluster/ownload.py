@@ -3,12 +3,17 @@
 Owners publish load at most once a second, so a forwarder that picked only by
 published figures would send a whole burst to one replica. It adds what it knows
 itself: forwards still in flight, and leases it obtained (minus those released
-through it) since the replica's row was last read. A new row resets that count,
-since the owner's figure then includes them.
+through it) since the replica's row was last read. Each answer to a forwarded
+Route also carries the owner's own figure, which counts everyone's leases (the
+owner's local ones, other forwarders'): it is a floor under the estimate, never
+added to it, since answers to concurrent forwards arrive in any order and may
+count forwards still pending here. A new row resets both, since the owner's
+published figure then includes them.
 """
 
 from collections import Counter, OrderedDict
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from modeld.cluster.view import RemoteReplica
 
@@ -16,18 +21,36 @@ from modeld.cluster.view import RemoteReplica
 MAX_TRACKED_LEASES = 100_000
 
 
+@dataclass(frozen=True, slots=True)
+class _Since:
+    """Corrections to one row's in-flight: ours (leases granted minus released since
+    the row), and the owner's last answered figure minus our releases since (None
+    before any answer)."""
+
+    row: RemoteReplica
+    ours: int = 0
+    floor: int | None = None
+
+    def granted(self) -> "_Since":
+        # The floor is an answered figure: whether it counts this lease is unknown.
+        return _Since(self.row, self.ours + 1, self.floor)
+
+    def released(self) -> "_Since":
+        return _Since(self.row, self.ours - 1, None if self.floor is None else self.floor - 1)
+
+
 class OwnLoad:
     def __init__(self) -> None:
         self._pending: Counter[str] = Counter()
-        # replica id → (the row the count is relative to, leases since that row)
-        self._since: dict[str, tuple[RemoteReplica, int]] = {}
+        self._since: dict[str, _Since] = {}
         self._leases: OrderedDict[str, RemoteReplica] = OrderedDict()
 
     def extra(self, replicas: Iterable[RemoteReplica]) -> dict[str, int]:
         out = {}
         for r in replicas:
-            row, count = self._since.get(r.id, (r, 0))
-            out[r.id] = self._pending[r.id] + (count if row is r else 0)
+            since = self._current(r)
+            counted = self._pending[r.id] + since.ours
+            out[r.id] = counted if since.floor is None else max(counted, since.floor)
         return out
 
     def begin(self, replica: RemoteReplica) -> None:
@@ -42,10 +65,20 @@ class OwnLoad:
         """A forwarded Route got `lease_id` on the replica whose current row is `row`."""
         if row is None:
             return
-        self._shift(row, +1)
+        self._since[row.id] = self._current(row).granted()
         self._leases[lease_id] = row
         if len(self._leases) > MAX_TRACKED_LEASES:
             self._leases.popitem(last=False)
+
+    def observed(self, row: RemoteReplica | None, in_flight: int) -> None:
+        """The owner answered a forwarded Route with the replica's in-flight then."""
+        if row is None:
+            return
+        since = self._current(row)
+        floor = in_flight - row.in_flight
+        if since.floor is not None:
+            floor = max(floor, since.floor)
+        self._since[row.id] = _Since(row, since.ours, floor)
 
     def row_of(self, lease_id: str) -> RemoteReplica | None:
         return self._leases.get(lease_id)
@@ -53,8 +86,8 @@ class OwnLoad:
     def released(self, lease_id: str, current: RemoteReplica | None) -> None:
         row = self._leases.pop(lease_id, None)
         if row is not None and current is not None:
-            self._shift(current, -1)
+            self._since[current.id] = self._current(current).released()
 
-    def _shift(self, row: RemoteReplica, by: int) -> None:
-        seen, count = self._since.get(row.id, (row, 0))
-        self._since[row.id] = (row, (count if seen is row else 0) + by)
+    def _current(self, row: RemoteReplica) -> _Since:
+        since = self._since.get(row.id)
+        return since if since is not None and since.row is row else _Since(row)

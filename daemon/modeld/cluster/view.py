@@ -1,12 +1,13 @@
 """The in-memory view of the cluster: hosts and their replicas, as last read.
 
 Owned by the membership (the only writer: full resyncs and per-host re-reads);
-the cluster router only reads it. Host expiry is kept as a local monotonic
+the cluster router only reads it, and hears through `on_leave` when a host it may
+hold a channel to has left the view. Host expiry is kept as a local monotonic
 deadline computed from the database's own `lease_expires_at - now()`, so clocks
 of different hosts never need to agree.
 """
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from modeld.policy.picker import used_tick
@@ -54,15 +55,20 @@ class ClusterView:
     host_id: str
     hosts: dict[str, RemoteHost] = field(default_factory=dict)
     replicas: dict[str, RemoteReplica] = field(default_factory=dict)
+    # Called after a change with each host row that left (gone, or now at another address).
+    on_leave: Callable[[RemoteHost], None] | None = None
 
     def replace_all(self, hosts: Iterable[RemoteHost], replicas: Iterable[RemoteReplica]) -> None:
+        before = self.hosts
         self.hosts = {h.host_id: h for h in hosts}
         self.replicas = {r.id: r for r in replicas if self._current(r)}
+        self._left(before.values())
 
     def replace_host(
         self, host_id: str, host: RemoteHost | None, replicas: Iterable[RemoteReplica]
     ) -> None:
         """What one re-read of a host returned: its row (None once gone) and its replicas."""
+        old = self.hosts.get(host_id)
         if host is None:
             self.hosts.pop(host_id, None)
         else:
@@ -70,6 +76,15 @@ class ClusterView:
         kept = {k: r for k, r in self.replicas.items() if r.host_id != host_id}
         kept.update({r.id: r for r in replicas if self._current(r)})
         self.replicas = kept
+        self._left([old] if old is not None else [])
+
+    def _left(self, before: Iterable[RemoteHost]) -> None:
+        if self.on_leave is None:
+            return
+        for old in before:
+            now = self.hosts.get(old.host_id)
+            if now is None or now.address != old.address:
+                self.on_leave(old)
 
     def _current(self, replica: RemoteReplica) -> bool:
         # Rows of an older epoch are a fenced host's leftovers: never shown.
@@ -101,18 +116,45 @@ class ClusterView:
         ]
 
 
+# How many more in-flight the local replica may have than the best remote estimate
+# before a Route spills over. 0: a tie stays here (no hop), and each decision keeps
+# max - min within 1 as far as this host can tell; estimates lag by up to a publish
+# interval, which is what the balance property's bound of 2 leaves room for.
+SPILL_MARGIN = 0
+
+
+def estimate(replica: RemoteReplica, extra: Mapping[str, int]) -> int:
+    """A remote replica's in-flight: as published, plus what this host knows it added
+    since (`OwnLoad.extra`); never below 0, since the two are read at different times."""
+    return max(0, replica.in_flight + extra.get(replica.id, 0))
+
+
 def pick_remote(
-    candidates: Iterable[RemoteReplica], pending: Mapping[str, int]
+    candidates: Iterable[RemoteReplica], extra: Mapping[str, int]
 ) -> RemoteReplica | None:
-    """The picker's policy over published figures: fewest in-flight (published plus
-    this host's forwards not yet answered), then oldest use, then most free memory."""
+    """The picker's policy over published figures: fewest in-flight (estimated), then
+    oldest use, then most free memory."""
     return min(
         candidates,
-        key=lambda r: (
-            r.in_flight + pending.get(r.id, 0),
-            used_tick(r.last_used),
-            -r.free_memory,
-            r.id,
-        ),
+        key=lambda r: (estimate(r, extra), used_tick(r.last_used), -r.free_memory, r.id),
         default=None,
     )
+
+
+def route_target(
+    local_in_flight: int | None,
+    candidates: Iterable[RemoteReplica],
+    extra: Mapping[str, int],
+    margin: int = SPILL_MARGIN,
+) -> RemoteReplica | None:
+    """Where a Route goes: None = here, else the remote replica to forward to.
+
+    `local_in_flight` is the least-loaded local READY replica's in-flight (None: no
+    local READY replica, so the best remote, or None to start one here). A local
+    replica is kept unless it has more than `margin` in-flight over the best remote's
+    estimate: load spread unevenly over the modelds still spreads evenly over replicas.
+    """
+    best = pick_remote(candidates, extra)
+    if best is None or local_in_flight is None:
+        return best
+    return best if local_in_flight > estimate(best, extra) + margin else None
