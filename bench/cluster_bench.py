@@ -11,7 +11,11 @@ the echo model loaded on b only. It measures:
    alternating slices, with a bare Ping to b in the same slices: one extra unary
    gRPC round trip on this machine, the floor under each forwarding hop;
 3. failover: kill -9 of b (and its backend), then the time until a Route on a
-   succeeds again (a starts the model itself), next to a plain cold Load's time.
+   succeeds again (a starts the model itself), next to a plain cold Load's time;
+4. cold starts (`measure_cold`, three fresh daemons): 100 concurrent Routes for a
+   model running nowhere, spread over the three; the time from the first Route
+   sent to the last lease, minus the backend's own start (spawn to listening plus
+   LoadModel, as its Status reports), and the backends spawned in the cluster.
 
 Prints the figures and writes bench/results/cluster_bench.json.
 """
@@ -37,8 +41,11 @@ import uvloop
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
+import grpc  # noqa: E402
+
 from backend_proc import free_port  # noqa: E402
 from daemon_proc import ECHO_CATALOG, DaemonProc, start_daemon  # noqa: E402
+from modeld._proto.backend import backend_pb2, backend_pb2_grpc  # noqa: E402
 from modeld._proto.modeld.v1 import modeld_pb2 as pb  # noqa: E402
 
 DEFAULT_DSN = "postgresql://root@127.0.0.1:5432/postgres"
@@ -52,6 +59,8 @@ def config_text(folder: Path, dsn: str, host: str, ttl: float) -> tuple[Path, st
         f'listen = ["{addr}"]\nstate_dir = "{folder / "state"}"\n'
         f'models_dir = "{folder / "models"}"\nlog_level = "info"\n'
         + ECHO_CATALOG
+        # The plain cold Load runs a model of its own: max_replicas counts the cluster.
+        + '[models.echo_load]\nbackend = "echo"\n'
         + f'\n[cluster]\ndsn = "{dsn}"\nhost_id = "{host}"\nhost_ttl = "{ttl}s"\n'
     )
     path = folder / "modeld.toml"
@@ -177,9 +186,9 @@ async def measure(args: argparse.Namespace, server: str, name: str, root: Path) 
         out.update(await measure_xact(args, server, name, a))
         out.update(await measure_latency(args, a, b))
         cold_started = time.perf_counter()
-        await c.stub.Load(pb.LoadRequest(model="echo"), timeout=60)
+        await c.stub.Load(pb.LoadRequest(model="echo_load"), timeout=60)
         out["cold_load_s"] = round(time.perf_counter() - cold_started, 3)
-        await c.stub.Unload(pb.UnloadRequest(model="echo", force=True), timeout=60)
+        await c.stub.Unload(pb.UnloadRequest(model="echo_load", force=True), timeout=60)
         await a.wait_log(
             lambda e: (
                 e.get("event") == "cluster_view_changed"
@@ -211,6 +220,73 @@ async def measure(args: argparse.Namespace, server: str, name: str, root: Path) 
             await d.close()
 
 
+def cold_catalog(gate: Path, rounds: int) -> str:
+    """Models cold0..coldN on a backend that marks each start in `gate` (gate open)."""
+    script = HERE.parent / "tests" / "gated_backend.py"
+    text = (
+        f'[backends.gated]\ncommand = ["{sys.executable}", "{script}", "{gate}", '
+        '"--addr", "{addr}"]\nstop_grace = "2s"\n'
+    )
+    return text + "".join(f'[models.cold{i}]\nbackend = "gated"\n' for i in range(rounds))
+
+
+async def backend_own_ms(address: str) -> float:
+    """The backend's spawn-to-listening plus LoadModel time, as its Status reports them."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = backend_pb2_grpc.BackendStub(channel)  # type: ignore[no-untyped-call]
+        status = await stub.Status(backend_pb2.HealthMessage(), timeout=10)
+    breakdown = status.memory.breakdown
+    return float(breakdown["startup_us"] + breakdown["load_us"]) / 1000
+
+
+async def measure_cold(args: argparse.Namespace, dsn: str, root: Path) -> dict[str, Any]:
+    gate = root / "gate"
+    gate.mkdir(parents=True)
+    (gate / "open").touch()
+    hosts: list[DaemonProc] = []
+    for host in ("ca", "cb", "cc"):
+        folder = root / host
+        config, addr = config_text(folder, dsn, host, args.host_ttl)
+        config.write_text(config.read_text() + cold_catalog(gate, args.cold_rounds))
+        hosts.append(await start_daemon(config, addr))
+    try:
+        for d in hosts:
+            await d.wait_log(lambda e: e.get("event") == "cluster_registered", 20)
+        rounds = []
+        for i in range(args.cold_rounds):
+            before = len(list(gate.glob("spawn-*")))
+            route = pb.RouteRequest(model=f"cold{i}")
+            started = time.perf_counter()
+            replies = await asyncio.gather(
+                *(hosts[n % 3].stub.Route(route, timeout=60) for n in range(args.cold_routes))
+            )
+            total_ms = (time.perf_counter() - started) * 1000
+            backend_ms = await backend_own_ms(replies[0].address)
+            rounds.append(
+                {
+                    "total_ms": round(total_ms, 2),
+                    "backend_ms": round(backend_ms, 2),
+                    "overhead_ms": round(total_ms - backend_ms, 2),
+                    "spawns": len(list(gate.glob("spawn-*"))) - before,
+                    "replicas": len({r.replica_id for r in replies}),
+                }
+            )
+        overheads = [r["overhead_ms"] for r in rounds]
+        return {
+            "cold_routes": args.cold_routes,
+            "cold_rounds": rounds,
+            "cold_overhead_ms_median": round(statistics.median(overheads), 2),
+            "cold_overhead_ms_max": max(overheads),
+            "cold_overhead_target_ms": 100,
+            "cold_spawns_per_model": sorted({r["spawns"] for r in rounds}),
+        }
+    finally:
+        for d in hosts:
+            with contextlib.suppress(TimeoutError):
+                await d.stop()
+            await d.close()
+
+
 async def main(args: argparse.Namespace) -> int:
     server = os.environ.get("MODELD_TEST_PG_DSN") or DEFAULT_DSN
     name = f"modeld_bench_{uuid.uuid4().hex[:10]}"
@@ -219,7 +295,12 @@ async def main(args: argparse.Namespace) -> int:
     await conn.close()
     try:
         with tempfile.TemporaryDirectory(prefix="modeld-cluster-bench-") as root:
-            out = await measure(args, server, name, Path(root))
+            if not args.cold_only:
+                out = await measure(args, server, name, Path(root))
+            else:
+                out = {}
+            dsn = urlunsplit(urlsplit(server)._replace(path=f"/{name}"))
+            out.update(await measure_cold(args, dsn, Path(root) / "cold"))
     finally:
         conn = await asyncpg.connect(server)
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -238,6 +319,9 @@ def cli() -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--latency-pairs", type=int, default=2_000)
     parser.add_argument("--host-ttl", type=float, default=10.0)
+    parser.add_argument("--cold-routes", type=int, default=100)
+    parser.add_argument("--cold-rounds", type=int, default=5)
+    parser.add_argument("--cold-only", action="store_true", help="only the cold-start section")
     return uvloop.run(main(parser.parse_args()))
 
 

@@ -30,6 +30,8 @@ CLIENTS = 12
 RUN_S = 6.0
 SAMPLE_EVERY_S = 0.1
 BOUND = 2
+# max_replicas counts the whole cluster: one replica on each of three hosts needs three.
+TRIO = '[models.trio]\nbackend = "echo"\nmax_replicas = 3\n'
 
 
 async def client(daemon: DaemonProc, start_after: float, stop: asyncio.Event) -> int:
@@ -37,7 +39,7 @@ async def client(daemon: DaemonProc, start_after: float, stop: asyncio.Event) ->
     await asyncio.sleep(start_after)
     held = 0
     while not stop.is_set():
-        lease = await daemon.stub.Route(pb.RouteRequest(model="echo"), timeout=30)
+        lease = await daemon.stub.Route(pb.RouteRequest(model="trio"), timeout=30)
         await asyncio.sleep(HOLD_S)
         reply = await daemon.stub.Release(pb.ReleaseRequest(lease_id=lease.lease_id), timeout=30)
         assert reply.released, lease.lease_id
@@ -50,7 +52,7 @@ async def in_flight(hosts: Mapping[str, DaemonProc], owned: Mapping[str, str]) -
 
     async def one(name: str) -> int:
         reply = await hosts[name].stub.ListReplicas(
-            pb.ListReplicasRequest(model="echo", local=True), timeout=10
+            pb.ListReplicasRequest(model="trio", local=True), timeout=10
         )
         return next(r.in_flight for r in reply.replicas if r.id == owned[name])
 
@@ -95,10 +97,10 @@ async def run_load(
 async def test_in_flight_stays_balanced_over_three_hosts(
     tmp_path: Path, pg_dsn: str, spread: dict[str, int]
 ) -> None:
-    async with running_cluster(tmp_path, pg_dsn, ["a", "b", "c"]) as hosts:
+    async with running_cluster(tmp_path, pg_dsn, ["a", "b", "c"], extra=TRIO) as hosts:
         owned = {}
         for name, daemon in hosts.items():
-            reply = await daemon.stub.Load(pb.LoadRequest(model="echo"), timeout=30)
+            reply = await daemon.stub.Load(pb.LoadRequest(model="trio"), timeout=30)
             owned[name] = reply.replicas[0].id
         everyone = {f"{name}/{rid}" for name, rid in owned.items()}
         for daemon in hosts.values():

@@ -280,44 +280,42 @@ async def test_owner_checks_replica_identity_before_leasing(tmp_path: Path, pg_d
         await a.stop()
 
 
-async def in_flight(nodes: list[DaemonProc]) -> list[int]:
+async def in_flight(nodes: list[DaemonProc], model: str = "echo") -> list[int]:
     counts = []
     for node in nodes:
         reply = await node.stub.ListReplicas(
-            pb.ListReplicasRequest(model="echo", local=True), timeout=5
+            pb.ListReplicasRequest(model=model, local=True), timeout=5
         )
         counts.append(sum(r.in_flight for r in reply.replicas))
     return counts
 
 
 async def test_router_role_spreads_leases_over_three_hosts(tmp_path: Path, pg_dsn: str) -> None:
-    async with running_cluster(tmp_path, pg_dsn, ["a", "b", "c"]) as hosts:
-        r = await start_host(tmp_path, pg_dsn, "r", extra='role = "router"\n')
+    # max_replicas counts the whole cluster: three replicas need a model allowing three.
+    spread = '[models.spread]\nbackend = "echo"\nmax_replicas = 3\n'
+    async with running_cluster(tmp_path, pg_dsn, ["a", "b", "c"], extra=spread) as hosts:
+        r = await start_host(tmp_path, pg_dsn, "r", extra='role = "router"\n' + spread)
         try:
-            for call in (
-                r.stub.Route(pb.RouteRequest(model="echo"), timeout=10),
-                r.stub.Load(pb.LoadRequest(model="echo"), timeout=10),
-            ):
-                with pytest.raises(grpc.aio.AioRpcError) as refused:
-                    await call
-                assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION
-                assert "router" in (refused.value.details() or "")
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await r.stub.Load(pb.LoadRequest(model="spread"), timeout=10)
+            assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+            assert "router" in (refused.value.details() or "")
             nodes = [hosts["a"], hosts["b"], hosts["c"]]
             for name in hosts:
-                replica = await load_on(r, name)
+                replica = await load_on(r, name, "spread")
                 await r.wait_log(sees_ready(name, replica.id), 10)
             # A burst: published load cannot keep up, the router's own count must.
             burst = await asyncio.gather(
-                *(r.stub.Route(pb.RouteRequest(model="echo"), timeout=10) for _ in range(30))
+                *(r.stub.Route(pb.RouteRequest(model="spread"), timeout=10) for _ in range(30))
             )
-            counts = await in_flight(nodes)
+            counts = await in_flight(nodes, "spread")
             assert sum(counts) == 30 and max(counts) - min(counts) <= 2, counts
             for reply in burst:
                 released = await hosts["a"].stub.Release(
                     pb.ReleaseRequest(lease_id=reply.lease_id), timeout=5
                 )
                 assert released.released
-            assert await in_flight(nodes) == [0, 0, 0]
+            assert await in_flight(nodes, "spread") == [0, 0, 0]
         finally:
             await r.stop()
 

@@ -252,6 +252,8 @@ async def _start(tmp_path: Path, dsn: str, host_id: str, extra: str = "") -> tup
     folder.mkdir()
     port = free_port()
     body = f'metrics_listen = "127.0.0.1:{port}"\n' + cluster_toml(dsn, host_id, HOST_TTL, extra)
+    # max_replicas counts the whole cluster: one replica on a and one on b need two.
+    body += '[models.pair]\nbackend = "echo"\nmax_replicas = 2\n'
     config, addr = write_config(folder, body)
     daemon = await start_daemon(config, addr)
     try:
@@ -338,12 +340,12 @@ async def _hosts_are_listed(a: DaemonProc, b: DaemonProc, c: DaemonProc) -> None
 async def _replicas_events_and_metrics(a: DaemonProc, b: DaemonProc, a_metrics: int) -> None:
     # A replica starting on b shows on a's cluster watch, never on a plain one.
     everything, plain = await _watch(a, cluster=True), await _watch(a, cluster=False)
-    on_b = (await b.stub.Load(pb.LoadRequest(model="echo"), timeout=30)).replicas[0]
+    on_b = (await b.stub.Load(pb.LoadRequest(model="pair"), timeout=30)).replicas[0]
     seen = await _next_event(
         everything, lambda e: e.replica_id == on_b.id and e.to_state == pb.READY
     )
-    assert (seen.host_id, seen.model) == ("b", "echo")
-    on_a = (await a.stub.Load(pb.LoadRequest(model="echo"), timeout=30)).replicas[0]
+    assert (seen.host_id, seen.model) == ("b", "pair")
+    on_a = (await a.stub.Load(pb.LoadRequest(model="pair"), timeout=30)).replicas[0]
     first = await _next_event(plain, lambda e: True)
     assert (first.replica_id, first.host_id) == (on_a.id, "a")
 
@@ -372,7 +374,7 @@ async def _replicas_events_and_metrics(a: DaemonProc, b: DaemonProc, a_metrics: 
     assert {h.host_id: h.replicas for h in hosts_now} == {"a": 1, "b": 1, "c": 0}
 
     # Stopping it on b: a's cluster watch hears it went away.
-    await b.stub.Unload(pb.UnloadRequest(model="echo"), timeout=30)
+    await b.stub.Unload(pb.UnloadRequest(model="pair"), timeout=30)
     gone = await _next_event(
         everything, lambda e: e.replica_id == on_b.id and e.to_state == pb.STOPPED
     )

@@ -166,18 +166,29 @@ class Peers:
         return reply
 
     async def load(
-        self, host: str, address: str, request: pb.LoadRequest, limit_s: float
+        self, host: str, address: str, request: pb.LoadRequest, limit_s: float, marker: str = "1"
     ) -> pb.LoadResponse:
-        reply: pb.LoadResponse = await self._call(host, address, "Load", request, limit_s)
+        """`marker`: a claim's (coldstart.py), so that the target publishes under it."""
+        metadata = self._plain_md if marker == "1" else ((FORWARDED, marker), *self._auth)
+        reply: pb.LoadResponse = await self._call(
+            host, address, "Load", request, limit_s, metadata=metadata
+        )
         return reply
 
     async def _call(
-        self, host: str, address: str, method: str, request: Message, limit_s: float
+        self,
+        host: str,
+        address: str,
+        method: str,
+        request: Message,
+        limit_s: float,
+        *,
+        metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> Any:
         """One forwarded call; a peer's status comes back as the same domain error."""
         try:
             return await getattr(self._stub(address), method)(
-                request, metadata=self._plain_md, timeout=limit_s
+                request, metadata=metadata or self._plain_md, timeout=limit_s
             )
         except grpc.aio.AioRpcError as exc:
             raise _domain(host, exc) from None

@@ -4,16 +4,21 @@ Route: the least-loaded local READY replica, unless the best remote READY replic
 of the view (same policy, by its estimated in-flight) has fewer in-flight than it
 (`view.route_target`, the spill rule): then the Route is forwarded to that
 replica's owner, which leases from its own memory; a failed or stale owner means
-another replica, at most MAX_FORWARDS, and then the local one. With no local READY
-replica and none left remote, a node starts the model itself (a router-role host
-refuses). Lease ids are `host_id~id`, so Release and
-RenewLease reach the owner from any modeld.
+another replica, at most MAX_FORWARDS, and then the local one. With no READY
+replica anywhere, the model is started through its claim (`coldstart.py`): once
+for the whole cluster, on the host placement picks, and the Route is routed
+again. Lease ids are `host_id~id`, so Release and RenewLease reach the owner from
+any modeld. A Load on this host takes one of the model's max_replicas slots per
+replica it starts (a forwarded Load that carries a claim starts one replica
+under it).
 
 It also holds the cluster's leader election (leader.py: min_replicas across the
 cluster) and its shared model specs (specs.py: PutModel/DeleteModel).
 """
 
 import dataclasses
+from collections.abc import Callable
+from contextvars import ContextVar
 from pathlib import Path
 
 import structlog
@@ -21,6 +26,8 @@ import structlog
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld.api import convert
 from modeld.clock import Clock
+from modeld.cluster.claims import ClaimStore, claim_of
+from modeld.cluster.coldstart import ColdStarts
 from modeld.cluster.counters import ClusterCounters
 from modeld.cluster.forward import (
     PeerFailed,
@@ -44,6 +51,7 @@ from modeld.cluster.store import ReplicaRow
 from modeld.cluster.view import RemoteHost, RemoteReplica, route_target
 from modeld.config import Config
 from modeld.errors import ConfigError, FailedPrecondition, NotFound, Unavailable
+from modeld.info import ReplicaInfo
 from modeld.ops.events import EventBus
 from modeld.ops.metrics import ClusterStats
 from modeld.routing.leases import Lease
@@ -57,6 +65,10 @@ MAX_FORWARDS = 3
 # Free memory is published on this grid, so that noise in the readings is not a change.
 MEMORY_GRID = 256 << 20
 SEP = "~"
+# A Route routes again after its cold start this many times at most (a replica that
+# was published but could not be reached): the depth of this request's retries.
+COLD_ROUTES = 3
+_cold_depth: ContextVar[int] = ContextVar("cold_depth", default=0)
 
 
 class ClusterRouter:
@@ -103,13 +115,28 @@ class ClusterRouter:
             timeout=timeout,
             placement=cfg.placement,
         )
+        self._cold = ColdStarts(
+            host_id=cfg.host_id,
+            host_ttl=cfg.host_ttl,
+            placement=cfg.placement,
+            router=router,
+            catalog=catalog,
+            membership=self.membership,
+            peers=self.peers,
+            claims=ClaimStore(dsn, cfg.host_id, timeout),
+            clock=clock,
+            counters=self.counters,
+            row_of=self._row_of,
+        )
 
     async def start(self) -> None:
         await self.membership.start()
         await self.specs.start()
         await self.leader.start()
+        await self._cold.start()
 
     async def close(self) -> None:
+        await self._cold.close()
         await self.leader.close()
         await self.specs.close()
         await self.membership.close()
@@ -129,6 +156,12 @@ class ClusterRouter:
     # what this host publishes
 
     def rows(self) -> list[ReplicaRow]:
+        return self._rows(lambda info: info.state in LIVE and self._cold.visible(info))
+
+    def _row_of(self, replica_id: str) -> ReplicaRow | None:
+        return next(iter(self._rows(lambda info: info.id == replica_id)), None)
+
+    def _rows(self, which: Callable[[ReplicaInfo], bool]) -> list[ReplicaRow]:
         free = self._router.index.free_memory
         return [
             (
@@ -146,7 +179,7 @@ class ClusterRouter:
                 * MEMORY_GRID,
             )
             for info in self._router.replicas(None)
-            if info.state in LIVE
+            if which(info)
         ]
 
     # listings: ListHosts, ListReplicas, metrics
@@ -286,13 +319,21 @@ class ClusterRouter:
         return reply
 
     async def _start_here(self, model: str, deadline: float) -> pb.RouteResponse:
-        if self._cfg.role == "router":
-            raise FailedPrecondition(
-                f"model {model!r} has no READY replica on any host, and this modeld is a "
-                "router (cluster.role = router) that runs no backends; Load it on a node"
+        """No READY replica anywhere: start it through its claim, then route again."""
+        depth = _cold_depth.get()
+        if depth >= COLD_ROUTES:
+            raise Unavailable(
+                f"model {model!r}: its replica started but could not be reached; retry the Route"
             )
         self.membership.require(f"starting model {model!r}")
-        return self._response(await self._router.route(model, deadline))
+        await self._cold.ensure(model, deadline)
+        token = _cold_depth.set(depth + 1)
+        try:
+            reply = await self.route(model, deadline, ())
+        finally:
+            _cold_depth.reset(token)
+        reply.cold_start = True
+        return reply
 
     def _response(self, lease: Lease) -> pb.RouteResponse:
         reply = convert.route_response(lease)
@@ -355,7 +396,11 @@ class ClusterRouter:
                 "name a node in Load.host"
             )
         self.membership.require(f"loading model {request.model!r}")
-        infos = await self._router.load(request.model, request.replicas or 1, deadline)
+        claim = claim_of(request.model, forwarded_marker(metadata))
+        if claim is not None:
+            infos = await self._cold.load_claimed(request.model, [claim], deadline)
+        else:
+            infos = await self._cold.load_here(request.model, request.replicas or 1, deadline)
         return pb.LoadResponse(replicas=[convert.replica_to_proto(i) for i in infos])
 
     # model specs, shared by the cluster

@@ -77,6 +77,7 @@ class Membership:
         self._pending: set[str] = set()
         self._reread_wake = asyncio.Event()
         self._published: dict[str, ReplicaRow] = {}
+        self._changed = asyncio.Event()
         self._load_written = 0.0
         # The host row's capacity as last written, and when it was last read (at most
         # once a second: a reading is a worker-thread NVML call).
@@ -277,6 +278,8 @@ class Membership:
             )
             for event in changes:
                 self._events.publish(event)
+            self._changed.set()
+            self._changed = asyncio.Event()
             log.info(
                 "cluster_view_changed",
                 hosts={h.host_id: h.epoch for h in self.view.hosts.values()},
@@ -290,6 +293,15 @@ class Membership:
             figures = figures_in(host)
             if seen.get(host.host_id) != figures:
                 log.debug("cluster_capacity_seen", host_id=host.host_id, **asdict(figures))
+
+    def changed(self) -> asyncio.Event:
+        """Set at the next change of the view's shape; take it before reading the view."""
+        return self._changed
+
+    def adopt(self, row: ReplicaRow) -> None:
+        """`row` was written by a claim-fenced publish (claims.bind): it is published,
+        so that its removal is published too."""
+        self._published[row[0]] = row
 
     def _shape(self) -> tuple[frozenset[tuple[str, int]], frozenset[tuple[str, str, str, int]]]:
         """What a view change is: hosts and epochs, replicas and states (not load)."""

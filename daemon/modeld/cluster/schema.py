@@ -6,6 +6,10 @@ Tables (one writer per row: the host it names):
   It also holds the host's published capacity (backends, memory, replicas).
 - modeld_replicas: a host's replicas with their state, address, generation and
   published load; deleted with their host (reaping is `DELETE` of the host row).
+- modeld_claims: who may start a replica of a model, one row per (model, slot) with
+  slot < max_replicas (`claims.py`): an owner and an expiry by the database clock
+  while loading, the replica it became once serving, the error and backoff end
+  once failed. A claim is taken and fenced by its `claim_id`, never by a lock.
 Writers NOTIFY `modeld_cluster` with their host id; receivers re-read that host.
 - modeld_models: the cluster's model specs (PutModel/DeleteModel on any host), each
   with the version that last wrote it; modeld_models_version holds the version of
@@ -74,6 +78,22 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE TABLE modeld_models_version (version bigint NOT NULL);
     INSERT INTO modeld_models_version (version) VALUES (0);
+    """,
+    """
+    CREATE SEQUENCE modeld_claim_id;
+    CREATE TABLE modeld_claims (
+        model text NOT NULL,
+        slot integer NOT NULL,
+        claim_id bigint NOT NULL,
+        owner_host text NOT NULL,
+        state text NOT NULL,
+        expires_at timestamptz NOT NULL,
+        replica_id text,
+        failures integer NOT NULL DEFAULT 0,
+        error text NOT NULL DEFAULT '',
+        code text NOT NULL DEFAULT '',
+        PRIMARY KEY (model, slot)
+    );
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
