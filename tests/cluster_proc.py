@@ -34,9 +34,11 @@ HOST_TTL = 2.0
 START_S = 60.0
 
 
-def cluster_toml(dsn: str, host_id: str, ttl: float = HOST_TTL, extra: str = "") -> str:
+def cluster_toml(
+    dsn: str, host_id: str, ttl: float = HOST_TTL, extra: str = "", catalog: str = ECHO_CATALOG
+) -> str:
     return (
-        ECHO_CATALOG
+        catalog
         + f'\n[cluster]\ndsn = "{dsn}"\nhost_id = "{host_id}"\nhost_ttl = "{ttl}s"\n'
         + extra
     )
@@ -50,14 +52,15 @@ async def start_host(
     ttl: float = HOST_TTL,
     extra: str = "",
     netns: tuple[str, str] | None = None,
+    catalog: str = ECHO_CATALOG,
 ) -> DaemonProc:
     folder = tmp_path / host_id
     folder.mkdir(exist_ok=True)
     if netns is None:
-        config, addr = write_config(folder, cluster_toml(dsn, host_id, ttl, extra))
+        config, addr = write_config(folder, cluster_toml(dsn, host_id, ttl, extra, catalog))
         daemon = await start_daemon(config, addr, wait=False)
     else:
-        text = cluster_toml(dsn, host_id, ttl, extra)
+        text = cluster_toml(dsn, host_id, ttl, extra, catalog)
         daemon = await _start_in_netns(folder, text, *netns)
     try:
         await daemon.wait_serving(START_S)
@@ -103,6 +106,7 @@ async def running_cluster(
     ttl: float = HOST_TTL,
     extra: str = "",
     netns: Sequence[tuple[str, str]] | None = None,
+    catalog: str = ECHO_CATALOG,
 ) -> AsyncIterator[dict[str, DaemonProc]]:
     """`dsn` may be one per host (e.g. some through a fault proxy); `netns` one
     (namespace, address) per host."""
@@ -110,7 +114,7 @@ async def running_cluster(
     spaces: Sequence[tuple[str, str] | None] = netns or [None] * len(host_ids)
     started = await asyncio.gather(
         *(
-            start_host(tmp_path, d, h, ttl=ttl, extra=extra, netns=n)
+            start_host(tmp_path, d, h, ttl=ttl, extra=extra, netns=n, catalog=catalog)
             for d, h, n in zip(dsns, host_ids, spaces, strict=True)
         ),
         return_exceptions=True,

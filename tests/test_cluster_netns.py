@@ -28,11 +28,14 @@ import grpc
 import pytest
 
 from cluster_proc import HOST_TTL, after, db_rows, event, load_on, running_cluster, sees_ready
-from daemon_proc import DaemonProc
+from daemon_proc import ECHO_CATALOG, DaemonProc
 from faultproxy import FaultProxy
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 
 pytestmark = pytest.mark.timeout(180)
+# max_replicas counts the whole cluster: echo on b and on c needs two (ECHO_CATALOG
+# ends inside its [models.echo] table).
+ECHO_ON_EVERY_HOST = ECHO_CATALOG + "max_replicas = 3\n"
 
 
 def ip(*args: str) -> str:
@@ -181,7 +184,9 @@ async def test_host_cut_off_its_network_is_routed_around_then_rejoins(
     proxy = await relay(pg_dsn, spaces)
     try:
         netns = [spaces.host(i) for i in range(3)]
-        async with running_cluster(tmp_path, proxy.dsn(pg_dsn), "abc", netns=netns) as hosts:
+        async with running_cluster(
+            tmp_path, proxy.dsn(pg_dsn), "abc", netns=netns, catalog=ECHO_ON_EVERY_HOST
+        ) as hosts:
             a, b, c = hosts["a"], hosts["b"], hosts["c"]
             on_b, on_c = await load_on(a, "b"), await load_on(a, "c")
             # Backends bind to their host's own address (backend_host from advertise).
