@@ -18,8 +18,9 @@ logged from now on), `load_on` (Load on a named host), `db_rows`/`until_db`.
 import asyncio
 import contextlib
 import os
+import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,17 +105,18 @@ async def running_cluster(
     host_ids: Sequence[str],
     *,
     ttl: float = HOST_TTL,
-    extra: str = "",
+    extra: str | Mapping[str, str] = "",
     netns: Sequence[tuple[str, str]] | None = None,
     catalog: str = ECHO_CATALOG,
 ) -> AsyncIterator[dict[str, DaemonProc]]:
-    """`dsn` may be one per host (e.g. some through a fault proxy); `netns` one
-    (namespace, address) per host."""
+    """`dsn` may be one per host (e.g. some through a fault proxy); `extra` one per
+    host id; `netns` one (namespace, address) per host."""
     dsns = [dsn] * len(host_ids) if isinstance(dsn, str) else list(dsn)
+    extras = dict.fromkeys(host_ids, extra) if isinstance(extra, str) else extra
     spaces: Sequence[tuple[str, str] | None] = netns or [None] * len(host_ids)
     started = await asyncio.gather(
         *(
-            start_host(tmp_path, d, h, ttl=ttl, extra=extra, netns=n, catalog=catalog)
+            start_host(tmp_path, d, h, ttl=ttl, extra=extras[h], netns=n, catalog=catalog)
             for d, h, n in zip(dsns, host_ids, spaces, strict=True)
         ),
         return_exceptions=True,
@@ -131,7 +133,9 @@ async def running_cluster(
 
 async def _stop(daemon: DaemonProc) -> None:
     if daemon.proc.returncode is None:
-        with contextlib.suppress(TimeoutError):
+        with contextlib.suppress(TimeoutError, ProcessLookupError):
+            # A test may leave a host SIGSTOPped: it must be able to exit.
+            daemon.proc.send_signal(signal.SIGCONT)
             await daemon.stop()
     await daemon.close()
 

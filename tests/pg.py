@@ -104,6 +104,13 @@ def with_database(dsn: str, name: str) -> str:
 
 @pytest.fixture
 async def pg_dsn() -> AsyncIterator[str]:
+    async with fresh_database() as dsn:
+        yield dsn
+
+
+@contextlib.asynccontextmanager
+async def fresh_database() -> AsyncIterator[str]:
+    """A database of its own on the test server, dropped afterwards."""
     server = server_dsn()
     name = f"modeld_test_{uuid.uuid4().hex[:12]}"
     conn = await asyncpg.connect(server)

@@ -10,13 +10,13 @@ import contextlib
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 import grpc
 import pytest
 
-from cluster_proc import HOST_TTL, db_rows, start_host
+from cluster_proc import HOST_TTL, db_rows, running_cluster
 from daemon_proc import DaemonProc
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 
@@ -34,28 +34,11 @@ def gated_toml(gate: Path, extra: str = "", flags: str = "") -> str:
     )
 
 
-@contextlib.asynccontextmanager
-async def cluster(
+def cluster(
     tmp_path: Path, dsn: str, extras: Mapping[str, str]
-) -> AsyncIterator[dict[str, DaemonProc]]:
+) -> contextlib.AbstractAsyncContextManager[dict[str, DaemonProc]]:
     """Hosts named by `extras`, each with its own extra config."""
-    started = await asyncio.gather(
-        *(start_host(tmp_path, dsn, h, extra=extra) for h, extra in extras.items()),
-        return_exceptions=True,
-    )
-    hosts = {h: d for h, d in zip(extras, started, strict=True) if isinstance(d, DaemonProc)}
-    try:
-        for result in started:
-            if isinstance(result, BaseException):
-                raise result
-        yield hosts
-    finally:
-        for daemon in hosts.values():
-            if daemon.proc.returncode is None:
-                with contextlib.suppress(TimeoutError, ProcessLookupError):
-                    daemon.proc.send_signal(signal.SIGCONT)
-                    await daemon.stop()
-            await daemon.close()
+    return running_cluster(tmp_path, dsn, list(extras), extra=extras)
 
 
 async def until(what: str, check: Callable[[], Awaitable[bool]], limit_s: float) -> None:

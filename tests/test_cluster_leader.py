@@ -6,7 +6,6 @@ kill -9 and after SIGSTOP past host_ttl (the resumed one no longer leads).
 import asyncio
 import signal
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from modeld.policy.cluster_replicas import Counted, Start, plan
 from modeld.policy.host_placement import HostCapacity
 from modeld.spec import ModelSpec
 from modeld.state import ReplicaState
-from pg import server_dsn, with_database
+from pg import fresh_database
 
 READY, DRAINING = ReplicaState.READY, ReplicaState.DRAINING
 KEEP = '\n[models.keep]\nbackend = "echo"\nmin_replicas = 2\nmax_replicas = 2\n'
@@ -238,21 +237,8 @@ async def test_sigstop_past_ttl_unseats_the_leader_and_the_resumed_one_steps_dow
 @pytest.fixture
 async def other_dsn() -> AsyncIterator[str]:
     """A second database on the same server: a second, unrelated cluster."""
-    server = server_dsn()
-    name = f"modeld_test_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(server)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    try:
-        yield with_database(server, name)
-    finally:
-        conn = await asyncpg.connect(server)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
+    async with fresh_database() as dsn:
+        yield dsn
 
 
 LEADER_SESSIONS = (
