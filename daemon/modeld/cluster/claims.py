@@ -40,16 +40,30 @@ SELECT c.slot, c.claim_id, c.owner_host, c.state, c.expires_at > now() AS live,
 FROM modeld_claims c LEFT JOIN ({_HELD_BY}) ON r.replica_id = c.replica_id
 WHERE c.model = $1
 """
-# The WHERE is the guard that makes a take safe on its own: only a free slot is taken.
+# The guard that makes a take safe on its own: only a free slot is taken.
+_FREE = f"""
+WHERE (modeld_claims.state <> 'serving' AND modeld_claims.expires_at <= now())
+   OR (modeld_claims.state = 'serving' AND NOT EXISTS (
+        SELECT 1 FROM {_HELD_BY} WHERE r.replica_id = modeld_claims.replica_id))
+"""
 _TAKE = f"""
 INSERT INTO modeld_claims (model, slot, claim_id, owner_host, state, expires_at)
 VALUES ($1, $2, nextval('modeld_claim_id'), $3, 'loading', now() + make_interval(secs => $4))
 ON CONFLICT (model, slot) DO UPDATE SET
     claim_id = EXCLUDED.claim_id, owner_host = EXCLUDED.owner_host, state = 'loading',
     expires_at = EXCLUDED.expires_at, replica_id = NULL, error = '', code = ''
-WHERE (modeld_claims.state <> 'serving' AND modeld_claims.expires_at <= now())
-   OR (modeld_claims.state = 'serving' AND NOT EXISTS (
-        SELECT 1 FROM {_HELD_BY} WHERE r.replica_id = modeld_claims.replica_id))
+{_FREE}
+RETURNING claim_id
+"""
+# A replica that runs already (its host is back under a new epoch) takes a free slot
+# as serving at once: there is no load to fence.
+_ADOPT = f"""
+INSERT INTO modeld_claims (model, slot, claim_id, owner_host, state, expires_at, replica_id)
+VALUES ($1, $2, nextval('modeld_claim_id'), $3, 'serving', now(), $4)
+ON CONFLICT (model, slot) DO UPDATE SET
+    claim_id = EXCLUDED.claim_id, owner_host = EXCLUDED.owner_host, state = 'serving',
+    expires_at = EXCLUDED.expires_at, replica_id = EXCLUDED.replica_id, error = '', code = ''
+{_FREE}
 RETURNING claim_id
 """
 # One statement (one round trip, one transaction): the claim becomes serving only if
@@ -161,14 +175,22 @@ def decide(model: str, slots: Sequence[Slot], max_replicas: int, *, cold: bool) 
                 return Wait(f"host {s.owner} is starting it")
             if s.state == SERVING and s.replica_state == "READY":
                 return Wait("a replica was just published")
+    free = free_slot(slots, max_replicas)
+    if free is not None:
+        current = next((s for s in slots if s.slot == free), None)
+        return Claim(model, free, 0, current is not None and current.state == LOADING)
+    held = tuple(s for s in slots if s.slot < max_replicas)
+    return Wait("every slot is held") if cold else Full(held)
+
+
+def free_slot(slots: Sequence[Slot], max_replicas: int) -> int | None:
+    """The lowest slot below max_replicas that nothing holds, None when all are held (pure)."""
     by_slot = {s.slot: s for s in slots}
     for n in range(max_replicas):
         current = by_slot.get(n)
         if current is None or not current.held:
-            took_over = current is not None and current.state == LOADING
-            return Claim(model, n, 0, took_over)
-    held = tuple(s for s in slots if s.slot < max_replicas)
-    return Wait("every slot is held") if cold else Full(held)
+            return n
+    return None
 
 
 class ClaimStore:
@@ -218,6 +240,26 @@ class ClaimStore:
         if claim_id is None:
             return Wait("the slot was taken meanwhile")
         return Claim(model, decision.slot, claim_id, decision.took_over)
+
+    async def adopt(self, model: str, max_replicas: int, replica_id: str) -> bool:
+        """True when the running `replica_id` holds one of the model's slots, taking a
+        free one when it holds none; False when every slot is held by others."""
+        try:
+            pool = await self._get_pool()
+            async with pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+                lock = "SELECT pg_advisory_xact_lock($1, hashtext($2))"
+                await conn.execute(lock, CLAIM_LOCK, model)
+                mine = "SELECT 1 FROM modeld_claims WHERE model = $1 AND replica_id = $2"
+                if await conn.fetchval(mine, model, replica_id) is not None:
+                    return True
+                rows = await conn.fetch(_SLOTS, model)
+                free = free_slot([Slot(*row) for row in rows], max_replicas)
+                if free is None:
+                    return False
+                taken = await conn.fetchval(_ADOPT, model, free, self._host, replica_id)
+        except DB_ERRORS as exc:
+            raise _down(f"re-taking the slots of model {model!r}", exc) from None
+        return taken is not None
 
     async def renew(self, claim: Claim, ttl: float) -> bool:
         """False once the claim was taken over (or ended): its load must not publish."""

@@ -183,7 +183,8 @@ class ColdStarts:
         """As the claim's owner: place, load, and wait for the replica to be in sight."""
         async with self._renewing([claim]) as lost:
             try:
-                host = await self._place_and_load(claim, spec, lost)
+                deadline = self._until.get(claim.model, 0.0)
+                host = await self._place_and_load(claim, spec, lost, deadline)
             except errors.ModeldError as exc:
                 if not lost.is_set():
                     await self._fail([claim], exc)
@@ -195,8 +196,22 @@ class ColdStarts:
         while not self._ready(claim.model) and self._clock.monotonic() < deadline:
             await _first(self._signals(), POLL_S)
 
+    async def start_claimed(self, claim: Claim, spec: ModelSpec, deadline: float) -> str | None:
+        """As the owner of `claim` outside a cold start (a scale-up): one replica on the
+        host placement picks; None when the claim was lost meanwhile. A start that
+        fails gives the slot back (a busy cluster is no reason for a backoff)."""
+        self._taken(claim)
+        async with self._renewing([claim]) as lost:
+            try:
+                return await self._place_and_load(claim, spec, lost, deadline)
+            except errors.ModeldError:
+                if not lost.is_set():
+                    with contextlib.suppress(errors.Unavailable):
+                        await self._claims.release(claim)
+                raise
+
     async def _place_and_load(
-        self, claim: Claim, spec: ModelSpec, lost: asyncio.Event
+        self, claim: Claim, spec: ModelSpec, lost: asyncio.Event, deadline: float
     ) -> str | None:
         """The host that loaded it, or None when the claim was lost meanwhile."""
         view = self._membership.view
@@ -210,7 +225,7 @@ class ColdStarts:
             if lost.is_set():
                 return None
             try:
-                await self._load_on(host_id, claim)
+                await self._load_on(host_id, claim, deadline)
                 return host_id
             except REFUSALS as exc:
                 if not await self._claims.renew(claim, self._ttl):
@@ -228,8 +243,7 @@ class ColdStarts:
             f"model {claim.model!r}: no host could start it: " + "; ".join(why or ["no host"])
         )
 
-    async def _load_on(self, host_id: str, claim: Claim) -> None:
-        deadline = self._until.get(claim.model, 0.0)
+    async def _load_on(self, host_id: str, claim: Claim, deadline: float) -> None:
         if host_id == self._host:
             await self.load_claimed(claim.model, [claim], deadline)
             return

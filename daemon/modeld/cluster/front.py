@@ -27,7 +27,7 @@ from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld.api import convert
 from modeld.clock import Clock
 from modeld.cluster.claims import ClaimStore, claim_of
-from modeld.cluster.coldstart import ColdStarts
+from modeld.cluster.coldstart import CLAIM_TTL_HOSTS, ColdStarts
 from modeld.cluster.counters import ClusterCounters
 from modeld.cluster.forward import (
     PeerFailed,
@@ -46,6 +46,7 @@ from modeld.cluster.listing import (
 )
 from modeld.cluster.membership import FiguresFn, Membership
 from modeld.cluster.ownload import OwnLoad
+from modeld.cluster.slotgate import SlotGate
 from modeld.cluster.specs import SharedSpecs
 from modeld.cluster.store import ReplicaRow
 from modeld.cluster.view import RemoteHost, RemoteReplica, route_target
@@ -123,19 +124,33 @@ class ClusterRouter:
             catalog=catalog,
             membership=self.membership,
             peers=self.peers,
-            claims=ClaimStore(dsn, cfg.host_id, timeout),
+            claims=(claims := ClaimStore(dsn, cfg.host_id, timeout)),
             clock=clock,
             counters=self.counters,
             row_of=self._row_of,
         )
+        # Every start of this host's router (scale-up) under a slot, placed cluster-wide.
+        self._slots = SlotGate(
+            cold=self._cold,
+            claims=claims,
+            membership=self.membership,
+            router=router,
+            catalog=catalog,
+            clock=clock,
+            claim_ttl=cfg.host_ttl * CLAIM_TTL_HOSTS,
+            period=cfg.host_ttl / 3,
+        )
+        router.lifecycle.use_gate(self._slots)
 
     async def start(self) -> None:
         await self.membership.start()
         await self.specs.start()
         await self.leader.start()
         await self._cold.start()
+        self._slots.start()
 
     async def close(self) -> None:
+        await self._slots.close()
         await self._cold.close()
         await self.leader.close()
         await self.specs.close()

@@ -5,11 +5,15 @@ ones visible); stops go through the `Stopper`. The lifecycle owns the closing
 gate: once `close()` has begun, no start is begun and no replica is created,
 even by a start that was already waiting in admission (it is cancelled, and the
 gate is checked again, with no await, right before a replica is created).
+
+In a cluster every start needs one of its model's max_replicas slots (cluster/claims.py):
+a `SlotGate` then takes the starts that would otherwise begin here without one (scale-up;
+a Route finding no start to join), and single-host mode has none.
 """
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import structlog
 
@@ -35,6 +39,14 @@ MIN_REPLICA_WAIT = 600.0
 SHUTTING_DOWN = "modeld is shutting down"
 
 
+class SlotGate(Protocol):
+    """Cluster mode's starts: only under a slot, on the host placement picks."""
+
+    def scale_up(self, spec: ModelSpec) -> None:
+        """Begin one more replica somewhere in the cluster, in the background: the
+        Route that asked must not wait on the database."""
+
+
 class Lifecycle:
     """Implements the pool's `Launcher`: admission, then creation behind the gate."""
 
@@ -55,6 +67,11 @@ class Lifecycle:
         self._admit = admit
         self._factory = factory
         self._closed = False
+        self._gate: SlotGate | None = None
+
+    def use_gate(self, gate: SlotGate) -> None:
+        """Cluster mode: set once at start, before anything is served."""
+        self._gate = gate
 
     # the launcher
 
@@ -83,6 +100,13 @@ class Lifecycle:
         self, pool: ModelPool, spec: ModelSpec, deadline: float
     ) -> Awaitable[RoutedReplica]:
         self.check_open()
+        if self._gate is not None and not pool.joinable():
+            # The cluster's Route starts a cold model through its claim; this Route found
+            # its local replica gone meanwhile, and a start here would hold no slot.
+            raise Unavailable(
+                f"model {spec.name!r}: its replica on this host stopped while routing; "
+                "retry the Route"
+            )
         return pool.start_or_join(spec, deadline, self)
 
     # load / unload
@@ -158,6 +182,9 @@ class Lifecycle:
         if not threshold or load < threshold or self._closed:
             return
         if pool.pending() or pool.planned() >= spec.max_replicas:
+            return
+        if self._gate is not None:
+            self._gate.scale_up(spec)
             return
         try:
             pool.start(spec, self._background_deadline(), self)

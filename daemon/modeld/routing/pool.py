@@ -216,6 +216,10 @@ class ModelPool:
         task.add_done_callback(_consume)
         return task
 
+    def joinable(self) -> bool:
+        """Whether `start_or_join` would join a start rather than begin one."""
+        return bool(self._starts) or any(r.state in STARTING_STATES for r in self.servable())
+
     def start_or_join(
         self, spec: ModelSpec, deadline: float, launcher: Launcher
     ) -> Awaitable[RoutedReplica]:
