@@ -105,10 +105,34 @@ async def test_scale_up_under_load_never_exceeds_max_replicas(tmp_path: Path, pg
             for _ in range(4):
                 await asyncio.gather(*(route(x) for x in d.values()))
             skipped = event("cluster_scale_up_skipped")
-            await until_logged(list(d.values()), skipped, 30)
+            try:
+                await until_logged(list(d.values()), skipped, 30)
+            except TimeoutError:
+                raise AssertionError(
+                    f"no scale-up was refused; replicas on {await hosts_of(pg_dsn)}, "
+                    f"at most {most[0]}"
+                ) from None
             assert len(await hosts_of(pg_dsn)) == 2
         assert most[0] == 2
         assert not any(event("scale_up")(e) for x in d.values() for e in x.log)
+
+
+async def test_scale_ups_from_every_host_start_one_replica(tmp_path: Path, pg_dsn: str) -> None:
+    hosts = dict.fromkeys(("a", "b", "c"), "")
+    async with cluster(tmp_path, pg_dsn, hosts, catalog(2, scale_up=1)) as d:
+        await load_on(d["a"], "a")
+        await until_hosts(pg_dsn, lambda h: h == ["a"], "a's replica in the database")
+        async with sampling(pg_dsn) as most:
+            for _ in range(6):
+                await asyncio.gather(*(route(x) for x in d.values()))
+            await until_hosts(pg_dsn, lambda h: len(h) == 2, "the scale-up")
+            # Busy again: the next scale-ups, if any asks, find every slot held.
+            for _ in range(6):
+                await asyncio.gather(*(route(x) for x in d.values()))
+        assert most[0] == 2
+        assert len(await hosts_of(pg_dsn)) == 2
+        scaled = event("cluster_scale_up")
+        assert sum(1 for x in d.values() for e in x.log if scaled(e)) == 1
 
 
 async def test_scale_up_lands_on_another_host(tmp_path: Path, pg_dsn: str) -> None:
