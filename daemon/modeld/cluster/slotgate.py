@@ -122,7 +122,10 @@ class SlotGate:
         for info in self._router.replicas(None):
             if info.state not in LIVE or not self._cold.visible(info):
                 continue  # a claimed load binds its own slot
-            spec = self._catalog.get(info.model)
+            try:
+                spec = self._catalog.get(info.model)
+            except errors.NotFound:
+                continue  # deleted meanwhile: its replicas are being unloaded
             if await self._claims.adopt(info.model, spec.max_replicas, info.id):
                 continue
             log.warning(
