@@ -241,6 +241,20 @@ class ClaimStore:
             return Wait("the slot was taken meanwhile")
         return Claim(model, decision.slot, claim_id, decision.took_over)
 
+    async def unclaimed(self, replica_ids: Sequence[str]) -> set[str]:
+        """Those of `replica_ids` that no claim names (one round trip)."""
+        try:
+            pool = await self._get_pool()
+            rows = await pool.fetch(
+                "SELECT id FROM unnest($1::text[]) AS id EXCEPT "
+                "SELECT replica_id FROM modeld_claims WHERE replica_id = ANY($1::text[])",
+                list(replica_ids),
+                timeout=self._timeout,
+            )
+        except DB_ERRORS as exc:
+            raise _down("reading the slots of this host's replicas", exc) from None
+        return {row["id"] for row in rows}
+
     async def adopt(self, model: str, max_replicas: int, replica_id: str) -> bool:
         """True when the running `replica_id` holds one of the model's slots, taking a
         free one when it holds none; False when every slot is held by others."""

@@ -6,9 +6,11 @@
   flow (`ColdStarts.start_claimed`) places the replica on the best host, which may be
   another one. No free slot: nothing starts, and the model is not tried again for
   `RETRY_S`, so that a busy model at max_replicas costs the database one read per period.
-- A new epoch (this host is back after its lease expired, or a first start): each
-  replica it publishes again re-takes a slot; one for which no slot is free (others
-  took them meanwhile) is stopped, so that max_replicas holds across the cluster.
+- A host back after its lease expired (SIGSTOP, a database outage; under a new epoch
+  or its old one) publishes its replicas again, but others may have taken their slots
+  meanwhile: every `period` this host checks (one read) that a claim names each of its
+  published replicas; one that none names takes a free slot, or is stopped when none
+  is free, so that max_replicas holds across the cluster.
 """
 
 import asyncio
@@ -56,13 +58,13 @@ class SlotGate:
         # model → its one scale-up in progress here; model → when the next may begin
         self._scaling: dict[str, asyncio.Task[None]] = {}
         self._not_before: dict[str, float] = {}
-        self._epoch_task: asyncio.Task[None] | None = None
+        self._keeper: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._epoch_task = asyncio.create_task(self._follow_epochs(), name="cluster-slots")
+        self._keeper = asyncio.create_task(self._keep_slots(), name="cluster-slots")
 
     async def close(self) -> None:
-        tasks = [*self._scaling.values(), *([self._epoch_task] if self._epoch_task else [])]
+        tasks = [*self._scaling.values(), *([self._keeper] if self._keeper else [])]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -102,31 +104,34 @@ class SlotGate:
             return
         log.info("cluster_scale_up", model=model, host_id=host, slot=decision.slot)
 
-    # a new epoch: the slots of the replicas published again
+    # this host's replicas keep their slots
 
-    async def _follow_epochs(self) -> None:
-        seen: int | None = None
+    async def _keep_slots(self) -> None:
         while True:
-            changed = self._membership.changed()
-            epoch = self._membership.epoch
-            if epoch is not None and epoch != seen:
-                try:
-                    await self._retake()
-                    seen = epoch
-                except errors.Unavailable as exc:
-                    log.warning("cluster_slots_retake_failed", error=str(exc))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), self._period)  # the poll fallback
+            try:
+                await self._retake()
+            except errors.Unavailable as exc:
+                log.warning("cluster_slots_retake_failed", error=str(exc))
+            await asyncio.sleep(self._period)  # the check's period, not a synchronisation
 
     async def _retake(self) -> None:
-        for info in self._router.replicas(None):
-            if info.state not in LIVE or not self._cold.visible(info):
-                continue  # a claimed load binds its own slot
+        """A replica whose slot was taken while this host's lease had expired (a SIGSTOP,
+        a database outage) takes a free one, or stops: max_replicas holds either way."""
+        published = [
+            i
+            for i in self._router.replicas(None)
+            if i.state in LIVE and self._cold.visible(i)  # a claimed load binds its own
+        ]
+        if not published or not self._membership.up:
+            return
+        lost = await self._claims.unclaimed([i.id for i in published])
+        for info in (i for i in published if i.id in lost):
             try:
                 spec = self._catalog.get(info.model)
             except errors.NotFound:
                 continue  # deleted meanwhile: its replicas are being unloaded
             if await self._claims.adopt(info.model, spec.max_replicas, info.id):
+                log.info("cluster_slot_retaken", model=info.model, replica_id=info.id)
                 continue
             log.warning(
                 "cluster_slot_lost_stopped",
