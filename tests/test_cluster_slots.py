@@ -51,6 +51,7 @@ async def sampling(dsn: str) -> AsyncIterator[list[int]]:
             most[0] = max(most[0], len(await hosts_of(dsn)))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.05)  # the sampling period
+        most[0] = max(most[0], len(await hosts_of(dsn)))  # and once as the block ends
 
     task = asyncio.ensure_future(watch())
     try:
