@@ -116,6 +116,7 @@ class ClusterRouter:
             timeout=timeout,
             placement=cfg.placement,
         )
+        claims = ClaimStore(dsn, cfg.host_id, timeout)
         self._cold = ColdStarts(
             host_id=cfg.host_id,
             host_ttl=cfg.host_ttl,
@@ -124,7 +125,7 @@ class ClusterRouter:
             catalog=catalog,
             membership=self.membership,
             peers=self.peers,
-            claims=(claims := ClaimStore(dsn, cfg.host_id, timeout)),
+            claims=claims,
             clock=clock,
             counters=self.counters,
             row_of=self._row_of,

@@ -7,8 +7,9 @@ even by a start that was already waiting in admission (it is cancelled, and the
 gate is checked again, with no await, right before a replica is created).
 
 In a cluster every start needs one of its model's max_replicas slots (cluster/claims.py):
-a `SlotGate` then takes the starts that would otherwise begin here without one (scale-up;
-a Route finding no start to join), and single-host mode has none.
+a `SlotGate` then takes the scale-ups, which would otherwise begin here without one, and
+a Route that finds no start to join is refused rather than start one. Single-host mode
+has no gate.
 """
 
 import asyncio
