@@ -42,6 +42,8 @@ DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceErro
 LOAD_INTERVAL = 1.0
 RowsFn = Callable[[], list[ReplicaRow]]
 FiguresFn = Callable[[], Awaitable[HostFigures]]
+# A ReplicaRow's fields in order, named as `_replica` reads them (`replica_notice`).
+_ROW = ("id", "model", "state", "address", "generation", "in_flight", "last_used", "free_memory")
 
 
 class Membership:
@@ -269,18 +271,15 @@ class Membership:
                 log.debug("cluster_capacity_seen", host_id=host.host_id, **asdict(figures))
 
     def _replace(
-        self,
-        hosts: list[RemoteHost],
-        replicas: list[RemoteReplica],
-        host_ids: Sequence[str] | None,
+        self, hosts: list[RemoteHost], replicas: list[RemoteReplica], ids: Sequence[str] | None
     ) -> None:
-        """The view's one writer: all hosts (`host_ids` None) or those named."""
+        """The view's one writer: all hosts (`ids` None) or those named."""
         before, replicas_before = self._shape(), dict(self.view.replicas)
-        if host_ids is None:
+        if ids is None:
             self.view.replace_all(hosts, replicas)
         else:
             by_id = {h.host_id: h for h in hosts}
-            for host_id in host_ids:
+            for host_id in ids:
                 mine = [r for r in replicas if r.host_id == host_id]
                 self.view.replace_host(host_id, by_id.get(host_id), mine)
         after = self._shape()
@@ -477,19 +476,8 @@ def _host(data: dict[str, Any], now: float) -> RemoteHost:
 
 def replica_notice(host_id: str, epoch: int, row: ReplicaRow) -> str:
     """A notification payload naming `host_id` and carrying its replica `row`."""
-    rid, model, state, address, generation, in_flight, last_used, free_memory = row
-    fields = {
-        "id": rid,
-        "host_id": host_id,
-        "epoch": epoch,
-        "model": model,
-        "state": state,
-        "address": address,
-        "generation": generation,
-        "in_flight": in_flight,
-        "last_used": last_used,
-        "free_memory": free_memory,
-    }
+    fields = dict(zip(_ROW, row, strict=True))
+    fields.update(host_id=host_id, epoch=epoch)
     return f"{host_id} {json.dumps(fields, separators=(',', ':'))}"
 
 
