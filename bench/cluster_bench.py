@@ -262,6 +262,7 @@ async def cold_round(
     total_ms = (time.perf_counter() - started) * 1000
     backend_ms = await backend_own_ms(replies[0].address)
     bound_ms = logged_ms(hosts, marks, "cluster_claim_bound", wall)
+    seen_ms = seen_everywhere_ms(hosts, marks, replies[0].replica_id, wall)
     return {
         "total_ms": round(total_ms, 2),
         "backend_ms": round(backend_ms, 2),
@@ -269,6 +270,9 @@ async def cold_round(
         "claim_ms": logged_ms(hosts, marks, "cluster_claim_taken", wall),
         "bound_ms": bound_ms,
         "bound_to_last_lease_ms": round(total_ms - bound_ms, 2) if bound_ms else None,
+        "bound_to_seen_everywhere_ms": round(seen_ms - bound_ms, 2)
+        if seen_ms and bound_ms
+        else None,
         "first_lease_ms": round((min(leased) - started) * 1000, 2),
         "spawns": spawned(gate) - before,
         "replicas": len({r.replica_id for r in replies}),
@@ -277,6 +281,28 @@ async def cold_round(
 
 def spawned(gate: Path) -> int:
     return len(list(gate.glob("spawn-*")))
+
+
+def seen_everywhere_ms(
+    hosts: list[DaemonProc], marks: list[int], replica_id: str, wall: float
+) -> float | None:
+    """When the last of the other hosts had `replica_id` READY in its view (its bind's
+    notification, else a reread), in ms after `wall`; the binder itself is left out."""
+    firsts = []
+    for d, mark in zip(hosts, marks, strict=True):
+        entries = d.log[mark:]
+        if any(e.get("event") == "cluster_claim_bound" for e in entries):
+            continue
+        seen = [
+            datetime.fromisoformat(e["timestamp"]).timestamp()
+            for e in entries
+            if e.get("event") == "cluster_view_changed"
+            and any(r.endswith("/" + replica_id) for r in e.get("ready", []))
+        ]
+        if not seen:
+            return None
+        firsts.append(min(seen))
+    return round((max(firsts) - wall) * 1000, 2) if firsts else None
 
 
 def median_of(rounds: list[dict[str, Any]], key: str) -> float | None:
@@ -321,6 +347,7 @@ async def measure_cold(args: argparse.Namespace, dsn: str, root: Path) -> dict[s
             "cold_overhead_target_ms": 100,
             "cold_claim_ms_median": median_of(rounds, "claim_ms"),
             "cold_bound_to_last_lease_ms_median": median_of(rounds, "bound_to_last_lease_ms"),
+            "cold_bound_to_seen_everywhere_ms": [r["bound_to_seen_everywhere_ms"] for r in rounds],
             "cold_spawns_per_model": sorted({r["spawns"] for r in rounds}),
         }
     finally:
