@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from modeld.cluster.membership import replica_notice
 from modeld.cluster.schema import CHANNEL
 from modeld.cluster.store import ReplicaRow
 from modeld.errors import Unavailable
@@ -56,7 +55,7 @@ RETURNING claim_id
 # One statement (one round trip, one transaction): the claim becomes serving only if
 # its id still holds and this host's epoch is live, and the replica row is written
 # and announced only then. Parameters: model, slot, claim id, then the ReplicaRow
-# fields ($4..$11), host id, epoch, channel, and the notification (the replica with it).
+# fields ($4..$11), host id, epoch.
 _BIND = """
 WITH bound AS (
     UPDATE modeld_claims SET state = 'serving', replica_id = $4, failures = 0,
@@ -77,7 +76,7 @@ WITH bound AS (
     WHERE modeld_replicas.host_id = EXCLUDED.host_id
     RETURNING 1
 )
-SELECT pg_notify($14, $15) FROM bound
+SELECT pg_notify($14, $12) FROM bound
 """
 
 
@@ -277,7 +276,6 @@ class ClaimStore:
                 self._host,
                 epoch,
                 CHANNEL,
-                replica_notice(self._host, epoch, row),
                 timeout=self._timeout,
             )
         except DB_ERRORS as exc:

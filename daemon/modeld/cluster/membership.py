@@ -42,8 +42,6 @@ DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceErro
 LOAD_INTERVAL = 1.0
 RowsFn = Callable[[], list[ReplicaRow]]
 FiguresFn = Callable[[], Awaitable[HostFigures]]
-# A ReplicaRow's fields in order, named as `_replica` reads them (`replica_notice`).
-_ROW = ("id", "model", "state", "address", "generation", "in_flight", "last_used", "free_memory")
 
 
 class Membership:
@@ -263,23 +261,13 @@ class Membership:
         now = self._clock.monotonic()
         hosts = [_host(h, now) for h in snap.hosts]
         replicas = [_replica(r) for r in snap.replicas]
-        seen = {h.host_id: figures_in(h) for h in self.view.hosts.values()}
-        self._replace(hosts, replicas, host_ids)
-        for host in hosts:
-            figures = figures_in(host)
-            if seen.get(host.host_id) != figures:
-                log.debug("cluster_capacity_seen", host_id=host.host_id, **asdict(figures))
-
-    def _replace(
-        self, hosts: list[RemoteHost], replicas: list[RemoteReplica], ids: Sequence[str] | None
-    ) -> None:
-        """The view's one writer: all hosts (`ids` None) or those named."""
         before, replicas_before = self._shape(), dict(self.view.replicas)
-        if ids is None:
+        seen = {h.host_id: figures_in(h) for h in self.view.hosts.values()}
+        if host_ids is None:
             self.view.replace_all(hosts, replicas)
         else:
             by_id = {h.host_id: h for h in hosts}
-            for host_id in ids:
+            for host_id in host_ids:
                 mine = [r for r in replicas if r.host_id == host_id]
                 self.view.replace_host(host_id, by_id.get(host_id), mine)
         after = self._shape()
@@ -301,6 +289,10 @@ class Membership:
                     if r.state is ReplicaState.READY
                 ),
             )
+        for host in hosts:
+            figures = figures_in(host)
+            if seen.get(host.host_id) != figures:
+                log.debug("cluster_capacity_seen", host_id=host.host_id, **asdict(figures))
 
     def changed(self) -> asyncio.Event:
         """Set at the next change of the view's shape; take it before reading the view."""
@@ -345,28 +337,9 @@ class Membership:
             await asyncio.sleep(min(self._timeout, 1.0))
 
     def _notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
-        host_id, _, replica = payload.partition(" ")
-        if host_id == self._cfg.host_id:
-            return
-        if replica:
-            self._apply_notice(host_id, replica)
-        # Reread all the same: the reread is the authority (and repairs a notice
-        # overtaken by a reread that began before it was sent).
-        self._pending.add(host_id)
-        self._reread_wake.set()
-
-    def _apply_notice(self, host_id: str, replica: str) -> None:
-        """A replica carried by its notification (a claimed replica just bound; see
-        `replica_notice`), in the view at once: waiters need not await the reread."""
-        try:
-            seen = _replica(json.loads(replica))
-        except (ValueError, KeyError, TypeError):
-            return  # not ours to judge: the reread reads the row itself
-        host = self.view.hosts.get(host_id)
-        if seen.host_id != host_id or host is None or host.epoch != seen.epoch:
-            return  # a host this view does not know yet: the reread brings both
-        mine = [r for r in self.view.replicas.values() if r.host_id == host_id and r.id != seen.id]
-        self._replace([host], [*mine, seen], [host_id])
+        if payload != self._cfg.host_id:
+            self._pending.add(payload)
+            self._reread_wake.set()
 
     async def _reread(self) -> None:
         while True:
@@ -472,13 +445,6 @@ def _host(data: dict[str, Any], now: float) -> RemoteHost:
         max_loaded=int(data.get("max_loaded") or 0),
         evictable=int(data.get("evictable") or 0),
     )
-
-
-def replica_notice(host_id: str, epoch: int, row: ReplicaRow) -> str:
-    """A notification payload naming `host_id` and carrying its replica `row`."""
-    fields = dict(zip(_ROW, row, strict=True))
-    fields.update(host_id=host_id, epoch=epoch)
-    return f"{host_id} {json.dumps(fields, separators=(',', ':'))}"
 
 
 def _replica(data: dict[str, Any]) -> RemoteReplica:
