@@ -84,3 +84,25 @@ def test_requests_and_deadlines() -> None:
     assert rules.deadline_for(5.0, timeout=300.0) == 305.0
     assert rules.deadline_for(5.0, timeout=300.0, limit=2.0) == 7.0
     assert rules.call_timeout(deadline=7.0, now=8.0) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("owner", "connected", "target"),
+    [
+        ("", "a:1", None),  # a single host names no owner
+        ("a:1", "a:1", None),  # the connected modeld owns it
+        ("b:2", "a:1", "b:2"),  # forwarded: straight to the owner
+    ],
+)
+def test_release_and_renew_go_to_the_owner_only_when_it_is_another_modeld(
+    owner: str, connected: str, target: str | None
+) -> None:
+    held = lease()
+    held.owner_address = owner
+    assert rules.owner_target(held, connected) == target
+
+
+def test_only_an_unreachable_or_refusing_owner_is_asked_through_the_connected_modeld() -> None:
+    assert rules.try_connected(Error(grpc.StatusCode.UNAVAILABLE))
+    assert rules.try_connected(Error(grpc.StatusCode.UNAUTHENTICATED))
+    assert not rules.try_connected(Error(grpc.StatusCode.NOT_FOUND))

@@ -23,6 +23,8 @@ class AsyncClient(ClientBase):
     _aio = True
 
     async def close(self) -> None:
+        for channel in self._owner_channels():
+            await channel.close(None)
         await self._channel.close(None)
 
     async def __aenter__(self) -> "AsyncClient":
@@ -44,11 +46,12 @@ class AsyncClient(ClientBase):
 
     async def release(self, lease: Lease, outcome: pb.ReleaseOutcome | None = None) -> bool:
         request = rules.release_request(lease, outcome)
-        reply = await self._call("Release", request, self._deadline())
+        reply = await self._at_owner(lease, "Release", request, self._deadline())
         return bool(reply.released)
 
     async def renew(self, lease: Lease, limit: float | None = None) -> float:
-        reply = await self._call("RenewLease", rules.renew_request(lease), self._deadline(limit))
+        request = rules.renew_request(lease)
+        reply = await self._at_owner(lease, "RenewLease", request, self._deadline(limit))
         expires = rules.expiry_of(reply)
         lease._renewed(expires)
         return expires
@@ -89,3 +92,13 @@ class AsyncClient(ClientBase):
         self, method: str, request: Any, deadline: float, *, wait_for_ready: bool = False
     ) -> Any:
         return await getattr(self.stub, method)(request, **self._options(deadline, wait_for_ready))
+
+    async def _at_owner(self, lease: Lease, method: str, request: Any, deadline: float) -> Any:
+        owner = self._owner_stub(lease)
+        if owner is not None:
+            try:
+                return await getattr(owner, method)(request, **self._options(deadline, False))
+            except grpc.RpcError as exc:
+                if not rules.try_connected(exc):
+                    raise
+        return await self._call(method, request, deadline)

@@ -1,5 +1,6 @@
 """What `Client` and `AsyncClient` share besides the rules: the connection and the options."""
 
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any
@@ -9,12 +10,17 @@ import grpc
 from modeld._proto.modeld.v1 import modeld_pb2_grpc as pb_grpc
 from modeld.client import rules
 from modeld.client.connect import ConnectOptions
+from modeld.client.lease import Lease
 
 RetryHook = Callable[[grpc.RpcError], None]
 
 
 class ClientBase:
     """A connection to modeld. Connection arguments are the CLI's (see `ConnectOptions`).
+
+    In a cluster, a lease's Release and RenewLease go straight to the modeld that
+    owns it (`Lease.owner_address`), with the same TLS and token; an owner this client
+    cannot reach is asked through the connected modeld instead.
 
     `timeout` bounds each call (a Route may wait for a cold start); a Route that
     fails with UNAVAILABLE is tried once more after `retry_delay` seconds, waiting
@@ -37,15 +43,33 @@ class ClientBase:
         on_retry: RetryHook | None = None,
     ) -> None:
         conn = ConnectOptions(addr, token_file, tls_ca, tls_cert, tls_key, tls_server_name)
-        resolved = conn.resolve()
+        self._resolved = resolved = conn.resolve()
         self.addr = resolved.addr
         self._metadata = resolved.metadata
         self._channel: Any = resolved.aio_channel() if self._aio else resolved.channel()
         # The generated stub, for every other RPC; pass `metadata=client.metadata`.
         self.stub: Any = pb_grpc.ModelControlStub(self._channel)  # type: ignore[no-untyped-call]
+        # Channels to lease owners (cluster mode), with the same TLS and token, by address.
+        self._owners: dict[str, tuple[Any, Any]] = {}
         self.timeout = timeout
         self.retry_delay = retry_delay
         self.on_retry = on_retry
+
+    def _owner_stub(self, lease: Lease) -> Any:
+        """The stub for the lease's owner, when it is not the connected modeld."""
+        target = rules.owner_target(lease, self.addr)
+        if target is None:
+            return None
+        if target not in self._owners:
+            resolved = dataclasses.replace(self._resolved, addr=target)
+            channel = resolved.aio_channel() if self._aio else resolved.channel()
+            self._owners[target] = (channel, pb_grpc.ModelControlStub(channel))  # type: ignore[no-untyped-call]
+        return self._owners[target][1]
+
+    def _owner_channels(self) -> list[Any]:
+        channels = [channel for channel, _stub in self._owners.values()]
+        self._owners.clear()
+        return channels
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:

@@ -30,6 +30,9 @@ class Lease:
     protocol: str  # "grpc" (LocalAI backend protocol) or "http"
     cold_start: bool
     expires_at: float  # the daemon's wall clock, seconds since the epoch
+    # In a cluster: the modeld that granted the lease, which Release and RenewLease
+    # go to directly (one hop fewer than through the modeld that forwarded the Route).
+    owner_address: str = ""
     outcome: pb.ReleaseOutcome = pb.OK
     # Set when a renewal found the lease gone (expired or released elsewhere).
     lost: grpc.RpcError | None = None

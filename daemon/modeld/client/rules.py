@@ -41,7 +41,21 @@ def lease_of(reply: Any) -> Lease:
         protocol=pb.Protocol.Name(reply.protocol).lower(),
         cold_start=reply.cold_start,
         expires_at=expiry_of(reply),
+        owner_address=reply.owner_address,
     )
+
+
+def owner_target(lease: Lease, connected_to: str) -> str | None:
+    """Where a lease's Release and RenewLease go directly: its owner, when that is a
+    modeld other than the one this client is connected to (else None: the usual one)."""
+    owner = lease.owner_address
+    return owner if owner and owner != connected_to else None
+
+
+def try_connected(error: grpc.RpcError) -> bool:
+    """An owner this client cannot reach is asked through the connected modeld,
+    which forwards to it; any other answer is the owner's own and final."""
+    return error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED)
 
 
 def expiry_of(reply: Any) -> float:

@@ -21,6 +21,8 @@ class Client(ClientBase):
     __doc__ = ClientBase.__doc__
 
     def close(self) -> None:
+        for channel in self._owner_channels():
+            channel.close()
         self._channel.close()
 
     def __enter__(self) -> "Client":
@@ -41,11 +43,14 @@ class Client(ClientBase):
         return rules.lease_of(self._call("Route", request, deadline, wait_for_ready=True))
 
     def release(self, lease: Lease, outcome: pb.ReleaseOutcome | None = None) -> bool:
-        reply = self._call("Release", rules.release_request(lease, outcome), self._deadline())
+        request = rules.release_request(lease, outcome)
+        reply = self._at_owner(lease, "Release", request, self._deadline())
         return bool(reply.released)
 
     def renew(self, lease: Lease, limit: float | None = None) -> float:
-        reply = self._call("RenewLease", rules.renew_request(lease), self._deadline(limit))
+        reply = self._at_owner(
+            lease, "RenewLease", rules.renew_request(lease), self._deadline(limit)
+        )
         expires = rules.expiry_of(reply)
         lease._renewed(expires)
         return expires
@@ -81,6 +86,16 @@ class Client(ClientBase):
         self, method: str, request: Any, deadline: float, *, wait_for_ready: bool = False
     ) -> Any:
         return getattr(self.stub, method)(request, **self._options(deadline, wait_for_ready))
+
+    def _at_owner(self, lease: Lease, method: str, request: Any, deadline: float) -> Any:
+        owner = self._owner_stub(lease)
+        if owner is not None:
+            try:
+                return getattr(owner, method)(request, **self._options(deadline, False))
+            except grpc.RpcError as exc:
+                if not rules.try_connected(exc):
+                    raise
+        return self._call(method, request, deadline)
 
 
 class _Renewer:
