@@ -207,7 +207,10 @@ async def test_refused_by_the_first_host_then_the_next(
     tmp_path: Path, pg_dsn: str, gate: Path
 ) -> None:
     huge = 'memory_estimate = "100TiB"\n'
-    extras = {"a": gated_toml(gate, huge), "b": gated_toml(gate), "c": gated_toml(gate)}
+    # c, a router, owns the claim and places on the nodes a and b; a's own admission
+    # refuses (its spec's estimate fits no device), and b is next.
+    router = 'role = "router"\n'
+    extras = {"a": gated_toml(gate, huge), "b": gated_toml(gate), "c": router + gated_toml(gate)}
     (gate / "open").touch()
     async with cluster(tmp_path, pg_dsn, extras) as hosts:
         reply = await route(hosts["c"])

@@ -446,3 +446,10 @@ def test_bad_spec_fields_are_refused_naming_the_field(
     with pytest.raises(InvalidArgument, match="model 'm': ") as caught:
         check_model_spec(replace(SPEC, **changes), backends)  # type: ignore[arg-type]
     assert message in str(caught.value)
+
+
+def test_the_asking_host_wins_only_among_equals() -> None:
+    equal = [host("a"), host("b"), host("c")]
+    assert place("m", SPEC, equal, prefer="b") == ["b", "a", "c"]
+    busier = [host("a"), host("b", loaded=1), host("c")]
+    assert place("m", SPEC, busier, prefer="b") == ["a", "c", "b"]

@@ -221,7 +221,7 @@ class ColdStarts:
         hosts = capacities(view, now, trust_expired=False)
         why: list[str] = []
         mode = placement_mode(spec, self._placement)
-        for host_id in place(claim.model, spec, hosts, mode=mode):
+        for host_id in place(claim.model, spec, hosts, mode=mode, prefer=self._host):
             if lost.is_set():
                 return None
             try:
