@@ -38,7 +38,7 @@ from modeld.cluster.listing import (
 )
 from modeld.cluster.membership import Membership
 from modeld.cluster.store import Snapshot
-from modeld.cluster.view import ClusterView, RemoteHost, RemoteReplica
+from modeld.cluster.view import ClusterView, HostFigures, RemoteHost, RemoteReplica
 from modeld.config import ClusterConfig
 from modeld.ops.events import CLUSTER, Event, EventBus
 from modeld.ops.metrics import ClusterStats, Metrics
@@ -80,7 +80,10 @@ def test_list_hosts_from_the_view_and_this_host_from_its_router() -> None:
     view.replace_all(
         [
             _host("me", 110.0),
-            replace(_host("b", 102.0, gpu="h100"), gpu_free=(1, 2), gpu_total=(3, 4)),
+            replace(
+                _host("b", 102.0, gpu="h100"),
+                figures=HostFigures(gpu_free=(1, 2), gpu_total=(3, 4)),
+            ),
             _host("c", 95.0),
         ],
         [_replica("r1", "b"), _replica("r2", "b", S.LOADING), _replica("r3", "me")],

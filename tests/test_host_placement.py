@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 from modeld.api import convert
 from modeld.capacity.resources import ResourceReader
 from modeld.clock import FakeClock, SystemClock
-from modeld.cluster.hostcap import GRID, HostFigures, LocalFigures, capacities, figures_of
+from modeld.cluster.hostcap import GRID, LocalFigures, capacities, figures_of
 from modeld.cluster.membership import Membership
-from modeld.cluster.view import ClusterView, RemoteHost, RemoteReplica
+from modeld.cluster.view import ClusterView, HostFigures, RemoteHost, RemoteReplica
 from modeld.config import ClusterConfig
 from modeld.errors import FailedPrecondition, InvalidArgument
 from modeld.ops.events import EventBus
@@ -370,8 +370,8 @@ async def test_unreadable_resources_publish_memory_as_unknown() -> None:
 
 
 def remote(host_id: str, epoch: int = 1, expires: float = 100.0, **kw: object) -> RemoteHost:
-    base = RemoteHost(host_id, epoch, f"{host_id}:1", "node", {"gpu": "h100"}, expires)
-    return replace(base, **kw)  # type: ignore[arg-type]
+    figures = HostFigures(**kw)  # type: ignore[arg-type]
+    return RemoteHost(host_id, epoch, f"{host_id}:1", "node", {"gpu": "h100"}, expires, figures)
 
 
 def replica(rid: str, host_id: str, model: str = "m", epoch: int = 1) -> RemoteReplica:

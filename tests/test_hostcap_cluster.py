@@ -17,10 +17,11 @@ from daemon_proc import DaemonProc
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld.capacity.resources import write_fake
 from modeld.clock import SystemClock
-from modeld.cluster.hostcap import GRID, HostFigures, capacities
+from modeld.cluster.hostcap import GRID, capacities
 from modeld.cluster.membership import Membership
 from modeld.cluster.schema import migrate
 from modeld.cluster.store import Fenced, Store
+from modeld.cluster.view import HostFigures
 from modeld.config import ClusterConfig
 from modeld.errors import FailedPrecondition
 from modeld.ops.events import EventBus

@@ -10,12 +10,11 @@ into the `HostCapacity` rows `policy.host_placement.place` takes.
 
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 
 from modeld.capacity.resources import ResourceReader
 from modeld.capacity.sampler import Sampler
 from modeld.clock import Clock
-from modeld.cluster.view import ClusterView, RemoteHost
+from modeld.cluster.view import ClusterView, HostFigures, RemoteHost
 from modeld.policy.host_placement import HostCapacity
 from modeld.policy.view import HostView, ReplicaView
 from modeld.state import ReplicaState
@@ -23,20 +22,6 @@ from modeld.state import ReplicaState
 # The grid of published memory figures (as front.MEMORY_GRID for replica rows).
 GRID = 256 << 20
 UNKNOWN = HostView(ram_total=0, ram_available=0, gpus=())
-
-
-@dataclass(frozen=True, slots=True)
-class HostFigures:
-    """One host's published capacity; the columns its host row adds (cluster/schema.py)."""
-
-    backends: tuple[str, ...] = ()
-    gpu_free: tuple[int, ...] = ()
-    gpu_total: tuple[int, ...] = ()
-    ram_free: int = 0
-    ram_total: int = 0
-    loaded: int = 0
-    max_loaded: int = 0
-    evictable: int = 0
 
 
 def figures_of(
@@ -54,20 +39,6 @@ def figures_of(
         loaded=len(views),
         max_loaded=max_loaded,
         evictable=_grid(sum(v.memory for v in idle)),
-    )
-
-
-def figures_in(host: RemoteHost) -> HostFigures:
-    """What a host's row published, as read back into the view."""
-    return HostFigures(
-        backends=host.backends,
-        gpu_free=host.gpu_free,
-        gpu_total=host.gpu_total,
-        ram_free=host.ram_free,
-        ram_total=host.ram_total,
-        loaded=host.loaded,
-        max_loaded=host.max_loaded,
-        evictable=host.evictable,
     )
 
 
@@ -111,18 +82,19 @@ def capacities(view: ClusterView, now: float, *, trust_expired: bool) -> list[Ho
 
 
 def capacity_of(host: RemoteHost, model_replicas: Mapping[str, int]) -> HostCapacity:
+    figures = host.figures
     return HostCapacity(
         host_id=host.host_id,
         role=host.role,
         labels=dict(host.labels),
-        backends=frozenset(host.backends),
-        gpu_free=host.gpu_free,
-        gpu_total=host.gpu_total,
-        ram_free=host.ram_free,
-        ram_total=host.ram_total,
-        loaded=host.loaded,
-        max_loaded=host.max_loaded,
-        evictable=host.evictable,
+        backends=frozenset(figures.backends),
+        gpu_free=figures.gpu_free,
+        gpu_total=figures.gpu_total,
+        ram_free=figures.ram_free,
+        ram_total=figures.ram_total,
+        loaded=figures.loaded,
+        max_loaded=figures.max_loaded,
+        evictable=figures.evictable,
         model_replicas=dict(model_replicas),
     )
 

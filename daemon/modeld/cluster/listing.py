@@ -115,10 +115,10 @@ def _entry(
         labels=dict(host.labels),
         state=host_state(remaining, ttl, trust_expired),
         replicas=replicas,
-        gpu_free=host.gpu_free,
-        gpu_total=host.gpu_total,
-        ram_free=host.ram_free,
-        ram_total=host.ram_total,
+        gpu_free=host.figures.gpu_free,
+        gpu_total=host.figures.gpu_total,
+        ram_free=host.figures.ram_free,
+        ram_total=host.figures.ram_total,
         lease_remaining=remaining,
         # A renewal sets the lease to host_ttl; the database keeps no renewal time, so
         # the age assumes the host runs this host's host_ttl.

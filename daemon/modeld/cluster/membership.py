@@ -26,11 +26,10 @@ import asyncpg
 import structlog
 
 from modeld.clock import Clock
-from modeld.cluster.hostcap import HostFigures, figures_in
 from modeld.cluster.listing import view_events
 from modeld.cluster.schema import CHANNEL, migrate
 from modeld.cluster.store import Fenced, ReplicaRow, Snapshot, Store
-from modeld.cluster.view import ClusterView, RemoteHost, RemoteReplica
+from modeld.cluster.view import ClusterView, HostFigures, RemoteHost, RemoteReplica
 from modeld.config import ClusterConfig, redact_dsn
 from modeld.errors import RegistryError, Unavailable
 from modeld.ops.events import CLUSTER, EventBus
@@ -262,7 +261,7 @@ class Membership:
         hosts = [_host(h, now) for h in snap.hosts]
         replicas = [_replica(r) for r in snap.replicas]
         before, replicas_before = self._shape(), dict(self.view.replicas)
-        seen = {h.host_id: figures_in(h) for h in self.view.hosts.values()}
+        seen = {h.host_id: h.figures for h in self.view.hosts.values()}
         if host_ids is None:
             self.view.replace_all(hosts, replicas)
         else:
@@ -290,9 +289,8 @@ class Membership:
                 ),
             )
         for host in hosts:
-            figures = figures_in(host)
-            if seen.get(host.host_id) != figures:
-                log.debug("cluster_capacity_seen", host_id=host.host_id, **asdict(figures))
+            if seen.get(host.host_id) != host.figures:
+                log.debug("cluster_capacity_seen", host_id=host.host_id, **asdict(host.figures))
 
     def changed(self) -> asyncio.Event:
         """Set at the next change of the view's shape; take it before reading the view."""
@@ -436,14 +434,16 @@ def _host(data: dict[str, Any], now: float) -> RemoteHost:
         role=data["role"],
         labels=labels if isinstance(labels, dict) else json.loads(labels),
         expires=now + float(data["remaining"]),
-        backends=tuple(data.get("backends") or ()),
-        gpu_free=tuple(int(b) for b in data.get("gpu_free") or ()),
-        gpu_total=tuple(int(b) for b in data.get("gpu_total") or ()),
-        ram_free=int(data.get("ram_free") or 0),
-        ram_total=int(data.get("ram_total") or 0),
-        loaded=int(data.get("loaded") or 0),
-        max_loaded=int(data.get("max_loaded") or 0),
-        evictable=int(data.get("evictable") or 0),
+        figures=HostFigures(
+            backends=tuple(data.get("backends") or ()),
+            gpu_free=tuple(int(b) for b in data.get("gpu_free") or ()),
+            gpu_total=tuple(int(b) for b in data.get("gpu_total") or ()),
+            ram_free=int(data.get("ram_free") or 0),
+            ram_total=int(data.get("ram_total") or 0),
+            loaded=int(data.get("loaded") or 0),
+            max_loaded=int(data.get("max_loaded") or 0),
+            evictable=int(data.get("evictable") or 0),
+        ),
     )
 
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import asyncpg
 
-from modeld.cluster.hostcap import HostFigures
 from modeld.cluster.schema import CHANNEL, REAP_LOCK
+from modeld.cluster.view import HostFigures
 
 # (replica_id, model, state, address, generation, in_flight, last_used, free_memory)
 ReplicaRow = tuple[str, str, str, str, int, int, float, int]

@@ -15,17 +15,11 @@ from modeld.state import ReplicaState
 
 
 @dataclass(frozen=True, slots=True)
-class RemoteHost:
-    host_id: str
-    epoch: int
-    address: str
-    role: str
-    labels: Mapping[str, str]
-    # Local monotonic time at which the host's lease runs out, as far as we know.
-    expires: float
-    # Published capacity (cluster/hostcap.py): backends configured there, free and
-    # total bytes per GPU and of RAM, live replicas, max_loaded (0 = no limit), and
-    # bytes held by its idle unpinned replicas. Zero/empty until it first publishes.
+class HostFigures:
+    """One host's published capacity; the columns its host row adds (cluster/schema.py):
+    backends configured there, free and total bytes per GPU and of RAM, live replicas,
+    max_loaded (0 = no limit), and bytes held by its idle unpinned replicas."""
+
     backends: tuple[str, ...] = ()
     gpu_free: tuple[int, ...] = ()
     gpu_total: tuple[int, ...] = ()
@@ -34,6 +28,19 @@ class RemoteHost:
     loaded: int = 0
     max_loaded: int = 0
     evictable: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteHost:
+    host_id: str
+    epoch: int
+    address: str
+    role: str
+    labels: Mapping[str, str]
+    # Local monotonic time at which the host's lease runs out, as far as we know.
+    expires: float
+    # Published capacity (cluster/hostcap.py); zero/empty until it first publishes.
+    figures: HostFigures = HostFigures()
 
 
 @dataclass(frozen=True, slots=True)
