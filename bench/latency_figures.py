@@ -217,35 +217,44 @@ def _section(name: str, work: Awaitable[dict[str, Any]]) -> Awaitable[dict[str, 
 
 
 def render(section: dict[str, Any]) -> list[str]:
-    lines = []
-    crash = section.get("crash_to_failed", {})
-    if "error" in crash:
-        lines.append(f"crash → FAILED event: ERROR {crash['error']}")
-    elif crash:
-        lines.append(
-            f"crash → FAILED event: median {crash['median_ms']} ms, "
-            f"max {crash['max_ms']} ms over {crash['crashes']} crashes"
-        )
-    flood = section.get("health_during_flood", {})
-    if "error" in flood:
-        lines.append(f"Health during an output flood: ERROR {flood['error']}")
-    elif flood:
-        lines.append(
-            f"Health during an output flood: p99 {flood['during']['p99_ms']} ms, "
-            f"worst {flood['during']['max_ms']} ms (before: p99 {flood['before']['p99_ms']} ms); "
-            f"worst/before-p99 {flood['worst_over_before_p99']}x"
-        )
-    pings = section.get("ping_with_stalled_followers", {})
-    if "error" in pings:
-        lines.append(f"Ping with stalled followers: ERROR {pings['error']}")
-    elif pings:
-        lines.append(
-            f"Ping with {pings['followers']} stalled followers: "
-            f"p50/p99 {pings['with_stalled']['p50_ms']}/{pings['with_stalled']['p99_ms']} ms "
-            f"(before {pings['before']['p50_ms']}/{pings['before']['p99_ms']} ms); "
-            f"p99 ratio {pings['p99_ratio']}x"
-        )
-    return lines
+    figures = [
+        ("crash → FAILED event", section.get("crash_to_failed", {}), _crash_line),
+        ("Health during an output flood", section.get("health_during_flood", {}), _flood_line),
+        (
+            "Ping with stalled followers",
+            section.get("ping_with_stalled_followers", {}),
+            _pings_line,
+        ),
+    ]
+    return [
+        f"{label}: ERROR {figure['error']}" if "error" in figure else line(figure)
+        for label, figure, line in figures
+        if figure
+    ]
+
+
+def _crash_line(crash: dict[str, Any]) -> str:
+    return (
+        f"crash → FAILED event: median {crash['median_ms']} ms, "
+        f"max {crash['max_ms']} ms over {crash['crashes']} crashes"
+    )
+
+
+def _flood_line(flood: dict[str, Any]) -> str:
+    return (
+        f"Health during an output flood: p99 {flood['during']['p99_ms']} ms, "
+        f"worst {flood['during']['max_ms']} ms (before: p99 {flood['before']['p99_ms']} ms); "
+        f"worst/before-p99 {flood['worst_over_before_p99']}x"
+    )
+
+
+def _pings_line(pings: dict[str, Any]) -> str:
+    return (
+        f"Ping with {pings['followers']} stalled followers: "
+        f"p50/p99 {pings['with_stalled']['p50_ms']}/{pings['with_stalled']['p99_ms']} ms "
+        f"(before {pings['before']['p50_ms']}/{pings['before']['p99_ms']} ms); "
+        f"p99 ratio {pings['p99_ratio']}x"
+    )
 
 
 def main() -> int:
