@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from modeld.cluster.schema import CHANNEL
-from modeld.cluster.store import ReplicaRow
+from modeld.cluster.store import REPLICA_COLUMNS, REPLICA_CONFLICT, ReplicaRow
 from modeld.errors import Unavailable
 
 LOADING, SERVING, FAILED = "loading", "serving", "failed"
@@ -70,7 +70,7 @@ RETURNING claim_id
 # its id still holds and this host's epoch is live, and the replica row is written
 # and announced only then. Parameters: model, slot, claim id, then the ReplicaRow
 # fields ($4..$11), host id, epoch.
-_BIND = """
+_BIND = f"""
 WITH bound AS (
     UPDATE modeld_claims SET state = 'serving', replica_id = $4, failures = 0,
         error = '', code = ''
@@ -79,15 +79,9 @@ WITH bound AS (
                   WHERE host_id = $12 AND epoch = $13 AND lease_expires_at > now())
     RETURNING 1
 ), written AS (
-    INSERT INTO modeld_replicas (replica_id, host_id, epoch, model, state, address,
-                                 generation, in_flight, last_used, free_memory, updated_at)
+    INSERT INTO {REPLICA_COLUMNS}
     SELECT $4, $12, $13, $5, $6, $7, $8, $9, $10, $11, now() FROM bound
-    ON CONFLICT (replica_id) DO UPDATE SET
-        epoch = EXCLUDED.epoch, model = EXCLUDED.model, state = EXCLUDED.state,
-        address = EXCLUDED.address, generation = EXCLUDED.generation,
-        in_flight = EXCLUDED.in_flight, last_used = EXCLUDED.last_used,
-        free_memory = EXCLUDED.free_memory, updated_at = now()
-    WHERE modeld_replicas.host_id = EXCLUDED.host_id
+    {REPLICA_CONFLICT}
     RETURNING 1
 )
 SELECT pg_notify($14, $12) FROM bound

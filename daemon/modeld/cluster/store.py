@@ -18,16 +18,20 @@ from modeld.cluster.view import HostFigures
 # (replica_id, model, state, address, generation, in_flight, last_used, free_memory)
 ReplicaRow = tuple[str, str, str, str, int, int, float, int]
 
-_UPSERT = """
-INSERT INTO modeld_replicas (replica_id, host_id, epoch, model, state, address, generation,
-                             in_flight, last_used, free_memory, updated_at)
-VALUES ($1, $9, $10, $2, $3, $4, $5, $6, $7, $8, now())
-ON CONFLICT (replica_id) DO UPDATE SET
+# How a replica row is written, by the membership's publish and by a claim's bind
+# (claims.py): a row is only ever overwritten by the host that owns it.
+REPLICA_COLUMNS = """modeld_replicas (replica_id, host_id, epoch, model, state, address,
+    generation, in_flight, last_used, free_memory, updated_at)"""
+REPLICA_CONFLICT = """ON CONFLICT (replica_id) DO UPDATE SET
     epoch = EXCLUDED.epoch, model = EXCLUDED.model, state = EXCLUDED.state,
     address = EXCLUDED.address, generation = EXCLUDED.generation,
     in_flight = EXCLUDED.in_flight, last_used = EXCLUDED.last_used,
     free_memory = EXCLUDED.free_memory, updated_at = now()
-WHERE modeld_replicas.host_id = EXCLUDED.host_id
+WHERE modeld_replicas.host_id = EXCLUDED.host_id"""
+_UPSERT = f"""
+INSERT INTO {REPLICA_COLUMNS}
+VALUES ($1, $9, $10, $2, $3, $4, $5, $6, $7, $8, now())
+{REPLICA_CONFLICT}
 """
 _READ = """
 SELECT
