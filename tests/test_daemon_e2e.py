@@ -182,3 +182,15 @@ async def test_api_models_are_capped(tmp_path: Path) -> None:
         assert {r.code() for r in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
         listed = await d.stub.ListModels(pb.ListModelsRequest())
         assert len(listed.models) == MAX_API_MODELS + 1
+
+
+async def test_a_gguf_model_without_an_estimate_counts_its_file_size(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "tiny.gguf").write_bytes(b"GGUF" + bytes(3 * 4096 - 4))
+    catalog = ECHO_CATALOG + '[models.tiny]\nbackend = "echo"\nmodel_file = "tiny.gguf"\n'
+    async with running_daemon(tmp_path, catalog) as d:
+        loaded = await d.stub.Load(pb.LoadRequest(model="tiny"), timeout=30)
+        assert loaded.replicas[0].memory == 3 * 4096
+        listed = await d.stub.ListReplicas(pb.ListReplicasRequest(model="tiny"))
+        assert [r.memory for r in listed.replicas] == [3 * 4096]

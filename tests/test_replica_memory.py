@@ -9,7 +9,8 @@ its memory estimate, for admission, eviction and the listings alike.
 import asyncio
 import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import pytest
 
@@ -22,7 +23,7 @@ from modeld.routing.lifecycle import Admit
 from modeld.routing.probe import ProbeCache
 from modeld.routing.routed import Listener
 from modeld.routing.router import Router, build_router
-from modeld.spec import ModelSpec
+from modeld.spec import ModelSpec, Settings, with_file_estimate
 from routing_fakes import FakeReplica
 from watchdog_fakes import WAIT, FakeCatalog, StubReader, StubSettings
 
@@ -57,6 +58,8 @@ class Rig:
     watchdog: Watchdog
     gate: asyncio.Event
     made: asyncio.Event
+    # Set by each reading the watchdog hands to the router.
+    observed: asyncio.Event
 
     def memory(self) -> tuple[int, int]:
         """The replica's memory in the views (admission, eviction) and in ListReplicas."""
@@ -73,13 +76,19 @@ class Rig:
 
 async def _rig(reader: StubReader) -> AsyncIterator[Rig]:
     clock = FakeClock()
-    settings = StubSettings()
+    # No periodic tick within a test: a reading comes from a tick the test runs, or
+    # from the one READY asks for.
+    settings = StubSettings(Settings(watchdog_interval=3600))
+    events = EventBus()
     gate = asyncio.Event()
     made = asyncio.Event()
+    observed = asyncio.Event()
 
     def factory(spec: ModelSpec, gpu_ids: tuple[int, ...], listener: Listener) -> FakeReplica:
         made.set()
-        return FakeReplica("r0", spec, clock, gpu_ids=(0,), gate=gate, listener=listener, pid=PID)
+        return FakeReplica(
+            "r0", spec, clock, gpu_ids=(0,), gate=gate, listener=listener, pid=PID, events=events
+        )
 
     def admission(evictor: Evictor) -> Admit:
         async def admit(spec: ModelSpec, deadline: float) -> tuple[int, ...]:
@@ -91,7 +100,7 @@ async def _rig(reader: StubReader) -> AsyncIterator[Rig]:
         clock=clock,
         catalog=FakeCatalog(SPEC),  # type: ignore[arg-type]
         settings=settings,  # type: ignore[arg-type]
-        events=EventBus(),
+        events=events,
         factory=factory,
         admission=admission,
         prober=ProbeCache(clock, lambda: 30.0),
@@ -101,11 +110,12 @@ async def _rig(reader: StubReader) -> AsyncIterator[Rig]:
         reader=reader,
         settings=settings,  # type: ignore[arg-type]
         views=router.views,
-        observe=router.observe,
+        observe=lambda host, processes: (router.observe(host, processes), observed.set()),
         evict=router.evict,
         maintain=router.maintain,
+        events=events,
     )
-    yield Rig(clock, reader, router, watchdog, gate, made)
+    yield Rig(clock, reader, router, watchdog, gate, made, observed)
     gate.set()
     await watchdog.close()
     await router.close()
@@ -167,3 +177,40 @@ async def test_a_reading_begun_before_ready_and_ended_after_it_is_not_final(held
     held.clock.advance(1)
     await asyncio.wait_for(held.watchdog.tick(), WAIT)
     assert held.memory() == (47 * GIB, 47 * GIB)
+
+
+async def test_ready_takes_a_reading_at_once_instead_of_waiting_for_the_next_tick(
+    rig: Rig,
+) -> None:
+    running = asyncio.ensure_future(rig.watchdog.run())
+    try:
+        route = await rig.start()
+        rig.reader.processes = {PID: 30 * MIB}
+        await rig.watchdog.tick()
+        rig.reader.processes = {PID: 47 * GIB}
+        rig.clock.advance(1)
+        # The run loop's own first tick is over (the reader answers inline) and its next
+        # is an hour away: the next reading is the one READY asks for.
+        rig.observed.clear()
+        rig.gate.set()
+        await asyncio.wait_for(route, WAIT)
+        await asyncio.wait_for(rig.observed.wait(), WAIT)
+        assert rig.memory() == (47 * GIB, 47 * GIB)
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+
+def test_a_gguf_without_an_estimate_counts_its_file_size(tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "small.gguf").write_bytes(b"GGUF" + bytes(4092))
+    (tmp_path / "weights.bin").write_bytes(bytes(100))
+    bare = replace(SPEC, memory_estimate=0, model_file="m/small.gguf")
+    assert with_file_estimate(bare, tmp_path).memory_estimate == 4096
+    assert with_file_estimate(SPEC, tmp_path) is SPEC, "a given estimate wins"
+    other = replace(bare, model_file="weights.bin")
+    assert with_file_estimate(other, tmp_path) is other, "only a GGUF's size is its memory"
+    missing = replace(bare, model_file="m/gone.gguf")
+    assert with_file_estimate(missing, tmp_path) is missing
+    outside = replace(bare, model_file="../x.gguf")
+    assert with_file_estimate(outside, tmp_path) is outside

@@ -19,7 +19,6 @@ from modeld._proto.modeld.v1 import modeld_pb2 as mpb
 if TYPE_CHECKING:
     from gpu_check import Run
 
-MEASURED_WAIT_S = 5.0
 EVICTION_WAIT_S = 15.0
 REFUSAL_MARGIN_S = 1.0
 
@@ -33,19 +32,10 @@ async def first_cold_start(run: "Run") -> None:
     drop = run.nvml.mem().used - run.base.used
     run.per_replica = drop
 
-    readings: list[tuple[float, int]] = []
-
-    async def agrees() -> Any:
-        replica = await run.replica(lease.replica_id)
-        if replica is None:
-            return None
-        if not readings or readings[-1][1] != replica.memory:
-            readings.append((round(time.time() - leased, 3), int(replica.memory)))
-        return replica if fig.within(replica.memory, drop, fig.AGREE_FRACTION) else None
-
-    # modeld reads per-process memory on its watchdog tick, so what it shows at READY
-    # may be a reading from during the load: wait a few ticks for one that agrees.
-    replica = await fig_wait(agrees, MEASURED_WAIT_S) or await run.replica(lease.replica_id)
+    # The first figure modeld shows after READY, with no wait: it must already be right
+    # (a reading taken at READY, or at least the estimate until one arrives).
+    replica = await run.replica(lease.replica_id)
+    assert replica is not None, f"replica {lease.replica_id} is not listed right after its lease"
     figure = fig.memory_figure(
         alloc=run.plan.alloc,
         nvml_drop=drop,
@@ -53,8 +43,6 @@ async def first_cold_start(run: "Run") -> None:
         estimate=run.plan.estimate,
         backend_free_drop=run.base.free - int(report["free_after"]),
     )
-    # (seconds after the lease, bytes) for each value ps showed, the first one included.
-    figure.values["modeld_readings_after_lease"] = readings
     run.figures.append(figure)
     run.figures.append(
         fig.placement_figure(

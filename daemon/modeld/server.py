@@ -52,7 +52,7 @@ from modeld.routing.lifecycle import Admit
 from modeld.routing.probe import ProbeCache
 from modeld.routing.routed import Listener
 from modeld.routing.router import Router, build_router
-from modeld.spec import ModelSpec
+from modeld.spec import ModelSpec, with_file_estimate
 from modeld.storage.catalog import Catalog
 from modeld.storage.registry import Registry
 from modeld.storage.settings_store import SettingsStore
@@ -234,20 +234,28 @@ class Daemon:
             # Route hands these addresses to clients on other hosts.
             deps = dataclasses.replace(deps, host=self.config.cluster.backend_host)
 
+        models_dir = self.config.models_dir
+
         def factory(spec: ModelSpec, gpu_ids: tuple[int, ...], listener: Listener) -> Replica:
             backend = catalog.backend(spec.backend)
+            spec = with_file_estimate(spec, models_dir)
             return Replica(
                 uuid.uuid4().hex[:12], spec, backend, deps, gpu_ids=gpu_ids, listener=listener
             )
 
         def admission(evictor: Evictor) -> Admit:
-            return Admission(
+            admit = Admission(
                 clock=self.clock,
                 reader=self.reader,
                 settings=settings,
                 evictor=evictor,
                 releasing=self.releasing,
             ).admit
+
+            async def estimated(spec: ModelSpec, deadline: float) -> tuple[int, ...]:
+                return await admit(with_file_estimate(spec, models_dir), deadline)
+
+            return estimated
 
         def backoff_policy(spec: ModelSpec) -> BackoffPolicy:
             return BackoffPolicy(crash_loop_window=catalog.backend(spec.backend).crash_loop_window)
@@ -276,6 +284,7 @@ class Daemon:
             observe=router.observe,
             evict=router.evict,
             maintain=router.maintain if self._keeps_min_replicas else list,
+            events=self.events,
         )
 
     @property

@@ -233,6 +233,19 @@ def check_relative_path(rel: str) -> str:
     return rel
 
 
+def with_file_estimate(spec: ModelSpec, models_dir: Path) -> ModelSpec:
+    """The spec with a GGUF model file's size as its memory estimate when it gives none:
+    a GGUF is loaded whole, so its size is the best guess before any reading. A file that
+    cannot be read leaves the spec as it is; its start reports why."""
+    if spec.memory_estimate or not spec.model_file.lower().endswith(".gguf"):
+        return spec
+    try:
+        size = resolve_model_file(models_dir, spec.model_file).stat().st_size
+    except (OSError, InvalidArgument):
+        return spec
+    return replace(spec, memory_estimate=size)
+
+
 def resolve_model_file(models_dir: Path, rel: str) -> Path:
     """The real path of a model file, which must lie inside models_dir (symlinks resolved)."""
     check_relative_path(rel)

@@ -21,8 +21,10 @@ from modeld.capacity.admission import evict_if_due
 from modeld.capacity.resources import ResourceReader
 from modeld.capacity.sampler import ProcessReading, Sampler
 from modeld.clock import Clock
+from modeld.ops.events import STATE, EventBus
 from modeld.policy.eviction import Eviction, busy_timeouts, idle_evictions, memory_pressure
 from modeld.policy.view import HostView, ReplicaView
+from modeld.state import ReplicaState
 from modeld.storage.settings_store import SettingsStore
 
 log = structlog.get_logger(__name__)
@@ -42,8 +44,10 @@ class Watchdog:
         observe: Callable[[HostView, ProcessReading], None],
         evict: Callable[[Eviction, bool], Coroutine[Any, Any, None]],
         maintain: Callable[[], object],
+        events: EventBus | None = None,
     ) -> None:
         self._clock = clock
+        self._events = events
         self._sampler = Sampler(reader, clock)
         self._settings = settings
         self._views = views
@@ -55,19 +59,37 @@ class Watchdog:
         self._read_error = ""
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self.tick()
-            except Exception:
-                log.exception("watchdog_tick_failed")
-            # Read on every round, so a changed interval applies from the next wait.
-            interval = self._settings.current.watchdog_interval
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), interval)
-            self._wake.clear()
+        ready = asyncio.create_task(self._tick_on_ready()) if self._events else None
+        try:
+            while True:
+                try:
+                    await self.tick()
+                except Exception:
+                    log.exception("watchdog_tick_failed")
+                # Read on every round, so a changed interval applies from the next wait.
+                interval = self._settings.current.watchdog_interval
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), interval)
+                self._wake.clear()
+        finally:
+            if ready is not None:
+                ready.cancel()
+                await asyncio.gather(ready, return_exceptions=True)
+
+    async def _tick_on_ready(self) -> None:
+        """A replica just READY is measured now rather than a tick later: until a reading
+        begun after READY arrives it counts as at least its estimate, which is a guess."""
+        assert self._events is not None
+        subscription = self._events.subscribe()
+        try:
+            async for event in subscription:
+                if event.kind == STATE and event.to_state is ReplicaState.READY:
+                    self.poke()
+        finally:
+            subscription.close()
 
     def poke(self) -> None:
-        """Run the next tick now (a setting changed)."""
+        """Run the next tick now (a setting changed, a replica became READY)."""
         self._wake.set()
 
     async def tick(self) -> list[Eviction]:

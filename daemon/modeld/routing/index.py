@@ -2,7 +2,7 @@
 
 Owns the pools (created on first use) and the latest resource readings the
 watchdog hands over (free memory for the picker, measured memory per pid).
-A replica's memory is the measured figure only once a reading begun after it
+A replica's memory is the measured figure only once a reading begun at or after it
 became READY has arrived; before that (loading, or a reading begun mid-load)
 the process may not hold its model yet, so it counts at least its estimate.
 Everything it returns is a snapshot (`ReplicaView` for policy, `ReplicaInfo`
@@ -87,7 +87,7 @@ class ReplicaIndex:
         measured = reading.by_pid.get(replica.pid) if replica.pid else None
         pool = self._pools.get(replica.model)
         ready_since = pool.ready_since(replica.id) if pool else None
-        if measured is not None and ready_since is not None and reading.taken_at > ready_since:
+        if measured is not None and ready_since is not None and reading.taken_at >= ready_since:
             return measured
         return max(measured or 0, replica.spec.memory_estimate)
 
