@@ -131,9 +131,15 @@ DEMO_CATALOG: dict[str, Any] = {
         "echo": {
             "command": ["{python}", "-m", "modeld.backends.echo", "--addr", "{addr}"],
             "protocol": "grpc",
-        }
+        },
+        # The same demo over HTTP (OpenAI-style /v1/*), as llama-server or vLLM would be.
+        "echo-http": {
+            "command": ["{python}", "-m", "modeld.backends.echo_http", "--addr", "{addr}"],
+            "protocol": "http",
+            "health_path": "/health",
+        },
     },
-    "models": {"echo": {"backend": "echo"}},
+    "models": {"echo": {"backend": "echo"}, "echo-http": {"backend": "echo-http"}},
 }
 _SECURITY_KEYS = (
     "metrics_listen",
