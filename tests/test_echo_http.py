@@ -1,16 +1,14 @@
-"""The demo backend over HTTP (`echo-http`), leased through a real daemon and run alone."""
+"""The demo backend over HTTP (`echo-http`), as a real process."""
 
 import asyncio
 import json
 import re
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from backend_proc import running_backend
-from daemon_proc import running_daemon
-from modeld._proto.modeld.v1 import modeld_pb2 as pb
+from modeld import config
 from modeld.backends.echo import embed
 
 ECHO_HTTP = "modeld.backends.echo_http"
@@ -40,14 +38,18 @@ def gauges(text: str) -> dict[str, float]:
     return {name: float(value) for name, value in found}
 
 
-async def test_demo_catalog_serves_echo_http_answering_like_an_openai_server(
-    tmp_path: Path,
-) -> None:
-    async with running_daemon(tmp_path) as d:
-        lease = await d.stub.Route(pb.RouteRequest(model="echo-http"))
-        assert lease.protocol == pb.HTTP
-        base = f"http://{lease.address}"
-        async with aiohttp.ClientSession(base) as http:
+def test_the_demo_catalog_has_echo_http() -> None:
+    # test_readme.py leases it from a daemon and sends it requests, as README shows.
+    demo = config.load(env={})
+    assert demo.models["echo-http"].backend == "echo-http"
+    backend = demo.backends["echo-http"]
+    assert (backend.protocol, backend.health_path) == ("http", "/health")
+    assert backend.command[1:3] == ("-m", ECHO_HTTP)
+
+
+async def test_echo_http_answers_like_an_openai_server() -> None:
+    async with running_backend(module=ECHO_HTTP) as backend:
+        async with aiohttp.ClientSession(f"http://{backend.addr}") as http:
             async with http.post(CHAT, json=chat_body("hello  brave world")) as r:
                 assert r.status == 200
                 whole = await r.json()
@@ -83,7 +85,7 @@ async def test_demo_catalog_serves_echo_http_answering_like_an_openai_server(
             async with http.post(CHAT, data=b"{not json") as r:
                 assert r.status == 400
                 assert (await r.json())["error"]["message"] == "the request body is not valid JSON"
-        await d.stub.Release(pb.ReleaseRequest(lease_id=lease.lease_id))
+        assert backend.stdout[:2] == [f"POST {CHAT} 200", f"POST {CHAT} 200"]
 
 
 async def test_metrics_show_waiting_and_running_and_a_disconnect_frees_the_slot() -> None:
