@@ -21,6 +21,7 @@ _spec.loader.exec_module(protogen)
 
 DEPENDENCIES = [
     "aiosqlite>=0.20,<1",
+    "aiohttp>=3.9,<4",
     "structlog>=24.1,<27",
     "uvloop>=0.19,<1",
     "grpcio-reflection>=1.66,<2",

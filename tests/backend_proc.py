@@ -24,7 +24,9 @@ import grpc
 from modeld._proto.backend import backend_pb2_grpc
 
 ECHO_MODULE = "modeld.backends.echo"
-LISTENING_RE = r"^echo_backend listening addr=(?P<host>.+):(?P<port>\d+) startup_ms=(?P<ms>[\d.]+)$"
+LISTENING_RE = (
+    r"^echo_(?:backend|http) listening addr=(?P<host>.+):(?P<port>\d+) startup_ms=(?P<ms>[\d.]+)$"
+)
 
 Stream = Literal["stdout", "stderr"]
 
@@ -41,9 +43,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-def echo_argv(addr: str, *args: str) -> list[str]:
-    """The command line that starts the demo backend on `addr` with extra flags."""
-    return [sys.executable, "-m", ECHO_MODULE, "--addr", addr, *args]
+def echo_argv(addr: str, *args: str, module: str = ECHO_MODULE) -> list[str]:
+    """The command line that starts the demo backend (`module`) on `addr` with extra flags."""
+    return [sys.executable, "-m", module, "--addr", addr, *args]
 
 
 class BackendProc:
@@ -166,15 +168,17 @@ async def start_backend(
     port: int | None = None,
     ready: bool = True,
     wait_limit_s: float = 10.0,
+    module: str = ECHO_MODULE,
 ) -> BackendProc:
-    """Start the backend on `port` (a free one if None; 0 lets it pick).
+    """Start the backend on `port` (a free one if None; 0 lets it pick); `module` is
+    ECHO_MODULE or `modeld.backends.echo_http`, the demo over HTTP.
 
     With `ready`, returns only once it prints its listening line; if it exits or
     misses `wait_limit_s` first, it is cleaned up and LineNotSeen is raised.
     """
     port = free_port(host) if port is None else port
     proc = await asyncio.create_subprocess_exec(
-        *echo_argv(f"{host}:{port}", *args),
+        *echo_argv(f"{host}:{port}", *args, module=module),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -197,10 +201,11 @@ async def running_backend(
     port: int | None = None,
     ready: bool = True,
     wait_limit_s: float = 10.0,
+    module: str = ECHO_MODULE,
 ) -> AsyncIterator[BackendProc]:
     """`start_backend` that always kills the process group on the way out."""
     backend = await start_backend(
-        *args, host=host, port=port, ready=ready, wait_limit_s=wait_limit_s
+        *args, host=host, port=port, ready=ready, wait_limit_s=wait_limit_s, module=module
     )
     try:
         yield backend

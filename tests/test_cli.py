@@ -127,7 +127,6 @@ async def test_models_settings_and_errors(tmp_path: Path) -> None:
 
         for argv, code in (
             (("route", "nope"), "NOT_FOUND"),
-            (("route", "nope", "--json"), "NOT_FOUND"),
             (("unload", "--replica", "zz"), "NOT_FOUND"),
             (("settings", "--memory-threshold", "3"), "INVALID_ARGUMENT"),
         ):
@@ -135,6 +134,10 @@ async def test_models_settings_and_errors(tmp_path: Path) -> None:
             assert failed.code == 1, argv
             assert failed.out == ""
             assert re.fullmatch(rf"modeld: {code}: [^\n]+\n", failed.err), failed.err
+        # With --json the error is JSON on stdout (test_first_hour.py has the exact text).
+        as_json = await modeld("route", "nope", "--json", *at)
+        assert (as_json.code, as_json.err) == (1, "")
+        assert json.loads(as_json.out)["error"]["code"] == "NOT_FOUND"
         bad_flag = await modeld("settings", "--idle-timeout", "soon", *at)
         assert bad_flag.code == 2
         assert bad_flag.err.startswith("modeld: --idle-timeout: expected a duration")

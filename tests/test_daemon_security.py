@@ -95,7 +95,7 @@ async def test_tls_and_token_from_python_cli_and_grpcurl(
         tls = ("--addr", d.addr, "--tls-ca", str(pki / "ca.crt"))
         ok = await modeld("models", "--json", *tls, "--token-file", str(right))
         assert ok.code == 0, ok.err
-        assert [m["name"] for m in json.loads(ok.out)["models"]] == ["echo"]
+        assert [m["name"] for m in json.loads(ok.out)["models"]] == ["echo", "echo-http"]
         from_env = await modeld("models", *tls, env={"MODELD_TOKEN_FILE": str(right)})
         assert from_env.code == 0, from_env.err
         for token_args in ((), ("--token-file", str(wrong))):

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modeld.config_models import build_models
+from modeld.config_models import DEMO_CATALOG, build_models
 from modeld.config_values import Parser
 from modeld.config_values import boolean as _bool
 from modeld.config_values import check_config_name as _check_config_name
@@ -30,7 +30,14 @@ from modeld.config_values import str_map as _str_map
 from modeld.config_values import text as _str
 from modeld.errors import ConfigError, InvalidArgument
 from modeld.netaddr import split_host_port
-from modeld.spec import PLACEMENTS, BackendSpec, ModelSpec, Settings, check_settings
+from modeld.spec import (
+    PLACEHOLDERS,
+    PLACEMENTS,
+    BackendSpec,
+    ModelSpec,
+    Settings,
+    check_settings,
+)
 from modeld.units import parse_duration
 
 # Bounds on leases (`[leases]`): a client that never releases cannot grow the table forever.
@@ -125,15 +132,6 @@ DEFAULTS: dict[str, Any] = {
     "allow_insecure_remote": False,
     "containment": "auto",
     "cgroup_dir": "",
-}
-DEMO_CATALOG: dict[str, Any] = {
-    "backends": {
-        "echo": {
-            "command": ["{python}", "-m", "modeld.backends.echo", "--addr", "{addr}"],
-            "protocol": "grpc",
-        }
-    },
-    "models": {"echo": {"backend": "echo"}},
 }
 _SECURITY_KEYS = (
     "metrics_listen",
@@ -252,8 +250,12 @@ def load(
     path = path or env.get("MODELD_CONFIG") or None
     raw: dict[str, Any] = dict(DEFAULTS)
     file_raw = _read_file(path) if path else {}
-    if "backends" not in file_raw and "models" not in file_raw:
-        raw.update(DEMO_CATALOG)
+    # The demo backends stay until the file has backends of its own, so a first
+    # [models.NAME] may use them; the demo models only while the file has neither.
+    if "backends" not in file_raw:
+        raw["backends"] = DEMO_CATALOG["backends"]
+        if "models" not in file_raw:
+            raw["models"] = DEMO_CATALOG["models"]
     raw.update(file_raw)
     _apply_env(raw, env)
     for key, value in (overrides or {}).items():
@@ -400,6 +402,7 @@ def _build_backends(data: Any) -> tuple[dict[str, BackendSpec], dict[str, str]]:
         values = _parse_table(where, table, BACKEND_KEYS)
         if not values.get("command"):
             raise ConfigError(f"config: {where}.command: a non-empty argv list is required")
+        check_placeholders(f"{where}.command", values["command"])
         if values.get("protocol") == "http" and not str(
             values.get("health_path", "/health")
         ).startswith("/"):
@@ -412,6 +415,17 @@ def _build_backends(data: Any) -> tuple[dict[str, BackendSpec], dict[str, str]]:
         _check_backend_limits(where, values)
         backends[name] = BackendSpec(name=name, **values)
     return backends, aliases
+
+
+def check_placeholders(where: str, command: tuple[str, ...]) -> None:
+    """Every `{name}` in a backend's command must be one modeld fills in (launch.py)."""
+    for arg in command:
+        for name in re.findall(r"\{([A-Za-z_]\w*)\}", arg):
+            if name not in PLACEHOLDERS:
+                known = ", ".join(f"{{{p}}}" for p in PLACEHOLDERS)
+                raise ConfigError(
+                    f"config: {where}: unknown placeholder {{{name}}}; known: {known}"
+                )
 
 
 def _check_backend_limits(where: str, values: Mapping[str, Any]) -> None:

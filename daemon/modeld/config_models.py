@@ -19,6 +19,22 @@ from modeld.errors import ConfigError, InvalidArgument
 from modeld.spec import PLACEMENTS, BackendSpec, ModelSpec, check_model_spec
 from modeld.units import parse_duration, parse_size
 
+# What a config file without backends of its own gets (config.load): the demo backend
+# over the LocalAI gRPC protocol and over OpenAI-style HTTP, and a model for each.
+DEMO_CATALOG: dict[str, Any] = {
+    "backends": {
+        "echo": {
+            "command": ["{python}", "-m", "modeld.backends.echo", "--addr", "{addr}"],
+            "protocol": "grpc",
+        },
+        "echo-http": {
+            "command": ["{python}", "-m", "modeld.backends.echo_http", "--addr", "{addr}"],
+            "protocol": "http",
+            "health_path": "/health",
+        },
+    },
+    "models": {"echo": {"backend": "echo"}, "echo-http": {"backend": "echo-http"}},
+}
 MODEL_KEYS: dict[str, Parser] = {
     "backend": text,
     "model_file": text,
@@ -54,5 +70,15 @@ def build_models(
         try:
             models[name] = check_model_spec(ModelSpec(name=name, **values), dict(backends))
         except InvalidArgument as exc:
-            raise ConfigError(f"config: {where}: {exc}") from None
+            raise ConfigError(f"config: {where}: {exc}{_demo_hint(values['backend'])}") from None
     return models
+
+
+def _demo_hint(backend: str) -> str:
+    if backend not in DEMO_CATALOG["backends"]:
+        return ""
+    demo = ", ".join(DEMO_CATALOG["backends"])
+    return (
+        f"; the demo backends ({demo}) are built in only while the config file has no "
+        f"[backends] table: define [backends.{backend}] in it (README, Configuration)"
+    )

@@ -1,6 +1,8 @@
 """Listen addresses: `host:port` (IPv6 in brackets) and gRPC's unix socket forms."""
 
+import errno
 import ipaddress
+import socket
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 UNIX_PREFIXES = ("unix:", "unix-abstract:")
@@ -33,3 +35,24 @@ def is_loopback(host: str) -> bool:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped.is_loopback
     return ip.is_loopback
+
+
+def why_unbindable(address: str) -> str | None:
+    """Why `host:port` cannot be listened on, found by trying (gRPC does not say), or
+    None when a bind works now or the address is not host:port."""
+    try:
+        host, port = split_host_port(address)
+    except ValueError:
+        return None
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, port))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return (
+                "address already in use; is another modeld running there? "
+                f"(`modeld health --addr {address}` asks it)"
+            )
+        return str(exc.strerror or exc)
+    return None

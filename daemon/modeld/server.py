@@ -40,6 +40,7 @@ from modeld.cluster.front import ClusterRouter
 from modeld.cluster.hostcap import LocalFigures
 from modeld.config import Config
 from modeld.errors import ConfigError
+from modeld.netaddr import why_unbindable
 from modeld.ops.events import EventBus
 from modeld.ops.logstore import LogStore
 from modeld.ops.metrics import Metrics, MetricsServer
@@ -47,6 +48,7 @@ from modeld.ops.notify import Notifier
 from modeld.ops.observer import Observer
 from modeld.ops.tasks import TaskSupervisor
 from modeld.policy.backoff import BackoffPolicy
+from modeld.policy.placement import unrunnable
 from modeld.routing.leases import LeaseLimits
 from modeld.routing.lifecycle import Admit
 from modeld.routing.probe import ProbeCache
@@ -170,6 +172,7 @@ class Daemon:
             log.info("orphans_cleaned", replicas=len(handled))
         catalog = Catalog(registry, cfg.backends, cfg.aliases, cfg.models)
         await catalog.load()
+        warn_unrunnable(catalog.list(), self.reader)
         settings = SettingsStore(registry, cfg.settings)
         await settings.load()
         return catalog, settings
@@ -352,7 +355,8 @@ class Daemon:
             else:
                 port = server.add_insecure_port(address)
         except RuntimeError as exc:
-            raise ConfigError(f"listen: cannot bind {address}: {exc}") from None
+            why = why_unbindable(address) or str(exc)
+            raise ConfigError(f"listen: cannot bind {address}: {why}") from None
         if path is None and port == 0:
             raise ConfigError(f"listen: cannot bind {address} (in use, or not a valid host:port)")
         return path
@@ -424,3 +428,13 @@ def _remove_sockets(listen: tuple[str, ...]) -> None:
     for address in listen:
         if address.startswith("unix://"):
             Path(address.removeprefix("unix://")).unlink(missing_ok=True)
+
+
+def warn_unrunnable(specs: list[ModelSpec], reader: ResourceReader) -> None:
+    """A model asking for GPUs this host lacks is refused at each load; say so at start."""
+    try:
+        gpus = reader.read().gpus
+    except ValueError:
+        return  # a bad fake resources file: the first load reports it
+    if refused := unrunnable(specs, gpus):
+        log.warning("models_cannot_run_here", models=refused)

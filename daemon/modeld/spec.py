@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from modeld.errors import InvalidArgument
+from modeld.errors import FailedPrecondition, InvalidArgument
 from modeld.supervisor import load_options
 
 Protocol = Literal["grpc", "http"]
@@ -123,6 +123,20 @@ class ModelSpec:
 
     def with_source(self, source: str) -> "ModelSpec":
         return replace(self, source=source)
+
+
+# What a backend's command may contain, filled in for each replica (supervisor/launch.py).
+PLACEHOLDERS = ("addr", "host", "port", "model_file", "models_dir", "python")
+
+
+def check_replica_count(spec: ModelSpec, replicas: int) -> None:
+    """A Load of `replicas` must fit the model's max_replicas; raises FailedPrecondition."""
+    if replicas > spec.max_replicas:
+        allowed = "1 replica" if spec.max_replicas == 1 else f"{spec.max_replicas} replicas"
+        raise FailedPrecondition(
+            f"model {spec.name!r} allows at most {allowed} (max_replicas), "
+            f"and {replicas} were asked for"
+        )
 
 
 def check_model_spec(spec: ModelSpec, backends: dict[str, BackendSpec]) -> ModelSpec:

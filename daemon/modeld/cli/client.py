@@ -1,30 +1,19 @@
 """Client verbs: their arguments, and the one place a failed call becomes an exit status.
 
-A failed call prints `modeld: CODE: message` on one line to stderr and exits 1.
+A failed call prints `modeld: CODE: message` on one line to stderr and exits 1
+(with --json: the JSON error of `cli.failure`).
 """
 
 import argparse
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import grpc
 
-from modeld.cli import verbs
+from modeld.cli import failure, verbs
 from modeld.cli.connect import Session, add_connection_flags, connect
 
 Verb = Callable[[argparse.Namespace, Session], None]
-EXIT_RPC_FAILED = 1
-
-
-def rpc_error_line(exc: grpc.RpcError) -> str:
-    # Every RpcError grpc raises is also a grpc.Call; the stubs do not say so.
-    call: Any = exc
-    code = call.code() if hasattr(call, "code") else None
-    details = call.details() if hasattr(call, "details") else None
-    name = code.name if code is not None else "UNKNOWN"
-    message = " | ".join(line.strip() for line in (details or str(exc)).splitlines() if line)
-    return f"modeld: {name}: {message}"
 
 
 def _run(fn: Verb) -> Callable[[argparse.Namespace], int]:
@@ -33,8 +22,7 @@ def _run(fn: Verb) -> Callable[[argparse.Namespace], int]:
         try:
             fn(args, session)
         except grpc.RpcError as exc:
-            print(rpc_error_line(exc), file=sys.stderr, flush=True)
-            return EXIT_RPC_FAILED
+            return failure.of_rpc(exc, session.addr).report(args.json)
         finally:
             session.close()
         return 0
@@ -59,7 +47,12 @@ def _lifecycle_verbs(sub: Any) -> None:
     p.add_argument("model", nargs="?")
     p.add_argument("--replica", help="stop just this replica id")
     p.add_argument("--force", action="store_true", help="do not wait for leases to end")
-    p.add_argument("--drain", help="how long to wait for leases, e.g. 30s")
+    p.add_argument(
+        "--drain",
+        # The daemon's routing.stops.DEFAULT_DRAIN; a test keeps the two equal.
+        help="how long to wait for leases to end, e.g. 5m (default: 30s); "
+        "leases still out then are cut short",
+    )
     _add(sub, "route", verbs.route, "lease a ready replica of a model").add_argument("model")
     p = _add(sub, "release", verbs.release, "give a lease back")
     p.add_argument("lease")
@@ -91,8 +84,12 @@ def add_client_verbs(sub: Any) -> None:
     _lifecycle_verbs(sub)
     _watch_verbs(sub)
     p = _add(sub, "settings", verbs.settings, "show or change runtime settings (persisted)")
-    for flag in ("--busy-timeout", "--idle-timeout", "--watchdog-interval"):
-        p.add_argument(flag, help="a duration such as 30s or 5m; 0 turns it off")
+    p.add_argument("--busy-timeout", help="a duration such as 30s or 5m; 0 turns it off")
+    p.add_argument("--idle-timeout", help="a duration such as 30s or 5m; 0 turns it off")
+    p.add_argument(
+        "--watchdog-interval",
+        help="how often the watchdog looks, 10ms..1h, such as 500ms (it cannot be turned off)",
+    )
     p.add_argument("--max-loaded", type=int, help="most replicas at once; 0 is no limit")
     p.add_argument("--memory-threshold", type=float, help="fraction 0..1 of device memory")
     p.add_argument("--force-eviction-when-busy", choices=("true", "false"))

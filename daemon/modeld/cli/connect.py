@@ -43,6 +43,7 @@ class Session:
 
     stub: Any  # modeld_pb2_grpc.ModelControlStub (the generated stubs are untyped)
     channel: grpc.Channel
+    addr: str
     metadata: Metadata
     timeout: float | None
 
@@ -61,4 +62,10 @@ def connect(args: argparse.Namespace) -> Session:
     ).resolve()
     channel = resolved.channel()
     stub = pb_grpc.ModelControlStub(channel)  # type: ignore[no-untyped-call]
-    return Session(stub=stub, channel=channel, metadata=resolved.metadata, timeout=args.timeout)
+    return Session(
+        stub=stub,
+        channel=channel,
+        addr=resolved.addr,
+        metadata=resolved.metadata,
+        timeout=args.timeout,
+    )

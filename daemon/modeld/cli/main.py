@@ -3,7 +3,7 @@
 Client verbs reach the daemon at --addr, else $MODELD_ADDR, else the socket
 /run/modeld/modeld.sock if it exists, else 127.0.0.1:50051. Every verb takes
 --json. A failed call prints `modeld: CODE: message` and exits 1; a bad
-configuration or flag exits 2.
+configuration or flag exits 2. With --json, errors are JSON too (`cli.failure`).
 """
 
 import argparse
@@ -14,8 +14,20 @@ from collections.abc import Sequence
 from typing import Any
 
 from modeld import __version__, config
+from modeld.cli import failure
 from modeld.errors import ConfigError, RegistryError
 from modeld.ops import logconfig
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad flag as JSON when the command line asked for --json."""
+
+    json_errors = False
+
+    def error(self, message: str) -> Any:
+        if self.json_errors:
+            sys.exit(failure.usage(f"{self.prog}: {message}").report(as_json=True))
+        super().error(message)
 
 
 def _serve_args(sub: Any) -> None:
@@ -72,7 +84,7 @@ def _config_show(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="modeld", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"modeld {__version__}")
@@ -90,12 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    _Parser.json_errors = "--json" in argv
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
     except (ConfigError, RegistryError) as exc:
-        print(f"modeld: {exc}", file=sys.stderr)
-        return 2
+        return failure.usage(str(exc)).report(getattr(args, "json", False))
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -12,6 +12,11 @@ from modeld.cli.progress import load_with_progress, watch
 from modeld.errors import ConfigError
 from modeld.units import parse_duration
 
+# The daemon's routing.stops.DEFAULT_DRAIN, and how its Unload marks leases it cut
+# short (supervisor.replica); tests keep these equal.
+DEFAULT_DRAIN_S = 30.0
+DRAIN_CUT_SHORT = "drain cut short:"
+
 
 def _call(s: Session, method: str, request: Any) -> Any:
     return getattr(s.stub, method)(request, timeout=s.timeout, metadata=s.metadata)
@@ -70,8 +75,11 @@ def unload(args: argparse.Namespace, s: Session) -> None:
         request.model = args.model
     else:
         raise ConfigError("unload: name a MODEL or --replica ID")
+    drain = DEFAULT_DRAIN_S if args.drain is None else _duration("--drain", args.drain)
     if args.drain is not None:
-        request.drain_timeout.FromNanoseconds(int(_duration("--drain", args.drain) * 1e9))
+        request.drain_timeout.FromNanoseconds(int(drain * 1e9))
+    if not args.json and not args.force:
+        _announce_drain(s, request, drain)
     reply = _call(s, "Unload", request)
     if args.json:
         _out(render.to_json(reply))
@@ -79,6 +87,21 @@ def unload(args: argparse.Namespace, s: Session) -> None:
     _out(f"stopped {len(reply.stopped)} replica(s)")
     if reply.stopped:
         _out(render.replicas_table(reply.stopped))
+    for r in reply.stopped:
+        if r.last_error.startswith(DRAIN_CUT_SHORT):
+            _out(f"replica {r.id}: {r.last_error}")
+
+
+def _announce_drain(s: Session, request: pb.UnloadRequest, drain: float) -> None:
+    """Say before the wait that there will be one, and how long it may be."""
+    listed = _call(s, "ListReplicas", pb.ListReplicasRequest(model=request.model))
+    targets = [r for r in listed.replicas if request.model or r.id == request.replica_id]
+    out = sum(r.in_flight for r in targets)
+    if out:
+        _out(
+            f"waiting up to {drain:g}s for {out} lease(s) to end "
+            "(--force stops at once, --drain sets the wait)"
+        )
 
 
 def route(args: argparse.Namespace, s: Session) -> None:

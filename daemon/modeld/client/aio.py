@@ -15,6 +15,7 @@ import grpc
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld.client import rules
 from modeld.client.base import ClientBase
+from modeld.client.errors import from_rpc
 from modeld.client.lease import Lease
 
 
@@ -91,7 +92,11 @@ class AsyncClient(ClientBase):
     async def _call(
         self, method: str, request: Any, deadline: float, *, wait_for_ready: bool = False
     ) -> Any:
-        return await getattr(self.stub, method)(request, **self._options(deadline, wait_for_ready))
+        try:
+            options = self._options(deadline, wait_for_ready)
+            return await getattr(self.stub, method)(request, **options)
+        except grpc.RpcError as exc:
+            raise from_rpc(exc, self.addr) from exc
 
     async def _at_owner(self, lease: Lease, method: str, request: Any, deadline: float) -> Any:
         owner = self._owner_stub(lease)
@@ -100,5 +105,5 @@ class AsyncClient(ClientBase):
                 return await getattr(owner, method)(request, **self._options(deadline, False))
             except grpc.RpcError as exc:
                 if not rules.try_connected(exc):
-                    raise
+                    raise from_rpc(exc, lease.owner_address) from exc
         return await self._call(method, request, deadline)

@@ -14,6 +14,7 @@ import grpc
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld.client import rules
 from modeld.client.base import ClientBase
+from modeld.client.errors import from_rpc
 from modeld.client.lease import Lease
 
 
@@ -85,7 +86,10 @@ class Client(ClientBase):
     def _call(
         self, method: str, request: Any, deadline: float, *, wait_for_ready: bool = False
     ) -> Any:
-        return getattr(self.stub, method)(request, **self._options(deadline, wait_for_ready))
+        try:
+            return getattr(self.stub, method)(request, **self._options(deadline, wait_for_ready))
+        except grpc.RpcError as exc:
+            raise from_rpc(exc, self.addr) from exc
 
     def _at_owner(self, lease: Lease, method: str, request: Any, deadline: float) -> Any:
         owner = self._owner_stub(lease)
@@ -94,7 +98,7 @@ class Client(ClientBase):
                 return getattr(owner, method)(request, **self._options(deadline, False))
             except grpc.RpcError as exc:
                 if not rules.try_connected(exc):
-                    raise
+                    raise from_rpc(exc, lease.owner_address) from exc
         return self._call(method, request, deadline)
 
 

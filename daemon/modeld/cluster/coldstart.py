@@ -32,7 +32,7 @@ from modeld.policy.backoff import DEFAULT as BACKOFF
 from modeld.policy.host_placement import place, placement_mode
 from modeld.routing.lifecycle import wait_until
 from modeld.routing.router import Router
-from modeld.spec import ModelSpec
+from modeld.spec import ModelSpec, check_replica_count
 from modeld.state import LIVE, ReplicaState
 from modeld.storage.catalog import Catalog
 
@@ -318,10 +318,7 @@ class ColdStarts:
         """A Load on this host: one slot per replica it starts, so max_replicas holds
         across the cluster; no free slot is a clear error, and nothing starts."""
         spec = self._catalog.get(model)
-        if replicas > spec.max_replicas:
-            raise errors.FailedPrecondition(
-                f"model {model!r} allows at most {spec.max_replicas} replicas (max_replicas)"
-            )
+        check_replica_count(spec, replicas)
         ready = [i for i in self._router.replicas(model) if i.state is ReplicaState.READY]
         claims: list[Claim] = []
         for _ in range(replicas - len(ready)):

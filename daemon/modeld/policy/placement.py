@@ -1,9 +1,10 @@
 """Which GPUs a new replica gets."""
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from modeld.errors import FailedPrecondition, InvalidArgument
 from modeld.policy.view import GpuView
+from modeld.spec import ModelSpec
 
 
 def place(
@@ -35,6 +36,18 @@ def place(
         )
     ranked = sorted(gpus, key=lambda g: (-(g.free - reserved.get(g.index, 0)), g.index))
     return tuple(g.index for g in ranked[:count])
+
+
+def unrunnable(specs: Iterable[ModelSpec], gpus: Sequence[GpuView]) -> dict[str, str]:
+    """Models no load could ever place on these GPUs, each with the refusal a load gets."""
+    refused = {}
+    for spec in specs:
+        count = spec.gpus if spec.gpus is not None else default_gpu_count(gpus)
+        try:
+            place(gpus, count, spec.gpu_ids, {})
+        except (FailedPrecondition, InvalidArgument) as exc:
+            refused[spec.name] = str(exc)
+    return refused
 
 
 def default_gpu_count(gpus: Sequence[GpuView]) -> int:

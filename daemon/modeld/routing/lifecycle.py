@@ -19,13 +19,13 @@ from typing import Any, Protocol, TypeVar
 import structlog
 
 from modeld.clock import Clock
-from modeld.errors import DeadlineExceeded, FailedPrecondition, NotFound, Unavailable
+from modeld.errors import DeadlineExceeded, NotFound, Unavailable
 from modeld.info import ReplicaInfo
 from modeld.routing.index import ReplicaIndex
 from modeld.routing.pool import ModelPool, ready
 from modeld.routing.routed import Listener, RoutedReplica
 from modeld.routing.stops import Stopper
-from modeld.spec import ModelSpec
+from modeld.spec import ModelSpec, check_replica_count
 from modeld.storage.catalog import Catalog
 
 log = structlog.get_logger(__name__)
@@ -114,10 +114,7 @@ class Lifecycle:
 
     async def load(self, model: str, replicas: int, deadline: float) -> list[ReplicaInfo]:
         spec = self._catalog.get(model)
-        if replicas > spec.max_replicas:
-            raise FailedPrecondition(
-                f"model {model!r} allows at most {spec.max_replicas} replicas (max_replicas)"
-            )
+        check_replica_count(spec, replicas)
         pool = self._index.pool(model)
         servable = pool.servable()[:replicas]
         pending = pool.claim_pending(replicas - len(servable))

@@ -61,7 +61,8 @@ class Catalog:
         spec = self._models.get(name)
         if spec is None:
             raise NotFound(
-                f"model {name!r} is not defined; ListModels shows the models modeld knows"
+                f"model {name!r} is not defined; `modeld models` (the ListModels RPC) lists "
+                "the models modeld knows"
             )
         return spec
 

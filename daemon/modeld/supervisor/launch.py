@@ -13,12 +13,12 @@ from pathlib import Path
 from modeld._proto.backend import backend_pb2 as pb
 from modeld.errors import InvalidArgument
 from modeld.ops.logstore import MIN_MAX_LINE
-from modeld.spec import BackendSpec, ModelSpec, resolve_model_file
+from modeld.spec import PLACEHOLDERS, BackendSpec, ModelSpec, resolve_model_file
 from modeld.supervisor import load_options
 from modeld.supervisor.backend_client import host_port
 from modeld.supervisor.sweep import MARKER
 
-_PLACEHOLDER = re.compile(r"\{(addr|host|port|model_file|models_dir|python)\}")
+_PLACEHOLDER = re.compile(r"\{(" + "|".join(PLACEHOLDERS) + r")\}")
 
 
 @dataclass(frozen=True)

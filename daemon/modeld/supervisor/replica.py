@@ -418,13 +418,16 @@ class Replica:
         if self._start_task is not None:
             # Every wait of a start races the stop request, so this is quick.
             await asyncio.wait((self._start_task,))
+        cut_short = None
         if self._state is S.READY:
             await self._transition(S.DRAINING, reason)
-            await self._drain(drain_timeout)
+            cut_short = await self._drain(drain_timeout)
         if self._state in TERMINAL:
             await self._terminal.wait()
             return
-        await self._transition(S.STOPPING, reason)
+        # Leases cut short are the one thing the unloader cannot see otherwise: it is
+        # kept as the replica's last error, which Unload's reply carries.
+        await self._transition(S.STOPPING, reason, last_error=cut_short)
         survivors = await self._kill(self._child) if self._child else []
         if survivors:
             await self._transition(
@@ -435,12 +438,17 @@ class Replica:
         else:
             await self._transition(S.STOPPED, reason)
 
-    async def _drain(self, limit_s: float) -> None:
+    async def _drain(self, limit_s: float) -> str | None:
+        """Wait for the leases; says how many were cut short unless none were or the
+        stop was forced (then cutting them was what was asked for)."""
         await drain(self._slots, limit_s, forced=self._forced, terminal=self._terminal)
-        if self._slots.count and self._state is S.DRAINING:
-            self._log.warning(
-                "replica_drain_cut_short", in_flight=self._slots.count, forced=self._forced.is_set()
-            )
+        out, forced = self._slots.count, self._forced.is_set()
+        if not out or self._state is not S.DRAINING:
+            return None
+        self._log.warning("replica_drain_cut_short", in_flight=out, forced=forced)
+        if forced:
+            return None
+        return f"drain cut short: {out} lease(s) still out after {limit_s:g}s were ended"
 
     async def _kill(self, child: Child) -> list[int]:
         """The stop ladder, then reap; returns the pids that survived SIGKILL."""

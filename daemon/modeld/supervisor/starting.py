@@ -144,11 +144,13 @@ class StartSequence:
             child.signal_group(signal.SIGKILL)
             await child.wait_exited(KILL_WAIT_S)
             await self.hooks.finish(child)
-        message = with_stderr(
-            self.deps.logs,
-            self.replica_id,
-            f"{self.name} failed to start (phase {failure.phase}): {failure.detail}",
-        )
+        detail = f"{self.name} failed to start (phase {failure.phase}): {failure.detail}"
+        if failure.phase == "spawn":
+            # No process ever ran, so there is no stderr to quote: the command is wrong.
+            where = f"backends.{self.backend.name}.command"
+            message = f"{detail}\n(no process was started: check {where})"
+        else:
+            message = with_stderr(self.deps.logs, self.replica_id, detail)
         await self.hooks.transition(
             S.FAILED, f"{failure.phase} failed: {failure.detail}", last_error=message
         )
