@@ -29,6 +29,7 @@ from modeld.config_values import str_list as _str_list
 from modeld.config_values import str_map as _str_map
 from modeld.config_values import text as _str
 from modeld.errors import ConfigError, InvalidArgument
+from modeld.gateway import config as gateway_config
 from modeld.netaddr import split_host_port
 from modeld.spec import (
     PLACEHOLDERS,
@@ -96,6 +97,7 @@ TABLES: dict[str, dict[str, Parser]] = {
         "token_file": _str,
         "allow_insecure_remote": _bool,
     },
+    "gateway": gateway_config.KEYS,
 }
 BACKEND_KEYS: dict[str, Parser] = {
     "command": _str_list,
@@ -214,6 +216,7 @@ class Config:
     containment: str = "auto"
     cgroup_dir: str = ""
     cluster: ClusterConfig | None = None
+    gateway: gateway_config.GatewayConfig = field(default_factory=gateway_config.GatewayConfig)
     python: str = sys.executable
     source: str = "defaults"
 
@@ -340,6 +343,7 @@ def _build(raw: dict[str, Any], source: str) -> Config:
         containment=top["containment"],
         cgroup_dir=top["cgroup_dir"],
         cluster=_build_cluster(raw.get("cluster"), parsed["cluster"], top["listen"]),
+        gateway=gateway_config.build(parsed["gateway"]),
         source=source,
         **{key: top[key] for key in _SECURITY_KEYS},
     )

@@ -1,4 +1,4 @@
-"""`modeld`: the daemon (`serve`), `config show`, and client verbs for people.
+"""`modeld`: the daemon (`serve`), `config show`, client verbs for people, and `gateway`.
 
 Client verbs reach the daemon at --addr, else $MODELD_ADDR, else the socket
 /run/modeld/modeld.sock if it exists, else 127.0.0.1:50051. Every verb takes
@@ -96,8 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     _config_flags(show)
     show.set_defaults(func=_config_show)
     from modeld.cli.client import add_client_verbs
+    from modeld.cli.gateway import add_gateway_verb
 
     add_client_verbs(sub)
+    add_gateway_verb(sub)
     return parser
 
 
