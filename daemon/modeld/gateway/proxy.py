@@ -85,7 +85,7 @@ class Proxy:
         except ModeldError as exc:
             raise errors.from_modeld(exc, call.model, self._retry_after) from None
         if lease.protocol != "http":
-            self._leases.release_soon(lease, OK)
+            await self._leases.release_now(lease, OK)
             raise errors.wrong_protocol(call.model, lease.protocol)
         return lease
 
