@@ -7,6 +7,7 @@
 #   /opt/modeld/                       a venv holding modeld (upgraded in place)
 #   /usr/local/bin/modeld              -> /opt/modeld/bin/modeld, for people and scripts
 #   /etc/systemd/system/modeld.service the unit; ExecStart=/opt/modeld/bin/modeld serve ...
+#   /etc/systemd/system/modeld-gateway.service  the optional HTTP gateway's unit (not enabled)
 #   /usr/lib/sysusers.d/modeld.conf    the modeld user and group (systemd-sysusers)
 #   /usr/lib/tmpfiles.d/modeld.conf    /var/lib/modeld and its models dir (systemd-tmpfiles)
 #   /etc/modeld/modeld.toml            from modeld.toml.example, only when there is none
@@ -61,6 +62,7 @@ install -d "$r/usr/local/bin"
 ln -sfn "$prefix/bin/modeld" "$r/usr/local/bin/modeld"
 
 install -D -m 0644 "$here/modeld.service" "$r/etc/systemd/system/modeld.service"
+install -D -m 0644 "$here/modeld-gateway.service" "$r/etc/systemd/system/modeld-gateway.service"
 if [ ! -e "$r/etc/modeld/modeld.toml" ]; then
     gid=$(awk -F: '$1 == "modeld" { print $3 }' "$r/etc/group")
     install -d -m 0755 "$r/etc/modeld"
@@ -74,7 +76,7 @@ fi
 version=$("$r$prefix/bin/modeld" --version)
 if [ "$root" = / ] && [ -d /run/systemd/system ]; then
     systemctl daemon-reload
-    systemctl try-restart modeld.service
+    systemctl try-restart modeld.service modeld-gateway.service
 fi
 echo "installed $version in $r$prefix"
 if [ -n "${fresh:-}" ]; then

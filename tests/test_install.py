@@ -136,6 +136,8 @@ async def test_install_sh_installs_a_service_that_verifies_and_upgrades_in_place
     unit = "/etc/systemd/system/modeld.service"
     code, said = verify(root, unit)
     assert code == 0, said
+    code, said = verify(root, "/etc/systemd/system/modeld-gateway.service")
+    assert code == 0, said
     (root / "opt/modeld/bin/modeld").rename(root / "opt/modeld/bin/moved")
     code, said = verify(root, unit)
     assert code != 0, "verify must notice that ExecStart does not exist"

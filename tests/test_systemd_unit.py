@@ -14,6 +14,7 @@ from modeld.units import parse_duration
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "modeld.service"
+GATEWAY_UNIT = ROOT / "systemd" / "modeld-gateway.service"
 EXAMPLE = ROOT / "systemd" / "modeld.toml.example"
 
 
@@ -55,6 +56,24 @@ def test_systemd_analyze_verify_passes(tmp_path: Path) -> None:
     code, complaints = verify(runnable_copy(tmp_path, UNIT.read_text()))
     assert code == 0
     assert complaints == []
+    # The gateway's unit orders itself after modeld.service, which verify loads from
+    # the same directory.
+    gateway = runnable_copy(tmp_path, GATEWAY_UNIT.read_text(), GATEWAY_UNIT.name)
+    code, complaints = verify(gateway)
+    assert code == 0
+    assert complaints == []
+
+
+def test_gateway_unit_promises() -> None:
+    d = directives(GATEWAY_UNIT.read_text())
+    assert d["ExecStart"] == ["/opt/modeld/bin/modeld gateway --config /etc/modeld/modeld.toml"]
+    assert "modeld.service" in d["After"][0].split()
+    assert "modeld.service" in d["Wants"][0].split()
+    # modeld's socket is 0660 for group modeld.
+    assert d["Group"] == ["modeld"]
+    assert d["NoNewPrivileges"] == ["yes"]
+    assert d["ProtectSystem"] == ["strict"]
+    assert d["Restart"] == ["on-failure"]
 
 
 def test_unit_promises() -> None:
