@@ -17,6 +17,7 @@ import openai
 import pytest
 import pytest_asyncio
 
+from backend_proc import free_port
 from daemon_proc import DaemonProc, running_daemon, wait_pids_gone
 from gateway_proc import GatewayProc, running_gateway
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
@@ -237,3 +238,14 @@ async def test_an_api_key_is_required_when_configured(stack: Stack) -> None:
         assert isinstance(caught.value.body, dict)
         assert caught.value.body["code"] == "invalid_api_key"
     assert not any(KEY in line for line in stack.gateway.raw + stack.daemon.raw)
+
+
+async def test_no_modeld_is_a_503_at_once_not_a_wait(stack: Stack) -> None:
+    nobody = f"127.0.0.1:{free_port()}"
+    async with running_gateway(nobody, stack.daemon.config) as gateway:
+        client = stack.openai.with_options(base_url=gateway.base_url)
+        with pytest.raises(openai.InternalServerError) as caught:
+            await client.chat.completions.create(model="chat", messages=CHAT)
+    assert caught.value.status_code == 503
+    assert f"no modeld answers at {nobody}" in caught.value.message
+    assert caught.value.response.headers["retry-after"] == str(RETRY_AFTER_S)

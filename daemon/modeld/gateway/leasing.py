@@ -36,6 +36,12 @@ def affinity_key(session_id: str | None, user: object) -> str:
     return user if isinstance(user, str) else ""
 
 
+def fail_fast(error: grpc.RpcError) -> None:
+    """The client's hook before it would wait for modeld and Route again: a gateway
+    answers 503 with Retry-After at once instead, and its client tries again itself."""
+    raise error
+
+
 def _takes_affinity(client: AsyncClient) -> bool:
     return "affinity_key" in inspect.signature(client.route).parameters
 

@@ -12,6 +12,7 @@ from modeld.client import AsyncClient, ConnectOptions
 from modeld.gateway.app import Gateway
 from modeld.gateway.auth import Keys
 from modeld.gateway.config import GatewayConfig
+from modeld.gateway.leasing import fail_fast
 from modeld.netaddr import split_host_port
 
 log = structlog.get_logger(__name__)
@@ -33,6 +34,7 @@ async def _main(cfg: GatewayConfig, connect: ConnectOptions, keys: Keys) -> int:
         tls_key=connect.tls_key,
         tls_server_name=connect.tls_server_name,
         timeout=cfg.route_timeout,
+        on_retry=fail_fast,
     )
     gateway = Gateway(cfg, client, keys)
     # handler_cancellation: a client that goes away cancels its request at once, and
