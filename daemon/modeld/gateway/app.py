@@ -85,7 +85,7 @@ class Gateway:
             response = await self._answer(request, handler)
         finally:
             self.metrics.in_flight.dec()
-        self.metrics.requests.labels(endpoint=endpoint(request.path), status=response.status).inc()
+        self.metrics.answered(endpoint(request.path), response.status)
         return response
 
     async def _answer(self, request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -7,6 +7,8 @@
 - `modeld_gateway_requests_in_flight`: requests being answered now.
 """
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -48,6 +50,22 @@ class Metrics:
             "modeld_gateway_requests_in_flight", "Requests being answered now.",
             registry=self.registry,
         )  # fmt: skip
+
+        # Label children by their values: looking one up costs a lock and a tuple per call.
+        self._answered: dict[tuple[str, int], Any] = {}
+        self._first_byte: dict[str, Any] = {}
+
+    def answered(self, endpoint: str, status: int) -> None:
+        child = self._answered.get((endpoint, status))
+        if child is None:
+            child = self._answered[endpoint, status] = self.requests.labels(endpoint, str(status))
+        child.inc()
+
+    def first_byte_after(self, endpoint: str, seconds: float) -> None:
+        child = self._first_byte.get(endpoint)
+        if child is None:
+            child = self._first_byte[endpoint] = self.first_byte.labels(endpoint)
+        child.observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -73,6 +73,10 @@ class Proxy:
                 if attempt < TRIES:
                     self._metrics.retries.inc()
                 continue
+            except aiohttp.ClientError as exc:
+                # It answered, but not in HTTP this client can read.
+                self._leases.release_soon(lease, FAILED)
+                raise errors.broken_stream(call.model, _why(exc)) from None
             except BaseException:
                 self._leases.release_soon(lease, OK)
                 raise
@@ -162,9 +166,7 @@ class Proxy:
             request.transport.close()
 
     def _first_byte(self, call: Call) -> None:
-        self._metrics.first_byte.labels(endpoint=call.endpoint).observe(
-            time.perf_counter() - call.started
-        )
+        self._metrics.first_byte_after(call.endpoint, time.perf_counter() - call.started)
 
 
 def _why(exc: BaseException) -> str:

@@ -19,12 +19,13 @@ HOP_BY_HOP = frozenset(
     )
 )  # fmt: skip
 
-# Errors that mean the replica never got to answer: nothing reached the client yet, so
-# another replica may be asked instead.
+# Errors that mean the replica never got to answer (refused, reset, closed, or not
+# accepting within connect_timeout): nothing reached the client yet, so another
+# replica may be asked instead.
 UNREACHABLE_ERRORS = (
-    aiohttp.ClientConnectorError,
-    aiohttp.ServerDisconnectedError,
     aiohttp.ClientOSError,
+    aiohttp.ServerDisconnectedError,
+    aiohttp.ConnectionTimeoutError,
 )
 
 
