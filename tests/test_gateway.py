@@ -55,6 +55,8 @@ backend = "echo-http"
 [models.slow]
 backend = "slow-http"
 max_replicas = 1
+# Renewed every ~0.7 s while an answer streams.
+lease_ttl = "2s"
 [models.pair]
 backend = "split-http"
 min_replicas = 2
@@ -183,14 +185,16 @@ async def test_a_replica_killed_before_the_request_is_invisible_to_the_client(
     assert found["model"] == "pair"
 
 
-def is_release(entry: dict[str, object]) -> bool:
-    return entry.get("event") == "rpc" and entry.get("method") == "Release"
+def is_rpc(entry: dict[str, object], method: str) -> bool:
+    return entry.get("event") == "rpc" and entry.get("method") == method
 
 
-async def test_a_client_gone_mid_stream_stops_the_replica_and_holds_no_lease(
+async def test_a_long_stream_is_renewed_and_a_client_gone_mid_stream_holds_no_lease(
     stack: Stack,
 ) -> None:
     words = " ".join(f"w{i}" for i in range(60))  # 12 s of answer at 0.2 s a word
+    log = stack.daemon.log
+    start = len(log)
     stream = await stack.openai.chat.completions.create(
         model="slow", messages=[{"role": "user", "content": words}], stream=True
     )
@@ -199,13 +203,17 @@ async def test_a_client_gone_mid_stream_stops_the_replica_and_holds_no_lease(
         if chunk.choices and chunk.choices[0].delta.content:
             seen.append(chunk.choices[0].delta.content)
             break
+    # Streaming on past the lease's 2 s would lose it, unless the gateway renews it.
+    renewed = await stack.daemon.wait_log(
+        lambda e: is_rpc(e, "RenewLease") and any(x is e for x in log[start:])
+    )
+    assert renewed["code"] == "OK"
     [replica] = await stack.replicas("slow")
     assert replica.in_flight == 1
-    log = stack.daemon.log
     start = len(log)
     await stream.close()
 
-    await stack.daemon.wait_log(lambda e: is_release(e) and any(x is e for x in log[start:]))
+    await stack.daemon.wait_log(lambda e: is_rpc(e, "Release") and any(x is e for x in log[start:]))
     [replica] = await stack.replicas("slow")
     assert (replica.in_flight, replica.live_leases) == (0, 0)
     assert seen == ["w0 "]
