@@ -79,14 +79,20 @@ class Gateway:
         self._log_path = log_path
         self._proc: asyncio.subprocess.Process | None = None
 
-    async def start(self, session: aiohttp.ClientSession) -> None:
+    async def spawn(self) -> None:
+        """Fork it before this process has gRPC channels (see harness.spawn_all)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("MODELD_")}
         argv = ["gateway", "--addr", self._daemon_addr, "--listen", self.listen]
+        self._log_path.parent.mkdir(parents=True, exist_ok=True)
         with self._log_path.open("wb") as log:
             self._proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "modeld.cli.main", *argv, "--log-level", "warning",
                 stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, env=env,
             )  # fmt: skip
+
+    async def wait_serving(self, session: aiohttp.ClientSession) -> None:
+        if self._proc is None:
+            raise BenchError("the gateway was not started")
         deadline = time.monotonic() + START_LIMIT_S
         while time.monotonic() < deadline:
             if self._proc.returncode is not None:
@@ -221,18 +227,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         work = Path(tmp)
         logs = args.out.parent
         command = daemon_command("daemon", CONFIG, work, logs / "gateway_bench_daemon.log")
-        async with (
-            serving([command]) as [daemon],
-            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session,
-        ):
-            # Forked before this process has a gRPC client of its own (see harness.spawn_all).
-            gateway = Gateway(daemon.addr, logs / "gateway_bench_gateway.log")
-            try:
-                await gateway.start(session)
+        gateway = Gateway(command.addr, logs / "gateway_bench_gateway.log")
+        await gateway.spawn()
+        try:
+            async with (
+                serving([command]) as [daemon],
+                aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session,
+            ):
+                await gateway.wait_serving(session)
                 async with AsyncClient(daemon.addr) as client:
                     figures = await measure_through(session, daemon, gateway, client, args)
-            finally:
-                await gateway.stop()
+        finally:
+            await gateway.stop()
     figures["added_p50_ms"] = round(
         figures["single"]["gateway"]["p50_ms"] - figures["single"]["direct"]["p50_ms"], 3
     )
