@@ -173,7 +173,7 @@ async def test_address_from_env_and_unix_socket(tmp_path: Path) -> None:
 def test_every_verb_documents_json_and_the_connection_flags() -> None:
     parser = build_parser()
     verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    client_verbs = set(verbs.choices) - {"serve", "config"}
+    client_verbs = set(verbs.choices) - {"serve", "config", "gateway"}
     assert client_verbs == {"ps", "models", "load", "unload", "route", "release", "health",
                             "logs", "events", "settings", "hosts"}  # fmt: skip
     for name in client_verbs:
@@ -181,6 +181,10 @@ def test_every_verb_documents_json_and_the_connection_flags() -> None:
         for flag in ("--json", "--addr", "--token-file", "--tls-ca", "--tls-cert", "--tls-key"):
             assert flag in helped, (name, flag)
         assert "MODELD_ADDR" in helped and "MODELD_TOKEN_FILE" in helped
+    # The gateway is a long-running client: the connection flags, no --json.
+    helped = verbs.choices["gateway"].format_help()
+    for flag in ("--listen", "--config", "--addr", "--token-file", "--tls-ca", "--timeout"):
+        assert flag in helped, ("gateway", flag)
 
 
 def test_default_address(tmp_path: Path) -> None:

@@ -107,6 +107,8 @@ async def test_a_chat_completion_is_the_replicas_answer(stack: Stack) -> None:
     assert answer.choices[0].message.content == "hello there, gateway"
     assert answer.model == "chat"
     assert answer.usage is not None and answer.usage.completion_tokens == 3
+    text = await stack.openai.completions.create(model="chat", prompt="say this", max_tokens=1)
+    assert (text.choices[0].text, text.choices[0].finish_reason) == ("say ", "length")
 
 
 async def test_a_streamed_chat_completion_arrives_in_chunks(stack: Stack) -> None:
