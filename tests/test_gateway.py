@@ -47,6 +47,10 @@ stop_grace = "2s"
 command = ["{{python}}", "{SPLIT}", "--addr", "{{addr}}"]
 protocol = "http"
 stop_grace = "2s"
+[backends.split-slow]
+command = ["{{python}}", "{SPLIT}", "--addr", "{{addr}}", "--token-delay", "0.2"]
+protocol = "http"
+stop_grace = "2s"
 [backends.echo]
 command = ["{{python}}", "-m", "modeld.backends.echo", "--addr", "{{addr}}"]
 stop_grace = "2s"
@@ -61,6 +65,9 @@ lease_ttl = "2s"
 backend = "split-http"
 min_replicas = 2
 max_replicas = 2
+[models.brittle]
+backend = "split-slow"
+max_replicas = 1
 [models.grpc-echo]
 backend = "echo"
 """
@@ -123,7 +130,7 @@ async def test_embeddings_and_the_model_list(stack: Stack) -> None:
     assert [e.embedding for e in reply.data] == [embed("one"), embed("two")]
     models = [m.id async for m in stack.openai.models.list()]
     # The gRPC-protocol model speaks no HTTP: not offered.
-    assert sorted(models) == ["chat", "pair", "slow"]
+    assert sorted(models) == ["brittle", "chat", "pair", "slow"]
 
 
 async def test_an_unknown_model_is_not_found(stack: Stack) -> None:
@@ -185,6 +192,29 @@ async def test_a_replica_killed_before_the_request_is_invisible_to_the_client(
         lambda e: e.get("event") == "replica_unreachable" and e.get("replica_id") == victim.id
     )
     assert found["model"] == "pair"
+
+
+async def test_a_replica_dying_mid_stream_ends_the_stream_with_an_error_event(
+    stack: Stack,
+) -> None:
+    words = " ".join(f"w{i}" for i in range(60))
+    stream = await stack.openai.chat.completions.create(
+        model="brittle", messages=[{"role": "user", "content": words}], stream=True
+    )
+    seen = []
+    with pytest.raises(openai.APIError) as caught:
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                seen.append(chunk.choices[0].delta.content)
+                if len(seen) == 1:
+                    [replica] = await stack.replicas("brittle")
+                    os.kill(await server_pid(stack.daemon, replica.id), signal.SIGKILL)
+    assert seen == ["w0 "]
+    assert "broke off" in caught.value.message
+    # Released as unreachable: modeld probed the replica and stopped it.
+    await stack.daemon.wait_log(
+        lambda e: e.get("event") == "replica_unreachable" and e.get("replica_id") == replica.id
+    )
 
 
 def is_rpc(entry: dict[str, object], method: str) -> bool:

@@ -174,5 +174,7 @@ def _why(exc: BaseException) -> str:
 
 
 def _outcome_of(exc: BaseException) -> pb.ReleaseOutcome:
-    """A broken connection: the replica may be dead (modeld probes it); else its own error."""
-    return UNREACHABLE if isinstance(exc, aiohttp.ClientConnectionError) else FAILED
+    """A connection that broke, or an answer cut short, is most likely a replica that died
+    (modeld probes it: a live one is left alone); anything else is the replica's error."""
+    broke = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
+    return UNREACHABLE if isinstance(exc, broke) else FAILED
