@@ -5,6 +5,7 @@ A ring numbers its lines; a follower keeps the number of the next line it wants
 follower.
 """
 
+from collections.abc import Callable
 from typing import NamedTuple, TypeVar
 
 T = TypeVar("T")
@@ -33,6 +34,7 @@ class LogRing:
         "end",
         "last_output_at",
         "model",
+        "probe_line",
         "replica_id",
         "size",
         "stopped",
@@ -41,8 +43,16 @@ class LogRing:
         "times",
     )
 
-    def __init__(self, replica_id: str, model: str, size: int) -> None:
+    def __init__(
+        self,
+        replica_id: str,
+        model: str,
+        size: int,
+        probe_line: Callable[[str], bool] | None = None,
+    ) -> None:
         self.replica_id = replica_id
+        # Lines the daemon's own health probes caused: output, but not progress.
+        self.probe_line = probe_line
         self.model = model
         self.size = size
         self.end = 0  # the number of the next line

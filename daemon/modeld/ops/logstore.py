@@ -316,11 +316,14 @@ class LogStore:
         self.wakeups = Wakeups()
         self.closing = False
 
-    def open(self, replica_id: str, model: str) -> None:
-        """Creates the ring of a new replica; reopening a known id keeps its lines."""
+    def open(
+        self, replica_id: str, model: str, *, probe_line: Callable[[str], bool] | None = None
+    ) -> None:
+        """Creates the ring of a new replica; reopening a known id keeps its lines.
+        `probe_line` tells lines the daemon's probes caused, which are no progress."""
         ring = self._rings.get(replica_id)
         if ring is None:
-            self._rings[replica_id] = LogRing(replica_id, model, self._ring_lines)
+            self._rings[replica_id] = LogRing(replica_id, model, self._ring_lines, probe_line)
             self._models.setdefault(model, {})[replica_id] = None
             self.generation += 1
             return
@@ -364,7 +367,8 @@ class LogStore:
             self._add(replica_id, stream, splitter.finish())
 
     def last_output_at(self, replica_id: str) -> float | None:
-        """Monotonic time the replica's pipes last delivered output (readiness progress)."""
+        """Monotonic time the replica's pipes last delivered output other than lines its
+        probes caused (readiness progress)."""
         ring = self._rings.get(replica_id)
         return ring.last_output_at if ring else None
 
@@ -449,7 +453,9 @@ class LogStore:
         ring = self._rings.get(replica_id)
         if ring is None:
             return
-        if stream != MODELD:
+        if stream != MODELD and (
+            ring.probe_line is None or not texts or not all(map(ring.probe_line, texts))
+        ):
             ring.last_output_at = self.clock.monotonic()
         if not texts:
             return

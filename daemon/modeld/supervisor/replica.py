@@ -190,8 +190,9 @@ class Replica:
     async def ensure_ready(self) -> None:
         """Start the replica (once, whoever asks first) and return when it is READY.
 
-        Raises Unavailable when the start fails or the replica is stopped, and
-        InvalidArgument when its spec cannot be started at all. Cancelling one
+        Raises Unavailable when the start fails or the replica is stopped,
+        InvalidArgument when its spec cannot be started at all, and FailedPrecondition
+        when its backend's health path is wrong. Cancelling one
         caller leaves the start running for the others.
         """
         if self._start_task is None:
@@ -247,7 +248,7 @@ class Replica:
             return False
         if self._client is not None:
             return await self._client.health(limit_s)
-        return await health_probe(self._backend, child)(limit_s)
+        return (await health_probe(self._backend, child)(limit_s)).ok
 
     def kill(self) -> None:
         """SIGKILL the process group now (daemon shutdown without grace); the exit

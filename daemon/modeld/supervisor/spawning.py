@@ -12,13 +12,13 @@ from typing import Any
 
 from modeld.ops.logstore import STDERR, STDOUT, LogStore
 from modeld.spec import BackendSpec
-from modeld.supervisor.backend_client import HttpBackend, grpc_health_once
+from modeld.supervisor.backend_client import Answer, HttpBackend, grpc_answer_once
 from modeld.supervisor.child import Child
 from modeld.supervisor.containment import Box
 from modeld.supervisor.deps import ReplicaDeps
 from modeld.supervisor.launch import LaunchPlan
 from modeld.supervisor.process import proc_start_time
-from modeld.supervisor.readiness import StartFailed
+from modeld.supervisor.readiness import StartFailed, probe_lines
 
 STDERR_TAIL = 20
 EXIT_ADDR_IN_USE = 98
@@ -45,7 +45,7 @@ async def spawn_child(
     host = deps.host
     port = deps.ports(host)
     argv = plan.argv(host, port)
-    deps.logs.open(replica_id, model)
+    deps.logs.open(replica_id, model, probe_line=probe_lines(backend))
     try:
         box.prepare()
         proc = await deps.spawner.spawn(argv, env=plan.env, cwd=plan.cwd, cgroup=box.cgroup)
@@ -75,12 +75,12 @@ async def spawn_child(
     return child
 
 
-def health_probe(backend: BackendSpec, child: Child) -> Callable[[float], Awaitable[bool]]:
+def health_probe(backend: BackendSpec, child: Child) -> Callable[[float], Awaitable[Answer]]:
     """One health call with a deadline, in the backend's protocol."""
     if backend.protocol == "http":
-        return HttpBackend(child.host, child.port, backend.health_path).health
+        return HttpBackend(child.host, child.port, backend.health_path).answer
     address = child.address
-    return lambda limit_s: grpc_health_once(address, limit_s)
+    return lambda limit_s: grpc_answer_once(address, limit_s)
 
 
 def lost_port(logs: LogStore, replica_id: str, child: Child, failure: StartFailed) -> bool:
