@@ -110,6 +110,9 @@ BACKEND_KEYS: dict[str, Parser] = {
     "max_output_line": _int,
     "start_attempts": _int,
     "crash_loop_window": parse_duration,
+    "probe_timeout": parse_duration,
+    "probe_failures": _int,
+    "probe_window": parse_duration,
 }
 DEFAULTS: dict[str, Any] = {
     "listen": ["127.0.0.1:50051"],
@@ -437,3 +440,9 @@ def _check_backend_limits(where: str, values: Mapping[str, Any]) -> None:
         raise ConfigError(f"config: {where}.ready_timeout: must be positive")
     if not 0 <= values.get("crash_loop_window", 30.0) <= 86400:
         raise ConfigError(f"config: {where}.crash_loop_window: expected 0..24h")
+    if not 0 < values.get("probe_timeout", 1.0) <= 600:
+        raise ConfigError(f"config: {where}.probe_timeout: expected more than 0, at most 10m")
+    if not 1 <= values.get("probe_failures", 3) <= 100:
+        raise ConfigError(f"config: {where}.probe_failures: expected 1..100")
+    if not 0 <= values.get("probe_window", 10.0) <= 86400:
+        raise ConfigError(f"config: {where}.probe_window: expected 0..24h")

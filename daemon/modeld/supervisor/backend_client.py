@@ -66,6 +66,22 @@ class HealthProbe(Protocol):
     async def close(self) -> None: ...
 
 
+async def port_refuses(host: str, port: int, limit_s: float) -> bool:
+    """True only when a connection to the port is refused; a slow or failed connect
+    is no such proof."""
+    try:
+        async with asyncio.timeout(limit_s):
+            _, writer = await asyncio.open_connection(host, port)
+    except ConnectionRefusedError:
+        return True
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return False
+
+
 def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 

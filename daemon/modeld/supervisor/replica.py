@@ -33,7 +33,7 @@ from modeld.routing.slots import Slots
 from modeld.spec import BackendSpec, ModelSpec
 from modeld.state import ALLOWED, TERMINAL, ReplicaState
 from modeld.storage.registry import ReplicaRow
-from modeld.supervisor.backend_client import GrpcBackend
+from modeld.supervisor.backend_client import GrpcBackend, port_refuses
 from modeld.supervisor.child import PIPE_DRAIN_S, Child, describe_exit, wait_tasks
 from modeld.supervisor.deps import ReplicaDeps
 from modeld.supervisor.launch import LaunchPlan
@@ -119,6 +119,14 @@ class Replica:
     @property
     def protocol(self) -> str:
         return self._backend.protocol
+
+    @property
+    def backend(self) -> BackendSpec:
+        return self._backend
+
+    @property
+    def probe_timeout(self) -> float:
+        return self._backend.probe_limit
 
     @property
     def node_id(self) -> str:
@@ -249,6 +257,14 @@ class Replica:
         if self._client is not None:
             return await self._client.health(limit_s)
         return (await health_probe(self._backend, child)(limit_s)).ok
+
+    async def refuses(self) -> bool:
+        """Whether the backend's port refuses connections now: proof that nothing
+        listens there any more (a busy server still accepts, and answers late)."""
+        child = self._child
+        if child is None or child.exited.is_set():
+            return True
+        return await port_refuses(child.host, child.port, self._backend.probe_limit)
 
     def kill(self) -> None:
         """SIGKILL the process group now (daemon shutdown without grace); the exit
