@@ -420,7 +420,9 @@ class Replica:
             await self._transition(
                 S.FAILED,
                 reason,
-                last_error=with_stderr(self._deps.logs, self._id, f"{self._name()} {reason}"),
+                last_error=with_stderr(
+                    self._deps.logs, self._id, f"{self._name()} {reason}", child.spawned_wall
+                ),
                 settled=False,
             )
             await self._finish_child(child)

@@ -94,14 +94,31 @@ def lost_port(logs: LogStore, replica_id: str, child: Child, failure: StartFaile
 
 
 def stderr_lines(logs: LogStore, replica_id: str, since: float = 0.0) -> list[str]:
-    lines = logs.tail_lines(replica_id, STDERR_TAIL * 10)
-    texts = [ln.text for ln in lines if ln.stream == STDERR and ln.time >= since]
+    """The last stderr lines of the process spawned at wall time `since`, from every
+    line kept of it (its head too), however much else it printed after them."""
+    return _last(logs, replica_id, since, STDERR)
+
+
+def with_stderr(logs: LogStore, replica_id: str, message: str, since: float = 0.0) -> str:
+    """`message` followed by the last words of the process spawned at `since`: its last
+    stderr lines or, when it wrote none, its last stdout lines (not probe access lines)."""
+    lines = stderr_lines(logs, replica_id, since)
+    if lines:
+        return f"{message}\nlast {len(lines)} stderr lines:\n" + "\n".join(lines)
+    lines = _last(logs, replica_id, since, STDOUT)
+    if lines:
+        return (
+            f"{message}\n(the backend wrote nothing to stderr) last {len(lines)} stdout lines:\n"
+            + "\n".join(lines)
+        )
+    return f"{message}\n(the backend wrote nothing to stderr or stdout)"
+
+
+def _last(logs: LogStore, replica_id: str, since: float, stream: str) -> list[str]:
+    probe = stream == STDOUT
+    texts = [
+        ln.text
+        for ln in logs.lines_since(replica_id, since)
+        if ln.stream == stream and not (probe and logs.is_probe_line(replica_id, ln.text))
+    ]
     return texts[-STDERR_TAIL:]
-
-
-def with_stderr(logs: LogStore, replica_id: str, message: str) -> str:
-    """`message` followed by the backend's last stderr lines: its last words."""
-    lines = stderr_lines(logs, replica_id)
-    if not lines:
-        return f"{message}\n(the backend wrote nothing to stderr)"
-    return f"{message}\nlast {len(lines)} stderr lines:\n" + "\n".join(lines)

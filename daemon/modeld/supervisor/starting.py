@@ -152,7 +152,8 @@ class StartSequence:
             where = f"backends.{self.backend.name}.command"
             message = f"{detail}\n(no process was started: check {where})"
         else:
-            message = with_stderr(self.deps.logs, self.replica_id, detail)
+            since = child.spawned_wall if child is not None else 0.0
+            message = with_stderr(self.deps.logs, self.replica_id, detail, since)
         await self.hooks.transition(
             S.FAILED, f"{failure.phase} failed: {failure.detail}", last_error=message
         )
