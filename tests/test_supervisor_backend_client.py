@@ -14,6 +14,7 @@ from modeld.supervisor.backend_client import (
     HttpBackend,
     Verdict,
     grpc_health_once,
+    port_refuses,
 )
 from modeld.supervisor.process import free_port
 
@@ -67,6 +68,14 @@ async def test_http_health_of_a_closed_port_is_false() -> None:
     backend = HttpBackend("127.0.0.1", free_port("127.0.0.1"), "/")
     assert not await backend.health(1.0)
     assert (await backend.answer(1.0)).verdict is Verdict.NOT_LISTENING
+
+
+async def test_only_a_refused_connection_is_proof_nothing_listens() -> None:
+    assert await port_refuses("127.0.0.1", free_port("127.0.0.1"), 1.0)
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        assert not await port_refuses("127.0.0.1", port, 1.0)
 
 
 async def test_http_health_respects_its_deadline() -> None:
