@@ -15,7 +15,9 @@ an access line) unless --quiet.
 Made to misbehave the way real servers do under load:
 - --control-dir DIR: while DIR/hang-<port> exists, a health request is held
   (as llama_cpp.server holds /v1/models behind its busy model lock) until the
-  file is removed; its access line is printed when it arrives.
+  file is removed; its access line is printed when it arrives. Once
+  DIR/refuse-<port> exists it stops listening (connections are refused) but
+  keeps running, as a server whose listener died does.
 - --head N: prints N numbered "loader line i" lines on stderr before it listens.
 - --chatty-stdout N: then prints N "chatter line i" lines on stdout.
 """
@@ -23,6 +25,7 @@ Made to misbehave the way real servers do under load:
 import argparse
 import json
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -92,8 +95,19 @@ def main() -> int:
     for i in range(args.chatty_stdout):
         print(f"chatter line {i}")
     sys.stdout.flush()
+    if args.control_dir:
+        refuse = Path(args.control_dir) / f"refuse-{args.port}"
+        threading.Thread(target=close_when, args=(refuse, server), daemon=True).start()
     server.serve_forever()
+    server.server_close()
+    threading.Event().wait()
     return 0
+
+
+def close_when(path: Path, server: ThreadingHTTPServer) -> None:
+    while not path.exists():
+        time.sleep(HOLD_POLL_S)
+    server.shutdown()
 
 
 if __name__ == "__main__":
