@@ -77,6 +77,10 @@ class FakeReplica:
         self.address = f"fake:{rid}"
         self.protocol = "grpc"
         self.backend_name = "echo"
+        self.backend = BACKEND
+        self.probe_timeout = BACKEND.probe_limit
+        # Whether its port refuses connections (proof of death to the health judge).
+        self.refusing = False
         self.pid = pid
         self.started_at: float | None = None
         self.ready_at: float | None = None
@@ -174,6 +178,9 @@ class FakeReplica:
         if self.probe_gate is not None:
             await self.probe_gate.wait()
         return self.healthy
+
+    async def refuses(self) -> bool:
+        return self.refusing
 
     async def stop(
         self,

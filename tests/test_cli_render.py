@@ -126,3 +126,11 @@ def test_hosts_table() -> None:
 )
 def test_free_memory(fields: dict[str, object], text: str) -> None:
     assert render.free_memory(host(**fields)) == text
+
+
+def test_ps_shows_a_suspect_replica_with_why() -> None:
+    r = replica()
+    r.suspect = "a client reported it unreachable"
+    table = render.ps_table([r], [render.Idle(None, None, "")])
+    assert "SUSPECT (a client reported it unreachable)" in table
+    assert "SUSPECT" not in render.ps_table([replica()], [render.Idle(None, None, "")])

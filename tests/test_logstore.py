@@ -483,3 +483,68 @@ def test_dropped_lines_are_reported_once_per_marker() -> None:
     assert reported == []
     sub.close()
     assert reported == [8]
+
+
+# issue 21, finding 5: a start's head survives a chatty server
+
+
+def test_the_ring_keeps_each_starts_head_with_a_marker_before_the_newest_lines() -> None:
+    store = LogStore(FakeClock(), ring_lines=4, head_lines=2)
+    store.open("r1", "m")
+    for i in range(10):
+        store.append("r1", STDERR, f"first {i}")
+    store.open("r1", "m")  # the start retried on a fresh port: a second process
+    for i in range(10):
+        store.append("r1", STDERR, f"second {i}")
+    assert texts(store.tail_lines("r1", 100)) == [
+        "first 0",
+        "first 1",
+        "[modeld] 8 lines dropped",
+        "second 0",
+        "second 1",
+        "[modeld] 4 lines dropped",
+        "second 6",
+        "second 7",
+        "second 8",
+        "second 9",
+    ]
+    assert texts(store.tail_lines("r1", 3)) == ["second 7", "second 8", "second 9"]
+    assert texts(store.tail(model="m", n=100)) == texts(store.tail_lines("r1", 100))
+
+
+def test_a_head_still_in_the_ring_is_not_repeated() -> None:
+    store = LogStore(FakeClock(), ring_lines=10, head_lines=3)
+    store.open("r1", "m")
+    for i in range(5):
+        store.append("r1", STDOUT, f"line {i}")
+    assert texts(store.tail_lines("r1", 100)) == [f"line {i}" for i in range(5)]
+
+
+# issue 21, finding 3: lines the daemon's own probes caused are no progress
+
+
+async def test_probe_access_lines_are_not_progress_even_in_pieces() -> None:
+    clock = FakeClock()
+    store = LogStore(clock)
+    store.open("r1", "m", probe_line=lambda text: "/health" in text)
+    reader = asyncio.StreamReader()
+    pump = asyncio.ensure_future(store.pump("r1", STDOUT, reader))
+    reader.feed_data(b"loading\n")
+    await asyncio.sleep(0)
+    loaded_at = store.last_output_at("r1")
+    assert loaded_at == clock.monotonic()
+    for chunk in (b"GET /health", b" 503\nGET /health 503\n", b"GET /health"):
+        clock.advance(1.0)
+        reader.feed_data(chunk)
+        await asyncio.sleep(0)
+        assert store.last_output_at("r1") == loaded_at, chunk
+    clock.advance(1.0)
+    reader.feed_data(b" 503\nload...")
+    await asyncio.sleep(0)
+    # Dots of a loader that ends no line are progress.
+    clock.advance(1.0)
+    reader.feed_data(b"...")
+    await asyncio.sleep(0)
+    assert store.last_output_at("r1") == clock.monotonic()
+    reader.feed_eof()
+    await pump

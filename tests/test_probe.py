@@ -3,7 +3,9 @@
 import asyncio
 
 from modeld.clock import FakeClock
-from modeld.routing.probe import PROBE_LIMIT_S, ProbeCache
+from modeld.routing.probe import ProbeCache
+
+PROBE_TIMEOUT_S = 1.0
 
 
 class Backend:
@@ -11,6 +13,7 @@ class Backend:
 
     def __init__(self, rid: str = "r1") -> None:
         self.id = rid
+        self.probe_timeout = PROBE_TIMEOUT_S
         self.healthy = True
         self.calls: list[float] = []
         self.gate: asyncio.Event | None = None
@@ -40,7 +43,7 @@ async def test_a_healthy_result_is_reused_until_the_ttl_passes() -> None:
     clock.advance(0.1)
     assert not probes.fresh(backend.id)
     assert (await probes.check(backend)).at == clock.monotonic()
-    assert backend.calls == [PROBE_LIMIT_S, PROBE_LIMIT_S]
+    assert backend.calls == [PROBE_TIMEOUT_S, PROBE_TIMEOUT_S]
 
 
 async def test_force_probes_now() -> None:

@@ -142,7 +142,7 @@ async def test_scale_up_is_off_by_default(tmp_path: Path) -> None:
         assert len(h.made) == 1
 
 
-async def test_unreachable_replica_is_avoided_while_probed_and_stopped_when_dead(
+async def test_unreachable_replica_is_avoided_while_probed_and_stopped_when_its_port_refuses(
     tmp_path: Path,
 ) -> None:
     async with router_harness(tmp_path, M) as h:
@@ -151,6 +151,7 @@ async def test_unreachable_replica_is_avoided_while_probed_and_stopped_when_dead
         suspect = h.replica(lease.replica_id)
         other = next(r for r in h.made if r is not suspect)
         suspect.healthy = False
+        suspect.refusing = True
         suspect.probe_gate = asyncio.Event()
         assert h.router.release(lease.id, "BACKEND_UNREACHABLE") is True
         health = asyncio.ensure_future(h.router.health(["m"], probe=False))
@@ -159,10 +160,36 @@ async def test_unreachable_replica_is_avoided_while_probed_and_stopped_when_dead
         assert {p.replica_id for p in picks} == {other.id}
         suspect.probe_gate.set()
         await asyncio.wait_for(suspect.stopped.wait(), 1)
-        assert suspect.stops == ["unreachable"]
+        assert suspect.stops == ["unreachable: its port refuses connections (fake:m-0)"]
         assert suspect.probes == 1, "Health and the suspect check share one probe"
         report = await health
         assert [i.last_probe_ok for i in report["m"] if i.id == suspect.id] == [False]
+
+
+async def test_a_replica_that_does_not_answer_is_dead_only_after_failures_over_the_window(
+    tmp_path: Path,
+) -> None:
+    """Finding 1 of issue 21: one failed probe used to stop a busy replica at once."""
+    async with router_harness(tmp_path, M) as h:
+        lease = await h.router.route("m", h.deadline())
+        replica = h.replica(lease.replica_id)
+        replica.healthy = False
+        h.router.release(lease.id, "BACKEND_UNREACHABLE")
+        window = replica.backend.probe_window
+        while replica.probes < replica.backend.probe_failures:
+            await asyncio.wait_for(replica.probing.wait(), 1)
+            replica.probing.clear()
+            [info] = h.router.replicas("m")
+            assert (info.state, replica.stops) == (S.READY, [])
+            assert info.suspect == "a client reported it unreachable"
+            h.clock.advance(1.0)
+        # Enough failures, but not yet over probe_window: still only suspect.
+        assert replica.probes == replica.backend.probe_failures
+        h.clock.advance(window)
+        await asyncio.wait_for(replica.stopped.wait(), 1)
+        assert len(replica.stops) == 1
+        assert replica.stops[0].startswith("unreachable: ")
+        assert "probes in a row failed" in replica.stops[0]
 
 
 async def test_unreachable_report_on_a_healthy_replica_keeps_it(tmp_path: Path) -> None:

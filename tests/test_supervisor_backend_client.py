@@ -12,7 +12,9 @@ from modeld.supervisor.backend_client import (
     BackendCallError,
     GrpcBackend,
     HttpBackend,
+    Verdict,
     grpc_health_once,
+    port_refuses,
 )
 from modeld.supervisor.process import free_port
 
@@ -41,8 +43,39 @@ async def test_http_health_wants_200(status: bytes, healthy: bool) -> None:
         assert await HttpBackend("127.0.0.1", port, "/health").health(1.0) is healthy
 
 
+@pytest.mark.parametrize(
+    ("status", "verdict"),
+    [
+        (b"200 OK", Verdict.READY),
+        (b"503 Service Unavailable", Verdict.LOADING),
+        (b"404 Not Found", Verdict.WRONG_PATH),
+        (b"405 Method Not Allowed", Verdict.WRONG_PATH),
+        (b"500 Internal Server Error", Verdict.NO_ANSWER),
+    ],
+)
+async def test_http_health_answers_say_what_they_mean(status: bytes, verdict: Verdict) -> None:
+    server = await http_server(status)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        answer = await HttpBackend("127.0.0.1", port, "/health").answer(1.0)
+    assert answer.verdict is verdict
+    if verdict is not Verdict.READY:
+        assert f"http://127.0.0.1:{port}/health" in answer.detail
+        assert status.decode() in answer.detail
+
+
 async def test_http_health_of_a_closed_port_is_false() -> None:
-    assert not await HttpBackend("127.0.0.1", free_port("127.0.0.1"), "/").health(1.0)
+    backend = HttpBackend("127.0.0.1", free_port("127.0.0.1"), "/")
+    assert not await backend.health(1.0)
+    assert (await backend.answer(1.0)).verdict is Verdict.NOT_LISTENING
+
+
+async def test_only_a_refused_connection_is_proof_nothing_listens() -> None:
+    assert await port_refuses("127.0.0.1", free_port("127.0.0.1"), 1.0)
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        assert not await port_refuses("127.0.0.1", port, 1.0)
 
 
 async def test_http_health_respects_its_deadline() -> None:

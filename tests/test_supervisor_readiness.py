@@ -8,6 +8,7 @@ from typing import cast
 from modeld.clock import SystemClock
 from modeld.ops.logstore import LogStore
 from modeld.spec import BackendSpec
+from modeld.supervisor.backend_client import Answer, Verdict
 from modeld.supervisor.child import Child
 from modeld.supervisor.readiness import PROBE_BACKOFF, PROBE_CAP_S, PROBE_FIRST_S, StartRace
 
@@ -42,11 +43,11 @@ async def test_probes_keep_their_pace_after_the_log_store_closes() -> None:
     loop = asyncio.get_running_loop()
     probed: list[float] = []
 
-    async def probe(limit_s: float) -> bool:
+    async def probe(limit_s: float) -> Answer:
         probed.append(loop.time())
         if len(probed) == 1:
             logs.close_all()
-        return len(probed) == PROBES
+        return Answer(Verdict.READY if len(probed) == PROBES else Verdict.NO_ANSWER)
 
     await asyncio.wait_for(race.wait_healthy(child, probe), 10)
 

@@ -81,7 +81,12 @@ TABLES: dict[str, dict[str, Parser]] = {
         "probe_ttl": parse_duration,
         "scale_up_in_flight": _int,
     },
-    "logs": {"ring_lines": _int, "keep_stopped": _int, "subscriber_queue": _int},
+    "logs": {
+        "ring_lines": _int,
+        "head_lines": _int,
+        "keep_stopped": _int,
+        "subscriber_queue": _int,
+    },
     "leases": {"max_per_replica": _int, "max_total": _int},
     "resources": {"fake_path": _str, "release_timeout": parse_duration},
     "cluster": {
@@ -112,6 +117,9 @@ BACKEND_KEYS: dict[str, Parser] = {
     "max_output_line": _int,
     "start_attempts": _int,
     "crash_loop_window": parse_duration,
+    "probe_timeout": parse_duration,
+    "probe_failures": _int,
+    "probe_window": parse_duration,
 }
 DEFAULTS: dict[str, Any] = {
     "listen": ["127.0.0.1:50051"],
@@ -199,6 +207,7 @@ class Config:
     aliases: Mapping[str, str]
     models: Mapping[str, ModelSpec]
     log_ring_lines: int = 1000
+    log_head_lines: int = 300
     log_keep_stopped: int = 5
     log_subscriber_queue: int = 1000
     max_leases_per_replica: int = DEFAULT_MAX_LEASES_PER_REPLICA
@@ -311,6 +320,9 @@ def _build(raw: dict[str, Any], source: str) -> Config:
     except InvalidArgument as exc:
         raise ConfigError(f"config: {exc}") from None
     logs = parsed["logs"]
+    head_lines = logs.pop("head_lines", 300)
+    if not 0 <= head_lines <= 100_000:
+        raise ConfigError(f"config: logs.head_lines: expected 0..100000, got {head_lines}")
     _check_positive(logs)
     leases = parsed["leases"]
     for key, value in leases.items():
@@ -334,6 +346,7 @@ def _build(raw: dict[str, Any], source: str) -> Config:
         aliases=aliases,
         models=models,
         log_ring_lines=logs.get("ring_lines", 1000),
+        log_head_lines=head_lines,
         log_keep_stopped=logs.get("keep_stopped", 5),
         log_subscriber_queue=logs.get("subscriber_queue", 1000),
         max_leases_per_replica=leases.get("max_per_replica", DEFAULT_MAX_LEASES_PER_REPLICA),
@@ -441,3 +454,9 @@ def _check_backend_limits(where: str, values: Mapping[str, Any]) -> None:
         raise ConfigError(f"config: {where}.ready_timeout: must be positive")
     if not 0 <= values.get("crash_loop_window", 30.0) <= 86400:
         raise ConfigError(f"config: {where}.crash_loop_window: expected 0..24h")
+    if not 0 < values.get("probe_timeout", 1.0) <= 600:
+        raise ConfigError(f"config: {where}.probe_timeout: expected more than 0, at most 10m")
+    if not 1 <= values.get("probe_failures", 3) <= 100:
+        raise ConfigError(f"config: {where}.probe_failures: expected 1..100")
+    if not 0 <= values.get("probe_window", 10.0) <= 86400:
+        raise ConfigError(f"config: {where}.probe_window: expected 0..24h")

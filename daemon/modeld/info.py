@@ -25,3 +25,5 @@ class ReplicaInfo:
     last_probe_at: float | None = None
     node_id: str = "local"
     live_leases: int = 0
+    # Why the router suspects this READY replica (routing/judge.py); empty when it does not.
+    suspect: str = ""

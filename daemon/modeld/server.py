@@ -94,6 +94,7 @@ class Daemon:
         self.logs = LogStore(
             self.clock,
             ring_lines=config.log_ring_lines,
+            head_lines=config.log_head_lines,
             keep_stopped=config.log_keep_stopped,
             subscriber_queue=config.log_subscriber_queue,
             on_dropped=self.metrics.log_dropped,

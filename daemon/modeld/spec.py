@@ -53,6 +53,10 @@ def check_name(kind: str, name: str) -> str:
     return name
 
 
+HTTP_PROBE_TIMEOUT_S = 5.0
+GRPC_PROBE_TIMEOUT_S = 1.0
+
+
 @dataclass(frozen=True)
 class BackendSpec:
     """A catalog entry: how to start one kind of backend. Only config defines these."""
@@ -73,6 +77,20 @@ class BackendSpec:
     start_attempts: int = 3
     # A replica that dies sooner than this after READY counts as a failed start (backoff).
     crash_loop_window: float = 30.0
+    # Health probes of a READY replica: how long one may take (None: the protocol's
+    # default), and how many failed ones in a row, spanning at least how long, prove it
+    # dead (fewer only make it suspect).
+    probe_timeout: float | None = None
+    probe_failures: int = 3
+    probe_window: float = 10.0
+
+    @property
+    def probe_limit(self) -> float:
+        if self.probe_timeout is not None:
+            return self.probe_timeout
+        # An OpenAI-style server answers health from the queue its completions wait in,
+        # so under load a healthy one takes seconds; a gRPC backend answers at once.
+        return HTTP_PROBE_TIMEOUT_S if self.protocol == "http" else GRPC_PROBE_TIMEOUT_S
 
 
 @dataclass(frozen=True)

@@ -165,6 +165,7 @@ def replica_to_proto(info: ReplicaInfo, host_id: str = "") -> pb.Replica:
         last_probe_ok=info.last_probe_ok,
         last_probe_at=timestamp(info.last_probe_at),
         node_id=info.node_id,
+        suspect=info.suspect,
         host_id=host_id,
         live_leases=info.live_leases,
     )
@@ -238,6 +239,7 @@ def event_to_proto(event: Event, host_id: str = "") -> pb.Event:
         from_state=state(event.from_state),
         to_state=state(event.to_state),
         reason=event.reason,
+        health=event.health,
         host_id=event.host_id or host_id,
     )
 

@@ -96,11 +96,18 @@ def idle(replica: pb.Replica, spec: pb.ModelSpec | None, idle_timeout: float, no
 REPLICA_HEADER = ("MODEL", "REPLICA", "STATE", "ADDRESS", "PID", "GPU", "MEMORY", "IN-FLIGHT")
 
 
+def replica_state(r: pb.Replica) -> str:
+    """The state, or SUSPECT with the first line of why for a READY replica in doubt."""
+    if r.suspect and r.state == pb.READY:
+        return f"SUSPECT ({r.suspect.splitlines()[0]})"
+    return state_name(r.state)
+
+
 def _replica_cells(r: pb.Replica) -> list[str]:
     return [
         r.model,
         r.id,
-        state_name(r.state),
+        replica_state(r),
         r.address or "-",
         str(r.pid or "-"),
         r.gpu or "-",
@@ -139,7 +146,7 @@ def health_table(models: Iterable[pb.ModelHealth], now: float) -> str:
         for r in m.replicas:
             ok = "ok" if r.last_probe_ok else ("failed" if wall(r.last_probe_at) else "-")
             error = r.last_error.splitlines()[0] if r.last_error else ""
-            cells = [r.id, state_name(r.state), r.address or "-", ok, ago(r.last_probe_at, now)]
+            cells = [r.id, replica_state(r), r.address or "-", ok, ago(r.last_probe_at, now)]
             rows.append([m.model, *cells, error])
     return table(("MODEL", "REPLICA", "STATE", "ADDRESS", "PROBE", "PROBED", "LAST ERROR"), rows)
 

@@ -158,6 +158,8 @@ def events(args: argparse.Namespace, s: Session) -> None:
         stamp = event.time.ToDatetime().strftime("%H:%M:%S.%f")[:-3]
         frm = render.state_name(event.from_state) if event.from_state else "-"
         to = render.state_name(event.to_state)
+        if event.health:
+            to += f" [{event.health}]"
         host = f"{event.host_id} " if event.host_id else ""
         _out(f"{stamp} {host}{event.model} {event.replica_id} {frm} -> {to}  {event.reason}")
 

@@ -25,17 +25,22 @@ class Event:
     from_state: ReplicaState | None
     to_state: ReplicaState
     reason: str = ""
-    # STATE: a replica changed state. LEASE_EXPIRED: a lease ran out (the states are the
-    # replica's current one, unchanged); observers that count state changes skip it.
+    # STATE: a replica changed state. LEASE_EXPIRED: a lease ran out, HEALTH: see below
+    # (the states are the replica's current one, unchanged); observers that count state
+    # changes skip both.
     # CLUSTER: another host's replica changed, as the cluster view saw it.
     kind: str = "state"
     # CLUSTER events: the host whose replica changed.
     host_id: str = ""
+    # HEALTH events: the router's judgment of a READY replica changed (routing/judge.py):
+    # SUSPECT, HEALTHY (cleared) or DEAD; the states are the replica's current one.
+    health: str = ""
 
 
 STATE = "state"
 LEASE_EXPIRED = "lease_expired"
 CLUSTER = "cluster"
+HEALTH = "health"
 
 
 class _Ring:

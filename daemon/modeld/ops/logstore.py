@@ -22,7 +22,7 @@ import structlog
 
 from modeld.clock import Clock
 from modeld.errors import InvalidArgument
-from modeld.ops.logring import LogLine, LogRing
+from modeld.ops.logring import MODELD, LogLine, LogRing
 from modeld.ops.wakeups import Wakeups
 
 __all__ = ["CONTINUED", "MODELD", "STDERR", "STDOUT", "LogLine", "LogStore", "LogSubscription"]
@@ -31,7 +31,6 @@ log = structlog.get_logger(__name__)
 
 STDOUT = "stdout"
 STDERR = "stderr"
-MODELD = "modeld"  # the daemon's own notes on a replica's lifecycle
 
 CONTINUED = "[…continued] "
 # Work per loop turn for each pipe: one chunk is split and stored in ~0.1 ms (short
@@ -60,6 +59,11 @@ class _LineSplitter:
         self._max = max_line
         self._partial = ""
         self._continued = False
+
+    @property
+    def partial(self) -> str:
+        """The line read so far whose end has not come yet."""
+        return self._partial
 
     def feed(self, data: bytes) -> list[str]:
         return self.split(self._decoder.decode(data), final=False)
@@ -276,6 +280,18 @@ class LogSubscription:
         return any(ring.stopped for ring in self._cursors)
 
 
+def _progress(ring: LogRing, texts: list[str], partial: str) -> bool:
+    """Whether output is progress: any line but those the daemon's probes caused. A
+    chunk that ends no line (a loader printing dots) is progress unless the line so
+    far is a probe's: servers print an access line in more than one write."""
+    probe_line = ring.probe_line
+    if probe_line is None:
+        return True
+    if texts:
+        return not all(map(probe_line, texts))
+    return not partial or not probe_line(partial)
+
+
 def _one_target(model: str | None, replica_id: str | None) -> None:
     if model is not None and replica_id is not None:
         raise InvalidArgument("give a model or a replica id, not both")
@@ -289,6 +305,7 @@ class LogStore:
         clock: Clock,
         *,
         ring_lines: int = 1000,
+        head_lines: int = 0,
         keep_stopped: int = 5,
         subscriber_queue: int = 1000,
         max_line: int = 8192,
@@ -301,6 +318,7 @@ class LogStore:
         # Told how many lines followers lost, once per drop marker (not per line).
         self._on_dropped = on_dropped
         self._ring_lines = ring_lines
+        self._head_lines = head_lines
         self._keep_stopped = keep_stopped
         # How far a follower may fall behind a ring's newest line; the ring bounds it too.
         self._lag = min(subscriber_queue, ring_lines)
@@ -316,19 +334,24 @@ class LogStore:
         self.wakeups = Wakeups()
         self.closing = False
 
-    def open(self, replica_id: str, model: str) -> None:
-        """Creates the ring of a new replica; reopening a known id keeps its lines."""
+    def open(
+        self, replica_id: str, model: str, *, probe_line: Callable[[str], bool] | None = None
+    ) -> None:
+        """Creates the ring of a new replica; reopening a known id keeps its lines. Either
+        way a start begins: its first lines are kept as its head. `probe_line` tells
+        lines the daemon's probes caused, which are no progress."""
         ring = self._rings.get(replica_id)
         if ring is None:
-            self._rings[replica_id] = LogRing(replica_id, model, self._ring_lines)
+            ring = LogRing(replica_id, model, self._ring_lines, probe_line, self._head_lines)
+            self._rings[replica_id] = ring
             self._models.setdefault(model, {})[replica_id] = None
             self.generation += 1
-            return
-        if ring.model != model:
+        elif ring.model != model:
             raise ValueError(f"replica {replica_id} belongs to model {ring.model}, not {model}")
-        if ring.stopped:
+        elif ring.stopped:
             ring.stopped = False
             self._stopped[model].remove(replica_id)
+        ring.begin_start()
 
     def append(self, replica_id: str, stream: str, text: str) -> None:
         """Adds one decoded line; lines for a replica the store does not know are ignored."""
@@ -352,7 +375,7 @@ class LogStore:
         splitter = _LineSplitter(max_line or self._max_line)
         try:
             while chunk := await reader.read(READ_CHUNK):
-                self._add(replica_id, stream, splitter.feed(chunk))
+                self._add(replica_id, stream, splitter.feed(chunk), splitter.partial)
                 # read() returns without suspending while data is buffered; a flooding
                 # backend must not starve the RPCs served by the same loop.
                 await asyncio.sleep(0)
@@ -364,16 +387,29 @@ class LogStore:
             self._add(replica_id, stream, splitter.finish())
 
     def last_output_at(self, replica_id: str) -> float | None:
-        """Monotonic time the replica's pipes last delivered output (readiness progress)."""
+        """Monotonic time the replica's pipes last delivered output other than lines its
+        probes caused (readiness progress)."""
         ring = self._rings.get(replica_id)
         return ring.last_output_at if ring else None
 
     def tail_lines(self, replica_id: str, n: int) -> list[LogLine]:
-        """The newest `n` lines of one replica, oldest first."""
+        """The newest `n` lines of one replica, oldest first (its starts' heads first,
+        when `n` reaches past the ring)."""
         ring = self._rings.get(replica_id)
         if ring is None or n <= 0:
             return []
-        return ring.read(max(ring.start, ring.end - n), ring.end)
+        return [line for _, line in ring.kept(n)]
+
+    def lines_since(self, replica_id: str, since: float) -> list[LogLine]:
+        """Every line kept of one replica that arrived at or after wall time `since`."""
+        ring = self._rings.get(replica_id)
+        if ring is None:
+            return []
+        return [line for _, line in ring.kept(ring.end) if line.time >= since]
+
+    def is_probe_line(self, replica_id: str, text: str) -> bool:
+        ring = self._rings.get(replica_id)
+        return ring is not None and ring.probe_line is not None and ring.probe_line(text)
 
     def close(self, replica_id: str) -> None:
         """The replica stopped: keep its ring among the model's last `keep_stopped`."""
@@ -404,11 +440,7 @@ class LogStore:
         if n <= 0:
             return []
         ids: Iterable[str] = self._models.get(model, {}) if model is not None else self._rings
-        newest = []
-        for ring in (self._rings[rid] for rid in ids):
-            first = max(ring.start, ring.end - n)
-            batches = ring.batches_of(first, ring.end)
-            newest.append(zip(batches, ring.read(first, ring.end), strict=True))
+        newest = [ring.kept(n) for ring in (self._rings[rid] for rid in ids)]
         merged = heapq.merge(*newest, key=itemgetter(0))
         return [line for _, line in merged][-n:]
 
@@ -445,11 +477,11 @@ class LogStore:
         self.closing = True
         self.wakeups.wake_all()
 
-    def _add(self, replica_id: str, stream: str, texts: list[str]) -> None:
+    def _add(self, replica_id: str, stream: str, texts: list[str], partial: str = "") -> None:
         ring = self._rings.get(replica_id)
         if ring is None:
             return
-        if stream != MODELD:
+        if stream != MODELD and _progress(ring, texts, partial):
             ring.last_output_at = self.clock.monotonic()
         if not texts:
             return

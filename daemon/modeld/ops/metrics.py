@@ -179,6 +179,12 @@ class Metrics:
         self.backend_restarts = counter(
             "modeld_backend_restarts", "Replicas started again after a crash.", "model"
         )
+        self.health_judgments = counter(
+            "modeld_replica_health",
+            "Health judgments of READY replicas: SUSPECT (a probe failed or a client "
+            "reported it unreachable), HEALTHY (cleared), DEAD (proven, then stopped).",
+            "judgment",
+        )
         self.log_lines_dropped = counter(
             "modeld_log_lines_dropped", "Backend log lines a slow follower lost."
         )
@@ -225,6 +231,9 @@ class Metrics:
 
     def backend_restarted(self, model: str) -> None:
         self.backend_restarts.labels(model).inc()
+
+    def health_judged(self, judgment: str) -> None:
+        self.health_judgments.labels(judgment).inc()
 
     def log_dropped(self, lines: int) -> None:
         self.log_lines_dropped.inc(lines)

@@ -14,13 +14,13 @@ from typing import Protocol
 
 from modeld.clock import Clock
 
-# A local backend answers Health in milliseconds; one that takes a second is not serving.
-PROBE_LIMIT_S = 1.0
-
 
 class Probeable(Protocol):
     @property
     def id(self) -> str: ...
+
+    @property
+    def probe_timeout(self) -> float: ...
 
     async def probe(self, limit_s: float) -> bool: ...
 
@@ -33,12 +33,9 @@ class ProbeResult:
 
 
 class ProbeCache:
-    def __init__(
-        self, clock: Clock, ttl: Callable[[], float], limit_s: float = PROBE_LIMIT_S
-    ) -> None:
+    def __init__(self, clock: Clock, ttl: Callable[[], float]) -> None:
         self._clock = clock
         self._ttl = ttl
-        self._limit_s = limit_s
         self._results: dict[str, ProbeResult] = {}
         self._inflight: dict[str, asyncio.Task[ProbeResult]] = {}
 
@@ -76,7 +73,8 @@ class ProbeCache:
         return await asyncio.shield(task)
 
     async def _probe(self, replica: Probeable) -> ProbeResult:
-        ok = await replica.probe(self._limit_s)
+        # Each backend's own limit: a busy OpenAI-style server answers health slowly.
+        ok = await replica.probe(replica.probe_timeout)
         return ProbeResult(ok, self._clock.monotonic(), self._clock.wall())
 
     def _settled(self, replica_id: str, task: "asyncio.Task[ProbeResult]") -> None:

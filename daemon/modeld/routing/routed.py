@@ -8,7 +8,7 @@ in both, so the bookkeeping tests exercise is the production one.
 from collections.abc import Callable
 from typing import Protocol
 
-from modeld.spec import ModelSpec
+from modeld.spec import BackendSpec, ModelSpec
 from modeld.state import ReplicaState
 
 
@@ -85,7 +85,15 @@ class RoutedReplica(Protocol):
         responsive: bool = True,
     ) -> None: ...
 
+    @property
+    def backend(self) -> BackendSpec: ...
+
+    @property
+    def probe_timeout(self) -> float: ...
+
     async def probe(self, limit_s: float) -> bool: ...
+
+    async def refuses(self) -> bool: ...
 
     def kill(self) -> None: ...
 

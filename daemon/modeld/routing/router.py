@@ -6,6 +6,7 @@ and the wiring (`build_router`) constructs them in one order with no cycle:
     CapacitySignal  (routing/signal.py)    wakes admission when room may have appeared
     LeaseService    (routing/leases.py)    the lease table, expiry, bounds; in-flight slots
     ReplicaIndex    (routing/index.py)     the pools, lookups, views, resource readings
+    HealthJudge     (routing/judge.py)     suspect or dead: a READY replica that did not answer
     Stopper         (routing/stops.py)     stops replicas; hears every replica state change
     Admission       (capacity/admission)   gets the Stopper as its evictor
     Lifecycle       (routing/lifecycle.py) load, unload, min_replicas, scale-up, closing gate
@@ -37,6 +38,7 @@ from modeld.policy.picker import pick_replica
 from modeld.policy.view import HostView, ReplicaView
 from modeld.routing.counters import FLUSH_INTERVAL_S, CounterFlusher, Flush
 from modeld.routing.index import ReplicaIndex
+from modeld.routing.judge import HealthJudge
 from modeld.routing.leases import Lease, LeaseLimits, LeaseService
 from modeld.routing.lifecycle import Admit, Factory, Lifecycle, wait_until
 from modeld.routing.pool import ModelPool
@@ -45,7 +47,7 @@ from modeld.routing.routed import RoutedReplica
 from modeld.routing.signal import CapacitySignal
 from modeld.routing.stops import Stopper
 from modeld.spec import ModelSpec
-from modeld.state import LIVE, ReplicaState
+from modeld.state import ReplicaState
 from modeld.storage.catalog import Catalog
 from modeld.storage.settings_store import SettingsStore
 
@@ -67,6 +69,7 @@ class Router:
         stopper: Stopper,
         lifecycle: Lifecycle,
         prober: ProbeCache,
+        judge: HealthJudge,
         signal: CapacitySignal,
         tasks: TaskSupervisor,
         flush: Flush | None = None,
@@ -80,14 +83,12 @@ class Router:
         self.stopper = stopper
         self.lifecycle = lifecycle
         self._prober = prober
+        self._judge = judge
         self._signal = signal
         self._tasks = tasks
         self._flush = flush
         self._flush_interval = flush_interval
         self._background: list[asyncio.Task[None]] = []
-        # Replicas a client reported unreachable, while their one probe runs: routed to last.
-        self._suspects: set[str] = set()
-        self._checks: set[asyncio.Task[None]] = set()
 
     # lifecycle of the router itself
 
@@ -106,7 +107,8 @@ class Router:
     async def close(self) -> None:
         for task in self._background:
             task.cancel()
-        await asyncio.gather(*self._background, *self._checks, return_exceptions=True)
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self._judge.close()
         await self.lifecycle.close()
 
     # the hot path
@@ -148,8 +150,9 @@ class Router:
         ready = [r for r in ready if self.leases.room_on(r)]
         if not ready:
             raise self.leases.full(spec.name)
-        if self._suspects and len(ready) > 1:
-            ready = [r for r in ready if r.id not in self._suspects] or ready
+        suspects = self._judge.suspects()
+        if suspects and len(ready) > 1:
+            ready = [r for r in ready if r.id not in suspects] or ready
         if len(ready) == 1:
             return ready[0]
         oldest = self.leases.oldest_started() if spec.busy_timeout else {}
@@ -165,9 +168,11 @@ class Router:
         if lease is None:
             return False
         if outcome == "BACKEND_UNREACHABLE":
+            # Evidence, not a verdict: a client whose request timed out in a busy
+            # server's queue says the same as one whose server died.
             replica = self.index.pool(lease.model).replicas.get(lease.replica_id)
             if replica is not None:
-                self._suspect(replica)
+                self._judge.suspect(replica, "a client reported it unreachable")
         return True
 
     def renew(self, lease_id: str) -> float:
@@ -175,25 +180,6 @@ class Router:
 
     def expire_leases(self) -> int:
         return self.leases.expire()
-
-    def _suspect(self, replica: RoutedReplica) -> None:
-        """A client could not reach this replica: one probe at a time, however many say so."""
-        if replica.id in self._suspects:
-            return
-        self._suspects.add(replica.id)
-        self._prober.invalidate(replica.id)
-        task = asyncio.create_task(self._check_suspect(replica), name=f"suspect-{replica.id}")
-        self._checks.add(task)
-        task.add_done_callback(self._checks.discard)
-
-    async def _check_suspect(self, replica: RoutedReplica) -> None:
-        try:
-            result = await self._prober.check(replica, force=True)
-            if not result.ok and replica.state in LIVE:
-                log.warning("replica_unreachable", replica_id=replica.id, model=replica.model)
-                await self.stopper.stop(replica, "unreachable", True, 0.0, responsive=False)
-        finally:
-            self._suspects.discard(replica.id)
 
     # load / unload (the lifecycle's)
 
@@ -216,19 +202,29 @@ class Router:
     async def health(self, models: list[str], *, probe: bool) -> dict[str, list[ReplicaInfo]]:
         async def one(replica: RoutedReplica) -> None:
             if replica.state is ReplicaState.READY:
-                await self._prober.check(replica, force=probe)
+                result = await self._prober.check(replica, force=probe)
+                if not result.ok:
+                    why = f"a health probe failed (probe_timeout {replica.probe_timeout:g}s)"
+                    self._judge.suspect(replica, why, failed_at=result.at)
 
         pools = [self.index.pool(m) for m in models]
         await asyncio.gather(*(one(r) for pool in pools for r in pool.live()))
-        return {pool.model: [self.index.info(r) for r in pool.all()] for pool in pools}
+        return {
+            pool.model: [self._judged(self.index.info(r)) for r in pool.all()] for pool in pools
+        }
 
     def replicas(self, model: str | None) -> list[ReplicaInfo]:
         """Each with its live lease count, read in the same loop turn as its in-flight
         (no await between them), so that anyone outside can check the two are equal."""
         leases = self.leases.per_replica()
+        reason = self._judge.reason
         return [
-            replace(info, live_leases=leases.get(info.id, 0)) for info in self.index.replicas(model)
+            replace(info, live_leases=leases.get(info.id, 0), suspect=reason(info.id))
+            for info in self.index.replicas(model)
         ]
+
+    def _judged(self, info: ReplicaInfo) -> ReplicaInfo:
+        return replace(info, suspect=self._judge.reason(info.id))
 
     def has_live(self, model: str) -> bool:
         return self.index.has_live(model)
@@ -291,7 +287,16 @@ def build_router(
         oldest_leases=leases.oldest_started,
         backoff_policy=backoff_policy,
     )
-    stopper = Stopper(index=index, leases=leases, prober=prober, signal=signal, metrics=metrics)
+    judge = HealthJudge(clock=clock, prober=prober, events=events, metrics=metrics)
+    stopper = Stopper(
+        index=index, leases=leases, prober=prober, judge=judge, signal=signal, metrics=metrics
+    )
+
+    async def stop_dead(replica: RoutedReplica, reason: str) -> None:
+        # Proven dead: its leases are gone with it, and a Free call would only time out.
+        await stopper.stop(replica, reason, True, 0.0, responsive=False)
+
+    judge.use_stop(stop_dead)
     lifecycle = Lifecycle(
         clock=clock,
         catalog=catalog,
@@ -309,6 +314,7 @@ def build_router(
         stopper=stopper,
         lifecycle=lifecycle,
         prober=prober,
+        judge=judge,
         signal=signal,
         tasks=tasks or TaskSupervisor(),
         flush=flush,

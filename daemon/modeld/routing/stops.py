@@ -16,6 +16,7 @@ from modeld.ops.metrics import Metrics
 from modeld.policy.eviction import Eviction
 from modeld.policy.view import ReplicaView
 from modeld.routing.index import ReplicaIndex
+from modeld.routing.judge import HealthJudge
 from modeld.routing.leases import LeaseService
 from modeld.routing.probe import ProbeCache
 from modeld.routing.routed import RoutedReplica
@@ -38,12 +39,14 @@ class Stopper:
         index: ReplicaIndex,
         leases: LeaseService,
         prober: ProbeCache,
+        judge: HealthJudge,
         signal: CapacitySignal,
         metrics: Metrics | None = None,
     ) -> None:
         self._index = index
         self._leases = leases
         self._prober = prober
+        self._judge = judge
         self._signal = signal
         self._metrics = metrics
 
@@ -66,6 +69,7 @@ class Stopper:
         )
         self._leases.drop(replica.id)
         self._prober.forget(replica.id)
+        self._judge.forget(replica.id)
         self._index.pool(replica.model).prune()
         self._signal.changed()
 
@@ -104,6 +108,9 @@ class Stopper:
             # A loading replica that admission waited on may now be evictable.
             self._signal.changed()
             return
+        if old is S.READY:
+            # Draining, stopping or crashed: no longer routed to, so no longer judged.
+            self._judge.forget(replica.id)
         if new not in (S.FAILED, S.STOPPED):
             return
         self._signal.changed()

@@ -3,10 +3,17 @@
 `grpc` backends speak the LocalAI backend protocol; `http` backends are any
 OpenAI-style server whose health URL answers 200. A call never waits longer
 than the deadline it is given, and a failed health probe is just `False`.
+
+A start wants more than yes or no from an HTTP health URL (`answer`): 200 is
+ready, 503 is loading (llama-server's answer while it reads the model), a
+refused connection is a server not listening yet, and any other 4xx says the
+health path is wrong, which no amount of waiting mends.
 """
 
 import asyncio
 import contextlib
+from dataclasses import dataclass
+from enum import Enum
 from typing import Protocol
 
 import grpc
@@ -35,10 +42,44 @@ class BackendCallError(Exception):
     """A backend call failed or the backend said no; the message says which and why."""
 
 
+class Verdict(Enum):
+    READY = "ready"
+    LOADING = "loading"  # HTTP 503: alive and loading, which is progress
+    NOT_LISTENING = "not listening"  # the connection was refused
+    WRONG_PATH = "wrong path"  # HTTP 4xx other than 503: waiting cannot mend it
+    NO_ANSWER = "no answer"  # timed out, reset, or an answer that means none of the above
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    verdict: Verdict
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict is Verdict.READY
+
+
 class HealthProbe(Protocol):
     async def health(self, limit_s: float) -> bool: ...
 
     async def close(self) -> None: ...
+
+
+async def port_refuses(host: str, port: int, limit_s: float) -> bool:
+    """True only when a connection to the port is refused; a slow or failed connect
+    is no such proof."""
+    try:
+        async with asyncio.timeout(limit_s):
+            _, writer = await asyncio.open_connection(host, port)
+    except ConnectionRefusedError:
+        return True
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return False
 
 
 def host_port(host: str, port: int) -> str:
@@ -104,6 +145,12 @@ async def grpc_health_once(address: str, limit_s: float) -> bool:
         await backend.close()
 
 
+async def grpc_answer_once(address: str, limit_s: float) -> Answer:
+    if await grpc_health_once(address, limit_s):
+        return Answer(Verdict.READY)
+    return Answer(Verdict.NO_ANSWER, f"gRPC Health at {address} did not answer")
+
+
 def _rpc_error(exc: grpc.aio.AioRpcError) -> str:
     return f"{exc.code().name}: {exc.details() or '(no details)'}"
 
@@ -113,6 +160,7 @@ class HttpBackend:
 
     def __init__(self, host: str, port: int, health_path: str) -> None:
         self.address = host_port(host, port)
+        self.url = f"http://{self.address}{health_path}"
         self._host = host
         self._port = port
         self._request = (
@@ -121,13 +169,31 @@ class HttpBackend:
         ).encode()
 
     async def health(self, limit_s: float) -> bool:
+        return (await self.answer(limit_s)).ok
+
+    async def answer(self, limit_s: float) -> Answer:
+        """What one `GET health_path` says about the server (see the module doc)."""
         try:
             async with asyncio.timeout(limit_s):
                 status_line = await self._get()
-        except (OSError, TimeoutError, asyncio.IncompleteReadError):
-            return False
+        except ConnectionRefusedError:
+            return Answer(Verdict.NOT_LISTENING, f"GET {self.url}: connection refused")
+        except TimeoutError:
+            return Answer(Verdict.NO_ANSWER, f"GET {self.url}: no answer within {limit_s:g}s")
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            return Answer(Verdict.NO_ANSWER, f"GET {self.url}: {type(exc).__name__}")
         parts = status_line.split(maxsplit=2)
-        return len(parts) >= 2 and parts[0].startswith(b"HTTP/") and parts[1] == b"200"
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+            return Answer(Verdict.NO_ANSWER, f"GET {self.url}: not an HTTP answer")
+        status = int(parts[1])
+        said = status_line.decode("latin-1").strip()
+        if status == 200:
+            return Answer(Verdict.READY)
+        if status == 503:
+            return Answer(Verdict.LOADING, f"GET {self.url} answered {said}")
+        if 400 <= status < 500:
+            return Answer(Verdict.WRONG_PATH, f"GET {self.url} answered {said}")
+        return Answer(Verdict.NO_ANSWER, f"GET {self.url} answered {said}")
 
     async def _get(self) -> bytes:
         reader, writer = await asyncio.open_connection(self._host, self._port)

@@ -33,7 +33,7 @@ from modeld.routing.slots import Slots
 from modeld.spec import BackendSpec, ModelSpec
 from modeld.state import ALLOWED, TERMINAL, ReplicaState
 from modeld.storage.registry import ReplicaRow
-from modeld.supervisor.backend_client import GrpcBackend
+from modeld.supervisor.backend_client import GrpcBackend, port_refuses
 from modeld.supervisor.child import PIPE_DRAIN_S, Child, describe_exit, wait_tasks
 from modeld.supervisor.deps import ReplicaDeps
 from modeld.supervisor.launch import LaunchPlan
@@ -121,6 +121,14 @@ class Replica:
         return self._backend.protocol
 
     @property
+    def backend(self) -> BackendSpec:
+        return self._backend
+
+    @property
+    def probe_timeout(self) -> float:
+        return self._backend.probe_limit
+
+    @property
     def node_id(self) -> str:
         return self._deps.node_id
 
@@ -190,8 +198,9 @@ class Replica:
     async def ensure_ready(self) -> None:
         """Start the replica (once, whoever asks first) and return when it is READY.
 
-        Raises Unavailable when the start fails or the replica is stopped, and
-        InvalidArgument when its spec cannot be started at all. Cancelling one
+        Raises Unavailable when the start fails or the replica is stopped,
+        InvalidArgument when its spec cannot be started at all, and FailedPrecondition
+        when its backend's health path is wrong. Cancelling one
         caller leaves the start running for the others.
         """
         if self._start_task is None:
@@ -247,7 +256,15 @@ class Replica:
             return False
         if self._client is not None:
             return await self._client.health(limit_s)
-        return await health_probe(self._backend, child)(limit_s)
+        return (await health_probe(self._backend, child)(limit_s)).ok
+
+    async def refuses(self) -> bool:
+        """Whether the backend's port refuses connections now: proof that nothing
+        listens there any more (a busy server still accepts, and answers late)."""
+        child = self._child
+        if child is None or child.exited.is_set():
+            return True
+        return await port_refuses(child.host, child.port, self._backend.probe_limit)
 
     def kill(self) -> None:
         """SIGKILL the process group now (daemon shutdown without grace); the exit
@@ -403,7 +420,9 @@ class Replica:
             await self._transition(
                 S.FAILED,
                 reason,
-                last_error=with_stderr(self._deps.logs, self._id, f"{self._name()} {reason}"),
+                last_error=with_stderr(
+                    self._deps.logs, self._id, f"{self._name()} {reason}", child.spawned_wall
+                ),
                 settled=False,
             )
             await self._finish_child(child)

@@ -12,13 +12,13 @@ from typing import Any
 
 from modeld.ops.logstore import STDERR, STDOUT, LogStore
 from modeld.spec import BackendSpec
-from modeld.supervisor.backend_client import HttpBackend, grpc_health_once
+from modeld.supervisor.backend_client import Answer, HttpBackend, grpc_answer_once
 from modeld.supervisor.child import Child
 from modeld.supervisor.containment import Box
 from modeld.supervisor.deps import ReplicaDeps
 from modeld.supervisor.launch import LaunchPlan
 from modeld.supervisor.process import proc_start_time
-from modeld.supervisor.readiness import StartFailed
+from modeld.supervisor.readiness import StartFailed, probe_lines
 
 STDERR_TAIL = 20
 EXIT_ADDR_IN_USE = 98
@@ -45,7 +45,7 @@ async def spawn_child(
     host = deps.host
     port = deps.ports(host)
     argv = plan.argv(host, port)
-    deps.logs.open(replica_id, model)
+    deps.logs.open(replica_id, model, probe_line=probe_lines(backend))
     try:
         box.prepare()
         proc = await deps.spawner.spawn(argv, env=plan.env, cwd=plan.cwd, cgroup=box.cgroup)
@@ -75,12 +75,12 @@ async def spawn_child(
     return child
 
 
-def health_probe(backend: BackendSpec, child: Child) -> Callable[[float], Awaitable[bool]]:
+def health_probe(backend: BackendSpec, child: Child) -> Callable[[float], Awaitable[Answer]]:
     """One health call with a deadline, in the backend's protocol."""
     if backend.protocol == "http":
-        return HttpBackend(child.host, child.port, backend.health_path).health
+        return HttpBackend(child.host, child.port, backend.health_path).answer
     address = child.address
-    return lambda limit_s: grpc_health_once(address, limit_s)
+    return lambda limit_s: grpc_answer_once(address, limit_s)
 
 
 def lost_port(logs: LogStore, replica_id: str, child: Child, failure: StartFailed) -> bool:
@@ -94,14 +94,31 @@ def lost_port(logs: LogStore, replica_id: str, child: Child, failure: StartFaile
 
 
 def stderr_lines(logs: LogStore, replica_id: str, since: float = 0.0) -> list[str]:
-    lines = logs.tail_lines(replica_id, STDERR_TAIL * 10)
-    texts = [ln.text for ln in lines if ln.stream == STDERR and ln.time >= since]
+    """The last stderr lines of the process spawned at wall time `since`, from every
+    line kept of it (its head too), however much else it printed after them."""
+    return _last(logs, replica_id, since, STDERR)
+
+
+def with_stderr(logs: LogStore, replica_id: str, message: str, since: float = 0.0) -> str:
+    """`message` followed by the last words of the process spawned at `since`: its last
+    stderr lines or, when it wrote none, its last stdout lines (not probe access lines)."""
+    lines = stderr_lines(logs, replica_id, since)
+    if lines:
+        return f"{message}\nlast {len(lines)} stderr lines:\n" + "\n".join(lines)
+    lines = _last(logs, replica_id, since, STDOUT)
+    if lines:
+        return (
+            f"{message}\n(the backend wrote nothing to stderr) last {len(lines)} stdout lines:\n"
+            + "\n".join(lines)
+        )
+    return f"{message}\n(the backend wrote nothing to stderr or stdout)"
+
+
+def _last(logs: LogStore, replica_id: str, since: float, stream: str) -> list[str]:
+    probe = stream == STDOUT
+    texts = [
+        ln.text
+        for ln in logs.lines_since(replica_id, since)
+        if ln.stream == stream and not (probe and logs.is_probe_line(replica_id, ln.text))
+    ]
     return texts[-STDERR_TAIL:]
-
-
-def with_stderr(logs: LogStore, replica_id: str, message: str) -> str:
-    """`message` followed by the backend's last stderr lines: its last words."""
-    lines = stderr_lines(logs, replica_id)
-    if not lines:
-        return f"{message}\n(the backend wrote nothing to stderr)"
-    return f"{message}\nlast {len(lines)} stderr lines:\n" + "\n".join(lines)

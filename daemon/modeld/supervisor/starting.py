@@ -18,7 +18,7 @@ from typing import Protocol
 
 import structlog
 
-from modeld.errors import InvalidArgument, Unavailable
+from modeld.errors import FailedPrecondition, InvalidArgument, Unavailable
 from modeld.spec import BackendSpec, ModelSpec
 from modeld.state import ReplicaState
 from modeld.supervisor.backend_client import BackendCallError, GrpcBackend
@@ -65,7 +65,8 @@ class StartSequence:
 
     async def run(self) -> None:
         """Return once READY; raise InvalidArgument (cannot be started as specified)
-        or Unavailable (stopped while starting, or the start failed)."""
+        or Unavailable (stopped while starting, or the start failed), FailedPrecondition
+        (the server says its health path does not exist)."""
         try:
             plan = plan_launch(
                 self.spec,
@@ -137,8 +138,9 @@ class StartSequence:
             raise StartFailed("load", str(exc)) from None
         self.deps.logs.note(self.replica_id, f"model loaded: {message}")
 
-    async def _fail(self, failure: StartFailed) -> Unavailable:
-        """Kill and reap what was started, then report FAILED with the backend's last words."""
+    async def _fail(self, failure: StartFailed) -> Unavailable | FailedPrecondition:
+        """Kill and reap what was started, then report FAILED with the backend's last words:
+        FailedPrecondition when the configuration itself is wrong (no retry can mend it)."""
         child = self.hooks.child()
         if child is not None:
             child.signal_group(signal.SIGKILL)
@@ -150,8 +152,9 @@ class StartSequence:
             where = f"backends.{self.backend.name}.command"
             message = f"{detail}\n(no process was started: check {where})"
         else:
-            message = with_stderr(self.deps.logs, self.replica_id, detail)
+            since = child.spawned_wall if child is not None else 0.0
+            message = with_stderr(self.deps.logs, self.replica_id, detail, since)
         await self.hooks.transition(
             S.FAILED, f"{failure.phase} failed: {failure.detail}", last_error=message
         )
-        return Unavailable(message)
+        return FailedPrecondition(message) if failure.misconfigured else Unavailable(message)
