@@ -37,6 +37,7 @@ from modeld.cluster.forward import (
     parse_marker,
 )
 from modeld.cluster.leader import Leader
+from modeld.cluster.link import LinkState
 from modeld.cluster.listing import (
     Here,
     HostEntry,
@@ -98,7 +99,6 @@ class ClusterRouter:
         # As the membership's: every round fits in one host_ttl/3.
         timeout = max(min(cfg.host_ttl / 3, 5.0), 1.0)
         self.specs = SharedSpecs(
-            dsn=dsn,
             host_id=cfg.host_id,
             catalog=catalog,
             membership=self.membership,
@@ -106,7 +106,6 @@ class ClusterRouter:
             timeout=timeout,
         )
         self.leader = Leader(
-            dsn=dsn,
             host_id=cfg.host_id,
             clock=clock,
             membership=self.membership,
@@ -116,7 +115,7 @@ class ClusterRouter:
             timeout=timeout,
             placement=cfg.placement,
         )
-        claims = ClaimStore(dsn, cfg.host_id, timeout)
+        claims = ClaimStore(self.membership.link, cfg.host_id, timeout)
         self._cold = ColdStarts(
             host_id=cfg.host_id,
             host_ttl=cfg.host_ttl,
@@ -147,7 +146,6 @@ class ClusterRouter:
         await self.membership.start()
         await self.specs.start()
         await self.leader.start()
-        await self._cold.start()
         self._slots.start()
 
     async def close(self) -> None:
@@ -210,6 +208,9 @@ class ClusterRouter:
             trust_expired=self.membership.trust_expired(),
             here=here,
         )
+
+    def link_state(self) -> LinkState:
+        return self.membership.link.state()
 
     def replicas(self, model: str | None, *, local: bool) -> list[pb.Replica]:
         """This host's replicas from its router, then (unless `local`) other hosts'

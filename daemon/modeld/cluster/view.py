@@ -41,6 +41,8 @@ class RemoteHost:
     expires: float
     # Published capacity (cluster/hostcap.py); zero/empty until it first publishes.
     figures: HostFigures = HostFigures()
+    # Its database session ended (store.mark_dead): dead whatever this modeld's doubt.
+    gone: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +104,7 @@ class ClusterView:
         """A host is routable until its lease deadline; `trust_expired` while our own
         database link is down or freshly back (then everyone looks expired)."""
         host = self.hosts.get(host_id)
-        return host is not None and (trust_expired or now < host.expires)
+        return host is not None and not host.gone and (trust_expired or now < host.expires)
 
     def expired(self, now: float) -> list[RemoteHost]:
         return sorted((h for h in self.hosts.values() if h.expires <= now), key=lambda h: h.expires)
