@@ -10,10 +10,12 @@ connection (a database that is not there), counting the connects.
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import pytest
 
 from backend_proc import free_port
@@ -21,6 +23,7 @@ from cli_proc import modeld
 from cluster_proc import after, cluster_toml, db_rows, event, load_on, running_cluster
 from daemon_proc import DaemonProc, start_daemon, write_config
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
+from modeld.cluster.schema import HOST_LOCK, host_key
 from modeld.policy.reconnect import attempts_bound
 
 pytestmark = pytest.mark.timeout(120)
@@ -72,7 +75,7 @@ async def connections(dsn: str) -> dict[str, int]:
     return per_host
 
 
-TTL = 30.0
+TTL = 10.0
 
 
 async def test_one_connection_a_silent_host_and_a_death_seen_at_once(
@@ -127,7 +130,52 @@ async def test_one_connection_a_silent_host_and_a_death_seen_at_once(
         finally:
             await silent.stop()
             await silent.close()
+        await changes_without_notification_are_still_seen(b, a_id, pg_dsn)
         await killed_host_seen_and_its_slot_freed(hosts, a_id, b_id, replica.id, pg_dsn)
+
+
+async def changes_without_notification_are_still_seen(
+    b: DaemonProc, a_id: str, pg_dsn: str
+) -> None:
+    """Rows changed behind the cluster's back (no NOTIFY, as when one is lost): the
+    incremental resync reads the changed host, and a host row deleted is caught by the
+    count and sum of epochs, which sends the next resync to a full read."""
+    await db_rows(
+        pg_dsn,
+        'UPDATE modeld_hosts SET labels = \'{"zone": "z9"}\', '
+        "version = nextval('modeld_version') WHERE host_id = $1",
+        a_id,
+    )
+    # A host of the test's own, its liveness lock held here (else the death check
+    # would end its lease, and it would be reaped).
+    ghost = await asyncpg.connect(pg_dsn)
+    epoch = await ghost.fetchval("SELECT nextval('modeld_epoch')")
+    await ghost.execute("SELECT pg_advisory_lock($1, $2)", HOST_LOCK, host_key(epoch))
+    await ghost.execute(
+        "INSERT INTO modeld_hosts (host_id, epoch, address, role, lease_expires_at, version) "
+        "VALUES ('ghost', $1, '127.0.0.1:9', 'node', now() + interval '1 hour', "
+        "nextval('modeld_version'))",
+        epoch,
+    )
+
+    async def listed() -> dict[str, pb.Host]:
+        reply = await b.stub.ListHosts(pb.ListHostsRequest(), timeout=10)
+        return {h.host_id: h for h in reply.hosts}
+
+    await until(lambda h: "ghost" in h and dict(h[a_id].labels) == {"zone": "z9"}, listed)
+    try:
+        await ghost.execute("DELETE FROM modeld_hosts WHERE host_id = 'ghost'")
+        await until(lambda h: "ghost" not in h, listed)
+    finally:
+        await ghost.close()
+
+
+async def until(ok: Callable[[dict[str, pb.Host]], bool], read: Callable[..., Any]) -> None:
+    """Read again until `ok`: at most three resync periods (host_ttl/3 each)."""
+    deadline = time.monotonic() + TTL + 5
+    while not ok(seen := await read()):
+        assert time.monotonic() < deadline, seen
+        await asyncio.sleep(0.2)  # the poll period of a condition with a deadline
 
 
 async def killed_host_seen_and_its_slot_freed(
@@ -135,7 +183,7 @@ async def killed_host_seen_and_its_slot_freed(
 ) -> None:
     """a holds the only replica (max_replicas = 1); b leads. kill -9 of a: b's death
     check sees a's session gone, ends its lease, and a Route on b starts the model
-    there, in a's freed slot, all long before a's 30 s lease would have run out."""
+    there, in a's freed slot, all before a's lease (host_ttl 10 s) would have run out."""
     a, b = hosts[a_id], hosts[b_id]
     dead = after(b, event("cluster_host_dead", host_id=a_id))
     killed_at = time.monotonic()

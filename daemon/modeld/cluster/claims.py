@@ -76,6 +76,10 @@ WITH bound AS (
       AND EXISTS (SELECT 1 FROM modeld_hosts
                   WHERE host_id = $12 AND epoch = $13 AND lease_expires_at > now())
     RETURNING 1
+), bumped AS (
+    UPDATE modeld_hosts SET version = nextval('modeld_version')
+    WHERE host_id = $12 AND epoch = $13 AND EXISTS (SELECT 1 FROM bound)
+    RETURNING 1
 ), written AS (
     INSERT INTO {REPLICA_COLUMNS}
     SELECT $4, $12, $13, $5, $6, $7, $8, $9, $10, $11, now() FROM bound

@@ -29,7 +29,7 @@ from modeld.clock import Clock
 from modeld.cluster.link import DB_ERRORS, Link
 from modeld.cluster.listing import view_events
 from modeld.cluster.schema import CHANNEL, HOST_LOCK, host_key, migrate
-from modeld.cluster.store import Fenced, ReplicaRow, Snapshot, Store
+from modeld.cluster.store import Changes, Fenced, ReplicaRow, Snapshot, Store
 from modeld.cluster.view import ClusterView, HostFigures, RemoteHost, RemoteReplica
 from modeld.config import ClusterConfig, redact_dsn
 from modeld.errors import Unavailable
@@ -39,6 +39,10 @@ from modeld.state import ReplicaState
 log = structlog.get_logger(__name__)
 # Load figures are published at most this often; state changes at once.
 LOAD_INTERVAL = 1.0
+# An incremental resync reads the exact lease of hosts with under this fraction of
+# host_ttl left; the others are known to last at least that long. Healthy hosts renew
+# every host_ttl/3, so they stay out of it (and off `suspect`, under a quarter).
+NEAR_FRACTION = 2 / 3
 RowsFn = Callable[[], list[ReplicaRow]]
 FiguresFn = Callable[[], Awaitable[HostFigures]]
 
@@ -74,6 +78,8 @@ class Membership:
         self._grace = cfg.host_ttl + self.link.cap
         # Set after a (re)connect: the next resync reads everything.
         self._full = True
+        # (monotonic time, highest host version) of the recent resyncs (`_since`).
+        self._tops: list[tuple[float, int]] = []
         # Monotonic time of the last full resync that succeeded (None: none yet).
         self.resynced_at: float | None = None
         self._born = clock.monotonic()
@@ -195,12 +201,15 @@ class Membership:
     async def _keep_alive(self) -> None:
         interval = self._cfg.host_ttl / 3
         while True:
-            if self.registered:
-                await self._db(self._heartbeat)
-            if not self.registered:
-                # First start, or fenced: a new epoch, and this host's replicas again.
-                await self._db(self._register)
-            await self._db(self._resync)
+            if self.registered and not self._full:
+                await self._db(self._renew_and_resync)  # an idle round: one statement
+            else:
+                if self.registered:
+                    await self._db(self._heartbeat)
+                if not self.registered:
+                    # First start, or fenced: a new epoch, and this host's replicas again.
+                    await self._db(self._register)
+                await self._db(self._resync)
             if self.link.up and self.registered:
                 await self._db(self._reap)
             self._tick.clear()
@@ -230,8 +239,44 @@ class Membership:
         await store.heartbeat(self.epoch, self._cfg.host_ttl)
 
     async def _resync(self, store: Store) -> None:
-        self._apply(await store.read(None), None)
+        """Everything after a (re)connect; otherwise only what changed (`_incremental`)."""
+        if not self._full:
+            await self._incremental(await store.read_since(self._since(), self._near()))
+            return
+        full = await store.read(None)
+        self._apply(full, None)
+        self._full = False
+        self._tops = [(self._clock.monotonic(), full.top)]
         self.resynced_at = self._clock.monotonic()
+
+    async def _renew_and_resync(self, store: Store) -> None:
+        assert self.epoch is not None
+        changes = await store.renew_and_read_since(
+            self.epoch, self._cfg.host_ttl, self._since(), self._near()
+        )
+        await self._incremental(changes)
+
+    async def _incremental(self, changes: Changes) -> None:
+        now = self._clock.monotonic()
+        if changes.changed:
+            self._apply(changes.snapshot, changes.changed)
+        self.view.refresh_expiry(changes.near, now, now + self._near())
+        self._tops = [*self._tops[-8:], (now, changes.snapshot.top)]
+        if (changes.count, changes.epochs) != self.view.shape():
+            # A host left (its row deleted) and no notification said so: read it all.
+            self._full = True
+            self._tick.set()
+        self.resynced_at = now
+
+    def _near(self) -> float:
+        return self._cfg.host_ttl * NEAR_FRACTION
+
+    def _since(self) -> int:
+        """The version from which to read: the newest top seen at least three timeouts ago,
+        since a write that took its version before a read may commit after it."""
+        lag = self._clock.monotonic() - 3 * self._timeout
+        older = [top for at, top in self._tops if at <= lag]
+        return older[-1] if older else self._tops[0][1] if self._tops else 0
 
     async def _reap(self, store: Store) -> None:
         now = self._clock.monotonic()

@@ -111,6 +111,13 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE modeld_hosts ADD COLUMN gone boolean NOT NULL DEFAULT false;
     """,
+    # Incremental resyncs (store.read_since): every write that changes what others
+    # see of a host (its row, its replicas; not a lease renewal) gives its host row
+    # a new `version`, so a resync reads only the hosts changed since its last.
+    """
+    CREATE SEQUENCE modeld_version;
+    ALTER TABLE modeld_hosts ADD COLUMN version bigint NOT NULL DEFAULT 0;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -34,20 +34,37 @@ INSERT INTO {REPLICA_COLUMNS}
 VALUES ($1, $9, $10, $2, $3, $4, $5, $6, $7, $8, now())
 {REPLICA_CONFLICT}
 """
-_READ = """
-SELECT
-  coalesce((SELECT json_agg(json_build_object(
+_HOSTS_JSON = """coalesce((SELECT json_agg(json_build_object(
       'host_id', host_id, 'epoch', epoch, 'address', address, 'role', role, 'labels', labels,
       'remaining', extract(epoch FROM lease_expires_at - now()), 'gone', gone,
       'backends', backends, 'gpu_free', gpu_free, 'gpu_total', gpu_total,
       'ram_free', ram_free, 'ram_total', ram_total, 'loaded', loaded,
       'max_loaded', max_loaded, 'evictable', evictable))
-    FROM modeld_hosts WHERE $1::text[] IS NULL OR host_id = ANY($1)), '[]') AS hosts,
-  coalesce((SELECT json_agg(json_build_object(
+    FROM modeld_hosts WHERE {which}), '[]') AS hosts"""
+_REPLICAS_JSON = """coalesce((SELECT json_agg(json_build_object(
       'id', replica_id, 'host_id', host_id, 'epoch', epoch, 'model', model, 'state', state,
       'address', address, 'generation', generation, 'in_flight', in_flight,
       'last_used', last_used, 'free_memory', free_memory))
-    FROM modeld_replicas WHERE $1::text[] IS NULL OR host_id = ANY($1)), '[]') AS replicas
+    FROM modeld_replicas WHERE {which}), '[]') AS replicas"""
+_TOP = "(SELECT coalesce(max(version), 0) FROM modeld_hosts) AS top"
+_PICKED = "$1::text[] IS NULL OR host_id = ANY($1)"
+_READ = f"""
+SELECT {_HOSTS_JSON.format(which=_PICKED)}, {_REPLICAS_JSON.format(which=_PICKED)}, {_TOP}
+"""
+# A resync between full reads: the hosts whose version moved past $1 (their rows and
+# all their replicas, so that a deleted replica goes too), which hosts there are (their
+# count and the sum of their epochs: epochs only grow, so a host gone, or gone and
+# replaced, changes one or the other), and the leases running out within $2 seconds.
+_CHANGED = "host_id IN (SELECT host_id FROM modeld_hosts WHERE version > $1)"
+_SINCE = f"""
+SELECT /*renewed*/ {_HOSTS_JSON.format(which=_CHANGED)},
+  {_REPLICAS_JSON.format(which=_CHANGED)}, {_TOP},
+  coalesce((SELECT json_agg(host_id) FROM modeld_hosts WHERE version > $1), '[]') AS changed,
+  (SELECT count(*) FROM modeld_hosts) AS count,
+  (SELECT coalesce(sum(epoch), 0) FROM modeld_hosts) AS epochs,
+  coalesce((SELECT json_object_agg(host_id, extract(epoch FROM lease_expires_at - now()))
+            FROM modeld_hosts WHERE lease_expires_at < now() + make_interval(secs => $2)),
+           '{{}}') AS near
 """
 
 # This session's liveness locks of earlier epochs go; the new epoch's is taken.
@@ -61,7 +78,8 @@ WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND classid::bigint = $1
 THIS_DB = "(SELECT oid FROM pg_database WHERE datname = current_database())"
 _MARK_DEAD = f"""
 WITH dead AS (
-    UPDATE modeld_hosts h SET lease_expires_at = least(h.lease_expires_at, now()), gone = true
+    UPDATE modeld_hosts h SET lease_expires_at = least(h.lease_expires_at, now()), gone = true,
+        version = nextval('modeld_version')
     WHERE NOT h.gone AND NOT EXISTS (
         SELECT 1 FROM pg_locks l
         WHERE l.locktype = 'advisory' AND l.database = {THIS_DB} AND l.granted
@@ -72,10 +90,19 @@ WITH dead AS (
 SELECT host_id, pg_notify($2, host_id) FROM dead
 """
 
+_RENEW_AND_SINCE = """WITH hb AS (
+    UPDATE modeld_hosts SET lease_expires_at = now() + make_interval(secs => $5),
+        gone = false,
+        version = CASE WHEN gone THEN nextval('modeld_version') ELSE version END
+    WHERE host_id = $3 AND epoch = $4
+    RETURNING 1
+)""" + _SINCE.replace("/*renewed*/", "(SELECT count(*) FROM hb) > 0 AS renewed,")
+
 # Fenced as replica rows are: only this host's live row of this epoch.
 _FIGURES = """
 UPDATE modeld_hosts SET backends = $3, gpu_free = $4, gpu_total = $5, ram_free = $6,
-    ram_total = $7, loaded = $8, max_loaded = $9, evictable = $10
+    ram_total = $7, loaded = $8, max_loaded = $9, evictable = $10,
+    version = nextval('modeld_version')
 WHERE host_id = $1 AND epoch = $2
 RETURNING 1
 """
@@ -94,6 +121,20 @@ class Fenced(Exception):
 class Snapshot:
     hosts: list[dict[str, Any]]
     replicas: list[dict[str, Any]]
+    # The highest host version in the database when read.
+    top: int = 0
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What `read_since` returns: the changed hosts' rows, which hosts there are, and
+    the leases about to run out (host id -> seconds left)."""
+
+    snapshot: Snapshot
+    changed: list[str]
+    count: int
+    epochs: int
+    near: dict[str, float]
 
 
 class Store:
@@ -117,13 +158,14 @@ class Store:
         async with self._link.acquire() as conn, conn.transaction():
             epoch: int = await conn.fetchval(
                 """
-                INSERT INTO modeld_hosts (host_id, epoch, address, role, labels, lease_expires_at)
+                INSERT INTO modeld_hosts (host_id, epoch, address, role, labels, lease_expires_at,
+                                          version)
                 VALUES ($1, nextval('modeld_epoch'), $2, $3, $4::jsonb,
-                        now() + make_interval(secs => $5))
+                        now() + make_interval(secs => $5), nextval('modeld_version'))
                 ON CONFLICT (host_id) DO UPDATE SET
                     epoch = EXCLUDED.epoch, address = EXCLUDED.address, role = EXCLUDED.role,
                     labels = EXCLUDED.labels, lease_expires_at = EXCLUDED.lease_expires_at,
-                    registered_at = now(), gone = false
+                    registered_at = now(), gone = false, version = EXCLUDED.version
                 RETURNING epoch
                 """,
                 self._host,
@@ -155,7 +197,8 @@ class Store:
         renewed = await self._link.fetchval(
             """
             UPDATE modeld_hosts SET lease_expires_at = now() + make_interval(secs => $3),
-                gone = false
+                gone = false,
+                version = CASE WHEN gone THEN nextval('modeld_version') ELSE version END
             WHERE host_id = $1 AND epoch = $2
             RETURNING 1
             """,
@@ -170,7 +213,8 @@ class Store:
         async with self._link.acquire() as conn, conn.transaction():
             live = await conn.fetchval(
                 """
-                SELECT 1 FROM modeld_hosts WHERE host_id = $1 AND epoch = $2 FOR SHARE
+                UPDATE modeld_hosts SET version = nextval('modeld_version')
+                WHERE host_id = $1 AND epoch = $2 RETURNING 1
                 """,
                 self._host,
                 epoch,
@@ -232,7 +276,22 @@ class Store:
         """Hosts and replicas (all, or of `host_ids`) in one statement: one snapshot."""
         row = await self._link.fetchrow(_READ, list(host_ids) if host_ids is not None else None)
         assert row is not None
-        return Snapshot(json.loads(row["hosts"]), json.loads(row["replicas"]))
+        return Snapshot(json.loads(row["hosts"]), json.loads(row["replicas"]), int(row["top"]))
+
+    async def read_since(self, version: int, near: float) -> Changes:
+        """Only what changed since `version`, plus the cheap liveness figures; one statement."""
+        row = await self._link.fetchrow(_SINCE, version, near)
+        return _changes(row)
+
+    async def renew_and_read_since(
+        self, epoch: int, ttl: float, version: int, near: float
+    ) -> Changes:
+        """`heartbeat` and `read_since` in one statement: an idle host's one statement
+        per host_ttl/3."""
+        row = await self._link.fetchrow(_RENEW_AND_SINCE, version, near, self._host, epoch, ttl)
+        if row is None or not row["renewed"]:
+            raise Fenced(self._host, epoch)
+        return _changes(row)
 
     async def reap_one(self) -> str | None:
         """Delete the longest-expired host (its replicas go with it); one modeld at a time."""
@@ -274,3 +333,12 @@ class Store:
             await conn.execute(
                 "SELECT pg_notify($1, $2)", CHANNEL, self._host, timeout=self._timeout
             )
+
+
+def _changes(row: asyncpg.Record | None) -> Changes:
+    assert row is not None
+    snap = Snapshot(json.loads(row["hosts"]), json.loads(row["replicas"]), int(row["top"]))
+    near_left = {k: float(v) for k, v in json.loads(row["near"]).items()}
+    return Changes(
+        snap, json.loads(row["changed"]), int(row["count"]), int(row["epochs"]), near_left
+    )

@@ -8,7 +8,7 @@ of different hosts never need to agree.
 """
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from modeld.policy.picker import used_tick
 from modeld.state import ReplicaState
@@ -86,6 +86,19 @@ class ClusterView:
         kept.update({r.id: r for r in replicas if self._current(r)})
         self.replicas = kept
         self._left([old] if old is not None else [])
+
+    def refresh_expiry(self, near: Mapping[str, float], now: float, floor: float) -> None:
+        """What an incremental resync knows of leases: `near` (host -> seconds left) for
+        those running out soon, and for every other host that it lasts past `floor`."""
+        for host_id, host in list(self.hosts.items()):
+            left = near.get(host_id)
+            expires = now + left if left is not None else max(host.expires, floor)
+            if expires != host.expires:
+                self.hosts[host_id] = replace(host, expires=expires)
+
+    def shape(self) -> tuple[int, int]:
+        """How many hosts, and the sum of their epochs (compared with the database's)."""
+        return len(self.hosts), sum(h.epoch for h in self.hosts.values())
 
     def _left(self, before: Iterable[RemoteHost]) -> None:
         if self.on_leave is None:
