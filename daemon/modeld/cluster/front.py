@@ -16,6 +16,8 @@ It also holds the cluster's leader election (leader.py: min_replicas across the
 cluster) and its shared model specs (specs.py: PutModel/DeleteModel).
 """
 
+import asyncio
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -70,6 +72,10 @@ SEP = "~"
 # A Route routes again after its cold start this many times at most (a replica that
 # was published but could not be reached): the depth of this request's retries.
 COLD_ROUTES = 3
+# How long a Route that finds no replica while the database link is down waits for it
+# to come back (a flap, a restart) before answering UNAVAILABLE: the replica it needs
+# may just have been loaded elsewhere, its notification not yet here.
+LINK_WAIT_S = 1.0
 _cold_depth: ContextVar[int] = ContextVar("cold_depth", default=0)
 
 
@@ -342,6 +348,10 @@ class ClusterRouter:
             raise Unavailable(
                 f"model {model!r}: its replica started but could not be reached; retry the Route"
             )
+        if not self.membership.up:
+            wait = min(LINK_WAIT_S, deadline - self._clock.monotonic())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.membership.link.wait_up(), max(wait, 0.0))
         self.membership.require(f"starting model {model!r}")
         await self._cold.ensure(model, deadline)
         token = _cold_depth.set(depth + 1)

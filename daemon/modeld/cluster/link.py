@@ -85,6 +85,7 @@ class Link:
         self._on_up: list[Callable[[], None]] = []
         self._lost = asyncio.Event()
         self._lost.set()
+        self._connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._why = "not connected yet"
@@ -126,6 +127,10 @@ class Link:
     @property
     def up(self) -> bool:
         return self._conn is not None and not self._conn.is_closed()
+
+    async def wait_up(self) -> None:
+        """Returns once the link is up (at once when it is)."""
+        await self._connected.wait()
 
     def state(self) -> LinkState:
         up = self.up
@@ -201,6 +206,7 @@ class Link:
         was_down_attempts = self._attempts
         self._conn, self._attempts, self._down_since = conn, 0, None
         self._lost.clear()
+        self._connected.set()
         self.generation += 1
         self.back_at = self._clock.monotonic()
         log.info(
@@ -241,6 +247,7 @@ class Link:
             return
         dead: asyncpg.Connection = conn
         self._conn = None
+        self._connected.clear()
         self._why = why[:200]
         self._down_since = self._clock.wall()
         if not dead.is_closed():
