@@ -68,9 +68,14 @@ WHERE l.locktype = 'advisory' AND l.database = {_THIS_DB} AND l.classid::bigint 
   AND l.objid::bigint = $2 AND l.objsubid = 1 AND l.granted
 """
 _UNLOCK = f"SELECT pg_advisory_unlock({LEADER_LOCK})"
-_EPOCH_LIVE = (
-    "SELECT EXISTS (SELECT 1 FROM modeld_hosts WHERE epoch = $1 AND lease_expires_at > now())"
-)
+# A follower's round in one statement: try the lock and, when another session holds
+# it, who that is and whether the host row of its epoch is still live.
+_TRY = f"""
+SELECT pg_try_advisory_lock({LEADER_LOCK}) AS got, h.pid, h.application_name,
+  EXISTS (SELECT 1 FROM modeld_hosts WHERE epoch::text = split_part(h.application_name, '/', 2)
+          AND lease_expires_at > now()) AS live
+FROM (SELECT 1) AS one LEFT JOIN ({_HOLDER.strip()} AND l.pid <> pg_backend_pid()) AS h ON true
+"""
 # How long a host that refused or failed a Load of a model is not asked again for it.
 REFUSED_FOR = 30.0
 # How long the leader counts a replica its Load returned before the view shows it.
@@ -90,6 +95,8 @@ class Election:
         self._timeout = timeout
         # The epoch this host leads under; None while it does not lead.
         self.leading: int | None = None
+        # (link generation, epoch) the session was last named for.
+        self._named: tuple[int, int] | None = None
 
     async def hold(self, epoch: int | None) -> bool:
         """Keep or take the lock for `epoch` (None: not registered, so never the leader)."""
@@ -120,8 +127,9 @@ class Election:
 
     async def _take(self, conn: asyncpg.Connection, epoch: int) -> bool:
         await self._name(conn, epoch)
-        got = await conn.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK)
-        if not got and await self._unseat_dead(conn):
+        row = await conn.fetchrow(_TRY, _CLASSID, _OBJID)
+        got = bool(row is not None and row["got"])
+        if not got and row is not None and await self._unseat_dead(conn, row):
             got = await conn.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK)
         if not got:
             return False
@@ -132,16 +140,18 @@ class Election:
         return False
 
     async def _name(self, conn: asyncpg.Connection, epoch: int) -> None:
+        """Once per connection and epoch: renaming is a statement, and rounds are idle work."""
+        if self._named == (self._link.generation, epoch):
+            return
         name = f"modeld-leader/{epoch}/{self._host}"[:63]
         await conn.execute("SELECT set_config('application_name', $1, false)", name)
+        self._named = (self._link.generation, epoch)
 
-    async def _unseat_dead(self, conn: asyncpg.Connection) -> bool:
+    async def _unseat_dead(self, conn: asyncpg.Connection, row: asyncpg.Record) -> bool:
         """End the holder's session when its host's row of its epoch has expired."""
-        row = await conn.fetchrow(_HOLDER, _CLASSID, _OBJID)
-        if row is None:
+        if row["pid"] is None:
             return True  # released meanwhile
-        epoch = _epoch_of(row["application_name"] or "")
-        if epoch is None or await conn.fetchval(_EPOCH_LIVE, epoch):
+        if _epoch_of(row["application_name"] or "") is None or row["live"]:
             return False
         wait_ms = int(self._timeout * 500)
         ended = await conn.fetchval("SELECT pg_terminate_backend($1, $2)", row["pid"], wait_ms)

@@ -26,6 +26,7 @@ import asyncpg
 import structlog
 
 from modeld.clock import Clock
+from modeld.cluster.hostcap import worth_publishing
 from modeld.cluster.link import DB_ERRORS, Link
 from modeld.cluster.listing import view_events
 from modeld.cluster.schema import CHANNEL, HOST_LOCK, host_key, migrate
@@ -422,7 +423,7 @@ class Membership:
             return
         self._figures_checked = now
         figures = await self._figures()
-        if figures == self._figures_published:
+        if not worth_publishing(figures, self._figures_published):
             return
 
         async def step(store: Store) -> None:
