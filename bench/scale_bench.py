@@ -165,62 +165,10 @@ async def one_size(args: argparse.Namespace, server: str, n: int, root: Path) ->
         )
         out["view_converged_s"] = None if done is None else round(done - last, 3)
 
-        per = await connections(dsn)
-        out["connections"] = sum(per.values())
-        out["connections_per_host_max"] = max(per.values(), default=0)
-        pids = [d.proc.pid for d in daemons]
-        before, ticks = await xact(server, name), [cpu_ticks(p) for p in pids]
-        began = time.monotonic()
-        await asyncio.sleep(args.idle)  # the idle window being measured
-        spent = time.monotonic() - began
-        after, ticks2 = await xact(server, name), [cpu_ticks(p) for p in pids]
-        idle_tx = max(after - before - 2, 0) / spent
-        out["idle_tx_per_s"] = round(idle_tx, 2)
-        out["idle_tx_per_s_per_host"] = round(idle_tx / n, 3)
-        cpu = [(b - a) / TICKS / spent * 100 for a, b in zip(ticks, ticks2, strict=True)]
-        out["cpu_percent_per_daemon_median"] = round(statistics.median(cpu), 2)
-        out["cpu_percent_per_daemon_max"] = round(max(cpu), 2)
-        out["rss_mib_per_daemon_median"] = round(statistics.median(rss_mib(p) for p in pids), 1)
-
-        joiner = await start(root, dsn, "joiner", args.host_ttl)
-        registered = logged_at(
-            next(e for e in joiner.log if e.get("event") == "cluster_registered")
-        )
-        seen = await until_all(daemons, lambda v: v.get("joiner") == pb.HOST_ALIVE, 30)
-        out["join_seen_by_all_s"] = None if seen is None else round(seen - registered, 3)
-
-        killed_at = time.time()
-        joiner.proc.kill()
-        await joiner.proc.wait()
-        noticed = await until_all(
-            daemons, lambda v: v.get("joiner", pb.HOST_EXPIRED) != pb.HOST_ALIVE, 30
-        )
-        out["kill9_noticed_by_all_s"] = None if noticed is None else round(noticed - killed_at, 3)
-        await joiner.close()
-
-        owner, via = daemons[1], daemons[2]
-        await owner.stub.Load(pb.LoadRequest(model="echo"), timeout=60)
-        t0 = time.perf_counter()
-        try:
-            reply = await via.stub.Route(pb.RouteRequest(model="echo"), timeout=10)
-            out["cross_host_first_route_ms"] = round((time.perf_counter() - t0) * 1000, 2)
-            out["cross_host_first_route_ok"] = reply.lease_id.startswith(f"{ids[1]}~")
-            await via.stub.Release(pb.ReleaseRequest(lease_id=reply.lease_id), timeout=10)
-        except grpc.aio.AioRpcError as exc:
-            out["cross_host_first_route_ok"] = False
-            out["cross_host_first_route_error"] = f"{exc.code().name}: {exc.details()}"
-
-        stopped = daemons[-1]
-        stopped_at = time.time()
-        stopped.proc.send_signal(signal.SIGSTOP)
-        try:
-            others = daemons[:-1]
-            gone = await until_all(
-                others, lambda v: v.get(ids[-1], pb.HOST_EXPIRED) != pb.HOST_ALIVE, 60
-            )
-        finally:
-            stopped.proc.send_signal(signal.SIGCONT)
-        out["sigstop_noticed_by_all_s"] = None if gone is None else round(gone - stopped_at, 3)
+        out.update(await measure_idle(args, server, name, dsn, daemons))
+        out.update(await measure_join_and_kill(args, root, dsn, daemons))
+        out.update(await measure_route(daemons, ids))
+        out.update(await measure_sigstop(daemons, ids))
         out["flaps"] = sum(1 for d in daemons for e in d.log if e.get("event") == "cluster_db_down")
     finally:
         await asyncio.gather(*(stop(d) for d in daemons))
@@ -228,6 +176,81 @@ async def one_size(args: argparse.Namespace, server: str, n: int, root: Path) ->
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await conn.close()
     return out
+
+
+async def measure_idle(
+    args: argparse.Namespace, server: str, name: str, dsn: str, daemons: list[DaemonProc]
+) -> dict[str, Any]:
+    n = len(daemons)
+    per = await connections(dsn)
+    pids = [d.proc.pid for d in daemons]
+    before, ticks = await xact(server, name), [cpu_ticks(p) for p in pids]
+    began = time.monotonic()
+    await asyncio.sleep(args.idle)  # the idle window being measured
+    spent = time.monotonic() - began
+    after, ticks2 = await xact(server, name), [cpu_ticks(p) for p in pids]
+    idle_tx = max(after - before - 2, 0) / spent
+    cpu = [(b - a) / TICKS / spent * 100 for a, b in zip(ticks, ticks2, strict=True)]
+    return {
+        "connections": sum(per.values()),
+        "connections_per_host_max": max(per.values(), default=0),
+        "idle_tx_per_s": round(idle_tx, 2),
+        "idle_tx_per_s_per_host": round(idle_tx / n, 3),
+        "cpu_percent_per_daemon_median": round(statistics.median(cpu), 2),
+        "cpu_percent_per_daemon_max": round(max(cpu), 2),
+        "rss_mib_per_daemon_median": round(statistics.median(rss_mib(p) for p in pids), 1),
+    }
+
+
+async def measure_join_and_kill(
+    args: argparse.Namespace, root: Path, dsn: str, daemons: list[DaemonProc]
+) -> dict[str, Any]:
+    """A host joins (seen by all from its registration), then is killed with -9."""
+    joiner = await start(root, dsn, "joiner", args.host_ttl)
+    joined = next(e for e in joiner.log if e.get("event") == "cluster_registered")
+    seen = await until_all(daemons, lambda v: v.get("joiner") == pb.HOST_ALIVE, 30)
+    killed_at = time.time()
+    joiner.proc.kill()
+    await joiner.proc.wait()
+    noticed = await until_all(
+        daemons, lambda v: v.get("joiner", pb.HOST_EXPIRED) != pb.HOST_ALIVE, 30
+    )
+    await joiner.close()
+    return {
+        "join_seen_by_all_s": None if seen is None else round(seen - logged_at(joined), 3),
+        "kill9_noticed_by_all_s": None if noticed is None else round(noticed - killed_at, 3),
+    }
+
+
+async def measure_route(daemons: list[DaemonProc], ids: list[str]) -> dict[str, Any]:
+    """Load on one host, then at once a Route on another: its first try."""
+    owner, via = daemons[1], daemons[2]
+    await owner.stub.Load(pb.LoadRequest(model="echo"), timeout=60)
+    t0 = time.perf_counter()
+    try:
+        reply = await via.stub.Route(pb.RouteRequest(model="echo"), timeout=10)
+    except grpc.aio.AioRpcError as exc:
+        return {"cross_host_first_route_ok": False, "error": f"{exc.code().name}: {exc.details()}"}
+    took = round((time.perf_counter() - t0) * 1000, 2)
+    await via.stub.Release(pb.ReleaseRequest(lease_id=reply.lease_id), timeout=10)
+    return {
+        "cross_host_first_route_ms": took,
+        "cross_host_first_route_ok": reply.lease_id.startswith(f"{ids[1]}~"),
+    }
+
+
+async def measure_sigstop(daemons: list[DaemonProc], ids: list[str]) -> dict[str, Any]:
+    """SIGSTOP of one host: until every other lists it not alive (its lease decides)."""
+    stopped = daemons[-1]
+    stopped_at = time.time()
+    stopped.proc.send_signal(signal.SIGSTOP)
+    try:
+        gone = await until_all(
+            daemons[:-1], lambda v: v.get(ids[-1], pb.HOST_EXPIRED) != pb.HOST_ALIVE, 60
+        )
+    finally:
+        stopped.proc.send_signal(signal.SIGCONT)
+    return {"sigstop_noticed_by_all_s": None if gone is None else round(gone - stopped_at, 3)}
 
 
 async def stop(d: DaemonProc) -> None:
