@@ -7,7 +7,7 @@ PROTOS := $(shell find protos -name '*.proto')
 STUBS := daemon/modeld/_proto/.stamp
 ARGS ?=
 
-.PHONY: run test lint proto bench bench-cluster soak clean
+.PHONY: run test lint proto bench bench-cluster bench-scale soak clean
 
 $(BIN)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ bench: $(STUBS)
 
 bench-cluster: $(STUBS)
 	$(BIN)/python bench/cluster_bench.py $(ARGS)
+
+# N real daemons on one database (README "How many hosts one PostgreSQL carries");
+# ARGS="--hosts 10,30,100" for the full run.
+bench-scale: $(STUBS)
+	$(BIN)/python bench/scale_bench.py $(ARGS)
 
 # The soak: the stateful router test at >= 50,000 steps (the test asserts at least
 # 20 steps per example; its log goes to bench/results/, the step count is printed),

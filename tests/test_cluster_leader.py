@@ -16,7 +16,7 @@ import pytest
 from cluster_proc import HOST_TTL, db_rows, running_cluster
 from daemon_proc import DaemonProc
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
-from modeld.cluster.schema import migrate
+from modeld.cluster.schema import LEADER_LOCK, migrate
 from modeld.policy.cluster_replicas import Counted, Start, plan
 from modeld.policy.host_placement import HostCapacity
 from modeld.spec import ModelSpec
@@ -24,6 +24,11 @@ from modeld.state import ReplicaState
 from pg import fresh_database
 
 READY, DRAINING = ReplicaState.READY, ReplicaState.DRAINING
+# The leader lock among the others every host's one connection holds (its liveness lock).
+IS_LEADER_LOCK = (
+    f"l.locktype = 'advisory' AND l.granted AND l.classid::bigint = {LEADER_LOCK >> 32} "
+    f"AND l.objid::bigint = {LEADER_LOCK & 0xFFFFFFFF} AND l.objsubid = 1"
+)
 KEEP = '\n[models.keep]\nbackend = "echo"\nmin_replicas = 2\nmax_replicas = 2\n'
 
 
@@ -222,7 +227,7 @@ async def test_sigstop_past_ttl_unseats_the_leader_and_the_resumed_one_steps_dow
         holder = await db_rows(
             pg_dsn,
             "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
-            "WHERE l.locktype = 'advisory' AND l.granted AND a.application_name "
+            f"WHERE {IS_LEADER_LOCK} AND a.application_name "
             "LIKE 'modeld-leader/%' AND a.datname = current_database()",
         )
         assert [r["application_name"].rsplit("/", 1)[1] for r in holder] == [other_name]
@@ -242,9 +247,8 @@ async def other_dsn() -> AsyncIterator[str]:
 
 
 LEADER_SESSIONS = (
-    "SELECT a.pid FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE "
-    "l.locktype = 'advisory' AND l.granted AND a.datname = current_database() "
-    "AND a.application_name LIKE 'modeld-leader/%'"
+    f"SELECT a.pid FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE {IS_LEADER_LOCK} "
+    "AND a.datname = current_database() AND a.application_name LIKE 'modeld-leader/%'"
 )
 
 

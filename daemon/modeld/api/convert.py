@@ -9,6 +9,7 @@ from google.protobuf.message import DecodeError, Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
+from modeld.cluster.link import LinkState
 from modeld.cluster.listing import HostEntry
 from modeld.cluster.view import RemoteReplica
 from modeld.errors import InvalidArgument
@@ -45,6 +46,16 @@ def lenient(cls: type[Message]) -> Callable[[bytes], Message | Malformed]:
             return Malformed(cls.DESCRIPTOR.full_name, str(exc))
 
     return parse
+
+
+def link_to_proto(state: LinkState) -> pb.DatabaseLink:
+    return pb.DatabaseLink(
+        up=state.up,
+        down_since=timestamp(state.down_since),
+        error=state.error,
+        where=state.where,
+        attempts=state.attempts,
+    )
 
 
 def timestamp(wall: float | None) -> Timestamp | None:

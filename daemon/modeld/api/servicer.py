@@ -181,12 +181,15 @@ class ModelControl(pb_grpc.ModelControlServicer):
             else [s.name for s in self._catalog.list()]
         )
         report = await self._router.health(models, probe=request.probe)
-        return pb.HealthResponse(
+        reply = pb.HealthResponse(
             models=[
                 pb.ModelHealth(model=m, replicas=[convert.replica_to_proto(i) for i in infos])
                 for m, infos in report.items()
             ]
         )
+        if self._cluster is not None:
+            reply.cluster_database.CopyFrom(convert.link_to_proto(self._cluster.link_state()))
+        return reply
 
     @unary
     async def PutModel(self, request: pb.PutModelRequest, context: Ctx) -> pb.ModelSpec:
@@ -249,7 +252,10 @@ class ModelControl(pb_grpc.ModelControlServicer):
                 "([cluster] is not set); ListReplicas (`modeld ps`) lists its replicas"
             )
         hosts = self._cluster.hosts()
-        return pb.ListHostsResponse(hosts=[convert.host_to_proto(h) for h in hosts])
+        return pb.ListHostsResponse(
+            hosts=[convert.host_to_proto(h) for h in hosts],
+            database=convert.link_to_proto(self._cluster.link_state()),
+        )
 
     @unary
     async def GetSettings(self, request: pb.GetSettingsRequest, context: Ctx) -> pb.Settings:

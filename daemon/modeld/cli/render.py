@@ -5,6 +5,7 @@ can be checked against fixed data.
 """
 
 import json
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -203,6 +204,19 @@ def free_memory(host: pb.Host) -> str:
     if host.ram_total:
         return cell("ram", host.ram_free, host.ram_total)
     return "-"
+
+
+def database_line(link: pb.DatabaseLink, now: float) -> str:
+    """One line when this modeld cannot reach the cluster database, else ''."""
+    if link.up or not link.where:
+        return ""
+    since = wall(link.down_since)
+    when = "" if since is None else f" since {time.strftime('%H:%M:%S', time.localtime(since))}"
+    return (
+        f"database unreachable{when} ({ago(link.down_since, now)}, {link.attempts} "
+        f"attempts): {link.where}: {link.error}\n  this host sees no other host and no "
+        "other host sees it; it keeps retrying\n"
+    )
 
 
 def hosts_table(hosts: Iterable[pb.Host]) -> str:

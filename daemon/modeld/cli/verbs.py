@@ -47,7 +47,10 @@ def ps(args: argparse.Namespace, s: Session) -> None:
 
 def hosts(args: argparse.Namespace, s: Session) -> None:
     reply = _call(s, "ListHosts", pb.ListHostsRequest())
-    _out(render.to_json(reply) if args.json else render.hosts_table(reply.hosts))
+    if args.json:
+        _out(render.to_json(reply))
+        return
+    _out(render.database_line(reply.database, time.time()) + render.hosts_table(reply.hosts))
 
 
 def models(args: argparse.Namespace, s: Session) -> None:
@@ -126,7 +129,11 @@ def release(args: argparse.Namespace, s: Session) -> None:
 
 def health(args: argparse.Namespace, s: Session) -> None:
     reply = _call(s, "Health", pb.HealthRequest(model=args.model or "", probe=args.probe))
-    _out(render.to_json(reply) if args.json else render.health_table(reply.models, time.time()))
+    if args.json:
+        _out(render.to_json(reply))
+        return
+    now = time.time()
+    _out(render.database_line(reply.cluster_database, now) + render.health_table(reply.models, now))
 
 
 def logs(args: argparse.Namespace, s: Session) -> None:

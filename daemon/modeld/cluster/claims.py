@@ -16,8 +16,7 @@ whose claim was taken over can never publish.
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import asyncpg
-
+from modeld.cluster.link import DB_ERRORS, Link
 from modeld.cluster.schema import CHANNEL
 from modeld.cluster.store import REPLICA_COLUMNS, REPLICA_CONFLICT, ReplicaRow
 from modeld.errors import Unavailable
@@ -26,7 +25,6 @@ LOADING, SERVING, FAILED = "loading", "serving", "failed"
 # First key of the per-model transaction lock that orders the takes of one model.
 CLAIM_LOCK = 0x6D6F6463
 MARKER = "claim"
-DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 # A serving slot is held by its replica's row while that row's host is live: a dead
 # host's replicas free their slots when its lease expires, not only once it is reaped.
@@ -77,6 +75,10 @@ WITH bound AS (
     WHERE model = $1 AND slot = $2 AND claim_id = $3 AND state = 'loading'
       AND EXISTS (SELECT 1 FROM modeld_hosts
                   WHERE host_id = $12 AND epoch = $13 AND lease_expires_at > now())
+    RETURNING 1
+), bumped AS (
+    UPDATE modeld_hosts SET version = nextval('modeld_version')
+    WHERE host_id = $12 AND epoch = $13 AND EXISTS (SELECT 1 FROM bound)
     RETURNING 1
 ), written AS (
     INSERT INTO {REPLICA_COLUMNS}
@@ -188,40 +190,16 @@ def free_slot(slots: Sequence[Slot], max_replicas: int) -> int | None:
 
 
 class ClaimStore:
-    """The claim statements, over a small pool of their own."""
+    """The claim statements, on this host's one link (link.py)."""
 
-    def __init__(self, dsn: str, host_id: str, timeout: float) -> None:
-        self._dsn = dsn
+    def __init__(self, link: Link, host_id: str, timeout: float) -> None:
+        self._link = link
         self._host = host_id
         self._timeout = timeout
-        self._pool: asyncpg.Pool | None = None
-
-    async def _get_pool(self) -> asyncpg.Pool:
-        if self._pool is None:
-            self._pool = await asyncpg.create_pool(
-                self._dsn,
-                min_size=1,
-                max_size=2,
-                timeout=self._timeout,
-                command_timeout=self._timeout,
-                server_settings={"application_name": f"modeld-claims/{self._host}"},
-            )
-        return self._pool
-
-    async def connect(self) -> None:
-        try:
-            await self._get_pool()
-        except DB_ERRORS as exc:
-            raise _down("opening the claims' connections", exc) from None
-
-    async def close(self) -> None:
-        if self._pool is not None:
-            await self._pool.close()
 
     async def take(self, model: str, max_replicas: int, ttl: float, *, cold: bool) -> Decision:
         try:
-            pool = await self._get_pool()
-            async with pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            async with self._link.acquire() as conn, conn.transaction():
                 lock = "SELECT pg_advisory_xact_lock($1, hashtext($2))"
                 await conn.execute(lock, CLAIM_LOCK, model)
                 rows = await conn.fetch(_SLOTS, model)
@@ -238,12 +216,10 @@ class ClaimStore:
     async def unclaimed(self, replica_ids: Sequence[str]) -> set[str]:
         """Those of `replica_ids` that no claim names (one round trip)."""
         try:
-            pool = await self._get_pool()
-            rows = await pool.fetch(
+            rows = await self._link.fetch(
                 "SELECT id FROM unnest($1::text[]) AS id EXCEPT "
                 "SELECT replica_id FROM modeld_claims WHERE replica_id = ANY($1::text[])",
                 list(replica_ids),
-                timeout=self._timeout,
             )
         except DB_ERRORS as exc:
             raise _down("reading the slots of this host's replicas", exc) from None
@@ -253,8 +229,7 @@ class ClaimStore:
         """True when the running `replica_id` holds one of the model's slots, taking a
         free one when it holds none; False when every slot is held by others."""
         try:
-            pool = await self._get_pool()
-            async with pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            async with self._link.acquire() as conn, conn.transaction():
                 lock = "SELECT pg_advisory_xact_lock($1, hashtext($2))"
                 await conn.execute(lock, CLAIM_LOCK, model)
                 mine = "SELECT 1 FROM modeld_claims WHERE model = $1 AND replica_id = $2"
@@ -307,8 +282,7 @@ class ClaimStore:
 
     async def read(self, model: str) -> list[Slot]:
         try:
-            pool = await self._get_pool()
-            rows = await pool.fetch(_SLOTS, model, timeout=self._timeout)
+            rows = await self._link.fetch(_SLOTS, model)
         except DB_ERRORS as exc:
             raise _down(f"reading the claims of model {model!r}", exc) from None
         return [Slot(*row) for row in rows]
@@ -316,8 +290,7 @@ class ClaimStore:
     async def bind(self, claim: Claim, epoch: int, row: ReplicaRow) -> bool:
         """Publish `row` as the replica serving `claim`, only if the claim still holds."""
         try:
-            pool = await self._get_pool()
-            rows = await pool.fetch(
+            rows = await self._link.fetch(
                 _BIND,
                 claim.model,
                 claim.slot,
@@ -326,7 +299,6 @@ class ClaimStore:
                 self._host,
                 epoch,
                 CHANNEL,
-                timeout=self._timeout,
             )
         except DB_ERRORS as exc:
             raise _down(f"publishing a replica of model {claim.model!r}", exc) from None
@@ -334,10 +306,7 @@ class ClaimStore:
 
     async def _one(self, sql: str, claim: Claim, *args: object) -> bool:
         try:
-            pool = await self._get_pool()
-            done = await pool.fetchval(
-                sql, claim.model, claim.slot, claim.claim_id, *args, timeout=self._timeout
-            )
+            done = await self._link.fetchval(sql, claim.model, claim.slot, claim.claim_id, *args)
         except DB_ERRORS as exc:
             raise _down(f"updating the claim on model {claim.model!r}", exc) from None
         return done is not None

@@ -98,11 +98,6 @@ class ColdStarts:
         # hear no notification of it (a host does not reread itself).
         self._bound = asyncio.Event()
 
-    async def start(self) -> None:
-        """Opens the claims' connections now, so that the first cold Route does not wait."""
-        with contextlib.suppress(errors.Unavailable):
-            await self._claims.connect()
-
     # what this host may publish
 
     def visible(self, info: ReplicaInfo) -> bool:
@@ -427,7 +422,6 @@ class ColdStarts:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self._claims.close()
 
 
 async def _first(events: Sequence[asyncio.Event], limit_s: float) -> None:

@@ -16,6 +16,8 @@ It also holds the cluster's leader election (leader.py: min_replicas across the
 cluster) and its shared model specs (specs.py: PutModel/DeleteModel).
 """
 
+import asyncio
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -37,6 +39,7 @@ from modeld.cluster.forward import (
     parse_marker,
 )
 from modeld.cluster.leader import Leader
+from modeld.cluster.link import LinkState
 from modeld.cluster.listing import (
     Here,
     HostEntry,
@@ -69,6 +72,10 @@ SEP = "~"
 # A Route routes again after its cold start this many times at most (a replica that
 # was published but could not be reached): the depth of this request's retries.
 COLD_ROUTES = 3
+# How long a Route that finds no replica while the database link is down waits for it
+# to come back (a flap, a restart) before answering UNAVAILABLE: the replica it needs
+# may just have been loaded elsewhere, its notification not yet here.
+LINK_WAIT_S = 1.0
 _cold_depth: ContextVar[int] = ContextVar("cold_depth", default=0)
 
 
@@ -98,7 +105,6 @@ class ClusterRouter:
         # As the membership's: every round fits in one host_ttl/3.
         timeout = max(min(cfg.host_ttl / 3, 5.0), 1.0)
         self.specs = SharedSpecs(
-            dsn=dsn,
             host_id=cfg.host_id,
             catalog=catalog,
             membership=self.membership,
@@ -106,7 +112,6 @@ class ClusterRouter:
             timeout=timeout,
         )
         self.leader = Leader(
-            dsn=dsn,
             host_id=cfg.host_id,
             clock=clock,
             membership=self.membership,
@@ -116,7 +121,7 @@ class ClusterRouter:
             timeout=timeout,
             placement=cfg.placement,
         )
-        claims = ClaimStore(dsn, cfg.host_id, timeout)
+        claims = ClaimStore(self.membership.link, cfg.host_id, timeout)
         self._cold = ColdStarts(
             host_id=cfg.host_id,
             host_ttl=cfg.host_ttl,
@@ -147,7 +152,6 @@ class ClusterRouter:
         await self.membership.start()
         await self.specs.start()
         await self.leader.start()
-        await self._cold.start()
         self._slots.start()
 
     async def close(self) -> None:
@@ -210,6 +214,9 @@ class ClusterRouter:
             trust_expired=self.membership.trust_expired(),
             here=here,
         )
+
+    def link_state(self) -> LinkState:
+        return self.membership.link.state()
 
     def replicas(self, model: str | None, *, local: bool) -> list[pb.Replica]:
         """This host's replicas from its router, then (unless `local`) other hosts'
@@ -341,6 +348,10 @@ class ClusterRouter:
             raise Unavailable(
                 f"model {model!r}: its replica started but could not be reached; retry the Route"
             )
+        if not self.membership.up:
+            wait = min(LINK_WAIT_S, deadline - self._clock.monotonic())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.membership.link.wait_up(), max(wait, 0.0))
         self.membership.require(f"starting model {model!r}")
         await self._cold.ensure(model, deadline)
         token = _cold_depth.set(depth + 1)

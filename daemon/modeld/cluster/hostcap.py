@@ -22,6 +22,28 @@ from modeld.state import ReplicaState
 # The grid of published memory figures (as front.MEMORY_GRID for replica rows).
 GRID = 256 << 20
 UNKNOWN = HostView(ram_total=0, ram_available=0, gpus=())
+# A free-memory figure is written again only once it moved this many grid steps: a
+# reading that hovers at a grid line would otherwise be a write (and a reread by
+# every other host) each second, O(N^2) database work for an idle cluster.
+HYSTERESIS = 2
+
+
+def worth_publishing(new: HostFigures, old: HostFigures | None) -> bool:
+    """Whether `new` differs from what was published in a way placement cares about:
+    anything but free memory at once, free memory once it moved HYSTERESIS steps."""
+    if old is None:
+        return True
+    if (new.backends, new.gpu_total, new.ram_total, new.loaded, new.max_loaded) != (
+        old.backends,
+        old.gpu_total,
+        old.ram_total,
+        old.loaded,
+        old.max_loaded,
+    ) or len(new.gpu_free) != len(old.gpu_free):
+        return True
+    pairs = [*zip(new.gpu_free, old.gpu_free, strict=True), (new.ram_free, old.ram_free)]
+    pairs.append((new.evictable, old.evictable))
+    return any(abs(a - b) >= HYSTERESIS * GRID for a, b in pairs)
 
 
 def figures_of(

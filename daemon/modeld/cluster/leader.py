@@ -1,8 +1,8 @@
 """One leader for the cluster, and what it does: keep every model's min_replicas up.
 
-Election. Every host keeps one dedicated connection (application_name
-`modeld-leader/EPOCH/HOST_ID`, EPOCH being its membership epoch, unique in the
-cluster) and, every host_ttl/3, tries `pg_try_advisory_lock(LEADER_LOCK)` on it.
+Election. Every host, every host_ttl/3, tries `pg_try_advisory_lock(LEADER_LOCK)`
+on its one connection (link.py), named `modeld-leader/EPOCH/HOST_ID` (EPOCH being
+its membership epoch, unique in the cluster).
 The session that holds that lock is the leader. A session lock is released by
 PostgreSQL when its connection closes, so a leader that exits or is kill -9'd is
 replaced within host_ttl/3. A leader that stops without closing its connection
@@ -34,7 +34,6 @@ leader starts nothing.
 """
 
 import asyncio
-import contextlib
 
 import asyncpg
 import structlog
@@ -43,8 +42,10 @@ from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld.clock import Clock
 from modeld.cluster.forward import Peers
 from modeld.cluster.hostcap import capacities
-from modeld.cluster.membership import DB_ERRORS, Membership
+from modeld.cluster.link import DB_ERRORS, Link
+from modeld.cluster.membership import Membership
 from modeld.cluster.schema import LEADER_LOCK
+from modeld.cluster.store import THIS_DB
 from modeld.errors import ModeldError
 from modeld.policy.cluster_replicas import Counted, Start, plan
 from modeld.state import ReplicaState
@@ -53,8 +54,7 @@ from modeld.storage.catalog import Catalog
 log = structlog.get_logger(__name__)
 # pg_locks shows a bigint advisory key as two 32-bit halves, with objsubid 1.
 _CLASSID, _OBJID = LEADER_LOCK >> 32, LEADER_LOCK & 0xFFFFFFFF
-# pg_locks shows every database's locks: only this database's lock is the cluster's.
-_THIS_DB = "(SELECT oid FROM pg_database WHERE datname = current_database())"
+_THIS_DB = THIS_DB
 _HOLDS = f"""
 SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND database = {_THIS_DB}
                AND classid::bigint = $1 AND objid::bigint = $2 AND objsubid = 1
@@ -67,62 +67,57 @@ SELECT a.pid, a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pi
 WHERE l.locktype = 'advisory' AND l.database = {_THIS_DB} AND l.classid::bigint = $1
   AND l.objid::bigint = $2 AND l.objsubid = 1 AND l.granted
 """
-_EPOCH_LIVE = (
-    "SELECT EXISTS (SELECT 1 FROM modeld_hosts WHERE epoch = $1 AND lease_expires_at > now())"
-)
+_UNLOCK = f"SELECT pg_advisory_unlock({LEADER_LOCK})"
+# A follower's round in one statement: try the lock and, when another session holds
+# it, who that is and whether the host row of its epoch is still live.
+_TRY = f"""
+SELECT pg_try_advisory_lock({LEADER_LOCK}) AS got, h.pid, h.application_name,
+  EXISTS (SELECT 1 FROM modeld_hosts WHERE epoch::text = split_part(h.application_name, '/', 2)
+          AND lease_expires_at > now()) AS live
+FROM (SELECT 1) AS one LEFT JOIN ({_HOLDER.strip()} AND l.pid <> pg_backend_pid()) AS h ON true
+"""
 # How long a host that refused or failed a Load of a model is not asked again for it.
 REFUSED_FOR = 30.0
 # How long the leader counts a replica its Load returned before the view shows it.
 LOADED_GRACE = 10.0
 LOAD_WAIT = 600.0
+# How often the leader looks for hosts whose process is gone (their liveness lock is
+# free): one cheap statement for the whole cluster, so a kill -9 is seen within this.
+DEATH_POLL_S = 0.5
 
 
 class Election:
-    """The leader lock on a dedicated connection; `hold` runs one round of the election."""
+    """The leader lock on this host's link; `hold` runs one round of the election."""
 
-    def __init__(self, dsn: str, host_id: str, timeout: float) -> None:
-        self._dsn = dsn
+    def __init__(self, link: Link, host_id: str, timeout: float) -> None:
+        self._link = link
         self._host = host_id
         self._timeout = timeout
-        self._conn: asyncpg.Connection | None = None
         # The epoch this host leads under; None while it does not lead.
         self.leading: int | None = None
+        # (link generation, epoch) the session was last named for.
+        self._named: tuple[int, int] | None = None
 
     async def hold(self, epoch: int | None) -> bool:
         """Keep or take the lock for `epoch` (None: not registered, so never the leader)."""
         try:
-            if epoch is None:
-                await self._resign("this host is not registered in the cluster")
-                return False
-            conn = await self._connection()
-            if self.leading is not None:
-                if await self._confirm(conn, epoch):
+            async with self._link.acquire() as conn:
+                if epoch is None:
+                    await self._resign(conn, "this host is not registered in the cluster")
+                elif self.leading is not None:
+                    if await self._confirm(conn, epoch):
+                        self._become(epoch)
+                    else:
+                        await self._resign(conn, "its lock or its host row of this epoch is gone")
+                elif await self._take(conn, epoch):
                     self._become(epoch)
-                else:
-                    await self._resign("its lock or its host row of this epoch is gone")
-            elif await self._take(conn, epoch):
-                self._become(epoch)
         except DB_ERRORS as exc:
-            self._drop(f"{type(exc).__name__}: {exc}"[:200])
+            # A lost connection took the lock with it (a reconnect is a new session).
+            self._become(None, f"{type(exc).__name__}: {exc}"[:200])
         return self.leading is not None
 
     async def close(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(*DB_ERRORS):
-                await asyncio.wait_for(self._conn.close(), self._timeout)
-            self._conn = None
         self._become(None, "modeld is stopping")
-
-    async def _connection(self) -> asyncpg.Connection:
-        if self._conn is None or self._conn.is_closed():
-            self._drop("its connection closed")
-            self._conn = await asyncpg.connect(
-                self._dsn,
-                timeout=self._timeout,
-                command_timeout=self._timeout,
-                server_settings={"application_name": f"modeld-leader/-/{self._host}"},
-            )
-        return self._conn
 
     async def _confirm(self, conn: asyncpg.Connection, epoch: int) -> bool:
         if epoch != self.leading:
@@ -132,28 +127,31 @@ class Election:
 
     async def _take(self, conn: asyncpg.Connection, epoch: int) -> bool:
         await self._name(conn, epoch)
-        got = await conn.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK)
-        if not got and await self._unseat_dead(conn):
+        row = await conn.fetchrow(_TRY, _CLASSID, _OBJID)
+        got = bool(row is not None and row["got"])
+        if not got and row is not None and await self._unseat_dead(conn, row):
             got = await conn.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK)
         if not got:
             return False
         if await conn.fetchval(_HOLDS, _CLASSID, _OBJID, self._host, epoch):
             return True
         # Our own host row of this epoch has expired: we must not lead on it.
-        await conn.execute("SELECT pg_advisory_unlock_all()")
+        await conn.execute(_UNLOCK)
         return False
 
     async def _name(self, conn: asyncpg.Connection, epoch: int) -> None:
+        """Once per connection and epoch: renaming is a statement, and rounds are idle work."""
+        if self._named == (self._link.generation, epoch):
+            return
         name = f"modeld-leader/{epoch}/{self._host}"[:63]
         await conn.execute("SELECT set_config('application_name', $1, false)", name)
+        self._named = (self._link.generation, epoch)
 
-    async def _unseat_dead(self, conn: asyncpg.Connection) -> bool:
+    async def _unseat_dead(self, conn: asyncpg.Connection, row: asyncpg.Record) -> bool:
         """End the holder's session when its host's row of its epoch has expired."""
-        row = await conn.fetchrow(_HOLDER, _CLASSID, _OBJID)
-        if row is None:
+        if row["pid"] is None:
             return True  # released meanwhile
-        epoch = _epoch_of(row["application_name"] or "")
-        if epoch is None or await conn.fetchval(_EPOCH_LIVE, epoch):
+        if _epoch_of(row["application_name"] or "") is None or row["live"]:
             return False
         wait_ms = int(self._timeout * 500)
         ended = await conn.fetchval("SELECT pg_terminate_backend($1, $2)", row["pid"], wait_ms)
@@ -176,19 +174,12 @@ class Election:
             log.info("leader_elected", host_id=self._host, epoch=epoch)
         self.leading = epoch
 
-    async def _resign(self, why: str) -> None:
+    async def _resign(self, conn: asyncpg.Connection, why: str) -> None:
         if self.leading is None:
             return
         self._become(None, why)
-        if self._conn is not None and not self._conn.is_closed():
-            await self._conn.execute("SELECT pg_advisory_unlock_all()")
-
-    def _drop(self, why: str) -> None:
-        """The connection failed or closed: the lock went with it."""
-        self._become(None, why)
-        if self._conn is not None and not self._conn.is_closed():
-            self._conn.terminate()
-        self._conn = None
+        # Only the leader lock: the host's liveness lock shares this session.
+        await conn.execute(_UNLOCK)
 
 
 def _epoch_of(application_name: str) -> int | None:
@@ -204,7 +195,6 @@ class Leader:
     def __init__(
         self,
         *,
-        dsn: str,
         host_id: str,
         clock: Clock,
         membership: Membership,
@@ -214,7 +204,7 @@ class Leader:
         timeout: float,
         placement: str,
     ) -> None:
-        self.election = Election(dsn, host_id, timeout)
+        self.election = Election(membership.link, host_id, timeout)
         self._placement = placement
         self._clock = clock
         self._membership = membership
@@ -229,14 +219,17 @@ class Leader:
         self._loaded: dict[str, tuple[Counted, float]] = {}
         self._unplaceable: dict[str, str] = {}
         self._task: asyncio.Task[None] | None = None
+        self._deaths: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="cluster-leader")
+        self._deaths = asyncio.create_task(self._watch_deaths(), name="cluster-deaths")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in (self._task, self._deaths):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         self._cancel_loads()
         await self.election.close()
 
@@ -250,6 +243,18 @@ class Leader:
             except Exception:
                 log.exception("leader_round_failed")
             await asyncio.sleep(self._interval)
+
+    async def _watch_deaths(self) -> None:
+        """While leading: end the leases of hosts whose connection closed. Not while this
+        host's own link is fresh (the others may not have reconnected, and relocked, yet)."""
+        while True:
+            await asyncio.sleep(DEATH_POLL_S)  # the poll period, not a synchronisation
+            if self.election.leading is None or not self._membership.others_back():
+                continue
+            try:
+                await self._membership.mark_dead()
+            except Exception:
+                log.exception("cluster_death_check_failed")
 
     def keep_min_replicas(self) -> None:
         """One round: count, plan, send the Loads (they run on their own)."""

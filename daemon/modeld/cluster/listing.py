@@ -113,7 +113,7 @@ def _entry(
         address=host.address,
         role=host.role,
         labels=dict(host.labels),
-        state=host_state(remaining, ttl, trust_expired),
+        state=HostState.EXPIRED if host.gone else host_state(remaining, ttl, trust_expired),
         replicas=replicas,
         gpu_free=host.figures.gpu_free,
         gpu_total=host.figures.gpu_total,

@@ -26,19 +26,24 @@ import asyncpg
 import structlog
 
 from modeld.clock import Clock
+from modeld.cluster.hostcap import worth_publishing
+from modeld.cluster.link import DB_ERRORS, Link
 from modeld.cluster.listing import view_events
-from modeld.cluster.schema import CHANNEL, migrate
-from modeld.cluster.store import Fenced, ReplicaRow, Snapshot, Store
+from modeld.cluster.schema import CHANNEL, HOST_LOCK, host_key, migrate
+from modeld.cluster.store import Changes, Fenced, ReplicaRow, Snapshot, Store
 from modeld.cluster.view import ClusterView, HostFigures, RemoteHost, RemoteReplica
 from modeld.config import ClusterConfig, redact_dsn
-from modeld.errors import RegistryError, Unavailable
+from modeld.errors import Unavailable
 from modeld.ops.events import CLUSTER, EventBus
 from modeld.state import ReplicaState
 
 log = structlog.get_logger(__name__)
-DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 # Load figures are published at most this often; state changes at once.
 LOAD_INTERVAL = 1.0
+# An incremental resync reads the exact lease of hosts with under this fraction of
+# host_ttl left; the others are known to last at least that long. Healthy hosts renew
+# every host_ttl/3, so they stay out of it (and off `suspect`, under a quarter).
+NEAR_FRACTION = 2 / 3
 RowsFn = Callable[[], list[ReplicaRow]]
 FiguresFn = Callable[[], Awaitable[HostFigures]]
 
@@ -62,12 +67,20 @@ class Membership:
         self._figures = figures
         self.view = ClusterView(cfg.host_id)
         self.epoch: int | None = None
-        self._store: Store | None = None
         # Long enough for a loaded machine, short enough that a renewal still lands in time.
         self._timeout = max(min(cfg.host_ttl / 3, 5.0), 1.0)
-        self._up = False
-        self._why_down = "not connected yet"
-        self._back_at = clock.monotonic()
+        self.where = redact_dsn(dsn)
+        self.link = Link(dsn, cfg.host_id, self._timeout, clock, self.where, prepare=self._prepare)
+        self.link.listen(CHANNEL, self._notified)
+        self.link.on_up(self._reconnected)
+        self._store = Store(self.link, cfg.host_id, self._timeout)
+        # After our link is back, expiry is not judged for one host_ttl plus the others'
+        # longest reconnect wait: after an outage every host looks expired until it is back.
+        self._grace = cfg.host_ttl + self.link.cap
+        # Set after a (re)connect: the next resync reads everything.
+        self._full = True
+        # (monotonic time, highest host version) of the recent resyncs (`_since`).
+        self._tops: list[tuple[float, int]] = []
         # Monotonic time of the last full resync that succeeded (None: none yet).
         self.resynced_at: float | None = None
         self._born = clock.monotonic()
@@ -83,17 +96,15 @@ class Membership:
         self._figures_published: HostFigures | None = None
         self._figures_checked = 0.0
         self._tasks: list[asyncio.Task[None]] = []
-        self.where = redact_dsn(dsn)
 
     # lifecycle
 
     async def start(self) -> None:
-        """First contact; a newer schema refuses the start, an unreachable database does not."""
-        with contextlib.suppress(*DB_ERRORS):
-            await self._connect()
+        """First contact; a newer schema refuses the start, an unreachable database does not
+        (the link says so, and keeps trying)."""
+        await self.link.start()
         for name, loop in (
             ("cluster-keepalive", self._keep_alive),
-            ("cluster-listen", self._listen),
             ("cluster-reread", self._reread),
             ("cluster-publish", self._publish),
             ("cluster-events", self._follow_events),
@@ -104,13 +115,11 @@ class Membership:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._store is not None:
-            if self.epoch is not None and self._up:
-                with contextlib.suppress(*DB_ERRORS):
-                    await self._store.leave(self.epoch)
-                    log.info("cluster_left", host_id=self._cfg.host_id, epoch=self.epoch)
+        if self.epoch is not None and self.link.up:
             with contextlib.suppress(*DB_ERRORS):
-                await asyncio.wait_for(self._store.close(), self._timeout)
+                await self._store.leave(self.epoch)
+                log.info("cluster_left", host_id=self._cfg.host_id, epoch=self.epoch)
+        await self.link.close()
 
     async def _guard(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
         try:
@@ -129,11 +138,17 @@ class Membership:
 
     @property
     def up(self) -> bool:
-        return self._up
+        return self.link.up
 
     def trust_expired(self) -> bool:
         """True while host expiry cannot be judged: link down, or back for under one TTL."""
-        return not self._up or self._clock.monotonic() - self._back_at < self._cfg.host_ttl
+        return not self.link.up or self._clock.monotonic() - self.link.back_at < self._grace
+
+    def others_back(self) -> bool:
+        """True once every host cut off by the outage our link was in is back too: they
+        retry at most `cap` apart, and relock their liveness lock before anything else."""
+        since = self._clock.monotonic() - self.link.back_at
+        return self.link.up and since >= self.link.cap + self._timeout
 
     def view_age(self) -> float:
         """Seconds since the view was last read in full (since start, before the first)."""
@@ -142,52 +157,29 @@ class Membership:
 
     def require(self, what: str) -> None:
         """Fail fast, without a round trip, when `what` needs the database and it is down."""
-        if not self._up:
+        if not self.link.up:
             raise Unavailable(
                 f"{what} needs the cluster database ({self.where}), which is unreachable "
-                f"({self._why_down}); routes to running replicas keep working"
+                f"({self.link.state().error}); routes to running replicas keep working"
             )
 
-    def _mark(self, up: bool, why: str = "") -> None:
-        if up and not self._up:
-            self._back_at = self._clock.monotonic()
-            log.info("cluster_db_up", host_id=self._cfg.host_id)
-        elif not up and self._up:
-            log.warning("cluster_db_down", host_id=self._cfg.host_id, error=why)
-        self._up = up
-        if not up:
-            self._why_down = why
-
-    async def _connect(self) -> Store:
-        if self._store is None:
-            settings = {
-                "application_name": f"modeld/{self._cfg.host_id}",
-                "statement_timeout": str(int(self._timeout * 1000)),
-                "lock_timeout": str(int(self._timeout * 500)),
-            }
-            pool = await asyncpg.create_pool(
-                self._dsn,
-                min_size=1,
-                max_size=3,
-                timeout=self._timeout,
-                command_timeout=self._timeout,
-                server_settings=settings,
-                reset=_no_reset,
+    async def _prepare(self, conn: asyncpg.Connection) -> None:
+        """On each new connection, before anything else runs on it: the schema, and this
+        host's liveness lock again (the old connection's went with it)."""
+        await migrate(conn)
+        if self.epoch is not None:
+            await conn.execute(
+                "SELECT pg_try_advisory_lock($1, $2)", HOST_LOCK, host_key(self.epoch)
             )
-            try:
-                async with pool.acquire() as conn:
-                    await migrate(conn)
-            except BaseException:
-                await pool.close()
-                raise
-            self._store = Store(pool, self._cfg.host_id, self._timeout)
-        return self._store
+
+    def _reconnected(self) -> None:
+        # Notifications sent while there was no connection are lost: read everything.
+        self._full = True
+        self._tick.set()
 
     async def _db(self, step: Callable[[Store], Awaitable[None]]) -> bool:
         try:
-            await step(await self._connect())
-        except RegistryError:
-            raise
+            await step(self._store)
         except Fenced as fenced:
             if fenced.epoch != self.epoch:
                 # A write still under an epoch already replaced: old news, and
@@ -197,10 +189,12 @@ class Membership:
             self.epoch = None
             self._tick.set()
             return False
-        except DB_ERRORS as exc:
-            self._mark(False, f"{type(exc).__name__}: {exc}"[:200])
+        except asyncpg.PostgresError as exc:
+            # A statement failed on a live connection (a timeout under load, say).
+            log.warning("cluster_db_error", host_id=self._cfg.host_id, error=f"{exc}"[:200])
             return False
-        self._mark(True)
+        except DB_ERRORS:
+            return False  # the link says so, and reconnects
         return True
 
     # membership and the view
@@ -208,13 +202,16 @@ class Membership:
     async def _keep_alive(self) -> None:
         interval = self._cfg.host_ttl / 3
         while True:
-            if self.registered:
-                await self._db(self._heartbeat)
-            if not self.registered:
-                # First start, or fenced: a new epoch, and this host's replicas again.
-                await self._db(self._register)
-            await self._db(self._resync)
-            if self._up and self.registered:
+            if self.registered and not self._full:
+                await self._db(self._renew_and_resync)  # an idle round: one statement
+            else:
+                if self.registered:
+                    await self._db(self._heartbeat)
+                if not self.registered:
+                    # First start, or fenced: a new epoch, and this host's replicas again.
+                    await self._db(self._register)
+                await self._db(self._resync)
+            if self.link.up and self.registered:
                 await self._db(self._reap)
             self._tick.clear()
             with contextlib.suppress(TimeoutError):
@@ -243,17 +240,65 @@ class Membership:
         await store.heartbeat(self.epoch, self._cfg.host_ttl)
 
     async def _resync(self, store: Store) -> None:
-        self._apply(await store.read(None), None)
+        """Everything after a (re)connect; otherwise only what changed (`_incremental`)."""
+        if not self._full:
+            await self._incremental(await store.read_since(self._since(), self._near()))
+            return
+        full = await store.read(None)
+        self._apply(full, None)
+        self._full = False
+        self._tops = [(self._clock.monotonic(), full.top)]
         self.resynced_at = self._clock.monotonic()
+
+    async def _renew_and_resync(self, store: Store) -> None:
+        assert self.epoch is not None
+        changes = await store.renew_and_read_since(
+            self.epoch, self._cfg.host_ttl, self._since(), self._near()
+        )
+        await self._incremental(changes)
+
+    async def _incremental(self, changes: Changes) -> None:
+        now = self._clock.monotonic()
+        if changes.changed:
+            self._apply(changes.snapshot, changes.changed)
+        self.view.refresh_expiry(changes.near, now, now + self._near())
+        self._tops = [*self._tops[-8:], (now, changes.snapshot.top)]
+        if (changes.count, changes.epochs) != self.view.shape():
+            # A host left (its row deleted) and no notification said so: read it all.
+            self._full = True
+            self._tick.set()
+        self.resynced_at = now
+
+    def _near(self) -> float:
+        return self._cfg.host_ttl * NEAR_FRACTION
+
+    def _since(self) -> int:
+        """The version from which to read: the newest top seen at least three timeouts ago,
+        since a write that took its version before a read may commit after it."""
+        lag = self._clock.monotonic() - 3 * self._timeout
+        older = [top for at, top in self._tops if at <= lag]
+        return older[-1] if older else self._tops[0][1] if self._tops else 0
 
     async def _reap(self, store: Store) -> None:
         now = self._clock.monotonic()
-        if now - self._back_at < self._cfg.host_ttl or not self.view.expired(now):
+        if now - self.link.back_at < self._grace or not self.view.expired(now):
             return
         host = await store.reap_one()
         if host is not None:
             log.info("cluster_host_reaped", host_id=host)
             self._pending.add(host)
+            self._reread_wake.set()
+
+    async def mark_dead(self) -> None:
+        """End the leases of hosts whose process is gone (leader.py runs it)."""
+        try:
+            dead = await self._store.mark_dead()
+        except DB_ERRORS:
+            return  # the link says so; the next poll retries
+        for host in dead:
+            log.warning("cluster_host_dead", host_id=host, reason="its database session ended")
+            self._pending.add(host)
+        if dead:
             self._reread_wake.set()
 
     def _apply(self, snap: Snapshot, host_ids: Sequence[str] | None) -> None:
@@ -262,6 +307,7 @@ class Membership:
         replicas = [_replica(r) for r in snap.replicas]
         before, replicas_before = self._shape(), dict(self.view.replicas)
         seen = {h.host_id: h.figures for h in self.view.hosts.values()}
+        was_alive = {h.host_id for h in self.view.hosts.values() if h.expires > now and not h.gone}
         if host_ids is None:
             self.view.replace_all(hosts, replicas)
         else:
@@ -289,6 +335,8 @@ class Membership:
                 ),
             )
         for host in hosts:
+            if host.host_id in was_alive and (host.expires <= now or host.gone):
+                log.info("cluster_host_expired", host_id=host.host_id, epoch=host.epoch)
             if seen.get(host.host_id) != host.figures:
                 log.debug("cluster_capacity_seen", host_id=host.host_id, **asdict(host.figures))
 
@@ -309,30 +357,6 @@ class Membership:
                 (r.host_id, r.id, r.state.value, r.generation) for r in self.view.replicas.values()
             ),
         )
-
-    async def _listen(self) -> None:
-        while True:
-            lost = asyncio.Event()
-            conn: asyncpg.Connection | None = None
-            try:
-                conn = await asyncpg.connect(
-                    self._dsn,
-                    timeout=self._timeout,
-                    server_settings={"application_name": f"modeld-listen/{self._cfg.host_id}"},
-                )
-                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-                await conn.add_listener(CHANNEL, self._notified)
-                # Notifications sent while we were not listening are lost: resync now.
-                self._tick.set()
-                log.info("cluster_listening", host_id=self._cfg.host_id)
-                await lost.wait()
-                log.warning("cluster_listen_lost", host_id=self._cfg.host_id)
-            except DB_ERRORS as exc:
-                self._mark(False, f"{type(exc).__name__}: {exc}"[:200])
-            finally:
-                if conn is not None and not conn.is_closed():
-                    conn.terminate()
-            await asyncio.sleep(min(self._timeout, 1.0))
 
     def _notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         if payload != self._cfg.host_id:
@@ -368,7 +392,7 @@ class Membership:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._publish_now.wait(), LOAD_INTERVAL)
             self._publish_now.clear()
-            if self.epoch is None or not self._up:
+            if self.epoch is None or not self.link.up:
                 continue
             await self._publish_figures()
             rows, gone, urgent = self._diff()
@@ -399,7 +423,7 @@ class Membership:
             return
         self._figures_checked = now
         figures = await self._figures()
-        if figures == self._figures_published:
+        if not worth_publishing(figures, self._figures_published):
             return
 
         async def step(store: Store) -> None:
@@ -420,11 +444,6 @@ class Membership:
         return changed, gone, urgent
 
 
-async def _no_reset(_conn: asyncpg.Connection) -> None:
-    """Pool connections never keep session state (no LISTEN, only transaction-scoped
-    locks), so the default reset, itself one transaction per release, is skipped."""
-
-
 def _host(data: dict[str, Any], now: float) -> RemoteHost:
     labels = data.get("labels") or {}
     return RemoteHost(
@@ -434,6 +453,7 @@ def _host(data: dict[str, Any], now: float) -> RemoteHost:
         role=data["role"],
         labels=labels if isinstance(labels, dict) else json.loads(labels),
         expires=now + float(data["remaining"]),
+        gone=bool(data.get("gone")),
         figures=HostFigures(
             backends=tuple(data.get("backends") or ()),
             gpu_free=tuple(int(b) for b in data.get("gpu_free") or ()),

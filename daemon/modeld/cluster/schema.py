@@ -28,6 +28,17 @@ REAP_LOCK = 0x6D6F64656C64_02
 # Held for as long as a host is the leader, on its own connection (cluster/leader.py).
 LEADER_LOCK = 0x6D6F64656C64_03
 SPECS_CHANNEL = "modeld_models"
+# First key of each host's liveness lock, a session lock held on its one connection
+# (link.py), the second being its epoch (`host_key`): PostgreSQL frees it the moment
+# that connection closes, so a lock nobody holds is a host whose process is gone.
+# Distinct from claims.CLAIM_LOCK, the other two-key advisory lock.
+HOST_LOCK = 0x6D6F6468
+
+
+def host_key(epoch: int) -> int:
+    """The liveness lock's second key (an int4) for `epoch`; pg_locks shows it as objid."""
+    return epoch % 2147483648
+
 
 MIGRATIONS: tuple[str, ...] = (
     """
@@ -94,6 +105,18 @@ MIGRATIONS: tuple[str, ...] = (
         code text NOT NULL DEFAULT '',
         PRIMARY KEY (model, slot)
     );
+    """,
+    # Set by the death check (store.mark_dead) on a host whose session is gone, cleared
+    # by its own heartbeat: evidence that outweighs this modeld's doubt after an outage.
+    """
+    ALTER TABLE modeld_hosts ADD COLUMN gone boolean NOT NULL DEFAULT false;
+    """,
+    # Incremental resyncs (store.read_since): every write that changes what others
+    # see of a host (its row, its replicas; not a lease renewal) gives its host row
+    # a new `version`, so a resync reads only the hosts changed since its last.
+    """
+    CREATE SEQUENCE modeld_version;
+    ALTER TABLE modeld_hosts ADD COLUMN version bigint NOT NULL DEFAULT 0;
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -3,13 +3,14 @@
 The cluster's specs live in PostgreSQL (`modeld_models`, with the version of the
 whole set in `modeld_models_version`, bumped in the same transaction as every
 change). PutModel and DeleteModel write there first, then resync; a host that is
-not the writer hears the change on `NOTIFY modeld_models` and resyncs; a periodic
-resync (every host_ttl/3) covers notifications missed while its connection was
-down. A resync reads the whole set with its version in one statement and, when
-the version moved, hands the whole set to the catalog (`Catalog.adopt_shared`),
-which makes this host's API models exactly the cluster's. A lock serialises the
-resyncs and the writes of this host, so an older read is never applied after a
-newer write.
+not the writer hears the change on `NOTIFY modeld_models` (LISTEN on the host's one
+link, link.py) and resyncs; a resync after every reconnect covers notifications
+missed while the link was down (a live connection loses none, so there is no
+periodic reread: an idle cluster costs nothing here). A resync reads the whole set
+with its version in one statement and, when the version moved, hands the whole set
+to the catalog (`Catalog.adopt_shared`), which makes this host's API models
+exactly the cluster's. A lock serialises the resyncs and the writes of this host,
+so an older read is never applied after a newer write.
 
 How `[models.*]` in a host's config combine with the cluster's specs: a config
 model is this host's own and wins on this host (PutModel/DeleteModel of its name
@@ -29,7 +30,8 @@ from typing import Any
 import asyncpg
 import structlog
 
-from modeld.cluster.membership import DB_ERRORS, Membership
+from modeld.cluster.link import DB_ERRORS
+from modeld.cluster.membership import Membership
 from modeld.cluster.schema import SPECS_CHANNEL
 from modeld.errors import FailedPrecondition, ResourceExhausted, Unavailable
 from modeld.spec import ModelSpec
@@ -56,20 +58,18 @@ class SharedSpecs:
     def __init__(
         self,
         *,
-        dsn: str,
         host_id: str,
         catalog: Catalog,
         membership: Membership,
         interval: float,
         timeout: float,
     ) -> None:
-        self._dsn = dsn
+        self._link = membership.link
         self._host = host_id
         self._catalog = catalog
         self._membership = membership
         self._interval = interval
         self._timeout = timeout
-        self._conn: asyncpg.Connection | None = None
         self._lock = asyncio.Lock()
         # Version of the cluster's set last handed to the catalog (-1: none yet).
         self._applied = -1
@@ -77,6 +77,8 @@ class SharedSpecs:
         self._said: dict[str, tuple[int, str]] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._link.listen(SPECS_CHANNEL, self._notified)
+        self._link.on_up(self._wake.set)
 
     async def start(self) -> None:
         # The first resync runs before start returns, so the divergence check is logged
@@ -89,47 +91,24 @@ class SharedSpecs:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        if self._conn is not None:
-            with contextlib.suppress(*DB_ERRORS):
-                await asyncio.wait_for(self._conn.close(), self._timeout)
 
     async def _run(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._interval)
+            await self._wake.wait()
             self._wake.clear()
             try:
                 await self.resync()
             except DB_ERRORS as exc:
-                # The membership reports the link; the next round retries.
+                # The link reports itself; a failed read on a live link is tried again.
                 log.debug("cluster_specs_resync_failed", error=f"{type(exc).__name__}: {exc}")
+                if self._link.up:
+                    await asyncio.sleep(self._interval)  # the retry period
+                    self._wake.set()
             except Exception:
                 log.exception("cluster_specs_resync_failed")
 
     def _notified(self, _conn: Any, _pid: int, _channel: str, _payload: str) -> None:
         self._wake.set()
-
-    async def _connection(self) -> asyncpg.Connection:
-        if self._conn is None or self._conn.is_closed():
-            self._conn = None
-            conn = await asyncpg.connect(
-                self._dsn,
-                timeout=self._timeout,
-                command_timeout=self._timeout,
-                server_settings={"application_name": f"modeld-specs/{self._host}"},
-            )
-            try:
-                await conn.add_listener(SPECS_CHANNEL, self._notified)
-            except BaseException:
-                conn.terminate()
-                raise
-            self._conn = conn
-        return self._conn
-
-    def _dropped(self) -> None:
-        if self._conn is not None and not self._conn.is_closed():
-            self._conn.terminate()
-        self._conn = None
 
     # resync
 
@@ -138,11 +117,7 @@ class SharedSpecs:
             await self._resync_locked()
 
     async def _resync_locked(self) -> None:
-        try:
-            row = await (await self._connection()).fetchrow(_READ)
-        except DB_ERRORS:
-            self._dropped()
-            raise
+        row = await self._link.fetchrow(_READ)
         assert row is not None
         version = int(row["version"])
         if version == self._applied:
@@ -218,11 +193,9 @@ class SharedSpecs:
 
     async def _write(self, what: str, step: Any, name: str, body: str) -> bool:
         try:
-            conn = await self._connection()
-            async with conn.transaction():
+            async with self._link.acquire() as conn, conn.transaction():
                 done: bool = await step(conn, name, body)
         except DB_ERRORS as exc:
-            self._dropped()
             raise Unavailable(
                 f"{what} needs the cluster database ({self._membership.where}), which failed "
                 f"({type(exc).__name__}: {str(exc)[:160]}); nothing was changed, try again"

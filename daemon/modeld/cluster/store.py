@@ -1,4 +1,4 @@
-"""Every SQL statement the cluster runs, over one asyncpg pool.
+"""Every SQL statement of the membership, over this host's one link (link.py).
 
 Each write is one short transaction on this host's own rows, fenced by its epoch;
 no lock is held across anything but these statements. Reads return plain rows
@@ -12,7 +12,8 @@ from typing import Any
 
 import asyncpg
 
-from modeld.cluster.schema import CHANNEL, REAP_LOCK
+from modeld.cluster.link import Link
+from modeld.cluster.schema import CHANNEL, HOST_LOCK, REAP_LOCK, host_key
 from modeld.cluster.view import HostFigures
 
 # (replica_id, model, state, address, generation, in_flight, last_used, free_memory)
@@ -33,26 +34,75 @@ INSERT INTO {REPLICA_COLUMNS}
 VALUES ($1, $9, $10, $2, $3, $4, $5, $6, $7, $8, now())
 {REPLICA_CONFLICT}
 """
-_READ = """
-SELECT
-  coalesce((SELECT json_agg(json_build_object(
+_HOSTS_JSON = """coalesce((SELECT json_agg(json_build_object(
       'host_id', host_id, 'epoch', epoch, 'address', address, 'role', role, 'labels', labels,
-      'remaining', extract(epoch FROM lease_expires_at - now()),
+      'remaining', extract(epoch FROM lease_expires_at - now()), 'gone', gone,
       'backends', backends, 'gpu_free', gpu_free, 'gpu_total', gpu_total,
       'ram_free', ram_free, 'ram_total', ram_total, 'loaded', loaded,
       'max_loaded', max_loaded, 'evictable', evictable))
-    FROM modeld_hosts WHERE $1::text[] IS NULL OR host_id = ANY($1)), '[]') AS hosts,
-  coalesce((SELECT json_agg(json_build_object(
+    FROM modeld_hosts WHERE {which}), '[]') AS hosts"""
+_REPLICAS_JSON = """coalesce((SELECT json_agg(json_build_object(
       'id', replica_id, 'host_id', host_id, 'epoch', epoch, 'model', model, 'state', state,
       'address', address, 'generation', generation, 'in_flight', in_flight,
       'last_used', last_used, 'free_memory', free_memory))
-    FROM modeld_replicas WHERE $1::text[] IS NULL OR host_id = ANY($1)), '[]') AS replicas
+    FROM modeld_replicas WHERE {which}), '[]') AS replicas"""
+_TOP = "(SELECT coalesce(max(version), 0) FROM modeld_hosts) AS top"
+_PICKED = "$1::text[] IS NULL OR host_id = ANY($1)"
+_READ = f"""
+SELECT {_HOSTS_JSON.format(which=_PICKED)}, {_REPLICAS_JSON.format(which=_PICKED)}, {_TOP}
 """
+# A resync between full reads: the hosts whose version moved past $1 (their rows and
+# all their replicas, so that a deleted replica goes too), which hosts there are (their
+# count and the sum of their epochs: epochs only grow, so a host gone, or gone and
+# replaced, changes one or the other), and the leases running out within $2 seconds.
+_CHANGED = "host_id IN (SELECT host_id FROM modeld_hosts WHERE version > $1)"
+_SINCE = f"""
+SELECT /*renewed*/ {_HOSTS_JSON.format(which=_CHANGED)},
+  {_REPLICAS_JSON.format(which=_CHANGED)}, {_TOP},
+  coalesce((SELECT json_agg(host_id) FROM modeld_hosts WHERE version > $1), '[]') AS changed,
+  (SELECT count(*) FROM modeld_hosts) AS count,
+  (SELECT coalesce(sum(epoch), 0) FROM modeld_hosts) AS epochs,
+  coalesce((SELECT json_object_agg(host_id, extract(epoch FROM lease_expires_at - now()))
+            FROM modeld_hosts WHERE lease_expires_at < now() + make_interval(secs => $2)),
+           '{{}}') AS near
+"""
+
+# This session's liveness locks of earlier epochs go; the new epoch's is taken.
+_UNLOCK_OLD = """
+SELECT pg_advisory_unlock($1, objid::bigint::int) FROM pg_locks
+WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND classid::bigint = $1
+  AND objsubid = 2 AND objid::bigint <> $2
+"""
+
+# pg_locks shows every database's locks: only this database's are the cluster's.
+THIS_DB = "(SELECT oid FROM pg_database WHERE datname = current_database())"
+_MARK_DEAD = f"""
+WITH dead AS (
+    UPDATE modeld_hosts h SET lease_expires_at = least(h.lease_expires_at, now()), gone = true,
+        version = nextval('modeld_version')
+    WHERE NOT h.gone AND NOT EXISTS (
+        SELECT 1 FROM pg_locks l
+        WHERE l.locktype = 'advisory' AND l.database = {THIS_DB} AND l.granted
+          AND l.classid::bigint = $1 AND l.objid::bigint = h.epoch % 2147483648
+          AND l.objsubid = 2)
+    RETURNING h.host_id
+)
+SELECT host_id, pg_notify($2, host_id) FROM dead
+"""
+
+_RENEW_AND_SINCE = """WITH hb AS (
+    UPDATE modeld_hosts SET lease_expires_at = now() + make_interval(secs => $5),
+        gone = false,
+        version = CASE WHEN gone THEN nextval('modeld_version') ELSE version END
+    WHERE host_id = $3 AND epoch = $4
+    RETURNING 1
+)""" + _SINCE.replace("/*renewed*/", "(SELECT count(*) FROM hb) > 0 AS renewed,")
 
 # Fenced as replica rows are: only this host's live row of this epoch.
 _FIGURES = """
 UPDATE modeld_hosts SET backends = $3, gpu_free = $4, gpu_total = $5, ram_free = $6,
-    ram_total = $7, loaded = $8, max_loaded = $9, evictable = $10
+    ram_total = $7, loaded = $8, max_loaded = $9, evictable = $10,
+    version = nextval('modeld_version')
 WHERE host_id = $1 AND epoch = $2
 RETURNING 1
 """
@@ -71,16 +121,27 @@ class Fenced(Exception):
 class Snapshot:
     hosts: list[dict[str, Any]]
     replicas: list[dict[str, Any]]
+    # The highest host version in the database when read.
+    top: int = 0
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What `read_since` returns: the changed hosts' rows, which hosts there are, and
+    the leases about to run out (host id -> seconds left)."""
+
+    snapshot: Snapshot
+    changed: list[str]
+    count: int
+    epochs: int
+    near: dict[str, float]
 
 
 class Store:
-    def __init__(self, pool: asyncpg.Pool, host_id: str, timeout: float) -> None:
-        self._pool = pool
+    def __init__(self, link: Link, host_id: str, timeout: float) -> None:
+        self._link = link
         self._host = host_id
         self._timeout = timeout
-
-    async def close(self) -> None:
-        await self._pool.close()
 
     async def register(
         self,
@@ -94,16 +155,17 @@ class Store:
     ) -> int:
         """A new epoch for this host; its older rows are dropped, `rows` and its capacity
         announced (an earlier life's capacity never survives a new epoch)."""
-        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+        async with self._link.acquire() as conn, conn.transaction():
             epoch: int = await conn.fetchval(
                 """
-                INSERT INTO modeld_hosts (host_id, epoch, address, role, labels, lease_expires_at)
+                INSERT INTO modeld_hosts (host_id, epoch, address, role, labels, lease_expires_at,
+                                          version)
                 VALUES ($1, nextval('modeld_epoch'), $2, $3, $4::jsonb,
-                        now() + make_interval(secs => $5))
+                        now() + make_interval(secs => $5), nextval('modeld_version'))
                 ON CONFLICT (host_id) DO UPDATE SET
                     epoch = EXCLUDED.epoch, address = EXCLUDED.address, role = EXCLUDED.role,
                     labels = EXCLUDED.labels, lease_expires_at = EXCLUDED.lease_expires_at,
-                    registered_at = now()
+                    registered_at = now(), gone = false, version = EXCLUDED.version
                 RETURNING epoch
                 """,
                 self._host,
@@ -113,6 +175,11 @@ class Store:
                 ttl,
                 timeout=self._timeout,
             )
+            # The liveness lock of this epoch, taken before the row is visible to anyone:
+            # a row whose lock is free is a host whose connection is gone (`mark_dead`).
+            key = host_key(epoch)
+            await conn.execute(_UNLOCK_OLD, HOST_LOCK, key, timeout=self._timeout)
+            await conn.execute("SELECT pg_try_advisory_lock($1, $2)", HOST_LOCK, key)
             await conn.execute(
                 "DELETE FROM modeld_replicas WHERE host_id = $1 AND epoch <> $2",
                 self._host,
@@ -127,25 +194,27 @@ class Store:
         """Renew this epoch's lease. An expired row that nobody reaped is still ours:
         after a database outage every lease has run out, and renewing it (rather than
         a new epoch) is what keeps the cluster from churning once the link is back."""
-        renewed = await self._pool.fetchval(
+        renewed = await self._link.fetchval(
             """
-            UPDATE modeld_hosts SET lease_expires_at = now() + make_interval(secs => $3)
+            UPDATE modeld_hosts SET lease_expires_at = now() + make_interval(secs => $3),
+                gone = false,
+                version = CASE WHEN gone THEN nextval('modeld_version') ELSE version END
             WHERE host_id = $1 AND epoch = $2
             RETURNING 1
             """,
             self._host,
             epoch,
             ttl,
-            timeout=self._timeout,
         )
         if renewed is None:
             raise Fenced(self._host, epoch)
 
     async def publish(self, epoch: int, rows: Sequence[ReplicaRow], gone: Sequence[str]) -> None:
-        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+        async with self._link.acquire() as conn, conn.transaction():
             live = await conn.fetchval(
                 """
-                SELECT 1 FROM modeld_hosts WHERE host_id = $1 AND epoch = $2 FOR SHARE
+                UPDATE modeld_hosts SET version = nextval('modeld_version')
+                WHERE host_id = $1 AND epoch = $2 RETURNING 1
                 """,
                 self._host,
                 epoch,
@@ -157,7 +226,7 @@ class Store:
 
     async def publish_host(self, epoch: int, figures: HostFigures) -> None:
         """This host's capacity figures, in its own host row."""
-        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+        async with self._link.acquire() as conn, conn.transaction():
             await self._write_figures(conn, epoch, figures)
             await conn.execute(
                 "SELECT pg_notify($1, $2)", CHANNEL, self._host, timeout=self._timeout
@@ -205,15 +274,28 @@ class Store:
 
     async def read(self, host_ids: Sequence[str] | None) -> Snapshot:
         """Hosts and replicas (all, or of `host_ids`) in one statement: one snapshot."""
-        row = await self._pool.fetchrow(
-            _READ, list(host_ids) if host_ids is not None else None, timeout=self._timeout
-        )
+        row = await self._link.fetchrow(_READ, list(host_ids) if host_ids is not None else None)
         assert row is not None
-        return Snapshot(json.loads(row["hosts"]), json.loads(row["replicas"]))
+        return Snapshot(json.loads(row["hosts"]), json.loads(row["replicas"]), int(row["top"]))
+
+    async def read_since(self, version: int, near: float) -> Changes:
+        """Only what changed since `version`, plus the cheap liveness figures; one statement."""
+        row = await self._link.fetchrow(_SINCE, version, near)
+        return _changes(row)
+
+    async def renew_and_read_since(
+        self, epoch: int, ttl: float, version: int, near: float
+    ) -> Changes:
+        """`heartbeat` and `read_since` in one statement: an idle host's one statement
+        per host_ttl/3."""
+        row = await self._link.fetchrow(_RENEW_AND_SINCE, version, near, self._host, epoch, ttl)
+        if row is None or not row["renewed"]:
+            raise Fenced(self._host, epoch)
+        return _changes(row)
 
     async def reap_one(self) -> str | None:
         """Delete the longest-expired host (its replicas go with it); one modeld at a time."""
-        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+        async with self._link.acquire() as conn, conn.transaction():
             if not await conn.fetchval(
                 "SELECT pg_try_advisory_xact_lock($1)", REAP_LOCK, timeout=self._timeout
             ):
@@ -233,8 +315,15 @@ class Store:
                 await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, host, timeout=self._timeout)
             return host
 
+    async def mark_dead(self) -> list[str]:
+        """Hosts whose liveness lock nobody holds (their modeld's connection closed: it
+        exited, or was killed) get their lease ended now, which frees their slots
+        (claims.py) and takes them out of every view; one statement."""
+        rows = await self._link.fetch(_MARK_DEAD, HOST_LOCK, CHANNEL)
+        return [row["host_id"] for row in rows]
+
     async def leave(self, epoch: int) -> None:
-        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+        async with self._link.acquire() as conn, conn.transaction():
             await conn.execute(
                 "DELETE FROM modeld_hosts WHERE host_id = $1 AND epoch = $2",
                 self._host,
@@ -244,3 +333,12 @@ class Store:
             await conn.execute(
                 "SELECT pg_notify($1, $2)", CHANNEL, self._host, timeout=self._timeout
             )
+
+
+def _changes(row: asyncpg.Record | None) -> Changes:
+    assert row is not None
+    snap = Snapshot(json.loads(row["hosts"]), json.loads(row["replicas"]), int(row["top"]))
+    near_left = {k: float(v) for k, v in json.loads(row["near"]).items()}
+    return Changes(
+        snap, json.loads(row["changed"]), int(row["count"]), int(row["epochs"]), near_left
+    )

@@ -8,7 +8,7 @@ of different hosts never need to agree.
 """
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from modeld.policy.picker import used_tick
 from modeld.state import ReplicaState
@@ -41,6 +41,8 @@ class RemoteHost:
     expires: float
     # Published capacity (cluster/hostcap.py); zero/empty until it first publishes.
     figures: HostFigures = HostFigures()
+    # Its database session ended (store.mark_dead): dead whatever this modeld's doubt.
+    gone: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +87,19 @@ class ClusterView:
         self.replicas = kept
         self._left([old] if old is not None else [])
 
+    def refresh_expiry(self, near: Mapping[str, float], now: float, floor: float) -> None:
+        """What an incremental resync knows of leases: `near` (host -> seconds left) for
+        those running out soon, and for every other host that it lasts past `floor`."""
+        for host_id, host in list(self.hosts.items()):
+            left = near.get(host_id)
+            expires = now + left if left is not None else max(host.expires, floor)
+            if expires != host.expires:
+                self.hosts[host_id] = replace(host, expires=expires)
+
+    def shape(self) -> tuple[int, int]:
+        """How many hosts, and the sum of their epochs (compared with the database's)."""
+        return len(self.hosts), sum(h.epoch for h in self.hosts.values())
+
     def _left(self, before: Iterable[RemoteHost]) -> None:
         if self.on_leave is None:
             return
@@ -102,7 +117,7 @@ class ClusterView:
         """A host is routable until its lease deadline; `trust_expired` while our own
         database link is down or freshly back (then everyone looks expired)."""
         host = self.hosts.get(host_id)
-        return host is not None and (trust_expired or now < host.expires)
+        return host is not None and not host.gone and (trust_expired or now < host.expires)
 
     def expired(self, now: float) -> list[RemoteHost]:
         return sorted((h for h in self.hosts.values() if h.expires <= now), key=lambda h: h.expires)

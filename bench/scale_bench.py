@@ -1,0 +1,289 @@
+"""The cluster scale benchmark (`make bench-scale`): a measurement, not a test.
+
+For each N (`--hosts 10,30`), N real `modeld serve` daemons (the echo catalog,
+host_ttl `--host-ttl`) on a fresh database of one PostgreSQL (MODELD_TEST_PG_DSN,
+else postgresql://root@127.0.0.1:5432/postgres, its default settings), and:
+
+- connections: pg_stat_activity rows of that database, per host (application_name);
+- idle tx/s: pg_stat_database.xact_commit over `--idle` seconds with no requests
+  (this script's own two reads subtracted), per host;
+- view convergence: from the last daemon registered until every host lists all N
+  alive; a joining host: from its registration (its log) until all N list it;
+- kill -9 of that host (not the leader): until every other host lists it expired
+  or gone; SIGSTOP of another: until all list it not alive (host_ttl bounds it);
+- cross-host first Route: Load echo on one host, then at once a Route on another
+  (its first try must succeed; forwarded to the owner);
+- CPU (% of one core over the idle window) and RSS per daemon (/proc).
+
+Prints the figures and writes bench/results/scale_bench.json.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import uvloop
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+import grpc  # noqa: E402
+
+from backend_proc import free_port  # noqa: E402
+from daemon_proc import ECHO_CATALOG, DaemonProc, start_daemon  # noqa: E402
+from modeld._proto.modeld.v1 import modeld_pb2 as pb  # noqa: E402
+
+DEFAULT_DSN = "postgresql://root@127.0.0.1:5432/postgres"
+POLL_S = 0.05
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def config(folder: Path, dsn: str, host: str, ttl: float) -> tuple[Path, str]:
+    addr = f"127.0.0.1:{free_port()}"
+    (folder / "models").mkdir(parents=True, exist_ok=True)
+    text = (
+        f'listen = ["{addr}"]\nstate_dir = "{folder / "state"}"\n'
+        f'models_dir = "{folder / "models"}"\nlog_level = "info"\n'
+        + ECHO_CATALOG
+        + f'\n[cluster]\ndsn = "{dsn}"\nhost_id = "{host}"\nhost_ttl = "{ttl}s"\n'
+    )
+    path = folder / "modeld.toml"
+    path.write_text(text)
+    return path, addr
+
+
+async def start(root: Path, dsn: str, host: str, ttl: float) -> DaemonProc:
+    path, addr = config(root / host, dsn, host, ttl)
+    daemon = await start_daemon(path, addr, wait=False)
+    await daemon.wait_serving(120)
+    await daemon.wait_log(lambda e: e.get("event") == "cluster_registered", 120)
+    return daemon
+
+
+def logged_at(entry: dict[str, Any]) -> float:
+    return datetime.fromisoformat(entry["timestamp"].replace("Z", "+00:00")).timestamp()
+
+
+async def listed(d: DaemonProc) -> dict[str, int]:
+    try:
+        reply = await d.stub.ListHosts(pb.ListHostsRequest(), timeout=5)
+    except grpc.aio.AioRpcError:
+        return {}
+    return {h.host_id: h.state for h in reply.hosts}
+
+
+async def until_all(daemons: list[DaemonProc], ok: Any, limit_s: float) -> float | None:
+    """Seconds (wall) until `ok(listing)` holds on every daemon, None past `limit_s`."""
+    began = time.time()
+    pending = list(daemons)
+    while pending:
+        views = await asyncio.gather(*(listed(d) for d in pending))
+        pending = [d for d, v in zip(pending, views, strict=True) if not ok(v)]
+        if time.time() - began > limit_s:
+            return None
+        await asyncio.sleep(POLL_S)
+    return time.time()
+
+
+async def xact(server: str, name: str) -> int:
+    conn = await asyncpg.connect(server)
+    try:
+        await conn.execute("SELECT pg_stat_clear_snapshot()")
+        value = await conn.fetchval(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = $1", name
+        )
+        return int(value)
+    finally:
+        await conn.close()
+
+
+async def connections(dsn: str) -> dict[str, int]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT application_name FROM pg_stat_activity WHERE datname = current_database() "
+            "AND application_name LIKE 'modeld%'"
+        )
+    finally:
+        await conn.close()
+    per: dict[str, int] = {}
+    for row in rows:
+        host = row["application_name"].rsplit("/", 1)[-1]
+        per[host] = per.get(host, 0) + 1
+    return per
+
+
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def one_size(args: argparse.Namespace, server: str, n: int, root: Path) -> dict[str, Any]:
+    name = f"modeld_scale_{uuid.uuid4().hex[:10]}"
+    conn = await asyncpg.connect(server)
+    await conn.execute(f'CREATE DATABASE "{name}"')
+    await conn.close()
+    dsn = urlunsplit(urlsplit(server)._replace(path=f"/{name}"))
+    daemons: list[DaemonProc] = []
+    out: dict[str, Any] = {"hosts": n, "host_ttl_s": args.host_ttl}
+    try:
+        ids = [f"h{i:03d}" for i in range(n)]
+        started = await asyncio.gather(
+            *(start(root, dsn, h, args.host_ttl) for h in ids), return_exceptions=True
+        )
+        daemons = [d for d in started if isinstance(d, DaemonProc)]
+        failed = [r for r in started if not isinstance(r, DaemonProc)]
+        out["failed_to_start"] = len(failed)
+        if failed:
+            raise RuntimeError(f"{len(failed)} daemons did not start: {failed[0]!r}")
+        last = max(
+            logged_at(next(e for e in d.log if e.get("event") == "cluster_registered"))
+            for d in daemons
+        )
+        done = await until_all(
+            daemons, lambda v: sum(s == pb.HOST_ALIVE for s in v.values()) >= n, 60
+        )
+        out["view_converged_s"] = None if done is None else round(done - last, 3)
+
+        out.update(await measure_idle(args, server, name, dsn, daemons))
+        out.update(await measure_join_and_kill(args, root, dsn, daemons))
+        out.update(await measure_route(daemons, ids))
+        out.update(await measure_sigstop(daemons, ids))
+        out["flaps"] = sum(1 for d in daemons for e in d.log if e.get("event") == "cluster_db_down")
+    finally:
+        await asyncio.gather(*(stop(d) for d in daemons))
+        conn = await asyncpg.connect(server)
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.close()
+    return out
+
+
+async def measure_idle(
+    args: argparse.Namespace, server: str, name: str, dsn: str, daemons: list[DaemonProc]
+) -> dict[str, Any]:
+    n = len(daemons)
+    per = await connections(dsn)
+    pids = [d.proc.pid for d in daemons]
+    before, ticks = await xact(server, name), [cpu_ticks(p) for p in pids]
+    began = time.monotonic()
+    await asyncio.sleep(args.idle)  # the idle window being measured
+    spent = time.monotonic() - began
+    after, ticks2 = await xact(server, name), [cpu_ticks(p) for p in pids]
+    idle_tx = max(after - before - 2, 0) / spent
+    cpu = [(b - a) / TICKS / spent * 100 for a, b in zip(ticks, ticks2, strict=True)]
+    return {
+        "connections": sum(per.values()),
+        "connections_per_host_max": max(per.values(), default=0),
+        "idle_tx_per_s": round(idle_tx, 2),
+        "idle_tx_per_s_per_host": round(idle_tx / n, 3),
+        "cpu_percent_per_daemon_median": round(statistics.median(cpu), 2),
+        "cpu_percent_per_daemon_max": round(max(cpu), 2),
+        "rss_mib_per_daemon_median": round(statistics.median(rss_mib(p) for p in pids), 1),
+    }
+
+
+async def measure_join_and_kill(
+    args: argparse.Namespace, root: Path, dsn: str, daemons: list[DaemonProc]
+) -> dict[str, Any]:
+    """A host joins (seen by all from its registration), then is killed with -9."""
+    joiner = await start(root, dsn, "joiner", args.host_ttl)
+    joined = next(e for e in joiner.log if e.get("event") == "cluster_registered")
+    seen = await until_all(daemons, lambda v: v.get("joiner") == pb.HOST_ALIVE, 30)
+    killed_at = time.time()
+    joiner.proc.kill()
+    await joiner.proc.wait()
+    noticed = await until_all(
+        daemons, lambda v: v.get("joiner", pb.HOST_EXPIRED) != pb.HOST_ALIVE, 30
+    )
+    await joiner.close()
+    return {
+        "join_seen_by_all_s": None if seen is None else round(seen - logged_at(joined), 3),
+        "kill9_noticed_by_all_s": None if noticed is None else round(noticed - killed_at, 3),
+    }
+
+
+async def measure_route(daemons: list[DaemonProc], ids: list[str]) -> dict[str, Any]:
+    """Load on one host, then at once a Route on another: its first try."""
+    owner, via = daemons[1], daemons[2]
+    await owner.stub.Load(pb.LoadRequest(model="echo"), timeout=60)
+    t0 = time.perf_counter()
+    try:
+        reply = await via.stub.Route(pb.RouteRequest(model="echo"), timeout=10)
+    except grpc.aio.AioRpcError as exc:
+        return {"cross_host_first_route_ok": False, "error": f"{exc.code().name}: {exc.details()}"}
+    took = round((time.perf_counter() - t0) * 1000, 2)
+    await via.stub.Release(pb.ReleaseRequest(lease_id=reply.lease_id), timeout=10)
+    return {
+        "cross_host_first_route_ms": took,
+        "cross_host_first_route_ok": reply.lease_id.startswith(f"{ids[1]}~"),
+    }
+
+
+async def measure_sigstop(daemons: list[DaemonProc], ids: list[str]) -> dict[str, Any]:
+    """SIGSTOP of one host: until every other lists it not alive (its lease decides)."""
+    stopped = daemons[-1]
+    stopped_at = time.time()
+    stopped.proc.send_signal(signal.SIGSTOP)
+    try:
+        gone = await until_all(
+            daemons[:-1], lambda v: v.get(ids[-1], pb.HOST_EXPIRED) != pb.HOST_ALIVE, 60
+        )
+    finally:
+        stopped.proc.send_signal(signal.SIGCONT)
+    return {"sigstop_noticed_by_all_s": None if gone is None else round(gone - stopped_at, 3)}
+
+
+async def stop(d: DaemonProc) -> None:
+    if d.proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            d.proc.send_signal(signal.SIGCONT)
+        with contextlib.suppress(Exception):
+            await d.stop()
+    await d.close()
+
+
+async def main(args: argparse.Namespace) -> int:
+    server = os.environ.get("MODELD_TEST_PG_DSN") or DEFAULT_DSN
+    results: list[dict[str, Any]] = []
+    for n in (int(x) for x in args.hosts.split(",")):
+        with tempfile.TemporaryDirectory(prefix=f"modeld-scale-{n}-") as root:
+            figures = await one_size(args, server, n, Path(root))
+        print(json.dumps(figures), flush=True)
+        results.append(figures)
+    text = json.dumps(results, indent=2)
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    (out / "scale_bench.json").write_text(text + "\n")
+    return 0
+
+
+def cli() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hosts", default="10,30", help="comma-separated cluster sizes")
+    parser.add_argument("--host-ttl", type=float, default=10.0)
+    parser.add_argument("--idle", type=float, default=20.0, help="idle window, seconds")
+    return uvloop.run(main(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
