@@ -79,6 +79,7 @@ TABLES: dict[str, dict[str, Parser]] = {
         "lease_ttl": parse_duration,
         "probe_ttl": parse_duration,
         "scale_up_in_flight": _int,
+        "affinity_slack": _float,
     },
     "logs": {"ring_lines": _int, "keep_stopped": _int, "subscriber_queue": _int},
     "leases": {"max_per_replica": _int, "max_total": _int},

@@ -285,6 +285,9 @@ class Settings:
     lease_ttl: float = 600.0
     probe_ttl: float = 30.0
     scale_up_in_flight: int = 0
+    # Leases a replica may hold over the average before an affinity key moves on
+    # (policy/affinity.py): the bound is ceil(affinity_slack * average).
+    affinity_slack: float = 1.25
 
     def merged(self, changes: dict[str, Any]) -> "Settings":
         merged = replace(self, **changes)
@@ -312,4 +315,8 @@ def check_settings(s: Settings) -> Settings:
         raise InvalidArgument("probe_ttl must be between 0 and 1h")
     if not 0 <= s.scale_up_in_flight <= 1 << 16:
         raise InvalidArgument("scale_up_in_flight must be 0 (off) or a positive count")
+    if not 1 <= s.affinity_slack <= 100:
+        raise InvalidArgument(
+            "affinity_slack must be between 1 and 100 (1.25: 25% over the average)"
+        )
     return s

@@ -239,10 +239,13 @@ class ClusterRouter:
 
     # Route
 
-    async def route(self, model: str, deadline: float, metadata: object) -> pb.RouteResponse:
+    async def route(
+        self, model: str, deadline: float, metadata: object, key: str = ""
+    ) -> pb.RouteResponse:
+        """`key`: the affinity key; the replica on a host is picked by that host's ring."""
         marker = forwarded_marker(metadata)
         if marker is not None:
-            return await self._route_as_owner(model, marker, deadline)
+            return await self._route_as_owner(model, marker, deadline, key)
         tried: list[str] = []
         for _ in range(MAX_FORWARDS):
             # Read again after each failed forward: other Routes went on meanwhile.
@@ -257,15 +260,15 @@ class ClusterRouter:
             if chosen is None:
                 break
             tried.append(chosen.id)
-            reply = await self._forward(model, chosen, local, deadline)
+            reply = await self._forward(model, chosen, local, deadline, key)
             if reply is not None:
                 return reply
         if self._local_in_flight(model) is not None:
-            return self._response(await self._router.route(model, deadline))
-        return await self._start_here(model, deadline)
+            return self._response(await self._router.route(model, deadline, key))
+        return await self._start_here(model, deadline, key)
 
     async def _forward(
-        self, model: str, chosen: RemoteReplica, local: int | None, deadline: float
+        self, model: str, chosen: RemoteReplica, local: int | None, deadline: float, key: str
     ) -> pb.RouteResponse | None:
         """The Route forwarded to `chosen`'s owner, bounded by the local replica's
         in-flight when there is one; None when it should go elsewhere."""
@@ -280,6 +283,7 @@ class ClusterRouter:
                 model,
                 make_marker(chosen.id, chosen.generation, local),
                 max(timeout, 0.001),
+                key=key,
             )
         except PeerFailed as exc:
             self.counters.forward_retries += 1
@@ -308,7 +312,9 @@ class ClusterRouter:
             default=None,
         )
 
-    async def _route_as_owner(self, model: str, marker: str, deadline: float) -> pb.RouteResponse:
+    async def _route_as_owner(
+        self, model: str, marker: str, deadline: float, key: str
+    ) -> pb.RouteResponse:
         replica_id, generation, below = parse_marker(marker)
         pool = self._router.index.existing(model)
         current = pool.replicas.get(replica_id) if pool is not None else None
@@ -329,12 +335,12 @@ class ClusterRouter:
             return pb.RouteResponse(
                 replica_id=replica_id, owner_in_flight=current.in_flight, declined=True
             )
-        reply = self._response(await self._router.route(model, deadline))
+        reply = self._response(await self._router.route(model, deadline, key))
         granted = pool.replicas.get(reply.replica_id) if pool is not None else None
         reply.owner_in_flight = granted.in_flight if granted is not None else 0
         return reply
 
-    async def _start_here(self, model: str, deadline: float) -> pb.RouteResponse:
+    async def _start_here(self, model: str, deadline: float, key: str) -> pb.RouteResponse:
         """No READY replica anywhere: start it through its claim, then route again."""
         depth = _cold_depth.get()
         if depth >= COLD_ROUTES:
@@ -345,7 +351,7 @@ class ClusterRouter:
         await self._cold.ensure(model, deadline)
         token = _cold_depth.set(depth + 1)
         try:
-            reply = await self.route(model, deadline, ())
+            reply = await self.route(model, deadline, (), key)
         finally:
             _cold_depth.reset(token)
         reply.cold_start = True

@@ -30,6 +30,7 @@ from modeld.info import ReplicaInfo
 from modeld.ops.events import EventBus
 from modeld.ops.metrics import Metrics
 from modeld.ops.tasks import TaskSupervisor
+from modeld.policy.affinity import AffinityInput, Ring, build_ring
 from modeld.policy.backoff import DEFAULT as DEFAULT_BACKOFF
 from modeld.policy.backoff import BackoffPolicy
 from modeld.policy.eviction import Eviction
@@ -88,6 +89,8 @@ class Router:
         # Replicas a client reported unreachable, while their one probe runs: routed to last.
         self._suspects: set[str] = set()
         self._checks: set[asyncio.Task[None]] = set()
+        # model -> the affinity ring over its READY replicas (policy/affinity.py).
+        self._rings: dict[str, Ring] = {}
 
     # lifecycle of the router itself
 
@@ -111,13 +114,13 @@ class Router:
 
     # the hot path
 
-    async def route(self, model: str, deadline: float) -> Lease:
+    async def route(self, model: str, deadline: float, affinity_key: str = "") -> Lease:
         spec = self._catalog.get(model)
         pool = self.index.pool(model)
         self.leases.check_total()
         cold = False
         for _ in range(ROUTE_ATTEMPTS):
-            replica = self._pick(pool, spec)
+            replica = self._pick(pool, spec, affinity_key)
             if replica is not None:
                 # The least-loaded replica's leases before this one: the scale-up signal.
                 load = replica.in_flight
@@ -137,15 +140,15 @@ class Router:
                     raise
         raise Unavailable(f"model {model!r}: replicas kept failing right after starting")
 
-    def _pick(self, pool: ModelPool, spec: ModelSpec) -> RoutedReplica | None:
-        ready = [
+    def _pick(self, pool: ModelPool, spec: ModelSpec, affinity_key: str) -> RoutedReplica | None:
+        live = [
             r
             for r in pool.replicas.values()
             if r.state is ReplicaState.READY and not r.stop_requested
         ]
-        if not ready:
+        if not live:
             return None
-        ready = [r for r in ready if self.leases.room_on(r)]
+        ready = [r for r in live if self.leases.room_on(r)]
         if not ready:
             raise self.leases.full(spec.name)
         if self._suspects and len(ready) > 1:
@@ -154,8 +157,20 @@ class Router:
             return ready[0]
         oldest = self.leases.oldest_started() if spec.busy_timeout else {}
         views = [self.index.view(r, spec, oldest) for r in ready]
-        chosen = pick_replica(views, self.index.free_memory)
+        affinity = self._affinity(pool.model, live, affinity_key) if affinity_key else None
+        chosen = pick_replica(views, self.index.free_memory, affinity=affinity)
         return pool.replicas[chosen.id] if chosen else None
+
+    def _affinity(self, model: str, live: list[RoutedReplica], key: str) -> AffinityInput:
+        """The model's ring over its READY replicas, built again only when they change."""
+        ring = self._rings.get(model)
+        if (
+            ring is None
+            or len(ring.members) != len(live)
+            or any(r.id not in ring.members for r in live)
+        ):
+            ring = self._rings[model] = build_ring(r.id for r in live)
+        return AffinityInput(ring, key, self._settings.current.affinity_slack)
 
     def _ttl(self, spec: ModelSpec) -> float:
         return spec.lease_ttl if spec.lease_ttl is not None else self._settings.current.lease_ttl
