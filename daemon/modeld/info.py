@@ -25,3 +25,7 @@ class ReplicaInfo:
     last_probe_at: float | None = None
     node_id: str = "local"
     live_leases: int = 0
+    # What a `load_metrics` backend reported at the last scrape; None: no report.
+    load_waiting: int | None = None
+    load_running: int = 0
+    kv_cache_usage: float | None = None

@@ -17,6 +17,8 @@ PROTOCOLS: tuple[Protocol, ...] = ("grpc", "http")
 # How the replicas of one model are laid over the hosts of a cluster ("" in a spec:
 # the cluster's `[cluster] placement`).
 PLACEMENTS = ("spread", "binpack")
+# Whose Prometheus gauges an http backend's `load_metrics` reads (policy/load.py).
+LOAD_METRICS = ("vllm", "sglang", "llamacpp", "none")
 
 # Limits on what a spec may hold (README "Limits"): a request can never make the
 # daemon store or log an unbounded amount, and every value is checked on the way in.
@@ -73,6 +75,13 @@ class BackendSpec:
     start_attempts: int = 3
     # A replica that dies sooner than this after READY counts as a failed start (backoff).
     crash_loop_window: float = 30.0
+    # `http` only: whose Prometheus gauges to read off `metrics_path` every
+    # `load_interval` (policy/load.py); "none": routing uses leases alone.
+    load_metrics: str = "none"
+    metrics_path: str = "/metrics"
+    load_interval: float = 1.0
+    # A replica reporting more requests waiting than this gets no lease while another does not.
+    saturation_waiting: int = 5
 
 
 @dataclass(frozen=True)

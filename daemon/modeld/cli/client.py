@@ -79,6 +79,9 @@ def add_client_verbs(sub: Any) -> None:
     p = _add(sub, "ps", verbs.ps, "list replicas, their load and when they will be evicted")
     p.add_argument("model", nargs="?")
     p.add_argument("--local", action="store_true", help="in a cluster: this host's only")
+    p.add_argument(
+        "--wide", action="store_true", help="also the load the backends report (load_metrics)"
+    )
     _add(sub, "hosts", verbs.hosts, "list the cluster's hosts, their state and replicas")
     _add(sub, "models", verbs.models, "list model specs")
     _lifecycle_verbs(sub)

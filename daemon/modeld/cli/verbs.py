@@ -34,7 +34,7 @@ def ps(args: argparse.Namespace, s: Session) -> None:
     now = time.time()
     idles = [render.idle(r, specs.get(r.model), idle_timeout, now) for r in replicas]
     if not args.json:
-        _out(render.ps_table(replicas, idles))
+        _out(render.ps_table(replicas, idles, wide=args.wide))
         return
     rows = []
     for r, i in zip(replicas, idles, strict=True):

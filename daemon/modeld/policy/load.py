@@ -13,14 +13,10 @@ No I/O, no clock, no logging.
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from modeld.policy.view import ReplicaView
-
-LoadMetrics = Literal["vllm", "sglang", "llamacpp", "none"]
-LOAD_METRICS: tuple[LoadMetrics, ...] = ("vllm", "sglang", "llamacpp", "none")
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,12 +34,14 @@ from modeld.policy.affinity import AffinityInput, Ring, build_ring
 from modeld.policy.backoff import DEFAULT as DEFAULT_BACKOFF
 from modeld.policy.backoff import BackoffPolicy
 from modeld.policy.eviction import Eviction
+from modeld.policy.load import LoadInput, ReportedLoad
 from modeld.policy.picker import pick_replica
 from modeld.policy.view import HostView, ReplicaView
 from modeld.routing.counters import FLUSH_INTERVAL_S, CounterFlusher, Flush
 from modeld.routing.index import ReplicaIndex
 from modeld.routing.leases import Lease, LeaseLimits, LeaseService
 from modeld.routing.lifecycle import Admit, Factory, Lifecycle, wait_until
+from modeld.routing.loadscrape import LoadScraper
 from modeld.routing.pool import ModelPool
 from modeld.routing.probe import ProbeCache
 from modeld.routing.routed import RoutedReplica
@@ -72,6 +74,7 @@ class Router:
         tasks: TaskSupervisor,
         flush: Flush | None = None,
         flush_interval: float = FLUSH_INTERVAL_S,
+        loads: LoadScraper | None = None,
     ) -> None:
         self._clock = clock
         self._catalog = catalog
@@ -85,6 +88,7 @@ class Router:
         self._tasks = tasks
         self._flush = flush
         self._flush_interval = flush_interval
+        self.loads = loads
         self._background: list[asyncio.Task[None]] = []
         # Replicas a client reported unreachable, while their one probe runs: routed to last.
         self._suspects: set[str] = set()
@@ -105,6 +109,10 @@ class Router:
                 interval=self._flush_interval,
             )
             self._background.append(self._tasks.spawn(flusher.run(), "counter-flush"))
+        if self.loads is not None:
+            for backend in self.loads.watched():
+                task = self._tasks.spawn(self.loads.run(backend), f"load-scrape-{backend.name}")
+                self._background.append(task)
 
     async def close(self) -> None:
         for task in self._background:
@@ -158,8 +166,17 @@ class Router:
         oldest = self.leases.oldest_started() if spec.busy_timeout else {}
         views = [self.index.view(r, spec, oldest) for r in ready]
         affinity = self._affinity(pool.model, live, affinity_key) if affinity_key else None
-        chosen = pick_replica(views, self.index.free_memory, affinity=affinity)
+        load = self._load_input(spec)
+        chosen = pick_replica(views, self.index.free_memory, load=load, affinity=affinity)
         return pool.replicas[chosen.id] if chosen else None
+
+    def _load_input(self, spec: ModelSpec) -> LoadInput | None:
+        """What the model's backend reports, when it reports anything."""
+        reported = self.loads.reported.get(spec.backend) if self.loads else None
+        if not reported:
+            return None
+        backend = self._catalog.backend(spec.backend)
+        return LoadInput(reported, backend.saturation_waiting)
 
     def _affinity(self, model: str, live: list[RoutedReplica], key: str) -> AffinityInput:
         """The model's ring over its READY replicas, built again only when they change."""
@@ -241,8 +258,13 @@ class Router:
         """Each with its live lease count, read in the same loop turn as its in-flight
         (no await between them), so that anyone outside can check the two are equal."""
         leases = self.leases.per_replica()
+        reported = self.loads.reported if self.loads else {}
         return [
-            replace(info, live_leases=leases.get(info.id, 0)) for info in self.index.replicas(model)
+            _with_load(
+                replace(info, live_leases=leases.get(info.id, 0)),
+                reported.get(info.backend, {}).get(info.id),
+            )
+            for info in self.index.replicas(model)
         ]
 
     def has_live(self, model: str) -> bool:
@@ -269,9 +291,27 @@ class Router:
     def capacity_event(self) -> asyncio.Event:
         return self._signal.event()
 
+    def backend_loads(self) -> dict[tuple[str, str], tuple[int, int, float | None]]:
+        """(model, replica id) -> what its backend last reported (the metrics' gauges)."""
+        out: dict[tuple[str, str], tuple[int, int, float | None]] = {}
+        reported = self.loads.reported if self.loads else {}
+        for replica in self.index.live():
+            load = reported.get(replica.backend_name, {}).get(replica.id)
+            if load is not None:
+                out[replica.model, replica.id] = (load.waiting, load.running, load.kv_cache)
+        return out
+
     def leases_by_replica(self) -> dict[str, int]:
         """Live leases per replica id (the soak compares them with in-flight)."""
         return self.leases.per_replica()
+
+
+def _with_load(info: ReplicaInfo, load: ReportedLoad | None) -> ReplicaInfo:
+    if load is None:
+        return info
+    return replace(
+        info, load_waiting=load.waiting, load_running=load.running, kv_cache_usage=load.kv_cache
+    )
 
 
 def build_router(
@@ -328,4 +368,9 @@ def build_router(
         tasks=tasks or TaskSupervisor(),
         flush=flush,
         flush_interval=flush_interval,
+        loads=LoadScraper(
+            lambda: list(catalog.backends.values()),
+            index.live,
+            metrics.load_scrape_failed if metrics else lambda _backend: None,
+        ),
     )
