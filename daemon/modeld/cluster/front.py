@@ -7,10 +7,12 @@ replica's owner, which leases from its own memory; a failed or stale owner means
 another replica, at most MAX_FORWARDS, and then the local one. With no READY
 replica anywhere, the model is started through its claim (`coldstart.py`): once
 for the whole cluster, on the host placement picks, and the Route is routed
-again. Lease ids are `host_id~id`, so Release and RenewLease reach the owner from
-any modeld. A Load on this host takes one of the model's max_replicas slots per
-replica it starts (a forwarded Load that carries a claim starts one replica
-under it).
+again. A Route with an affinity key goes where the bounded-load ring over local
+and remote READY replicas together puts it (`view.affine_target`), and the owner's
+own ring picks among its replicas. Lease ids are `host_id~id`, so Release and
+RenewLease reach the owner from any modeld. A Load on this host takes one of the
+model's max_replicas slots per replica it starts (a forwarded Load that carries a
+claim starts one replica under it).
 
 It also holds the cluster's leader election (leader.py: min_replicas across the
 cluster) and its shared model specs (specs.py: PutModel/DeleteModel).
@@ -49,13 +51,14 @@ from modeld.cluster.ownload import OwnLoad
 from modeld.cluster.slotgate import SlotGate
 from modeld.cluster.specs import SharedSpecs
 from modeld.cluster.store import ReplicaRow
-from modeld.cluster.view import RemoteHost, RemoteReplica, route_target
+from modeld.cluster.view import RemoteHost, RemoteReplica, affine_target, route_target
 from modeld.config import Config
 from modeld.errors import ConfigError, FailedPrecondition, NotFound, Unavailable
 from modeld.info import ReplicaInfo
 from modeld.ops.events import EventBus
 from modeld.ops.metrics import ClusterStats
 from modeld.routing.leases import Lease
+from modeld.routing.rings import Rings
 from modeld.routing.router import Router
 from modeld.spec import ModelSpec
 from modeld.state import LIVE, ReplicaState
@@ -93,6 +96,8 @@ class ClusterRouter:
         self.membership = Membership(cfg, dsn, clock, events, self.rows, figures=figures)
         self.membership.view.on_leave = self._host_left
         self._own = OwnLoad()
+        # model -> the affinity ring over local and remote READY replicas together.
+        self._rings = Rings()
         self.counters = ClusterCounters()
         self._forward_cap = max(1.0, min(5.0, cfg.host_ttl))
         # As the membership's: every round fits in one host_ttl/3.
@@ -256,11 +261,18 @@ class ClusterRouter:
                 trust_expired=self.membership.trust_expired(),
                 exclude=tried,
             )
-            chosen = route_target(local, candidates, self._own.extra(candidates))
+            extra = self._own.extra(candidates)
+            if key:
+                chosen = self._affine(model, key, candidates, extra)
+                # The owner must not decline: the key, not the load, chose its replica.
+                bound = None
+            else:
+                chosen = route_target(local, candidates, extra)
+                bound = local
             if chosen is None:
                 break
             tried.append(chosen.id)
-            reply = await self._forward(model, chosen, local, deadline, key)
+            reply = await self._forward(model, chosen, bound, deadline, key)
             if reply is not None:
                 return reply
         if self._local_in_flight(model) is not None:
@@ -296,6 +308,32 @@ class ClusterRouter:
             self._own.granted(row, reply.lease_id)
         self._own.observed(row, reply.owner_in_flight)
         return None if reply.declined else reply
+
+    def _affine(
+        self, model: str, key: str, candidates: list[RemoteReplica], extra: dict[str, int]
+    ) -> RemoteReplica | None:
+        """The remote replica an affinity key goes to; None: a local one (or none at all,
+        then the spill rule's choice without a local replica)."""
+        local = self._local_loads(model)
+        ring = self._rings.ring(model, [*local, *(r.id for r in candidates)])
+        slack = self._router.affinity_slack
+        chosen = affine_target(
+            ring, key, local=local, candidates=candidates, extra=extra, slack=slack
+        )
+        if chosen is None and not local:
+            return route_target(None, candidates, extra)
+        return chosen
+
+    def _local_loads(self, model: str) -> dict[str, int]:
+        """Local READY replicas' in-flight by id."""
+        pool = self._router.index.existing(model)
+        if pool is None:
+            return {}
+        return {
+            r.id: r.in_flight
+            for r in pool.replicas.values()
+            if r.state is ReplicaState.READY and not r.stop_requested
+        }
 
     def _local_in_flight(self, model: str) -> int | None:
         """The least-loaded local READY replica's in-flight (what the local pick takes),

@@ -30,7 +30,7 @@ from modeld.info import ReplicaInfo
 from modeld.ops.events import EventBus
 from modeld.ops.metrics import Metrics
 from modeld.ops.tasks import TaskSupervisor
-from modeld.policy.affinity import AffinityInput, Ring, build_ring
+from modeld.policy.affinity import AffinityInput
 from modeld.policy.backoff import DEFAULT as DEFAULT_BACKOFF
 from modeld.policy.backoff import BackoffPolicy
 from modeld.policy.eviction import Eviction
@@ -44,6 +44,7 @@ from modeld.routing.lifecycle import Admit, Factory, Lifecycle, wait_until
 from modeld.routing.loadscrape import LoadScraper
 from modeld.routing.pool import ModelPool
 from modeld.routing.probe import ProbeCache
+from modeld.routing.rings import Rings
 from modeld.routing.routed import RoutedReplica
 from modeld.routing.signal import CapacitySignal
 from modeld.routing.stops import Stopper
@@ -94,7 +95,7 @@ class Router:
         self._suspects: set[str] = set()
         self._checks: set[asyncio.Task[None]] = set()
         # model -> the affinity ring over its READY replicas (policy/affinity.py).
-        self._rings: dict[str, Ring] = {}
+        self._rings = Rings()
 
     # lifecycle of the router itself
 
@@ -179,15 +180,13 @@ class Router:
         return LoadInput(reported, backend.saturation_waiting)
 
     def _affinity(self, model: str, live: list[RoutedReplica], key: str) -> AffinityInput:
-        """The model's ring over its READY replicas, built again only when they change."""
-        ring = self._rings.get(model)
-        if (
-            ring is None
-            or len(ring.members) != len(live)
-            or any(r.id not in ring.members for r in live)
-        ):
-            ring = self._rings[model] = build_ring(r.id for r in live)
-        return AffinityInput(ring, key, self._settings.current.affinity_slack)
+        """The key over the model's ring of READY replicas (built again when they change)."""
+        ring = self._rings.ring(model, [r.id for r in live])
+        return AffinityInput(ring, key, self.affinity_slack)
+
+    @property
+    def affinity_slack(self) -> float:
+        return self._settings.current.affinity_slack
 
     def _ttl(self, spec: ModelSpec) -> float:
         return spec.lease_ttl if spec.lease_ttl is not None else self._settings.current.lease_ttl
