@@ -61,11 +61,10 @@ def pick_replica(
     if load is not None:
         ready = load.unsaturated(ready)
     if affinity is not None:
-        by_id = {r.id: r for r in ready}
         leases = {r.id: r.in_flight for r in ready}
         chosen = pick_affine(affinity.ring, affinity.key, leases, affinity.slack)
         if chosen is not None:
-            return by_id[chosen]
+            return next(r for r in ready if r.id == chosen)
     if load is not None:
         return min(ready, key=lambda r: (load.score(r), sort_key(r, free_memory)))
     return min(ready, key=lambda r: sort_key(r, free_memory))
