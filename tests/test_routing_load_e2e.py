@@ -17,18 +17,21 @@ import grpc
 import pytest
 import pytest_asyncio
 
+from backend_proc import free_port
 from daemon_proc import DaemonProc, running_daemon
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld.cli import render
 from modeld.client import AsyncClient, InvalidArgument
+from test_daemon_metrics import scrape, value
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 BACKEND = Path(__file__).parent / "backends" / "load_backend.py"
 KEYS = [f"conversation-{i}" for i in range(300)]
 
 
-def catalog(report_dir: Path) -> str:
+def catalog(report_dir: Path, metrics_port: int) -> str:
     return f"""
+metrics_listen = "127.0.0.1:{metrics_port}"
 [backends.echo]
 command = ["{{python}}", "-m", "modeld.backends.echo", "--addr", "{{addr}}"]
 stop_grace = "300ms"
@@ -53,7 +56,9 @@ max_replicas = 2
 async def daemon(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[DaemonProc]:
     tmp_path = tmp_path_factory.mktemp("load-routing")
     (tmp_path / "reports").mkdir()
-    async with running_daemon(tmp_path, catalog(tmp_path / "reports")) as d:
+    port = free_port()
+    async with running_daemon(tmp_path, catalog(tmp_path / "reports", port)) as d:
+        d.metrics_port = port  # type: ignore[attr-defined]
         yield d
 
 
@@ -169,6 +174,12 @@ async def test_a_saturated_replica_gets_no_lease_and_a_failing_scrape_changes_no
     )
     assert "WAITING" in wide and "50" in wide and "25%" in wide
 
+    samples = await scrape(d.metrics_port)  # type: ignore[attr-defined]
+    waiting = value(samples, "modeld_backend_requests_waiting", model="pair", replica=busy.id)
+    assert waiting == 50
+    kv = value(samples, "modeld_backend_kv_cache_usage", model="pair", replica=calm.id)
+    assert kv == 0.25
+
     held = [await client.route("pair") for _ in range(6)]
     assert Counter(lease.replica_id for lease in held) == {calm.id: 6}
     for lease in held:
@@ -193,3 +204,7 @@ async def test_a_saturated_replica_gets_no_lease_and_a_failing_scrape_changes_no
         await client.release(lease)
     failed = Counter(e["replica_id"] for e in d.log if e.get("event") == "load_scrape_failed")
     assert failed == {busy.id: 1, calm.id: 1}, failed
+    samples = await scrape(d.metrics_port)  # type: ignore[attr-defined]
+    failures = value(samples, "modeld_load_scrape_failures_total", backend="served")
+    assert failures is not None and failures >= 4  # the last hung scrape may still run
+    assert value(samples, "modeld_backend_requests_waiting", model="pair", replica=busy.id) is None
