@@ -94,7 +94,7 @@ class LoadScraper:
                     if len(body) > MAX_METRICS_BYTES:
                         raise BadMetrics(f"the page is over {MAX_METRICS_BYTES} bytes")
             load = read_load(backend.load_metrics, body.decode("utf-8", errors="replace"))
-        except (aiohttp.ClientError, TimeoutError, OSError, BadMetrics) as exc:
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
             self._on_failure(backend.name)
             if replica.id not in failing:
                 failing.add(replica.id)
