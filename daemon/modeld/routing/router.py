@@ -131,11 +131,12 @@ class Router:
         for _ in range(ROUTE_ATTEMPTS):
             replica = self._pick(pool, spec, affinity_key)
             if replica is not None:
-                # The least-loaded replica's leases before this one: the scale-up signal.
-                load = replica.in_flight
+                # The least-loaded replica's leases before this one: the scale-up signal
+                # (not always the picked one's: an affinity key or backend reports pick too).
+                threshold = self._settings.current.scale_up_in_flight
+                load = self._least_in_flight(pool) if threshold else 0
                 lease = self.leases.grant(replica, self._ttl(spec), cold)
                 if lease is not None:
-                    threshold = self._settings.current.scale_up_in_flight
                     self.lifecycle.scale_up(pool, spec, threshold, load)
                     return lease
             cold = True
@@ -187,6 +188,17 @@ class Router:
     @property
     def affinity_slack(self) -> float:
         return self._settings.current.affinity_slack
+
+    @staticmethod
+    def _least_in_flight(pool: ModelPool) -> int:
+        return min(
+            (
+                r.in_flight
+                for r in pool.replicas.values()
+                if r.state is ReplicaState.READY and not r.stop_requested
+            ),
+            default=0,
+        )
 
     def _ttl(self, spec: ModelSpec) -> float:
         return spec.lease_ttl if spec.lease_ttl is not None else self._settings.current.lease_ttl
