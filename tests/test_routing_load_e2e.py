@@ -208,3 +208,15 @@ async def test_a_saturated_replica_gets_no_lease_and_a_failing_scrape_changes_no
     failures = value(samples, "modeld_load_scrape_failures_total", backend="served")
     assert failures is not None and failures >= 4  # the last hung scrape may still run
     assert value(samples, "modeld_backend_requests_waiting", model="pair", replica=busy.id) is None
+
+    # Good reports again: the figures are back, and each recovery is logged once.
+    report(busy, vllm(0))
+    report(calm, vllm(1))
+
+    async def back() -> bool:
+        now = await listed(d)
+        return now[busy.id].load_reported and now[calm.id].load_waiting == 1
+
+    await until("both reports back", back)
+    recovered = Counter(e["replica_id"] for e in d.log if e.get("event") == "load_scrape_recovered")
+    assert recovered == {busy.id: 1, calm.id: 1}, recovered
