@@ -102,13 +102,13 @@ class ModelControl(pb_grpc.ModelControlServicer):
 
     @unary
     async def Route(self, request: pb.RouteRequest, context: Ctx) -> pb.RouteResponse:
-        model = self._model(request.model)
         key = request.affinity_key
         if len(key) > MAX_AFFINITY_KEY:
             raise InvalidArgument(
                 f"affinity_key is {len(key)} characters; the limit is {MAX_AFFINITY_KEY} "
                 "(send a hash of a long prefix instead)"
             )
+        model = self._model(request.model)
         started = self._clock.monotonic()
         deadline = deadline_of(context, started, DEFAULT_WAIT)
         try:
