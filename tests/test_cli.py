@@ -55,7 +55,7 @@ async def test_load_ps_route_release_unload(tmp_path: Path) -> None:
         assert replica["state"] == "READY" and replica["in_flight"] == 0
         assert 3500 < replica["until_eviction_seconds"] <= 3600
 
-        routed = await modeld("route", "echo", "--json", *at)
+        routed = await modeld("route", "echo", "--json", "--affinity-key", "session-1", *at)
         assert routed.code == 0, routed.err
         lease = json.loads(routed.out)
         assert lease["address"] == replica["address"] and lease["cold_start"] is False

@@ -53,7 +53,9 @@ def _lifecycle_verbs(sub: Any) -> None:
         help="how long to wait for leases to end, e.g. 5m (default: 30s); "
         "leases still out then are cut short",
     )
-    _add(sub, "route", verbs.route, "lease a ready replica of a model").add_argument("model")
+    p = _add(sub, "route", verbs.route, "lease a ready replica of a model")
+    p.add_argument("model")
+    p.add_argument("--affinity-key", default="", help="requests with one key go to one replica")
     p = _add(sub, "release", verbs.release, "give a lease back")
     p.add_argument("lease")
     p.add_argument(

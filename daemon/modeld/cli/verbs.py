@@ -105,7 +105,8 @@ def _announce_drain(s: Session, request: pb.UnloadRequest, drain: float) -> None
 
 
 def route(args: argparse.Namespace, s: Session) -> None:
-    reply = _call(s, "Route", pb.RouteRequest(model=args.model))
+    request = pb.RouteRequest(model=args.model, affinity_key=args.affinity_key)
+    reply = _call(s, "Route", request)
     if args.json:
         _out(render.to_json(reply))
         return
