@@ -37,6 +37,7 @@ bench: $(STUBS)
 	$(BIN)/python bench/route_bench.py $(ARGS)
 	$(BIN)/python bench/flood_bench.py $(FLOOD_ARGS)
 	$(BIN)/python bench/gateway_bench.py $(GATEWAY_ARGS)
+	$(BIN)/python bench/affinity_bench.py $(AFFINITY_ARGS)
 
 bench-cluster: $(STUBS)
 	$(BIN)/python bench/cluster_bench.py $(ARGS)

@@ -55,12 +55,16 @@ async def test_load_ps_route_release_unload(tmp_path: Path) -> None:
         assert replica["state"] == "READY" and replica["in_flight"] == 0
         assert 3500 < replica["until_eviction_seconds"] <= 3600
 
-        routed = await modeld("route", "echo", "--json", *at)
+        routed = await modeld("route", "echo", "--json", "--affinity-key", "session-1", *at)
         assert routed.code == 0, routed.err
         lease = json.loads(routed.out)
         assert lease["address"] == replica["address"] and lease["cold_start"] is False
         busy = columns((await modeld("ps", *at)).out)[1]
         assert (busy[7], busy[8], busy[9]) == ("1", "-", "busy")
+        # --wide adds what a load_metrics backend reports; echo reports nothing.
+        wide_header, wide = columns((await modeld("ps", "--wide", *at)).out)
+        assert wide_header == [*PS_HEADER, "WAITING", "RUNNING", "KV CACHE"]
+        assert wide[-3:] == ["-", "-", "-"]
 
         released = await modeld("release", lease["lease_id"], *at)
         assert (released.code, released.out) == (0, "released\n")

@@ -70,6 +70,15 @@ def test_layers_file_then_env_then_flags(tmp_path: Path) -> None:
             "models.m: model 'm': host_labels: 'h 100'",
         ),
         ('[cluster]\ndsn = "postgresql://x/y"\nplacement = "fill"\n', "cluster.placement"),
+        ('[backends.b]\ncommand = ["x"]\nload_metrics = "vllm"\n', "only an http backend"),
+        (
+            '[backends.b]\ncommand = ["x"]\nprotocol = "http"\nload_metrics = "tgi"\n',
+            "backends.b.load_metrics: expected one of vllm, sglang, llamacpp, none",
+        ),
+        ('[backends.b]\ncommand = ["x"]\nmetrics_path = "metrics"\n', "must start with '/'"),
+        ('[backends.b]\ncommand = ["x"]\nload_interval = "1ms"\n', "load_interval"),
+        ('[backends.b]\ncommand = ["x"]\nsaturation_waiting = -1\n', "saturation_waiting"),
+        ("[routing]\naffinity_slack = 0.5\n", "affinity_slack must be between 1 and 100"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, needle: str) -> None:

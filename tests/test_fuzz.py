@@ -31,7 +31,12 @@ from hypothesis import strategies as st
 
 from daemon_proc import write_config
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
-from modeld.api.servicer import MAX_DRAIN_S, MAX_LOG_TAIL, MAX_REPLICAS_PER_LOAD
+from modeld.api.servicer import (
+    MAX_AFFINITY_KEY,
+    MAX_DRAIN_S,
+    MAX_LOG_TAIL,
+    MAX_REPLICAS_PER_LOAD,
+)
 from modeld.spec import (
     MAX_GROUPS,
     MAX_NAME_LEN,
@@ -464,6 +469,12 @@ LIMITS: list[tuple[str, Message, Message, str]] = [
         _drain(int(MAX_DRAIN_S)),
         _drain(int(MAX_DRAIN_S) + 1),
         "drain_timeout must be at most",
+    ),
+    (
+        "Route",
+        pb.RouteRequest(model="nolimit", affinity_key="k" * MAX_AFFINITY_KEY),
+        pb.RouteRequest(model="nolimit", affinity_key="k" * (MAX_AFFINITY_KEY + 1)),
+        f"the limit is {MAX_AFFINITY_KEY}",
     ),
 ]
 

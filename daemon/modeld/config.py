@@ -32,6 +32,7 @@ from modeld.errors import ConfigError, InvalidArgument
 from modeld.gateway import config as gateway_config
 from modeld.netaddr import split_host_port
 from modeld.spec import (
+    LOAD_METRICS,
     PLACEHOLDERS,
     PLACEMENTS,
     BackendSpec,
@@ -80,6 +81,7 @@ TABLES: dict[str, dict[str, Parser]] = {
         "lease_ttl": parse_duration,
         "probe_ttl": parse_duration,
         "scale_up_in_flight": _int,
+        "affinity_slack": _float,
     },
     "logs": {
         "ring_lines": _int,
@@ -120,6 +122,10 @@ BACKEND_KEYS: dict[str, Parser] = {
     "probe_timeout": parse_duration,
     "probe_failures": _int,
     "probe_window": parse_duration,
+    "load_metrics": _choice(*LOAD_METRICS),
+    "metrics_path": _str,
+    "load_interval": parse_duration,
+    "saturation_waiting": _int,
 }
 DEFAULTS: dict[str, Any] = {
     "listen": ["127.0.0.1:50051"],
@@ -430,6 +436,7 @@ def _build_backends(data: Any) -> tuple[dict[str, BackendSpec], dict[str, str]]:
                 raise ConfigError(f"config: {where}.aliases: {alias!r} is already a backend name")
             aliases[alias] = name
         _check_backend_limits(where, values)
+        _check_load_metrics(where, values)
         backends[name] = BackendSpec(name=name, **values)
     return backends, aliases
 
@@ -460,3 +467,17 @@ def _check_backend_limits(where: str, values: Mapping[str, Any]) -> None:
         raise ConfigError(f"config: {where}.probe_failures: expected 1..100")
     if not 0 <= values.get("probe_window", 10.0) <= 86400:
         raise ConfigError(f"config: {where}.probe_window: expected 0..24h")
+
+
+def _check_load_metrics(where: str, values: Mapping[str, Any]) -> None:
+    if values.get("load_metrics", "none") != "none" and values.get("protocol") != "http":
+        raise ConfigError(
+            f"config: {where}.load_metrics: only an http backend serves metrics "
+            '(set protocol = "http", or load_metrics = "none")'
+        )
+    if not str(values.get("metrics_path", "/metrics")).startswith("/"):
+        raise ConfigError(f"config: {where}.metrics_path: must start with '/'")
+    if not 0.05 <= values.get("load_interval", 1.0) <= 3600:
+        raise ConfigError(f"config: {where}.load_interval: expected 50ms..1h")
+    if not 0 <= values.get("saturation_waiting", 5) <= 1_000_000:
+        raise ConfigError(f"config: {where}.saturation_waiting: expected 0..1000000")

@@ -27,3 +27,7 @@ class ReplicaInfo:
     live_leases: int = 0
     # Why the router suspects this READY replica (routing/judge.py); empty when it does not.
     suspect: str = ""
+    # What a `load_metrics` backend reported at the last scrape; None: no report.
+    load_waiting: int | None = None
+    load_running: int = 0
+    kv_cache_usage: float | None = None

@@ -368,6 +368,7 @@ class Daemon:
         )
         if self.cluster is not None:
             self.metrics.set_cluster_source(self.cluster.stats)
+        self.metrics.set_backend_load_source(router.backend_loads)
         if self.config.metrics_listen:
             self._metrics_server = MetricsServer(self.metrics, self.config.metrics_listen)
             await self._metrics_server.start()

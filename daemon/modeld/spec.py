@@ -17,6 +17,8 @@ PROTOCOLS: tuple[Protocol, ...] = ("grpc", "http")
 # How the replicas of one model are laid over the hosts of a cluster ("" in a spec:
 # the cluster's `[cluster] placement`).
 PLACEMENTS = ("spread", "binpack")
+# Whose Prometheus gauges an http backend's `load_metrics` reads (policy/load.py).
+LOAD_METRICS = ("vllm", "sglang", "llamacpp", "none")
 
 # Limits on what a spec may hold (README "Limits"): a request can never make the
 # daemon store or log an unbounded amount, and every value is checked on the way in.
@@ -91,6 +93,13 @@ class BackendSpec:
         # An OpenAI-style server answers health from the queue its completions wait in,
         # so under load a healthy one takes seconds; a gRPC backend answers at once.
         return HTTP_PROBE_TIMEOUT_S if self.protocol == "http" else GRPC_PROBE_TIMEOUT_S
+    # `http` only: whose Prometheus gauges to read off `metrics_path` every
+    # `load_interval` (policy/load.py); "none": routing uses leases alone.
+    load_metrics: str = "none"
+    metrics_path: str = "/metrics"
+    load_interval: float = 1.0
+    # A replica reporting more requests waiting than this gets no lease while another does not.
+    saturation_waiting: int = 5
 
 
 @dataclass(frozen=True)
@@ -303,6 +312,9 @@ class Settings:
     lease_ttl: float = 600.0
     probe_ttl: float = 30.0
     scale_up_in_flight: int = 0
+    # Leases a replica may hold over the average before an affinity key moves on
+    # (policy/affinity.py): the bound is ceil(affinity_slack * average).
+    affinity_slack: float = 1.25
 
     def merged(self, changes: dict[str, Any]) -> "Settings":
         merged = replace(self, **changes)
@@ -330,4 +342,8 @@ def check_settings(s: Settings) -> Settings:
         raise InvalidArgument("probe_ttl must be between 0 and 1h")
     if not 0 <= s.scale_up_in_flight <= 1 << 16:
         raise InvalidArgument("scale_up_in_flight must be 0 (off) or a positive count")
+    if not 1 <= s.affinity_slack <= 100:
+        raise InvalidArgument(
+            "affinity_slack must be between 1 and 100 (1.25: 25% over the average)"
+        )
     return s

@@ -179,6 +179,10 @@ def replica_to_proto(info: ReplicaInfo, host_id: str = "") -> pb.Replica:
         suspect=info.suspect,
         host_id=host_id,
         live_leases=info.live_leases,
+        load_reported=info.load_waiting is not None,
+        load_waiting=info.load_waiting or 0,
+        load_running=info.load_running,
+        kv_cache_usage=info.kv_cache_usage if info.kv_cache_usage is not None else -1.0,
     )
 
 

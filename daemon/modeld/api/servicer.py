@@ -28,6 +28,7 @@ DEFAULT_WAIT = 600.0
 MAX_LOG_TAIL = 10_000
 MAX_REPLICAS_PER_LOAD = 64
 MAX_DRAIN_S = 86_400.0
+MAX_AFFINITY_KEY = 256
 # Messages all StreamLogs streams together, and all WatchEvents streams together, may
 # send per event-loop turn, per second and in a burst (see api/pacing.py). One message
 # costs the daemon 0.1-0.25 ms of gRPC work and thread hand-offs on a busy 2-core
@@ -101,14 +102,22 @@ class ModelControl(pb_grpc.ModelControlServicer):
 
     @unary
     async def Route(self, request: pb.RouteRequest, context: Ctx) -> pb.RouteResponse:
+        key = request.affinity_key
+        if len(key) > MAX_AFFINITY_KEY:
+            raise InvalidArgument(
+                f"affinity_key is {len(key)} characters; the limit is {MAX_AFFINITY_KEY} "
+                "(send a hash of a long prefix instead)"
+            )
         model = self._model(request.model)
         started = self._clock.monotonic()
         deadline = deadline_of(context, started, DEFAULT_WAIT)
         try:
             if self._cluster is not None:
-                reply = await self._cluster.route(model, deadline, context.invocation_metadata())
+                reply = await self._cluster.route(
+                    model, deadline, context.invocation_metadata(), key
+                )
             else:
-                reply = convert.route_response(await self._router.route(model, deadline))
+                reply = convert.route_response(await self._router.route(model, deadline, key))
         except ModeldError as exc:
             self._metrics.route(
                 model, status_of(exc).name.lower(), self._clock.monotonic() - started

@@ -53,7 +53,9 @@ def _lifecycle_verbs(sub: Any) -> None:
         help="how long to wait for leases to end, e.g. 5m (default: 30s); "
         "leases still out then are cut short",
     )
-    _add(sub, "route", verbs.route, "lease a ready replica of a model").add_argument("model")
+    p = _add(sub, "route", verbs.route, "lease a ready replica of a model")
+    p.add_argument("model")
+    p.add_argument("--affinity-key", default="", help="requests with one key go to one replica")
     p = _add(sub, "release", verbs.release, "give a lease back")
     p.add_argument("lease")
     p.add_argument(
@@ -79,6 +81,9 @@ def add_client_verbs(sub: Any) -> None:
     p = _add(sub, "ps", verbs.ps, "list replicas, their load and when they will be evicted")
     p.add_argument("model", nargs="?")
     p.add_argument("--local", action="store_true", help="in a cluster: this host's only")
+    p.add_argument(
+        "--wide", action="store_true", help="also the load the backends report (load_metrics)"
+    )
     _add(sub, "hosts", verbs.hosts, "list the cluster's hosts, their state and replicas")
     _add(sub, "models", verbs.models, "list model specs")
     _lifecycle_verbs(sub)

@@ -117,16 +117,29 @@ def _replica_cells(r: pb.Replica) -> list[str]:
     ]
 
 
-def ps_table(replicas: Sequence[pb.Replica], idles: Sequence[Idle]) -> str:
-    """One row per replica; a HOST column first when they come from a cluster."""
+WIDE_HEADER = ("WAITING", "RUNNING", "KV CACHE")
+
+
+def _load_cells(r: pb.Replica) -> list[str]:
+    """What the backend reported (load_metrics); "-" without a report."""
+    if not r.load_reported:
+        return ["-", "-", "-"]
+    kv = f"{r.kv_cache_usage:.0%}" if r.kv_cache_usage >= 0 else "-"
+    return [str(r.load_waiting), str(r.load_running), kv]
+
+
+def ps_table(replicas: Sequence[pb.Replica], idles: Sequence[Idle], *, wide: bool = False) -> str:
+    """One row per replica; a HOST column first when they come from a cluster; with
+    `wide`, the load each backend reports."""
     cluster = any(r.host_id for r in replicas)
     rows = []
     for r, i in zip(replicas, idles, strict=True):
         until = human_duration(i.until_eviction) if i.until_eviction is not None else i.note
         idle_for = human_duration(i.idle_for) if i.idle_for is not None else "-"
         host = [r.host_id] if cluster else []
-        rows.append([*host, *_replica_cells(r), idle_for, until])
-    header = (*REPLICA_HEADER, "IDLE FOR", "UNTIL EVICTION")
+        load = _load_cells(r) if wide else []
+        rows.append([*host, *_replica_cells(r), idle_for, until, *load])
+    header = (*REPLICA_HEADER, "IDLE FOR", "UNTIL EVICTION", *(WIDE_HEADER if wide else ()))
     return table(("HOST", *header) if cluster else header, rows)
 
 

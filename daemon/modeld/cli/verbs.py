@@ -34,7 +34,7 @@ def ps(args: argparse.Namespace, s: Session) -> None:
     now = time.time()
     idles = [render.idle(r, specs.get(r.model), idle_timeout, now) for r in replicas]
     if not args.json:
-        _out(render.ps_table(replicas, idles))
+        _out(render.ps_table(replicas, idles, wide=args.wide))
         return
     rows = []
     for r, i in zip(replicas, idles, strict=True):
@@ -108,7 +108,8 @@ def _announce_drain(s: Session, request: pb.UnloadRequest, drain: float) -> None
 
 
 def route(args: argparse.Namespace, s: Session) -> None:
-    reply = _call(s, "Route", pb.RouteRequest(model=args.model))
+    request = pb.RouteRequest(model=args.model, affinity_key=args.affinity_key)
+    reply = _call(s, "Route", request)
     if args.json:
         _out(render.to_json(reply))
         return

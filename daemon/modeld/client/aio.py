@@ -34,8 +34,10 @@ class AsyncClient(ClientBase):
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def route(self, model: str) -> Lease:
-        request = rules.route_request(model)
+    async def route(self, model: str, *, affinity_key: str = "") -> Lease:
+        """A lease on a replica of `model`; one `affinity_key` (a session id, a hash of
+        a prompt's prefix) keeps going to one replica while it is not overloaded."""
+        request = rules.route_request(model, affinity_key)
         deadline = self._deadline()
         try:
             return rules.lease_of(await self._call("Route", request, deadline))
@@ -59,10 +61,15 @@ class AsyncClient(ClientBase):
 
     @contextlib.asynccontextmanager
     async def lease(
-        self, model: str, *, renew: bool = True, unreachable_on: tuple[type, ...] = ()
+        self,
+        model: str,
+        *,
+        renew: bool = True,
+        unreachable_on: tuple[type, ...] = (),
+        affinity_key: str = "",
     ) -> AsyncIterator[Lease]:
         """As `Client.lease`; a task renews the lease while the block runs."""
-        lease = await self.route(model)
+        lease = await self.route(model, affinity_key=affinity_key)
         renewer = asyncio.create_task(self._renew_until_done(lease)) if renew else None
         error: BaseException | None = None
         try:

@@ -18,8 +18,8 @@ RENEW_FRACTION = 1 / 3
 MIN_RENEW_INTERVAL = 0.05
 
 
-def route_request(model: str) -> pb.RouteRequest:
-    return pb.RouteRequest(model=model)
+def route_request(model: str, affinity_key: str = "") -> pb.RouteRequest:
+    return pb.RouteRequest(model=model, affinity_key=affinity_key)
 
 
 def release_request(lease: Lease, outcome: pb.ReleaseOutcome | None) -> pb.ReleaseRequest:

@@ -32,8 +32,10 @@ class Client(ClientBase):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def route(self, model: str) -> Lease:
-        request = rules.route_request(model)
+    def route(self, model: str, *, affinity_key: str = "") -> Lease:
+        """A lease on a replica of `model`; one `affinity_key` (a session id, a hash of
+        a prompt's prefix) keeps going to one replica while it is not overloaded."""
+        request = rules.route_request(model, affinity_key)
         deadline = self._deadline()
         try:
             return rules.lease_of(self._call("Route", request, deadline))
@@ -58,7 +60,12 @@ class Client(ClientBase):
 
     @contextlib.contextmanager
     def lease(
-        self, model: str, *, renew: bool = True, unreachable_on: tuple[type, ...] = ()
+        self,
+        model: str,
+        *,
+        renew: bool = True,
+        unreachable_on: tuple[type, ...] = (),
+        affinity_key: str = "",
     ) -> Iterator[Lease]:
         """Route, yield the lease, release it on the way out with the block's outcome.
 
@@ -67,7 +74,7 @@ class Client(ClientBase):
         with BACKEND_ERROR, anything else with OK. A thread renews the lease while
         the block runs (`renew=False` turns that off).
         """
-        lease = self.route(model)
+        lease = self.route(model, affinity_key=affinity_key)
         renewer = _Renewer(self, lease) if renew else None
         error: BaseException | None = None
         try:

@@ -134,11 +134,11 @@ class Peers:
         task.add_done_callback(self._closing.discard)
 
     async def route(
-        self, host: str, address: str, model: str, marker: str, limit_s: float
+        self, host: str, address: str, model: str, marker: str, limit_s: float, *, key: str = ""
     ) -> pb.RouteResponse:
         try:
             reply: pb.RouteResponse = await self._stub(address).Route(
-                pb.RouteRequest(model=model),
+                pb.RouteRequest(model=model, affinity_key=key),
                 metadata=((FORWARDED, marker), *self._auth),
                 timeout=limit_s,
             )

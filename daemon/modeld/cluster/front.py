@@ -7,10 +7,12 @@ replica's owner, which leases from its own memory; a failed or stale owner means
 another replica, at most MAX_FORWARDS, and then the local one. With no READY
 replica anywhere, the model is started through its claim (`coldstart.py`): once
 for the whole cluster, on the host placement picks, and the Route is routed
-again. Lease ids are `host_id~id`, so Release and RenewLease reach the owner from
-any modeld. A Load on this host takes one of the model's max_replicas slots per
-replica it starts (a forwarded Load that carries a claim starts one replica
-under it).
+again. A Route with an affinity key goes where the bounded-load ring over local
+and remote READY replicas together puts it (`view.affine_target`), and the owner's
+own ring picks among its replicas. Lease ids are `host_id~id`, so Release and
+RenewLease reach the owner from any modeld. A Load on this host takes one of the
+model's max_replicas slots per replica it starts (a forwarded Load that carries a
+claim starts one replica under it).
 
 It also holds the cluster's leader election (leader.py: min_replicas across the
 cluster) and its shared model specs (specs.py: PutModel/DeleteModel).
@@ -52,13 +54,14 @@ from modeld.cluster.ownload import OwnLoad
 from modeld.cluster.slotgate import SlotGate
 from modeld.cluster.specs import SharedSpecs
 from modeld.cluster.store import ReplicaRow
-from modeld.cluster.view import RemoteHost, RemoteReplica, route_target
+from modeld.cluster.view import RemoteHost, RemoteReplica, affine_target, route_target
 from modeld.config import Config
 from modeld.errors import ConfigError, FailedPrecondition, NotFound, Unavailable
 from modeld.info import ReplicaInfo
 from modeld.ops.events import EventBus
 from modeld.ops.metrics import ClusterStats
 from modeld.routing.leases import Lease
+from modeld.routing.rings import Rings
 from modeld.routing.router import Router
 from modeld.spec import ModelSpec
 from modeld.state import LIVE, ReplicaState
@@ -100,6 +103,8 @@ class ClusterRouter:
         self.membership = Membership(cfg, dsn, clock, events, self.rows, figures=figures)
         self.membership.view.on_leave = self._host_left
         self._own = OwnLoad()
+        # model -> the affinity ring over local and remote READY replicas together.
+        self._rings = Rings()
         self.counters = ClusterCounters()
         self._forward_cap = max(1.0, min(5.0, cfg.host_ttl))
         # As the membership's: every round fits in one host_ttl/3.
@@ -246,10 +251,13 @@ class ClusterRouter:
 
     # Route
 
-    async def route(self, model: str, deadline: float, metadata: object) -> pb.RouteResponse:
+    async def route(
+        self, model: str, deadline: float, metadata: object, key: str = ""
+    ) -> pb.RouteResponse:
+        """`key`: the affinity key; the replica on a host is picked by that host's ring."""
         marker = forwarded_marker(metadata)
         if marker is not None:
-            return await self._route_as_owner(model, marker, deadline)
+            return await self._route_as_owner(model, marker, deadline, key)
         tried: list[str] = []
         for _ in range(MAX_FORWARDS):
             # Read again after each failed forward: other Routes went on meanwhile.
@@ -260,19 +268,26 @@ class ClusterRouter:
                 trust_expired=self.membership.trust_expired(),
                 exclude=tried,
             )
-            chosen = route_target(local, candidates, self._own.extra(candidates))
+            extra = self._own.extra(candidates)
+            if key:
+                chosen = self._affine(model, key, candidates, extra)
+                # The owner must not decline: the key, not the load, chose its replica.
+                bound = None
+            else:
+                chosen = route_target(local, candidates, extra)
+                bound = local
             if chosen is None:
                 break
             tried.append(chosen.id)
-            reply = await self._forward(model, chosen, local, deadline)
+            reply = await self._forward(model, chosen, bound, deadline, key)
             if reply is not None:
                 return reply
         if self._local_in_flight(model) is not None:
-            return self._response(await self._router.route(model, deadline))
-        return await self._start_here(model, deadline)
+            return self._response(await self._router.route(model, deadline, key))
+        return await self._start_here(model, deadline, key)
 
     async def _forward(
-        self, model: str, chosen: RemoteReplica, local: int | None, deadline: float
+        self, model: str, chosen: RemoteReplica, local: int | None, deadline: float, key: str
     ) -> pb.RouteResponse | None:
         """The Route forwarded to `chosen`'s owner, bounded by the local replica's
         in-flight when there is one; None when it should go elsewhere."""
@@ -287,6 +302,7 @@ class ClusterRouter:
                 model,
                 make_marker(chosen.id, chosen.generation, local),
                 max(timeout, 0.001),
+                key=key,
             )
         except PeerFailed as exc:
             self.counters.forward_retries += 1
@@ -299,6 +315,32 @@ class ClusterRouter:
             self._own.granted(row, reply.lease_id)
         self._own.observed(row, reply.owner_in_flight)
         return None if reply.declined else reply
+
+    def _affine(
+        self, model: str, key: str, candidates: list[RemoteReplica], extra: dict[str, int]
+    ) -> RemoteReplica | None:
+        """The remote replica an affinity key goes to; None: a local one (or none at all,
+        then the spill rule's choice without a local replica)."""
+        local = self._local_loads(model)
+        ring = self._rings.ring(model, [*local, *(r.id for r in candidates)])
+        slack = self._router.affinity_slack
+        chosen = affine_target(
+            ring, key, local=local, candidates=candidates, extra=extra, slack=slack
+        )
+        if chosen is None and not local:
+            return route_target(None, candidates, extra)
+        return chosen
+
+    def _local_loads(self, model: str) -> dict[str, int]:
+        """Local READY replicas' in-flight by id."""
+        pool = self._router.index.existing(model)
+        if pool is None:
+            return {}
+        return {
+            r.id: r.in_flight
+            for r in pool.replicas.values()
+            if r.state is ReplicaState.READY and not r.stop_requested
+        }
 
     def _local_in_flight(self, model: str) -> int | None:
         """The least-loaded local READY replica's in-flight (what the local pick takes),
@@ -315,7 +357,9 @@ class ClusterRouter:
             default=None,
         )
 
-    async def _route_as_owner(self, model: str, marker: str, deadline: float) -> pb.RouteResponse:
+    async def _route_as_owner(
+        self, model: str, marker: str, deadline: float, key: str
+    ) -> pb.RouteResponse:
         replica_id, generation, below = parse_marker(marker)
         pool = self._router.index.existing(model)
         current = pool.replicas.get(replica_id) if pool is not None else None
@@ -336,12 +380,12 @@ class ClusterRouter:
             return pb.RouteResponse(
                 replica_id=replica_id, owner_in_flight=current.in_flight, declined=True
             )
-        reply = self._response(await self._router.route(model, deadline))
+        reply = self._response(await self._router.route(model, deadline, key))
         granted = pool.replicas.get(reply.replica_id) if pool is not None else None
         reply.owner_in_flight = granted.in_flight if granted is not None else 0
         return reply
 
-    async def _start_here(self, model: str, deadline: float) -> pb.RouteResponse:
+    async def _start_here(self, model: str, deadline: float, key: str) -> pb.RouteResponse:
         """No READY replica anywhere: start it through its claim, then route again."""
         depth = _cold_depth.get()
         if depth >= COLD_ROUTES:
@@ -356,7 +400,7 @@ class ClusterRouter:
         await self._cold.ensure(model, deadline)
         token = _cold_depth.set(depth + 1)
         try:
-            reply = await self.route(model, deadline, ())
+            reply = await self.route(model, deadline, (), key)
         finally:
             _cold_depth.reset(token)
         reply.cold_start = True

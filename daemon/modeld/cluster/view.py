@@ -10,6 +10,7 @@ of different hosts never need to agree.
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
+from modeld.policy.affinity import Ring, pick_affine
 from modeld.policy.picker import used_tick
 from modeld.state import ReplicaState
 
@@ -180,3 +181,21 @@ def route_target(
     if best is None or local_in_flight is None:
         return best
     return best if local_in_flight > estimate(best, extra) + margin else None
+
+
+def affine_target(
+    ring: Ring,
+    key: str,
+    *,
+    local: Mapping[str, int],
+    candidates: Iterable[RemoteReplica],
+    extra: Mapping[str, int],
+    slack: float,
+) -> RemoteReplica | None:
+    """Where a Route with an affinity key goes: the picker's bounded-load ring over
+    local replicas (id -> in-flight) and remote ones (estimated) together; None = here
+    (the key's replica is local, or no replica is on the ring)."""
+    remote = {r.id: r for r in candidates}
+    loads = {**local, **{i: estimate(r, extra) for i, r in remote.items()}}
+    chosen = pick_affine(ring, key, loads, slack)
+    return remote.get(chosen) if chosen is not None else None

@@ -9,10 +9,7 @@ a lease granted after that is released at once, never left to expire.
 """
 
 import asyncio
-import inspect
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 import grpc
 import structlog
@@ -42,25 +39,16 @@ def fail_fast(error: grpc.RpcError) -> None:
     raise error
 
 
-def _takes_affinity(client: AsyncClient) -> bool:
-    return "affinity_key" in inspect.signature(client.route).parameters
-
-
 class Leases:
     def __init__(self, client: AsyncClient) -> None:
         self._client = client
-        # Routing with affinity is used as soon as the client library offers it.
-        self._affinity = _takes_affinity(client)
         # Every lease held, with its next renewal's timer.
         self._held: dict[str, asyncio.TimerHandle] = {}
         self._pending: set[asyncio.Task[None]] = set()
 
     async def route(self, model: str, key: str) -> Lease:
         """A lease on a ready replica of `model` (raises the client's ModeldError)."""
-        # THE place routing's affinity is wired: passed once AsyncClient.route takes it.
-        route: Callable[..., Awaitable[Lease]] = self._client.route
-        extra: dict[str, Any] = {"affinity_key": key} if self._affinity and key else {}
-        granting = asyncio.ensure_future(route(model, **extra))
+        granting = asyncio.ensure_future(self._client.route(model, affinity_key=key))
         try:
             lease = await asyncio.shield(granting)
         except asyncio.CancelledError:

@@ -74,6 +74,42 @@ class _StateCollector(Collector):
         return [by_state, busy]
 
 
+# (model, replica id) → (waiting, running, KV cache fraction or None), as the backend said.
+BackendLoads = Callable[[], Mapping[tuple[str, str], tuple[int, int, float | None]]]
+
+
+class _BackendLoadCollector(Collector):
+    """What `load_metrics` backends last reported, per replica, read at scrape time."""
+
+    def __init__(self) -> None:
+        self.source: BackendLoads | None = None
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families({})
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families(self.source() if self.source is not None else {})
+
+    @staticmethod
+    def _families(loads: Mapping[tuple[str, str], tuple[int, int, float | None]]) -> list[Metric]:
+        labels = ["model", "replica"]
+        waiting = GaugeMetricFamily(
+            "modeld_backend_requests_waiting", "Requests a backend says wait.", labels=labels
+        )
+        running = GaugeMetricFamily(
+            "modeld_backend_requests_running", "Requests a backend says it runs.", labels=labels
+        )
+        kv = GaugeMetricFamily(
+            "modeld_backend_kv_cache_usage", "KV cache in use (0..1), vLLM.", labels=labels
+        )
+        for key, (w, r, cache) in sorted(loads.items()):
+            waiting.add_metric(list(key), w)
+            running.add_metric(list(key), r)
+            if cache is not None:
+                kv.add_metric(list(key), cache)
+        return [waiting, running, kv]
+
+
 @dataclass(frozen=True)
 class ClusterStats:
     """The cluster's figures at one scrape (read from the cluster router)."""
@@ -195,6 +231,13 @@ class Metrics:
         reg.register(self._state)
         self._cluster = _ClusterCollector()
         reg.register(self._cluster)
+        self._backend_load = _BackendLoadCollector()
+        reg.register(self._backend_load)
+        self.load_scrape_failures = counter(
+            "modeld_load_scrape_failures",
+            "Scrapes of a backend's load metrics that failed, by backend.",
+            "backend",
+        )
         if process:
             ProcessCollector(registry=reg)
 
@@ -206,6 +249,12 @@ class Metrics:
     def set_cluster_source(self, source: ClusterSource) -> None:
         """Cluster mode: where the modeld_cluster_* metrics are read from at each scrape."""
         self._cluster.source = source
+
+    def set_backend_load_source(self, source: BackendLoads) -> None:
+        self._backend_load.source = source
+
+    def load_scrape_failed(self, backend: str) -> None:
+        self.load_scrape_failures.labels(backend).inc()
 
     def route(self, model: str, result: str, seconds: float) -> None:
         self.routes.labels(model, result).inc()

@@ -8,10 +8,17 @@ by `counter_row`. Last use is compared on a microsecond grid in both forms: the
 registry stores it as wall-clock seconds, and adding the wall-clock offset to raw
 monotonic floats could round two distinct values to one (or keep two apart that
 the grid would tie), so the two forms would disagree on near ties.
+
+Two inputs refine it (both None: the order above, unchanged): `load`, what the
+backends report (policy/load.py), skips saturated replicas and puts fewer
+waiting + running first; `affinity`, a Route's key (policy/affinity.py), picks the
+key's replica on the ring, within the bound on its leases, among those left.
 """
 
 from collections.abc import Mapping, Sequence
 
+from modeld.policy.affinity import AffinityInput, pick_affine
+from modeld.policy.load import LoadInput
 from modeld.policy.view import ReplicaView
 from modeld.state import ReplicaState
 
@@ -41,12 +48,25 @@ def sort_key(replica: ReplicaView, free_memory: Mapping[int | None, int]) -> Sor
 
 
 def pick_replica(
-    replicas: Sequence[ReplicaView], free_memory: Mapping[int | None, int]
+    replicas: Sequence[ReplicaView],
+    free_memory: Mapping[int | None, int],
+    *,
+    load: LoadInput | None = None,
+    affinity: AffinityInput | None = None,
 ) -> ReplicaView | None:
     """The best READY replica, or None when there is none."""
-    ready = [r for r in replicas if r.state is ReplicaState.READY]
+    ready: Sequence[ReplicaView] = [r for r in replicas if r.state is ReplicaState.READY]
     if not ready:
         return None
+    if load is not None:
+        ready = load.unsaturated(ready)
+    if affinity is not None:
+        leases = {r.id: r.in_flight for r in ready}
+        chosen = pick_affine(affinity.ring, affinity.key, leases, affinity.slack)
+        if chosen is not None:
+            return next(r for r in ready if r.id == chosen)
+    if load is not None:
+        return min(ready, key=lambda r: (load.score(r), sort_key(r, free_memory)))
     return min(ready, key=lambda r: sort_key(r, free_memory))
 
 

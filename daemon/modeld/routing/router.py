@@ -31,9 +31,11 @@ from modeld.info import ReplicaInfo
 from modeld.ops.events import EventBus
 from modeld.ops.metrics import Metrics
 from modeld.ops.tasks import TaskSupervisor
+from modeld.policy.affinity import AffinityInput
 from modeld.policy.backoff import DEFAULT as DEFAULT_BACKOFF
 from modeld.policy.backoff import BackoffPolicy
 from modeld.policy.eviction import Eviction
+from modeld.policy.load import LoadInput, ReportedLoad
 from modeld.policy.picker import pick_replica
 from modeld.policy.view import HostView, ReplicaView
 from modeld.routing.counters import FLUSH_INTERVAL_S, CounterFlusher, Flush
@@ -41,8 +43,10 @@ from modeld.routing.index import ReplicaIndex
 from modeld.routing.judge import HealthJudge
 from modeld.routing.leases import Lease, LeaseLimits, LeaseService
 from modeld.routing.lifecycle import Admit, Factory, Lifecycle, wait_until
+from modeld.routing.loadscrape import LoadScraper
 from modeld.routing.pool import ModelPool
 from modeld.routing.probe import ProbeCache
+from modeld.routing.rings import Rings
 from modeld.routing.routed import RoutedReplica
 from modeld.routing.signal import CapacitySignal
 from modeld.routing.stops import Stopper
@@ -74,6 +78,7 @@ class Router:
         tasks: TaskSupervisor,
         flush: Flush | None = None,
         flush_interval: float = FLUSH_INTERVAL_S,
+        loads: LoadScraper | None = None,
     ) -> None:
         self._clock = clock
         self._catalog = catalog
@@ -88,7 +93,10 @@ class Router:
         self._tasks = tasks
         self._flush = flush
         self._flush_interval = flush_interval
+        self.loads = loads
         self._background: list[asyncio.Task[None]] = []
+        # model -> the affinity ring over its READY replicas (policy/affinity.py).
+        self._rings = Rings()
 
     # lifecycle of the router itself
 
@@ -103,6 +111,10 @@ class Router:
                 interval=self._flush_interval,
             )
             self._background.append(self._tasks.spawn(flusher.run(), "counter-flush"))
+        if self.loads is not None:
+            for backend in self.loads.watched():
+                task = self._tasks.spawn(self.loads.run(backend), f"load-scrape-{backend.name}")
+                self._background.append(task)
 
     async def close(self) -> None:
         for task in self._background:
@@ -113,19 +125,20 @@ class Router:
 
     # the hot path
 
-    async def route(self, model: str, deadline: float) -> Lease:
+    async def route(self, model: str, deadline: float, affinity_key: str = "") -> Lease:
         spec = self._catalog.get(model)
         pool = self.index.pool(model)
         self.leases.check_total()
         cold = False
         for _ in range(ROUTE_ATTEMPTS):
-            replica = self._pick(pool, spec)
+            replica = self._pick(pool, spec, affinity_key)
             if replica is not None:
-                # The least-loaded replica's leases before this one: the scale-up signal.
-                load = replica.in_flight
+                # The least-loaded replica's leases before this one: the scale-up signal
+                # (not always the picked one's: an affinity key or backend reports pick too).
+                threshold = self._settings.current.scale_up_in_flight
+                load = self._least_in_flight(pool) if threshold else 0
                 lease = self.leases.grant(replica, self._ttl(spec), cold)
                 if lease is not None:
-                    threshold = self._settings.current.scale_up_in_flight
                     self.lifecycle.scale_up(pool, spec, threshold, load)
                     return lease
             cold = True
@@ -139,15 +152,15 @@ class Router:
                     raise
         raise Unavailable(f"model {model!r}: replicas kept failing right after starting")
 
-    def _pick(self, pool: ModelPool, spec: ModelSpec) -> RoutedReplica | None:
-        ready = [
+    def _pick(self, pool: ModelPool, spec: ModelSpec, affinity_key: str) -> RoutedReplica | None:
+        live = [
             r
             for r in pool.replicas.values()
             if r.state is ReplicaState.READY and not r.stop_requested
         ]
-        if not ready:
+        if not live:
             return None
-        ready = [r for r in ready if self.leases.room_on(r)]
+        ready = [r for r in live if self.leases.room_on(r)]
         if not ready:
             raise self.leases.full(spec.name)
         suspects = self._judge.suspects()
@@ -157,8 +170,38 @@ class Router:
             return ready[0]
         oldest = self.leases.oldest_started() if spec.busy_timeout else {}
         views = [self.index.view(r, spec, oldest) for r in ready]
-        chosen = pick_replica(views, self.index.free_memory)
+        affinity = self._affinity(pool.model, live, affinity_key) if affinity_key else None
+        load = self._load_input(spec)
+        chosen = pick_replica(views, self.index.free_memory, load=load, affinity=affinity)
         return pool.replicas[chosen.id] if chosen else None
+
+    def _load_input(self, spec: ModelSpec) -> LoadInput | None:
+        """What the model's backend reports, when it reports anything."""
+        reported = self.loads.reported.get(spec.backend) if self.loads else None
+        if not reported:
+            return None
+        backend = self._catalog.backend(spec.backend)
+        return LoadInput(reported, backend.saturation_waiting)
+
+    def _affinity(self, model: str, live: list[RoutedReplica], key: str) -> AffinityInput:
+        """The key over the model's ring of READY replicas (built again when they change)."""
+        ring = self._rings.ring(model, [r.id for r in live])
+        return AffinityInput(ring, key, self.affinity_slack)
+
+    @property
+    def affinity_slack(self) -> float:
+        return self._settings.current.affinity_slack
+
+    @staticmethod
+    def _least_in_flight(pool: ModelPool) -> int:
+        return min(
+            (
+                r.in_flight
+                for r in pool.replicas.values()
+                if r.state is ReplicaState.READY and not r.stop_requested
+            ),
+            default=0,
+        )
 
     def _ttl(self, spec: ModelSpec) -> float:
         return spec.lease_ttl if spec.lease_ttl is not None else self._settings.current.lease_ttl
@@ -218,8 +261,12 @@ class Router:
         (no await between them), so that anyone outside can check the two are equal."""
         leases = self.leases.per_replica()
         reason = self._judge.reason
+        reported = self.loads.reported if self.loads else {}
         return [
-            replace(info, live_leases=leases.get(info.id, 0), suspect=reason(info.id))
+            _with_load(
+                replace(info, live_leases=leases.get(info.id, 0), suspect=reason(info.id)),
+                reported.get(info.backend, {}).get(info.id),
+            )
             for info in self.index.replicas(model)
         ]
 
@@ -250,9 +297,27 @@ class Router:
     def capacity_event(self) -> asyncio.Event:
         return self._signal.event()
 
+    def backend_loads(self) -> dict[tuple[str, str], tuple[int, int, float | None]]:
+        """(model, replica id) -> what its backend last reported (the metrics' gauges)."""
+        out: dict[tuple[str, str], tuple[int, int, float | None]] = {}
+        reported = self.loads.reported if self.loads else {}
+        for replica in self.index.live():
+            load = reported.get(replica.backend_name, {}).get(replica.id)
+            if load is not None:
+                out[replica.model, replica.id] = (load.waiting, load.running, load.kv_cache)
+        return out
+
     def leases_by_replica(self) -> dict[str, int]:
         """Live leases per replica id (the soak compares them with in-flight)."""
         return self.leases.per_replica()
+
+
+def _with_load(info: ReplicaInfo, load: ReportedLoad | None) -> ReplicaInfo:
+    if load is None:
+        return info
+    return replace(
+        info, load_waiting=load.waiting, load_running=load.running, kv_cache_usage=load.kv_cache
+    )
 
 
 def build_router(
@@ -319,4 +384,9 @@ def build_router(
         tasks=tasks or TaskSupervisor(),
         flush=flush,
         flush_interval=flush_interval,
+        loads=LoadScraper(
+            lambda: list(catalog.backends.values()),
+            index.live,
+            metrics.load_scrape_failed if metrics else lambda _backend: None,
+        ),
     )
