@@ -25,6 +25,7 @@ from modeld.config_values import file_mode as _mode
 from modeld.config_values import integer as _int
 from modeld.config_values import number as _float
 from modeld.config_values import parse_table as _parse_table
+from modeld.config_values import port_range as _port_range
 from modeld.config_values import str_list as _str_list
 from modeld.config_values import str_map as _str_map
 from modeld.config_values import text as _str
@@ -43,6 +44,9 @@ from modeld.units import parse_duration
 # Bounds on leases (`[leases]`): a client that never releases cannot grow the table forever.
 DEFAULT_MAX_LEASES_PER_REPLICA = 10_000
 DEFAULT_MAX_LEASES = 100_000
+# Where backends listen: below Linux's default ephemeral range (32768-60999), so no
+# outgoing connection takes a backend's port (supervisor/ports.py).
+DEFAULT_BACKEND_PORTS = (20000, 29999)
 
 TOP: dict[str, Parser] = {
     "listen": _str_list,
@@ -65,6 +69,7 @@ TOP: dict[str, Parser] = {
     "allow_insecure_remote": _bool,
     "containment": _choice("auto", "cgroup", "marker"),
     "cgroup_dir": _str,
+    "backend_ports": _port_range,
 }
 TABLES: dict[str, dict[str, Parser]] = {
     "watchdog": {
@@ -132,6 +137,7 @@ DEFAULTS: dict[str, Any] = {
     "allow_insecure_remote": False,
     "containment": "auto",
     "cgroup_dir": "",
+    "backend_ports": "-".join(str(p) for p in DEFAULT_BACKEND_PORTS),
 }
 _SECURITY_KEYS = (
     "metrics_listen",
@@ -213,6 +219,7 @@ class Config:
     allow_insecure_remote: bool = False
     containment: str = "auto"
     cgroup_dir: str = ""
+    backend_ports: tuple[int, int] = DEFAULT_BACKEND_PORTS
     cluster: ClusterConfig | None = None
     python: str = sys.executable
     source: str = "defaults"
@@ -339,6 +346,7 @@ def _build(raw: dict[str, Any], source: str) -> Config:
         resources_release_timeout=parsed["resources"].get("release_timeout", 30.0),
         containment=top["containment"],
         cgroup_dir=top["cgroup_dir"],
+        backend_ports=top["backend_ports"],
         cluster=_build_cluster(raw.get("cluster"), parsed["cluster"], top["listen"]),
         source=source,
         **{key: top[key] for key in _SECURITY_KEYS},
