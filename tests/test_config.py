@@ -70,6 +70,10 @@ def test_layers_file_then_env_then_flags(tmp_path: Path) -> None:
             "models.m: model 'm': host_labels: 'h 100'",
         ),
         ('[cluster]\ndsn = "postgresql://x/y"\nplacement = "fill"\n', "cluster.placement"),
+        (
+            '[backends.b]\ncommand = ["{python}"]\npython = "venv/bin/python"\n',
+            "backends.b.python: must be an absolute",
+        ),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, needle: str) -> None:

@@ -108,6 +108,7 @@ BACKEND_KEYS: dict[str, Parser] = {
     "health_path": _str,
     "env": _str_map,
     "workdir": _str,
+    "python": _str,
     "aliases": _str_list,
     "ready_timeout": parse_duration,
     "ready_ceiling": parse_duration,
@@ -437,6 +438,11 @@ def check_placeholders(where: str, command: tuple[str, ...]) -> None:
 
 
 def _check_backend_limits(where: str, values: Mapping[str, Any]) -> None:
+    if values.get("python") and not Path(values["python"]).is_absolute():
+        raise ConfigError(
+            f"config: {where}.python: must be an absolute path to an interpreter "
+            "(e.g. /opt/venvs/NAME/bin/python)"
+        )
     if not 1 <= values.get("start_attempts", 3) <= 10:
         raise ConfigError(f"config: {where}.start_attempts: expected 1..10")
     if not 256 <= values.get("max_output_line", 8192) <= 1 << 20:
