@@ -154,7 +154,9 @@ _SECURITY_KEYS = (
 CLIENT_ENV = frozenset({"MODELD_ADDR", "MODELD_CONFIG", "MODELD_TOKEN_FILE"})
 # Read by the test suite (PostgreSQL and network namespaces for the cluster tests);
 # not config keys either.
-TEST_ENV = frozenset({"MODELD_TEST_PG_DSN", "MODELD_REQUIRE_POSTGRES", "MODELD_REQUIRE_NETNS"})
+TEST_ENV = frozenset(
+    {"MODELD_TEST_PG_DSN", "MODELD_REQUIRE_POSTGRES", "MODELD_REQUIRE_NETNS", "MODELD_REAL_CACHE"}
+)
 
 
 @dataclass(frozen=True)
