@@ -117,10 +117,15 @@ async def test_a_port_taken_before_the_backend_binds_is_retried_on_another(
     first = free_block(3)
     gate = tmp_path / "gate"
     gate.mkdir()
+    # The backend's own interpreter (as a venv's would be), which {python} expands to.
+    own_python = tmp_path / "venv-python"
+    own_python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    own_python.chmod(0o755)
     body = f"""
 backend_ports = "{first}-{first + 2}"
 [backends.raced]
-command = ["{sys.executable}", "{BIND_BACKEND}", "--host", "{{host}}", "--port", "{{port}}",
+python = "{own_python}"
+command = ["{{python}}", "{BIND_BACKEND}", "--host", "{{host}}", "--port", "{{port}}",
            "--say", "grpc", "--gate", "{gate}"]
 stop_grace = "2s"
 [models.raced]
@@ -142,6 +147,10 @@ backend = "raced"
                 assert reply.address == f"127.0.0.1:{other}"
             taken = [e for e in d.log if e.get("event") == "replica_port_taken"]
             assert [e["port"] for e in taken] == [chosen]
+            logs = d.stub.StreamLogs(pb.StreamLogsRequest(replica_id=reply.replica_id, tail=100))
+            spawned = [ln.text async for ln in logs if ln.text.startswith("spawned pid")]
+            assert len(spawned) == 2
+            assert all(f": {own_python} {BIND_BACKEND}" in line for line in spawned), spawned
             await d.stub.Release(pb.ReleaseRequest(lease_id=reply.lease_id))
             listed = await d.stub.ListReplicas(pb.ListReplicasRequest(model="raced"))
             assert [(r.state, r.restarts) for r in listed.replicas] == [(pb.READY, 1)]
