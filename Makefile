@@ -7,7 +7,7 @@ PROTOS := $(shell find protos -name '*.proto')
 STUBS := daemon/modeld/_proto/.stamp
 ARGS ?=
 
-.PHONY: run test lint proto bench bench-cluster bench-scale soak clean
+.PHONY: run test test-real lint proto bench bench-cluster bench-scale soak clean
 
 $(BIN)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,17 @@ run: $(STUBS)
 
 test: $(STUBS)
 	$(BIN)/python -m pytest $(ARGS)
+
+# modeld with real llama.cpp servers (tests/test_real_servers.py, marker `real`, never
+# part of `make test`). tools/real_servers.sh builds them once into a cache outside the
+# repository (~20 min on 2 cores the first time); where they cannot be built it says
+# so in one line and the suite is skipped.
+MODELD_REAL_CACHE ?= $(HOME)/.cache/modeld-real
+test-real: $(STUBS)
+	@if tools/real_servers.sh "$(MODELD_REAL_CACHE)"; then \
+		MODELD_REAL_CACHE="$(MODELD_REAL_CACHE)" $(BIN)/python -m pytest -m real -s \
+			-p no:cacheprovider --timeout 600 tests/test_real_servers.py $(ARGS); \
+	fi
 
 lint: $(STUBS)
 	$(BIN)/ruff check daemon tests bench tools setup.py

@@ -18,12 +18,16 @@ class FakeContext:
 
     def __init__(self) -> None:
         self.aborted: tuple[grpc.StatusCode, str] | None = None
+        self.trailing: tuple[tuple[str, str], ...] = ()
 
     def peer(self) -> str:
         return "ipv4:127.0.0.1:1"
 
-    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+    async def abort(
+        self, code: grpc.StatusCode, details: str, trailing: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         self.aborted = (code, details)
+        self.trailing = trailing
         raise grpc.aio.AbortError()
 
 
@@ -65,6 +69,7 @@ Call = Callable[[Servicer, object, FakeContext], Awaitable[list[str]]]
         (errors.InvalidArgument("bad"), grpc.StatusCode.INVALID_ARGUMENT),
         (errors.ResourceExhausted("full"), grpc.StatusCode.RESOURCE_EXHAUSTED),
         (errors.Unavailable("later"), grpc.StatusCode.UNAVAILABLE),
+        (errors.RetryRoute("lost a race"), grpc.StatusCode.UNAVAILABLE),
         (errors.DeadlineExceeded("late"), grpc.StatusCode.DEADLINE_EXCEEDED),
         (errors.FailedPrecondition("not now"), grpc.StatusCode.FAILED_PRECONDITION),
     ],
@@ -77,6 +82,9 @@ async def test_a_domain_error_is_its_status_with_its_message(
         await call(Servicer(fail), object(), context)
     assert context.aborted == (code, str(fail))
     assert [e["code"] for e in logged if e["event"] == "rpc"] == [code.name]
+    # The client retries only what modeld says a retry may win (client/rules.py).
+    retry = "yes" if isinstance(fail, errors.RetryRoute) else "no"
+    assert context.trailing == ((errors.RETRY_KEY, retry),)
 
 
 @pytest.mark.parametrize("call", CALLS)

@@ -6,14 +6,19 @@ import pytest
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld.client import rules
 from modeld.client.lease import BackendFailed, BackendUnreachable, Lease
+from modeld.errors import RETRY_KEY
 
 
 class Error(grpc.RpcError):
-    def __init__(self, code: grpc.StatusCode) -> None:
+    def __init__(self, code: grpc.StatusCode, retry: str | None = None) -> None:
         self._code = code
+        self._trailing = () if retry is None else ((RETRY_KEY, retry),)
 
     def code(self) -> grpc.StatusCode:
         return self._code
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._trailing
 
 
 def lease() -> Lease:
@@ -34,6 +39,21 @@ def test_only_unavailable_is_retried_once_within_the_deadline(
     code: grpc.StatusCode, now: float, pause: float | None
 ) -> None:
     assert rules.retry_pause(Error(code), 1.0, deadline=10.0, now=now) == pause
+
+
+@pytest.mark.parametrize(
+    ("retry", "pause"),
+    [
+        ("no", None),  # modeld answered (e.g. the start failed): starting again cannot help
+        ("yes", 1.0),  # modeld lost a race and says the same Route may win now
+        (None, 1.0),  # no modeld answered: it was unreachable or restarting
+    ],
+)
+def test_an_unavailable_modeld_answered_is_retried_only_when_it_says_so(
+    retry: str | None, pause: float | None
+) -> None:
+    error = Error(grpc.StatusCode.UNAVAILABLE, retry)
+    assert rules.retry_pause(error, 1.0, deadline=10.0, now=0.0) == pause
 
 
 def test_renewal_comes_at_a_third_of_the_time_left_and_never_busy_loops() -> None:
@@ -106,3 +126,15 @@ def test_only_an_unreachable_or_refusing_owner_is_asked_through_the_connected_mo
     assert rules.try_connected(Error(grpc.StatusCode.UNAVAILABLE))
     assert rules.try_connected(Error(grpc.StatusCode.UNAUTHENTICATED))
     assert not rules.try_connected(Error(grpc.StatusCode.NOT_FOUND))
+
+
+def test_an_unreachable_on_exception_leaves_the_block_as_backend_unreachable() -> None:
+    held = lease()
+    reset = ConnectionResetError("peer reset")
+    raised = rules.escalated(reset, held, (ConnectionError,))
+    assert isinstance(raised, BackendUnreachable) and raised.__cause__ is reset
+    assert held.outcome == pb.BACKEND_UNREACHABLE
+    bug = ValueError("bug")
+    assert rules.escalated(bug, lease(), (ConnectionError,)) is bug
+    own = BackendUnreachable("already")
+    assert rules.escalated(own, lease(), (Exception,)) is own

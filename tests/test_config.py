@@ -79,6 +79,10 @@ def test_layers_file_then_env_then_flags(tmp_path: Path) -> None:
         ('[backends.b]\ncommand = ["x"]\nload_interval = "1ms"\n', "load_interval"),
         ('[backends.b]\ncommand = ["x"]\nsaturation_waiting = -1\n', "saturation_waiting"),
         ("[routing]\naffinity_slack = 0.5\n", "affinity_slack must be between 1 and 100"),
+        (
+            '[backends.b]\ncommand = ["{python}"]\npython = "venv/bin/python"\n',
+            "backends.b.python: must be an absolute",
+        ),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, needle: str) -> None:

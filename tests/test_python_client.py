@@ -21,7 +21,14 @@ from backend_proc import free_port
 from daemon_proc import ECHO_CATALOG, DaemonProc, running_daemon, start_daemon, write_config
 from modeld._proto.backend import backend_pb2, backend_pb2_grpc
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
-from modeld.client import AsyncClient, BackendUnreachable, Client, Lease, PermissionDenied
+from modeld.client import (
+    AsyncClient,
+    BackendUnreachable,
+    Client,
+    Lease,
+    PermissionDenied,
+    Unavailable,
+)
 from pki import have_openssl, make_pki
 
 CATALOG = (
@@ -153,6 +160,58 @@ async def test_a_route_is_retried_once_when_the_daemon_was_unavailable(tmp_path:
         lease = await asyncio.wait_for(routing, 60)
         assert seen == [grpc.StatusCode.UNAVAILABLE]
         assert (await d.stub.Release(pb.ReleaseRequest(lease_id=lease.lease_id))).released
+
+
+BROKEN = """
+[models.broken]
+backend = "broken"
+[backends.broken]
+command = ["{python}", "-m", "modeld.backends.echo", "--addr", "{addr}", "--exit-on-start", "3"]
+"""
+
+
+async def test_a_failed_start_is_not_started_again_and_unreachable_on_raises_as_documented(
+    tmp_path: Path,
+) -> None:
+    async with running_daemon(tmp_path, CATALOG + BROKEN) as d:
+        retried: list[grpc.RpcError] = []
+
+        def route_broken() -> None:
+            with Client(d.addr, retry_delay=0.1, on_retry=retried.append) as client:
+                client.route("broken")
+
+        with pytest.raises(Unavailable, match="failed to start"):
+            await asyncio.to_thread(route_broken)
+        assert retried == [], "the client started the failed model again"
+        spawns = [
+            e
+            for e in d.log
+            if e.get("event") == "replica_state"
+            and str(e.get("reason", "")).startswith("spawned pid")
+        ]
+        assert len(spawns) == 1
+
+        # unreachable_on: released as BACKEND_UNREACHABLE, raised as BackendUnreachable
+        # with the block's own exception as its cause, in both clients.
+        def lease_sync() -> BaseException:
+            with Client(d.addr) as client:
+                with (
+                    pytest.raises(BackendUnreachable) as raised,
+                    client.lease("echo", unreachable_on=(ConnectionError,)),
+                ):
+                    raise ConnectionResetError("peer reset")
+                assert in_flight(client, "echo") == 0
+                return raised.value
+
+        raised = await asyncio.to_thread(lease_sync)
+        assert isinstance(raised.__cause__, ConnectionResetError)
+        async with AsyncClient(d.addr) as aclient:
+            with pytest.raises(BackendUnreachable) as araised:
+                async with aclient.lease("echo", unreachable_on=(ConnectionError,)):
+                    raise ConnectionResetError("peer reset")
+            assert isinstance(araised.value.__cause__, ConnectionResetError)
+            listed = await d.stub.ListReplicas(pb.ListReplicasRequest(model="echo"))
+            assert [r.in_flight for r in listed.replicas] == [0]
 
 
 async def test_a_route_right_after_a_replica_crash_gets_a_new_replica(tmp_path: Path) -> None:

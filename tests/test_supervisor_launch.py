@@ -44,6 +44,14 @@ def test_placeholders_expand_and_other_braces_stay(models: Path) -> None:
     assert plan.cwd == "/srv"
 
 
+def test_python_is_the_backends_own_interpreter_when_it_names_one(models: Path) -> None:
+    own = BackendSpec(name="b", command=("{python}", "-m", "srv"), python="/venvs/srv/bin/python")
+    plan = plan_launch(spec(), own, models, python="/modeld/python", base_env={})
+    assert plan.argv("127.0.0.1", 4000)[0] == "/venvs/srv/bin/python"
+    plan = plan_launch(spec(), BACKEND, models, python="/modeld/python", base_env={})
+    assert plan.argv("127.0.0.1", 4000)[0] == "/modeld/python"
+
+
 def test_gpu_ids_set_cuda_visible_devices(models: Path) -> None:
     plan = plan_launch(spec(), BACKEND, models, python="p", base_env={}, gpu_ids=(1, 3))
     assert plan.env["CUDA_VISIBLE_DEVICES"] == "1,3"

@@ -25,6 +25,7 @@ from modeld.config_values import file_mode as _mode
 from modeld.config_values import integer as _int
 from modeld.config_values import number as _float
 from modeld.config_values import parse_table as _parse_table
+from modeld.config_values import port_range as _port_range
 from modeld.config_values import str_list as _str_list
 from modeld.config_values import str_map as _str_map
 from modeld.config_values import text as _str
@@ -45,6 +46,9 @@ from modeld.units import parse_duration
 # Bounds on leases (`[leases]`): a client that never releases cannot grow the table forever.
 DEFAULT_MAX_LEASES_PER_REPLICA = 10_000
 DEFAULT_MAX_LEASES = 100_000
+# Where backends listen: below Linux's default ephemeral range (32768-60999), so no
+# outgoing connection takes a backend's port (supervisor/ports.py).
+DEFAULT_BACKEND_PORTS = (20000, 29999)
 
 TOP: dict[str, Parser] = {
     "listen": _str_list,
@@ -67,6 +71,7 @@ TOP: dict[str, Parser] = {
     "allow_insecure_remote": _bool,
     "containment": _choice("auto", "cgroup", "marker"),
     "cgroup_dir": _str,
+    "backend_ports": _port_range,
 }
 TABLES: dict[str, dict[str, Parser]] = {
     "watchdog": {
@@ -112,6 +117,7 @@ BACKEND_KEYS: dict[str, Parser] = {
     "health_path": _str,
     "env": _str_map,
     "workdir": _str,
+    "python": _str,
     "aliases": _str_list,
     "ready_timeout": parse_duration,
     "ready_ceiling": parse_duration,
@@ -148,6 +154,7 @@ DEFAULTS: dict[str, Any] = {
     "allow_insecure_remote": False,
     "containment": "auto",
     "cgroup_dir": "",
+    "backend_ports": "-".join(str(p) for p in DEFAULT_BACKEND_PORTS),
 }
 _SECURITY_KEYS = (
     "metrics_listen",
@@ -161,9 +168,11 @@ _SECURITY_KEYS = (
 )
 # Environment variables the client verbs read; not config keys.
 CLIENT_ENV = frozenset({"MODELD_ADDR", "MODELD_CONFIG", "MODELD_TOKEN_FILE"})
-# Read by the test suite (PostgreSQL and network namespaces for the cluster tests);
-# not config keys either.
-TEST_ENV = frozenset({"MODELD_TEST_PG_DSN", "MODELD_REQUIRE_POSTGRES", "MODELD_REQUIRE_NETNS"})
+# Read by the test suite (PostgreSQL and network namespaces for the cluster tests, the
+# real servers' cache for `make test-real`); not config keys either.
+TEST_ENV = frozenset(
+    {"MODELD_TEST_PG_DSN", "MODELD_REQUIRE_POSTGRES", "MODELD_REQUIRE_NETNS", "MODELD_REAL_CACHE"}
+)
 
 
 @dataclass(frozen=True)
@@ -230,6 +239,7 @@ class Config:
     allow_insecure_remote: bool = False
     containment: str = "auto"
     cgroup_dir: str = ""
+    backend_ports: tuple[int, int] = DEFAULT_BACKEND_PORTS
     cluster: ClusterConfig | None = None
     gateway: gateway_config.GatewayConfig = field(default_factory=gateway_config.GatewayConfig)
     python: str = sys.executable
@@ -361,6 +371,7 @@ def _build(raw: dict[str, Any], source: str) -> Config:
         resources_release_timeout=parsed["resources"].get("release_timeout", 30.0),
         containment=top["containment"],
         cgroup_dir=top["cgroup_dir"],
+        backend_ports=top["backend_ports"],
         cluster=_build_cluster(raw.get("cluster"), parsed["cluster"], top["listen"]),
         gateway=gateway_config.build(parsed["gateway"]),
         source=source,
@@ -453,6 +464,11 @@ def check_placeholders(where: str, command: tuple[str, ...]) -> None:
 
 
 def _check_backend_limits(where: str, values: Mapping[str, Any]) -> None:
+    if values.get("python") and not Path(values["python"]).is_absolute():
+        raise ConfigError(
+            f"config: {where}.python: must be an absolute path to an interpreter "
+            "(e.g. /opt/venvs/NAME/bin/python)"
+        )
     if not 1 <= values.get("start_attempts", 3) <= 10:
         raise ConfigError(f"config: {where}.start_attempts: expected 1..10")
     if not 256 <= values.get("max_output_line", 8192) <= 1 << 20:

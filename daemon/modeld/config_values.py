@@ -83,6 +83,17 @@ def file_mode(v: Any) -> int:
     return v
 
 
+def port_range(v: Any) -> tuple[int, int]:
+    """ "FIRST-LAST" (or [FIRST, LAST]): unprivileged ports, FIRST <= LAST."""
+    parts = v.split("-") if isinstance(v, str) else v
+    if not isinstance(parts, list) or len(parts) != 2:
+        raise ValueError(f'expected a port range like "20000-29999", got {v!r}')
+    first, last = (integer(p.strip() if isinstance(p, str) else p) for p in parts)
+    if not 1024 <= first <= last <= 65535:
+        raise ValueError(f"expected FIRST-LAST with 1024 <= FIRST <= LAST <= 65535, got {v!r}")
+    return first, last
+
+
 def choice(*options: str) -> Parser:
     def parse(v: Any) -> str:
         if not isinstance(v, str) or v.lower() not in options:

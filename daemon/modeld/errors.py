@@ -28,6 +28,16 @@ class Unavailable(ModeldError):
     """A transient failure: a backend failed to start, the registry cannot write."""
 
 
+class RetryRoute(Unavailable):
+    """The Route lost a race that the same Route, sent again at once, can win."""
+
+
+# The trailing metadata key of every error modeld answers: "yes" when the same call,
+# sent again at once, may succeed (RetryRoute), else "no". A client that gets an
+# UNAVAILABLE without it reached no modeld (modeld.client retries only those two).
+RETRY_KEY = "modeld-retry"
+
+
 class DeadlineExceeded(ModeldError):
     """The caller's deadline passed before the work finished."""
 

@@ -60,6 +60,7 @@ from modeld.storage.registry import Registry
 from modeld.storage.settings_store import SettingsStore
 from modeld.supervisor.containment import Containment, InstanceLock, Sentinel, choose
 from modeld.supervisor.orphans import reap_orphans
+from modeld.supervisor.ports import PortRange, ephemeral_overlap
 from modeld.supervisor.process import ProcessSpawner, Spawner
 from modeld.supervisor.replica import Replica, ReplicaDeps
 
@@ -174,6 +175,8 @@ class Daemon:
         catalog = Catalog(registry, cfg.backends, cfg.aliases, cfg.models)
         await catalog.load()
         warn_unrunnable(catalog.list(), self.reader)
+        if overlap := ephemeral_overlap(cfg.backend_ports):
+            log.warning("backend_ports_ephemeral", message=overlap)
         settings = SettingsStore(registry, cfg.settings)
         await settings.load()
         return catalog, settings
@@ -233,6 +236,7 @@ class Daemon:
             node_id=self.config.node_id,
             containment=self.containment or Containment.marker_only(),
             on_released=self.releasing.add,
+            ports=PortRange(*self.config.backend_ports),
         )
         if self.config.cluster is not None:
             # Route hands these addresses to clients on other hosts.

@@ -69,6 +69,8 @@ class BackendSpec:
     health_path: str = "/health"
     env: tuple[tuple[str, str], ...] = ()
     workdir: str = ""
+    # The interpreter `{python}` expands to ("" = modeld's own): a backend in its own venv.
+    python: str = ""
     aliases: tuple[str, ...] = ()
     # Seconds without any sign of progress before a start is given up.
     ready_timeout: float = 60.0

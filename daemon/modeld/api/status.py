@@ -79,8 +79,9 @@ class _Rpc:
             if code is None and isinstance(exc, Exception):
                 status, message = _reply_for(exc, self.request_id)
                 code = status.name
+                retry = "yes" if isinstance(exc, errors.RetryRoute) else "no"
                 # Raises AbortError, which ends the call with this status.
-                await self._context.abort(status, message)
+                await self._context.abort(status, message, ((errors.RETRY_KEY, retry),))
         finally:
             self._finish(code or "UNKNOWN")
 

@@ -75,8 +75,10 @@ class AsyncClient(ClientBase):
         try:
             yield lease
         except BaseException as exc:
-            error = exc
-            raise
+            error = rules.escalated(exc, lease, unreachable_on)
+            if error is exc:
+                raise
+            raise error from exc
         finally:
             if renewer is not None:
                 renewer.cancel()

@@ -23,8 +23,10 @@ class ClientBase:
     cannot reach is asked through the connected modeld instead.
 
     `timeout` bounds each call (a Route may wait for a cold start); a Route that
-    fails with UNAVAILABLE is tried once more after `retry_delay` seconds, waiting
-    for the daemon to be reachable, and `on_retry` (if given) sees the first error.
+    found no modeld (UNAVAILABLE, unreachable or restarting) is tried once more after
+    `retry_delay` seconds, waiting for the daemon to be reachable, and `on_retry` (if
+    given) sees the first error. An UNAVAILABLE modeld answered (a start that failed)
+    is final, unless modeld says a retry may win (see `rules.retry_pause`).
     """
 
     _aio = False

@@ -29,16 +29,27 @@ _NOBODY = {
 class ModeldError(grpc.RpcError):
     """A call to modeld failed; `status` is the grpc.StatusCode, `message` the reason."""
 
-    def __init__(self, status: grpc.StatusCode, message: str) -> None:
+    def __init__(
+        self,
+        status: grpc.StatusCode,
+        message: str,
+        trailing: tuple[tuple[str, str | bytes], ...] = (),
+    ) -> None:
         super().__init__(f"{status.name}: {message}")
         self.status = status
         self.message = message
+        self._trailing = trailing
 
     def code(self) -> grpc.StatusCode:
         return self.status
 
     def details(self) -> str:
         return self.message
+
+    def trailing_metadata(self) -> Any:
+        """What modeld sent with the error (empty when no modeld answered): grpc's
+        `(key, value)` pairs, typed as grpc.RpcError types them."""
+        return self._trailing
 
 
 class NotFound(ModeldError):
@@ -90,11 +101,12 @@ def from_rpc(exc: grpc.RpcError, addr: str) -> ModeldError:
     status = call.code() if hasattr(call, "code") else None
     details = call.details() if hasattr(call, "details") else None
     message = " | ".join(line.strip() for line in (details or str(exc)).splitlines() if line)
+    trailing = tuple(call.trailing_metadata() or ()) if hasattr(call, "trailing_metadata") else ()
     if status is None:
-        return ModeldError(grpc.StatusCode.UNKNOWN, message)
+        return ModeldError(grpc.StatusCode.UNKNOWN, message, trailing)
     if status is grpc.StatusCode.UNAVAILABLE:
         message = nobody_answers(addr, message) or message
-    return _BY_STATUS.get(status, ModeldError)(status, message)
+    return _BY_STATUS.get(status, ModeldError)(status, message, trailing)
 
 
 def nobody_answers(addr: str, details: str) -> str | None:

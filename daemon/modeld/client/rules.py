@@ -11,6 +11,7 @@ import grpc
 
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld.client.lease import BackendFailed, BackendUnreachable, Lease
+from modeld.errors import RETRY_KEY
 
 DEFAULT_TIMEOUT = 300.0
 # Renew when a third of the remaining time is gone: two more tries before expiry.
@@ -83,12 +84,26 @@ def retry_pause(
 ) -> float | None:
     """Seconds to pause before the one retry of a Route, or None: the error is final.
 
-    Only UNAVAILABLE is retried: a just-crashed replica or a restarting daemon needs
-    a moment before the same request can succeed. The pause never outlasts the deadline.
+    Only an UNAVAILABLE that no modeld answered (it was unreachable or restarting) is
+    retried, or one modeld answered saying a retry may win (a race it lost). Any other
+    UNAVAILABLE is modeld's verdict, e.g. a start that failed, which a retry would
+    only run again. The pause never outlasts the deadline.
     """
     if status_code(error) is not grpc.StatusCode.UNAVAILABLE:
         return None
+    if retry_advice(error) not in (None, "yes"):
+        return None
     return max(0.0, min(retry_delay, deadline - now))
+
+
+def retry_advice(error: grpc.RpcError) -> str | None:
+    """modeld's `RETRY_KEY` trailer on the error; None when no modeld answered."""
+    call: Any = error
+    trailing = call.trailing_metadata() if hasattr(call, "trailing_metadata") else None
+    for key, value in trailing or ():
+        if key == RETRY_KEY:
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return None
 
 
 def time_left(expires_at: float, wall_now: float) -> float:
@@ -116,6 +131,17 @@ def outcome_of(
     if isinstance(error, BackendFailed):
         return pb.BACKEND_ERROR
     return lease.outcome
+
+
+def escalated(
+    error: BaseException, lease: Lease, unreachable_on: tuple[type, ...]
+) -> BaseException:
+    """What a lease block that raised `error` raises: a `BackendUnreachable` (marking the
+    lease so) for an exception of a type in `unreachable_on`, else `error` itself."""
+    listed = bool(unreachable_on) and isinstance(error, unreachable_on)
+    if listed and not isinstance(error, BackendUnreachable):
+        return lease.unreachable(error)
+    return error
 
 
 def release_failed(lease: Lease, failure: grpc.RpcError, error: BaseException | None) -> None:

@@ -69,9 +69,10 @@ class Client(ClientBase):
     ) -> Iterator[Lease]:
         """Route, yield the lease, release it on the way out with the block's outcome.
 
-        Leaving by `raise lease.unreachable(exc)` (or an exception of a type in
-        `unreachable_on`) releases with BACKEND_UNREACHABLE, `raise lease.failed(exc)`
-        with BACKEND_ERROR, anything else with OK. A thread renews the lease while
+        Leaving by `raise lease.unreachable(exc)` releases with BACKEND_UNREACHABLE, and
+        so does an exception of a type in `unreachable_on`, which leaves the block as a
+        `BackendUnreachable` raised from it; `raise lease.failed(exc)` releases with
+        BACKEND_ERROR, anything else with OK. A thread renews the lease while
         the block runs (`renew=False` turns that off).
         """
         lease = self.route(model, affinity_key=affinity_key)
@@ -80,8 +81,10 @@ class Client(ClientBase):
         try:
             yield lease
         except BaseException as exc:
-            error = exc
-            raise
+            error = rules.escalated(exc, lease, unreachable_on)
+            if error is exc:
+                raise
+            raise error from exc
         finally:
             if renewer is not None:
                 renewer.stop()

@@ -56,7 +56,7 @@ from modeld.cluster.specs import SharedSpecs
 from modeld.cluster.store import ReplicaRow
 from modeld.cluster.view import RemoteHost, RemoteReplica, affine_target, route_target
 from modeld.config import Config
-from modeld.errors import ConfigError, FailedPrecondition, NotFound, Unavailable
+from modeld.errors import ConfigError, FailedPrecondition, NotFound, RetryRoute, Unavailable
 from modeld.info import ReplicaInfo
 from modeld.ops.events import EventBus
 from modeld.ops.metrics import ClusterStats
@@ -389,7 +389,7 @@ class ClusterRouter:
         """No READY replica anywhere: start it through its claim, then route again."""
         depth = _cold_depth.get()
         if depth >= COLD_ROUTES:
-            raise Unavailable(
+            raise RetryRoute(
                 f"model {model!r}: its replica started but could not be reached; retry the Route"
             )
         if not self.membership.up:

@@ -19,7 +19,7 @@ from typing import Any, Protocol, TypeVar
 import structlog
 
 from modeld.clock import Clock
-from modeld.errors import DeadlineExceeded, NotFound, Unavailable
+from modeld.errors import DeadlineExceeded, NotFound, RetryRoute, Unavailable
 from modeld.info import ReplicaInfo
 from modeld.routing.index import ReplicaIndex
 from modeld.routing.pool import ModelPool, ready
@@ -104,7 +104,7 @@ class Lifecycle:
         if self._gate is not None and not pool.joinable():
             # The cluster's Route starts a cold model through its claim; this Route found
             # its local replica gone meanwhile, and a start here would hold no slot.
-            raise Unavailable(
+            raise RetryRoute(
                 f"model {spec.name!r}: its replica on this host stopped while routing; "
                 "retry the Route"
             )

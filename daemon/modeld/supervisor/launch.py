@@ -79,7 +79,7 @@ def plan_launch(
         command=backend.command,
         model_file=model_file,
         models_dir=str(root),
-        python=python,
+        python=backend.python or python,
         env=env,
         cwd=backend.workdir or None,
         load_options=model_options(spec, model_file, str(root)),

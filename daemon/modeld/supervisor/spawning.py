@@ -17,6 +17,7 @@ from modeld.supervisor.child import Child
 from modeld.supervisor.containment import Box
 from modeld.supervisor.deps import ReplicaDeps
 from modeld.supervisor.launch import LaunchPlan
+from modeld.supervisor.ports import bind_failed
 from modeld.supervisor.process import proc_start_time
 from modeld.supervisor.readiness import StartFailed, probe_lines
 
@@ -90,7 +91,7 @@ def lost_port(logs: LogStore, replica_id: str, child: Child, failure: StartFaile
     if failure.exit_code == EXIT_ADDR_IN_USE:
         return True
     lines = stderr_lines(logs, replica_id, since=child.spawned_wall)
-    return any("address already in use" in line.lower() for line in lines)
+    return any(bind_failed(line) for line in lines)
 
 
 def stderr_lines(logs: LogStore, replica_id: str, since: float = 0.0) -> list[str]:
