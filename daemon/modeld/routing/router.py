@@ -111,6 +111,16 @@ class Router:
 
     # the hot path
 
+    def route_now(self, model: str) -> Lease | None:
+        """The warm Route, in this call: a lease on a READY replica with room, or None
+        when the model has no READY replica and the caller must `route` (and wait).
+        Refusals (unknown model, every replica full, lease bounds) raise as in `route`."""
+        spec = self._catalog.get(model)
+        pool = self.index.pool(model)
+        self.leases.check_total()
+        replica = self._pick(pool, spec)
+        return None if replica is None else self._grant(pool, spec, replica, False)
+
     async def route(self, model: str, deadline: float) -> Lease:
         spec = self._catalog.get(model)
         pool = self.index.pool(model)
@@ -119,12 +129,8 @@ class Router:
         for _ in range(ROUTE_ATTEMPTS):
             replica = self._pick(pool, spec)
             if replica is not None:
-                # The least-loaded replica's leases before this one: the scale-up signal.
-                load = replica.in_flight
-                lease = self.leases.grant(replica, self._ttl(spec), cold)
+                lease = self._grant(pool, spec, replica, cold)
                 if lease is not None:
-                    threshold = self._settings.current.scale_up_in_flight
-                    self.lifecycle.scale_up(pool, spec, threshold, load)
                     return lease
             cold = True
             try:
@@ -156,6 +162,18 @@ class Router:
         views = [self.index.view(r, spec, oldest) for r in ready]
         chosen = pick_replica(views, self.index.free_memory)
         return pool.replicas[chosen.id] if chosen else None
+
+    def _grant(
+        self, pool: ModelPool, spec: ModelSpec, replica: RoutedReplica, cold: bool
+    ) -> Lease | None:
+        """A lease on the picked replica (None when it gives no slot), then the
+        scale-up check on its load before this lease."""
+        load = replica.in_flight
+        lease = self.leases.grant(replica, self._ttl(spec), cold)
+        if lease is not None:
+            threshold = self._settings.current.scale_up_in_flight
+            self.lifecycle.scale_up(pool, spec, threshold, load)
+        return lease
 
     def _ttl(self, spec: ModelSpec) -> float:
         return spec.lease_ttl if spec.lease_ttl is not None else self._settings.current.lease_ttl
