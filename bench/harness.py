@@ -12,6 +12,7 @@ group so the others are still measured; `bench_main` is every benchmark's main.
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -276,6 +277,39 @@ def route_pair(stub: pb_grpc.ModelControlStub, model: str) -> Pair:
     async def pair() -> None:
         lease = await stub.Route(route, timeout=CALL_LIMIT_S)
         reply = await stub.Release(pb.ReleaseRequest(lease_id=lease.lease_id), timeout=CALL_LIMIT_S)
+        if not reply.released:
+            raise BenchError(f"lease {lease.lease_id} was not released")
+
+    return pair
+
+
+def stream_pair(stub: pb_grpc.ModelControlStub, model: str) -> Pair:
+    """Route then Release on a RouteStream: each worker has a stream of its own and
+    waits for each answer before it sends the next message, like a unary client.
+
+    (A shared stream through `AsyncClient(stream=True)` makes the same daemon work,
+    but its futures and reader task cost this process more CPU per pair, which on
+    2 cores is CPU the daemon does not get.)"""
+    idle: list[Any] = []
+    ids = itertools.count(1)
+    route = pb.RouteRequest(model=model)
+
+    async def ask(call: Any, **message: Any) -> Any:
+        call_id = next(ids)
+        await call.write(pb.RouteStreamRequest(id=call_id, **message))
+        answer = await call.read()
+        if answer is grpc.aio.EOF or answer.id != call_id:
+            raise BenchError(f"RouteStream answered {answer!r} to call {call_id}")
+        kind = answer.WhichOneof("result")
+        if kind == "error":
+            raise BenchError(f"RouteStream: {answer.error.code}: {answer.error.message}")
+        return getattr(answer, kind)
+
+    async def pair() -> None:
+        call = idle.pop() if idle else stub.RouteStream()
+        lease = await ask(call, route=route)
+        reply = await ask(call, release=pb.ReleaseRequest(lease_id=lease.lease_id))
+        idle.append(call)
         if not reply.released:
             raise BenchError(f"lease {lease.lease_id} was not released")
 

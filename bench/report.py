@@ -215,7 +215,7 @@ def render(results: dict[str, Any], checks: list[Target]) -> str:
         results,
         "throughput",
         "1-2. Route+Release vs empty pair (2 grpc.health.v1 Checks, same daemon) vs "
-        "reference (SQLite txn per call)",
+        "the pair on RouteStreams (one per worker) vs reference (SQLite txn per call)",
         _throughput,
     )
     lines += _section(results, "cold_start", f"3. Cold start ({setup['model']})", _cold)

@@ -6,8 +6,9 @@ subprocesses; this process is the client. It measures:
 
 1. Route+Release pairs/s, p50/p99 and the daemon's CPU time per pair (from
    /proc/<pid>/stat) at each concurrency, next to an empty pair (two
-   `grpc.health.v1` Checks) on the same daemon and the same pair on the
-   reference, taken in alternating slices so drift hits all of them alike;
+   `grpc.health.v1` Checks) on the same daemon, the same pair on RouteStreams
+   (one per worker), and the same pair on the reference, taken in alternating
+   slices so drift hits all of them alike;
 2. cold start: Route on an unloaded model until the lease, minus the backend's own
    spawn-to-listening and LoadModel time (it reports both in Status);
 3. N concurrent Routes on an unloaded model: spawns seen on WatchEvents (must be 1)
@@ -62,6 +63,7 @@ from harness import (
     rss_mib,
     serving,
     spawn_all,
+    stream_pair,
     warm_up,
 )
 from modeld._proto.backend import backend_pb2, backend_pb2_grpc
@@ -132,9 +134,11 @@ async def throughput(daemon: Server, reference: Server, args: argparse.Namespace
     pairs = {
         "route": route_pair(daemon.stub, MODEL),
         "empty": empty_pair(daemon.channel),
+        "stream": stream_pair(daemon.stub, MODEL),
         "reference": route_pair(reference.stub, MODEL),
     }
-    pids = {"route": daemon.proc.pid, "empty": daemon.proc.pid, "reference": reference.proc.pid}
+    pid = daemon.proc.pid
+    pids = {"route": pid, "empty": pid, "stream": pid, "reference": reference.proc.pid}
     rows: list[Series] = []
     for concurrency in args.concurrency:
         progress(f"pairs at concurrency {concurrency}")

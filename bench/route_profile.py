@@ -18,7 +18,16 @@ from collections import Counter
 from pathlib import Path
 
 import harness
-from harness import HERE, BenchError, Series, daemon_command, route_pair, serving, warm_up
+from harness import (
+    HERE,
+    BenchError,
+    Series,
+    daemon_command,
+    route_pair,
+    serving,
+    stream_pair,
+    warm_up,
+)
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from route_bench import CONFIG, MODEL, REPLICAS
 
@@ -29,6 +38,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--workload", choices=["route", "stream"], default="route", help="unary or RouteStream"
+    )
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "route_profile.txt")
@@ -43,7 +55,11 @@ async def profile(args: argparse.Namespace) -> None:
         )
         async with serving([command]) as (daemon,):
             await daemon.stub.Load(pb.LoadRequest(model=MODEL, replicas=REPLICAS), timeout=30)
-            pair = route_pair(daemon.stub, MODEL)
+            pair = (
+                route_pair(daemon.stub, MODEL)
+                if args.workload == "route"
+                else stream_pair(daemon.stub, MODEL)
+            )
             await warm_up(pair, args.concurrency, 1.0)
             record = await asyncio.create_subprocess_exec(
                 *(spy, "record", "--pid", str(daemon.proc.pid), "--rate", str(args.rate)),

@@ -101,6 +101,7 @@ class Daemon:
         self.health = HealthServicer()
         self._stop_requested = asyncio.Event()
         self._server: grpc.aio.Server | None = None
+        self._servicer: ModelControl | None = None
         self._metrics_server: MetricsServer | None = None
         # Background tasks the daemon cannot work without; one that dies turns health
         # NOT_SERVING and stops feeding the systemd watchdog.
@@ -330,6 +331,7 @@ class Daemon:
             cluster=self.cluster,
         )
         add_to_server(servicer, server)
+        self._servicer = servicer
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server
@@ -388,6 +390,8 @@ class Daemon:
         await self.health.enter_graceful_shutdown()
         self.events.close_all()
         self.logs.close_all()
+        if self._servicer is not None:
+            self._servicer.close()
         if self._server is not None:
             await self._server.stop(self.config.shutdown_grace)
         await self.tasks.close()

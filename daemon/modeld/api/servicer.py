@@ -10,7 +10,8 @@ from modeld._proto.modeld.v1 import modeld_pb2_grpc as pb_grpc
 from modeld.api import convert
 from modeld.api.leasing import DEFAULT_WAIT, LeaseCalls
 from modeld.api.pacing import Turnstile
-from modeld.api.status import Ctx, deadline_of, stream, unary
+from modeld.api.routestream import RouteStreams
+from modeld.api.status import Ctx, bidi, deadline_of, stream, unary
 from modeld.clock import Clock
 from modeld.errors import FailedPrecondition, InvalidArgument, NotFound
 from modeld.ops.events import CLUSTER, EventBus
@@ -50,7 +51,9 @@ def add_to_server(servicer: "ModelControl", server: grpc.aio.Server) -> None:
         request = getattr(pb, method.input_type.name)
         response = getattr(pb, method.output_type.name)
         make = (
-            grpc.unary_stream_rpc_method_handler
+            grpc.stream_stream_rpc_method_handler
+            if method.client_streaming
+            else grpc.unary_stream_rpc_method_handler
             if method.server_streaming
             else grpc.unary_unary_rpc_method_handler
         )
@@ -93,6 +96,11 @@ class ModelControl(pb_grpc.ModelControlServicer):
         self._leases = LeaseCalls(
             clock=clock, catalog=catalog, router=router, metrics=metrics, cluster=cluster
         )
+        self._streams = RouteStreams(self._leases)
+
+    def close(self) -> None:
+        """The daemon is stopping: every RouteStream ends with UNAVAILABLE."""
+        self._streams.close()
 
     def _model(self, name: str) -> str:
         check_name("model", name)
@@ -116,6 +124,12 @@ class ModelControl(pb_grpc.ModelControlServicer):
         self, request: pb.RenewLeaseRequest, context: Ctx
     ) -> pb.RenewLeaseResponse:
         return await self._leases.renew(request, context)
+
+    @bidi
+    async def RouteStream(
+        self, requests: AsyncIterator[pb.RouteStreamRequest], context: Ctx
+    ) -> None:
+        await self._streams.serve(requests, context)
 
     @unary
     async def Load(self, request: pb.LoadRequest, context: Ctx) -> pb.LoadResponse:

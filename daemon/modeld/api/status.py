@@ -86,7 +86,7 @@ class _Rpc:
         code = _code_of(exc)
         try:
             if code is None and isinstance(exc, Exception):
-                status, message = _reply_for(exc, self.request_id)
+                status, message = reply_for(exc, self.request_id)
                 code = status.name
                 await self._context.abort(status, message)
         finally:
@@ -116,7 +116,7 @@ def _code_of(exc: BaseException | None) -> str | None:
     return None
 
 
-def _reply_for(exc: Exception, request_id: str) -> tuple[grpc.StatusCode, str]:
+def reply_for(exc: Exception, request_id: str) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, errors.ModeldError):
         code = status_of(exc)
         return code, str(exc) or code.name
@@ -150,6 +150,26 @@ def unary(
             raise
         rpc.ok()
         return reply
+
+    return wrapper
+
+
+def bidi(
+    fn: Callable[[S, AsyncIterator[Req], Ctx], Awaitable[None]],
+) -> Callable[[S, AsyncIterator[Req], Ctx], Awaitable[None]]:
+    """A bidirectional stream's handler, which reads its requests and writes its
+    answers itself; a bad message is its to answer (it may not end the stream)."""
+    method = fn.__name__
+
+    @wraps(fn)
+    async def wrapper(self: S, requests: AsyncIterator[Req], context: Ctx) -> None:
+        rpc = _Rpc(method, context)
+        try:
+            await fn(self, requests, context)
+        except BaseException as exc:
+            await rpc.failed(exc)
+            raise
+        rpc.ok()
 
     return wrapper
 
