@@ -12,7 +12,7 @@ import dataclasses
 import uuid
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import structlog
@@ -36,8 +36,6 @@ from modeld.capacity.releasing import Releasing
 from modeld.capacity.resources import ResourceReader, make_reader
 from modeld.capacity.watchdog import Watchdog
 from modeld.clock import Clock, SystemClock
-from modeld.cluster.front import ClusterRouter
-from modeld.cluster.hostcap import LocalFigures
 from modeld.config import Config
 from modeld.errors import ConfigError
 from modeld.netaddr import why_unbindable
@@ -62,6 +60,9 @@ from modeld.supervisor.containment import Containment, InstanceLock, Sentinel, c
 from modeld.supervisor.orphans import reap_orphans
 from modeld.supervisor.process import ProcessSpawner, Spawner
 from modeld.supervisor.replica import Replica, ReplicaDeps
+
+if TYPE_CHECKING:
+    from modeld.cluster.front import ClusterRouter
 
 log = structlog.get_logger(__name__)
 SERVICE = modeld_pb2.DESCRIPTOR.services_by_name["ModelControl"].full_name
@@ -120,6 +121,11 @@ class Daemon:
         self.router = router = self._build_router(catalog, settings)
         self.watchdog = self._build_watchdog(router, settings)
         if self.config.cluster is not None:
+            # Imported here: the cluster (and its PostgreSQL driver) is start-up time
+            # and memory a single host does not spend.
+            from modeld.cluster.front import ClusterRouter
+            from modeld.cluster.hostcap import LocalFigures
+
             figures = LocalFigures(
                 [*self.config.backends, *self.config.aliases],
                 self.reader,
