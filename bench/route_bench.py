@@ -134,9 +134,11 @@ async def throughput(daemon: Server, reference: Server, args: argparse.Namespace
     pairs = {
         "route": route_pair(daemon.stub, MODEL),
         "empty": empty_pair(daemon.channel),
-        "stream": stream_pair(daemon.stub, MODEL),
         "reference": route_pair(reference.stub, MODEL),
     }
+    # Older checkouts (the previous run's commit, say) have no RouteStream.
+    if hasattr(pb, "RouteStreamRequest"):
+        pairs["stream"] = stream_pair(daemon.stub, MODEL)
     pid = daemon.proc.pid
     pids = {"route": pid, "empty": pid, "stream": pid, "reference": reference.proc.pid}
     rows: list[Series] = []

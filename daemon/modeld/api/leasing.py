@@ -48,8 +48,11 @@ class LeaseCalls:
         self._cluster = cluster
 
     def _model(self, name: str) -> str:
-        check_name("model", name)
-        self._catalog.get(name)
+        # A defined model's name was checked when it was defined: the warm path skips
+        # the pattern match, anything else gets the precise refusal.
+        if not self._catalog.knows(name):
+            check_name("model", name)
+            self._catalog.get(name)
         return name
 
     def route_now(self, request: pb.RouteRequest) -> pb.RouteResponse | None:
