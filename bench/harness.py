@@ -12,6 +12,7 @@ group so the others are still measured; `bench_main` is every benchmark's main.
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -26,6 +27,7 @@ from typing import Any
 
 import grpc
 import uvloop
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld._proto.modeld.v1 import modeld_pb2_grpc as pb_grpc
@@ -33,6 +35,14 @@ from modeld._proto.modeld.v1 import modeld_pb2_grpc as pb_grpc
 START_LIMIT_S = 30.0
 STOP_LIMIT_S = 20.0
 CALL_LIMIT_S = 30.0
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# Retry a refused connection within milliseconds (not gRPC's 1 s), so that the time
+# to serving is the daemon's, not the channel's backoff.
+FAST_RECONNECT = [
+    ("grpc.initial_reconnect_backoff_ms", 5),
+    ("grpc.min_reconnect_backoff_ms", 5),
+    ("grpc.max_reconnect_backoff_ms", 10),
+]
 
 Pair = Callable[[], Awaitable[None]]
 HERE = Path(__file__).resolve().parent
@@ -104,8 +114,36 @@ class Server:
     stub: pb_grpc.ModelControlStub = field(init=False)
 
     def __post_init__(self) -> None:
-        self.channel = grpc.aio.insecure_channel(self.addr)
+        self.channel = grpc.aio.insecure_channel(self.addr, options=FAST_RECONNECT)
         self.stub = pb_grpc.ModelControlStub(self.channel)  # type: ignore[no-untyped-call]
+
+    async def wait_health_serving(self) -> None:
+        """Until `grpc.health.v1` says SERVING (watched, not polled), or the process exits."""
+        health = health_pb2_grpc.HealthStub(self.channel)  # type: ignore[no-untyped-call]
+        watch = health.Watch(health_pb2.HealthCheckRequest(), wait_for_ready=True)
+
+        async def serving() -> None:
+            async for reply in watch:
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+
+        try:
+            await self._unless_exited(serving())
+        finally:
+            watch.cancel()
+
+    async def _unless_exited(self, work: Coroutine[Any, Any, None]) -> None:
+        running = asyncio.ensure_future(work)
+        exited = asyncio.ensure_future(self.proc.wait())
+        try:
+            async with asyncio.timeout(START_LIMIT_S):
+                await asyncio.wait({running, exited}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited.cancel()
+            running.cancel()
+        if not running.done() or running.cancelled():
+            raise BenchError(f"{self.name} exited with {self.proc.returncode}; see {self.log_path}")
+        running.result()
 
     async def wait_serving(self) -> None:
         ping = asyncio.ensure_future(
@@ -245,15 +283,71 @@ def route_pair(stub: pb_grpc.ModelControlStub, model: str) -> Pair:
     return pair
 
 
-def empty_pair(stub: pb_grpc.ModelControlStub) -> Pair:
-    """Two empty unary calls: the floor a Route+Release pair is compared with."""
-    ping = pb.PingRequest()
+def stream_pair(stub: pb_grpc.ModelControlStub, model: str) -> Pair:
+    """Route then Release on a RouteStream: each worker has a stream of its own and
+    waits for each answer before it sends the next message, like a unary client.
+
+    (A shared stream through `AsyncClient(stream=True)` makes the same daemon work,
+    but its futures and reader task cost this process more CPU per pair, which on
+    2 cores is CPU the daemon does not get.)"""
+    idle: list[Any] = []
+    ids = itertools.count(1)
+    route = pb.RouteRequest(model=model)
+
+    async def ask(call: Any, **message: Any) -> Any:
+        call_id = next(ids)
+        await call.write(pb.RouteStreamRequest(id=call_id, **message))
+        answer = await call.read()
+        if answer is grpc.aio.EOF or answer.id != call_id:
+            raise BenchError(f"RouteStream answered {answer!r} to call {call_id}")
+        kind = answer.WhichOneof("result")
+        if kind == "error":
+            raise BenchError(f"RouteStream: {answer.error.code}: {answer.error.message}")
+        return getattr(answer, kind)
 
     async def pair() -> None:
-        await stub.Ping(ping, timeout=CALL_LIMIT_S)
-        await stub.Ping(ping, timeout=CALL_LIMIT_S)
+        call = idle.pop() if idle else stub.RouteStream()
+        lease = await ask(call, route=route)
+        reply = await ask(call, release=pb.ReleaseRequest(lease_id=lease.lease_id))
+        idle.append(call)
+        if not reply.released:
+            raise BenchError(f"lease {lease.lease_id} was not released")
 
     return pair
+
+
+def empty_pair(channel: grpc.aio.Channel) -> Pair:
+    """Two `grpc.health.v1` Checks: the floor a Route+Release pair is compared with.
+
+    The health servicer is grpc's own and runs none of modeld's per-call code (its
+    request id, its canonical log line, its error mapping): the empty unary RPC of
+    this stack, on the same daemon and the same channel as the pairs it is compared
+    with. (Ping, which goes through all of that, would hide its cost in the baseline.)
+    """
+    check = health_pb2_grpc.HealthStub(channel)  # type: ignore[no-untyped-call]
+    request = health_pb2.HealthCheckRequest()
+
+    async def pair() -> None:
+        await check.Check(request, timeout=CALL_LIMIT_S)
+        await check.Check(request, timeout=CALL_LIMIT_S)
+
+    return pair
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far (from /proc/<pid>/stat)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    # The command name (field 2) may hold spaces; the fields after its ")" do not.
+    fields = stat.rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def rss_mib(pid: int) -> float:
+    """Resident set size of process `pid` in MiB (VmRSS of /proc/<pid>/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise BenchError(f"/proc/{pid}/status has no VmRSS")
 
 
 @dataclass
@@ -262,11 +356,15 @@ class Series:
 
     kind: str
     concurrency: int
+    # The daemon whose CPU time each slice is charged (None: not measured).
+    pid: int | None = None
     seconds: float = 0.0
+    cpu_s: float = 0.0
     latencies: list[float] = field(default_factory=list)
 
     async def run(self, pair: Pair, seconds: float) -> None:
         """`concurrency` tasks call `pair` back to back for `seconds`."""
+        cpu_before = cpu_seconds(self.pid) if self.pid is not None else 0.0
         started = time.perf_counter()
         end = started + seconds
         try:
@@ -277,6 +375,8 @@ class Series:
             # The first failure is the story; the group cancelled the other workers.
             raise failed.exceptions[0] from None
         self.seconds += time.perf_counter() - started
+        if self.pid is not None:
+            self.cpu_s += cpu_seconds(self.pid) - cpu_before
 
     async def _worker(self, pair: Pair, end: float) -> None:
         while (started := time.perf_counter()) < end:
@@ -287,6 +387,13 @@ class Series:
     def rate(self) -> float:
         return len(self.latencies) / self.seconds if self.seconds else 0.0
 
+    @property
+    def cpu_us_per_pair(self) -> float | None:
+        """The daemon's CPU time per pair, in µs (None when not measured)."""
+        if self.pid is None or not self.latencies:
+            return None
+        return self.cpu_s / len(self.latencies) * 1e6
+
     def summary(self) -> dict[str, Any]:
         latency = latency_summary(self.latencies)
         return {
@@ -295,6 +402,9 @@ class Series:
             "pairs": len(self.latencies),
             "seconds": round(self.seconds, 3),
             "pairs_per_s": round(self.rate, 1),
+            "daemon_cpu_us_per_pair": (
+                None if (cpu := self.cpu_us_per_pair) is None else round(cpu, 1)
+            ),
             "p50_ms": latency["p50_ms"],
             "p99_ms": latency["p99_ms"],
         }

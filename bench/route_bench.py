@@ -4,25 +4,36 @@ Starts the daemon (`modeld serve`, echo model, 2 replicas loaded) and the
 reference router (bench/reference.py: one SQLite transaction per call) as
 subprocesses; this process is the client. It measures:
 
-1. Route+Release pairs/s and p50/p99 at each concurrency, next to an empty pair
-   (Ping+Ping) on the same daemon and the same pair on the reference, taken in
-   alternating slices so drift hits all three alike;
+1. Route+Release pairs/s, p50/p99 and the daemon's CPU time per pair (from
+   /proc/<pid>/stat) at each concurrency, next to an empty pair (two
+   `grpc.health.v1` Checks) on the same daemon, the same pair on RouteStreams
+   (one per worker), and the same pair on the reference, taken in alternating
+   slices so drift hits all of them alike;
 2. cold start: Route on an unloaded model until the lease, minus the backend's own
    spawn-to-listening and LoadModel time (it reports both in Status);
 3. N concurrent Routes on an unloaded model: spawns seen on WatchEvents (must be 1)
    and the time until every Route has its lease;
 4. the latency figures of bench/latency_figures.py (crash → FAILED, Health during
-   an output flood, Ping with stalled followers), on a daemon of their own.
+   an output flood, Ping with stalled followers), on a daemon of their own;
+5. daemon start → health SERVING and the idle daemon's RSS, over a few starts.
 
-Prints a table with the targets (MISSED where one is missed), writes JSON to
-bench/results/route_bench.json, and exits 0 unless something could not be measured.
+On 2 cores the client (this process) competes with the daemon for CPU, so pairs/s
+ratios are squeezed towards 1 whenever the client is the bottleneck; the daemon's
+CPU per pair does not depend on who waits for whom, and is the steadier figure.
+
+Prints a table with the targets (MISSED where one is missed) and the previous
+run's headline figures next to this run's (read from the JSON before it is
+overwritten), writes JSON to bench/results/route_bench.json, and exits 0 unless
+something could not be measured.
 """
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -49,13 +60,16 @@ from harness import (
     free_port,
     route_pair,
     rpc_error,
+    rss_mib,
     serving,
+    spawn_all,
+    stream_pair,
     warm_up,
 )
 from modeld._proto.backend import backend_pb2, backend_pb2_grpc
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld._proto.modeld.v1 import modeld_pb2_grpc as pb_grpc
-from report import render, targets
+from report import headline, render, targets
 
 TOOL = "route_bench"
 MODEL = "echo"
@@ -83,6 +97,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--cold-runs", type=int, default=5, help="cold starts timed")
     parser.add_argument("--cold-routes", type=int, default=100, help="concurrent cold Routes")
+    parser.add_argument("--starts", type=int, default=5, help="daemon starts timed")
+    parser.add_argument(
+        "--only",
+        choices=["throughput", "startup"],
+        help="measure just this section (for iterating on it); the rest is skipped",
+    )
     return parser.parse_args(argv)
 
 
@@ -113,13 +133,18 @@ async def load_replicas(stub: pb_grpc.ModelControlStub) -> dict[str, Any]:
 async def throughput(daemon: Server, reference: Server, args: argparse.Namespace) -> dict[str, Any]:
     pairs = {
         "route": route_pair(daemon.stub, MODEL),
-        "empty": empty_pair(daemon.stub),
+        "empty": empty_pair(daemon.channel),
         "reference": route_pair(reference.stub, MODEL),
     }
+    # Older checkouts (the previous run's commit, say) have no RouteStream.
+    if hasattr(pb, "RouteStreamRequest"):
+        pairs["stream"] = stream_pair(daemon.stub, MODEL)
+    pid = daemon.proc.pid
+    pids = {"route": pid, "empty": pid, "stream": pid, "reference": reference.proc.pid}
     rows: list[Series] = []
     for concurrency in args.concurrency:
         progress(f"pairs at concurrency {concurrency}")
-        rows.extend(await measure_level(pairs, concurrency, args.seconds))
+        rows.extend(await measure_level(pairs, pids, concurrency, args.seconds))
     return {
         "series": [s.summary() for s in rows],
         "ratios": ratios(rows),
@@ -127,31 +152,40 @@ async def throughput(daemon: Server, reference: Server, args: argparse.Namespace
     }
 
 
-async def measure_level(pairs: dict[str, Pair], concurrency: int, seconds: float) -> list[Series]:
+async def measure_level(
+    pairs: dict[str, Pair], pids: dict[str, int], concurrency: int, seconds: float
+) -> list[Series]:
     """Every workload in SLICES rounds, after a warm-up each.
 
-    The reference opens each round and route/empty swap places every round, so each
-    of the two follows the reference (whose fsyncs linger in the kernel) equally often.
+    The reference opens each round and the daemon's workloads rotate behind it, so
+    each follows the reference (whose fsyncs linger in the kernel) equally often.
     """
-    series = {kind: Series(kind, concurrency) for kind in pairs}
+    series = {kind: Series(kind, concurrency, pids.get(kind)) for kind in pairs}
     for pair in pairs.values():
         await warm_up(pair, concurrency, WARM_UP_S)
+    ours = [kind for kind in pairs if kind != "reference"]
     for n in range(SLICES):
-        order = ("reference", "route", "empty") if n % 2 == 0 else ("reference", "empty", "route")
-        for kind in order:
+        shift = n % len(ours)
+        for kind in ["reference", *ours[shift:], *ours[:shift]]:
             await series[kind].run(pairs[kind], seconds / SLICES)
     return list(series.values())
 
 
-def ratios(rows: list[Series]) -> dict[str, dict[str, float]]:
-    rate = {(s.kind, s.concurrency): s.rate for s in rows}
-    out = {}
+def ratios(rows: list[Series]) -> dict[str, dict[str, float | None]]:
+    by = {(s.kind, s.concurrency): s for s in rows}
+    out: dict[str, dict[str, float | None]] = {}
     for concurrency in sorted({s.concurrency for s in rows}):
-        route = rate[("route", concurrency)]
+        route, empty = by[("route", concurrency)], by[("empty", concurrency)]
+        cpu_route, cpu_empty = route.cpu_us_per_pair, empty.cpu_us_per_pair
         out[str(concurrency)] = {
-            "route_over_empty": round(route / rate[("empty", concurrency)], 3),
-            "modeld_over_reference": round(route / rate[("reference", concurrency)], 3),
+            "route_over_empty": round(route.rate / empty.rate, 3),
+            "cpu_route_over_empty": (
+                round(cpu_route / cpu_empty, 3) if cpu_route and cpu_empty else None
+            ),
+            "modeld_over_reference": round(route.rate / by[("reference", concurrency)].rate, 3),
         }
+        if (stream := by.get(("stream", concurrency))) is not None:
+            out[str(concurrency)]["stream_over_empty"] = round(stream.rate / empty.rate, 3)
     return out
 
 
@@ -255,11 +289,41 @@ async def measure(daemon: Server, reference: Server, args: argparse.Namespace) -
     if "error" not in results["load"]:
         work = throughput(daemon, reference, args)
         results["throughput"] = await section("throughput", work)
+    if args.only:
+        return results
     results["cold_start"] = await section("cold start", cold_starts(daemon.stub, args.cold_runs))
     work = coalesced_cold_routes(daemon.stub, args.cold_routes)
     results["coalesce"] = await section("coalescing", work)
     results["latency"] = await section("latency figures", latency_figures.measure())
     return results
+
+
+async def start_once(work: Path, logs: Path) -> dict[str, float]:
+    """One daemon start: spawn → health SERVING (ms), then its RSS while idle (MiB)."""
+    command = daemon_command("startup", CONFIG, work, logs / "startup.log", replicas=REPLICAS)
+    started = time.perf_counter()
+    (server,) = await spawn_all([command])
+    try:
+        await server.wait_health_serving()
+        serving_ms = (time.perf_counter() - started) * 1000
+        # One call answered after SERVING: the daemon is idle, its start behind it.
+        await server.stub.Ping(pb.PingRequest(), timeout=CALL_LIMIT_S)
+        return {"serving_ms": round(serving_ms, 1), "rss_mib": round(rss_mib(server.proc.pid), 1)}
+    finally:
+        await server.stop()
+
+
+async def startup(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
+    """`args.starts` starts on one state directory (the first creates its database)."""
+    progress(f"{args.starts} daemon starts")
+    with tempfile.TemporaryDirectory(prefix="modeld-start-") as tmp:
+        runs = [await start_once(Path(tmp), logs) for _ in range(args.starts)]
+    return {
+        "runs": runs,
+        "serving_median_ms": statistics.median(r["serving_ms"] for r in runs),
+        "serving_min_ms": min(r["serving_ms"] for r in runs),
+        "rss_median_mib": statistics.median(r["rss_mib"] for r in runs),
+    }
 
 
 def setup(args: argparse.Namespace) -> dict[str, Any]:
@@ -274,11 +338,50 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
         "replicas": REPLICAS,
         "cold_runs": args.cold_runs,
         "cold_routes": args.cold_routes,
+        "starts": args.starts,
+        "commit": commit(),
+        "at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
+
+
+def commit() -> str:
+    """The checkout's commit (with "+dirty" for uncommitted changes), for the record."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(HERE), "describe", "--always", "--dirty=+dirty"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip()
+
+
+def previous(out: Path) -> dict[str, Any] | None:
+    """The headline figures of the last run that wrote `out`, before this run replaces it."""
+    try:
+        return headline(json.loads(out.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     logs = args.out.parent
+    last = previous(args.out)
+    started = time.perf_counter()
+    if args.only == "startup":
+        results: dict[str, Any] = {"setup": setup(args)}
+    else:
+        results = await run_daemon(args, logs)
+    if args.only in (None, "startup"):
+        results["startup"] = await section("startup", startup(args, logs))
+    results["setup"]["measured_s"] = round(time.perf_counter() - started, 1)
+    results["previous"] = last
+    return results
+
+
+async def run_daemon(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="modeld-bench-") as tmp:
         progress("starting the daemon and the reference")
         commands = [
@@ -286,10 +389,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             reference_command(Path(tmp), logs),
         ]
         async with serving(commands) as (daemon, reference):
-            started = time.perf_counter()
-            results = await measure(daemon, reference, args)
-            results["setup"]["measured_s"] = round(time.perf_counter() - started, 1)
-            return results
+            return await measure(daemon, reference, args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,8 +31,8 @@ from hypothesis import strategies as st
 
 from daemon_proc import write_config
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
+from modeld.api.leasing import MAX_AFFINITY_KEY
 from modeld.api.servicer import (
-    MAX_AFFINITY_KEY,
     MAX_DRAIN_S,
     MAX_LOG_TAIL,
     MAX_REPLICAS_PER_LOAD,

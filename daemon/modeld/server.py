@@ -12,7 +12,7 @@ import dataclasses
 import uuid
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import structlog
@@ -36,8 +36,6 @@ from modeld.capacity.releasing import Releasing
 from modeld.capacity.resources import ResourceReader, make_reader
 from modeld.capacity.watchdog import Watchdog
 from modeld.clock import Clock, SystemClock
-from modeld.cluster.front import ClusterRouter
-from modeld.cluster.hostcap import LocalFigures
 from modeld.config import Config
 from modeld.errors import ConfigError
 from modeld.netaddr import why_unbindable
@@ -63,6 +61,9 @@ from modeld.supervisor.orphans import reap_orphans
 from modeld.supervisor.ports import PortRange, ephemeral_overlap
 from modeld.supervisor.process import ProcessSpawner, Spawner
 from modeld.supervisor.replica import Replica, ReplicaDeps
+
+if TYPE_CHECKING:
+    from modeld.cluster.front import ClusterRouter
 
 log = structlog.get_logger(__name__)
 SERVICE = modeld_pb2.DESCRIPTOR.services_by_name["ModelControl"].full_name
@@ -103,6 +104,7 @@ class Daemon:
         self.health = HealthServicer()
         self._stop_requested = asyncio.Event()
         self._server: grpc.aio.Server | None = None
+        self._servicer: ModelControl | None = None
         self._metrics_server: MetricsServer | None = None
         # Background tasks the daemon cannot work without; one that dies turns health
         # NOT_SERVING and stops feeding the systemd watchdog.
@@ -121,6 +123,11 @@ class Daemon:
         self.router = router = self._build_router(catalog, settings)
         self.watchdog = self._build_watchdog(router, settings)
         if self.config.cluster is not None:
+            # Imported here: the cluster (and its PostgreSQL driver) is start-up time
+            # and memory a single host does not spend.
+            from modeld.cluster.front import ClusterRouter
+            from modeld.cluster.hostcap import LocalFigures
+
             figures = LocalFigures(
                 [*self.config.backends, *self.config.aliases],
                 self.reader,
@@ -335,6 +342,7 @@ class Daemon:
             cluster=self.cluster,
         )
         add_to_server(servicer, server)
+        self._servicer = servicer
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server
@@ -394,6 +402,8 @@ class Daemon:
         await self.health.enter_graceful_shutdown()
         self.events.close_all()
         self.logs.close_all()
+        if self._servicer is not None:
+            self._servicer.close()
         if self._server is not None:
             await self._server.stop(self.config.shutdown_grace)
         await self.tasks.close()

@@ -8,10 +8,12 @@ import grpc
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld._proto.modeld.v1 import modeld_pb2_grpc as pb_grpc
 from modeld.api import convert
+from modeld.api.leasing import DEFAULT_WAIT, LeaseCalls
 from modeld.api.pacing import Turnstile
-from modeld.api.status import Ctx, deadline_of, status_of, stream, unary
+from modeld.api.routestream import RouteStreams
+from modeld.api.status import Ctx, bidi, deadline_of, stream, unary
 from modeld.clock import Clock
-from modeld.errors import FailedPrecondition, InvalidArgument, ModeldError, NotFound
+from modeld.errors import FailedPrecondition, InvalidArgument, NotFound
 from modeld.ops.events import CLUSTER, EventBus
 from modeld.ops.logstore import LogStore
 from modeld.ops.metrics import Metrics
@@ -23,12 +25,10 @@ from modeld.storage.settings_store import SettingsStore
 if TYPE_CHECKING:
     from modeld.cluster.front import ClusterRouter
 
-# Without a client deadline, a Route or Load waits at most this long for a start.
-DEFAULT_WAIT = 600.0
+# Without a client deadline, a Route or Load waits at most DEFAULT_WAIT for a start.
 MAX_LOG_TAIL = 10_000
 MAX_REPLICAS_PER_LOAD = 64
 MAX_DRAIN_S = 86_400.0
-MAX_AFFINITY_KEY = 256
 # Messages all StreamLogs streams together, and all WatchEvents streams together, may
 # send per event-loop turn, per second and in a burst (see api/pacing.py). One message
 # costs the daemon 0.1-0.25 ms of gRPC work and thread hand-offs on a busy 2-core
@@ -42,13 +42,18 @@ SERVICE = pb.DESCRIPTOR.services_by_name["ModelControl"]
 
 def add_to_server(servicer: "ModelControl", server: grpc.aio.Server) -> None:
     """Register `servicer` like the generated helper does, but with lenient parsing:
-    request bytes that do not parse reach the handler as `convert.Malformed`."""
+    request bytes that do not parse reach the handler as `convert.Malformed`.
+
+    Registered (not generic) handlers, as the generated helper does: gRPC matches the
+    method itself instead of asking a Python handler per call."""
     handlers = {}
     for method in SERVICE.methods:
         request = getattr(pb, method.input_type.name)
         response = getattr(pb, method.output_type.name)
         make = (
-            grpc.unary_stream_rpc_method_handler
+            grpc.stream_stream_rpc_method_handler
+            if method.client_streaming
+            else grpc.unary_stream_rpc_method_handler
             if method.server_streaming
             else grpc.unary_unary_rpc_method_handler
         )
@@ -57,9 +62,8 @@ def add_to_server(servicer: "ModelControl", server: grpc.aio.Server) -> None:
             request_deserializer=convert.lenient(request),
             response_serializer=response.SerializeToString,
         )
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),)
-    )
+    # grpc-stubs predates add_registered_method_handlers (grpcio >= 1.63).
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)  # type: ignore[attr-defined]
 
 
 class ModelControl(pb_grpc.ModelControlServicer):
@@ -79,7 +83,6 @@ class ModelControl(pb_grpc.ModelControlServicer):
         self._clock = clock
         # Cluster mode: Route, Release, RenewLease and Load go through the cluster router.
         self._cluster = cluster
-        self._metrics = metrics
         self._on_settings = on_settings
         self._catalog = catalog
         self._router = router
@@ -90,6 +93,14 @@ class ModelControl(pb_grpc.ModelControlServicer):
         pacing = (STREAM_SENDS_PER_TURN, STREAM_SENDS_PER_SECOND, STREAM_SENDS_BURST)
         self._log_sends = Turnstile(*pacing)
         self._event_sends = Turnstile(*pacing)
+        self._leases = LeaseCalls(
+            clock=clock, catalog=catalog, router=router, metrics=metrics, cluster=cluster
+        )
+        self._streams = RouteStreams(self._leases)
+
+    def close(self) -> None:
+        """The daemon is stopping: every RouteStream ends with UNAVAILABLE."""
+        self._streams.close()
 
     def _model(self, name: str) -> str:
         check_name("model", name)
@@ -102,55 +113,23 @@ class ModelControl(pb_grpc.ModelControlServicer):
 
     @unary
     async def Route(self, request: pb.RouteRequest, context: Ctx) -> pb.RouteResponse:
-        key = request.affinity_key
-        if len(key) > MAX_AFFINITY_KEY:
-            raise InvalidArgument(
-                f"affinity_key is {len(key)} characters; the limit is {MAX_AFFINITY_KEY} "
-                "(send a hash of a long prefix instead)"
-            )
-        model = self._model(request.model)
-        started = self._clock.monotonic()
-        deadline = deadline_of(context, started, DEFAULT_WAIT)
-        try:
-            if self._cluster is not None:
-                reply = await self._cluster.route(
-                    model, deadline, context.invocation_metadata(), key
-                )
-            else:
-                reply = convert.route_response(await self._router.route(model, deadline, key))
-        except ModeldError as exc:
-            self._metrics.route(
-                model, status_of(exc).name.lower(), self._clock.monotonic() - started
-            )
-            raise
-        self._metrics.route(model, "ok", self._clock.monotonic() - started)
-        if reply.cold_start:
-            self._metrics.cold_start(model)
-        return reply
+        return await self._leases.route(request, context)
 
     @unary
     async def Release(self, request: pb.ReleaseRequest, context: Ctx) -> pb.ReleaseResponse:
-        if not request.lease_id:
-            raise InvalidArgument("lease_id is empty")
-        if request.outcome not in pb.ReleaseOutcome.values():
-            raise InvalidArgument(f"outcome {request.outcome} is not a known ReleaseOutcome")
-        if self._cluster is not None:
-            released = await self._cluster.release(request, context.invocation_metadata())
-            return pb.ReleaseResponse(released=released)
-        outcome = pb.ReleaseOutcome.Name(request.outcome)
-        released = self._router.release(request.lease_id, outcome)
-        return pb.ReleaseResponse(released=released)
+        return await self._leases.release(request, context)
 
     @unary
     async def RenewLease(
         self, request: pb.RenewLeaseRequest, context: Ctx
     ) -> pb.RenewLeaseResponse:
-        if not request.lease_id:
-            raise InvalidArgument("lease_id is empty")
-        if self._cluster is not None:
-            return await self._cluster.renew(request, context.invocation_metadata())
-        expires = self._router.renew(request.lease_id)
-        return pb.RenewLeaseResponse(lease_expires_at=convert.timestamp(expires))
+        return await self._leases.renew(request, context)
+
+    @bidi
+    async def RouteStream(
+        self, requests: AsyncIterator[pb.RouteStreamRequest], context: Ctx
+    ) -> None:
+        await self._streams.serve(requests, context)
 
     @unary
     async def Load(self, request: pb.LoadRequest, context: Ctx) -> pb.LoadResponse:

@@ -17,6 +17,7 @@ from modeld.client import rules
 from modeld.client.base import ClientBase
 from modeld.client.errors import from_rpc
 from modeld.client.lease import Lease
+from modeld.client.stream import CALLS as STREAM_CALLS
 
 
 class AsyncClient(ClientBase):
@@ -24,6 +25,8 @@ class AsyncClient(ClientBase):
     _aio = True
 
     async def close(self) -> None:
+        if self._route_stream is not None:
+            await self._route_stream.close()
         for channel in self._owner_channels():
             await channel.close(None)
         await self._channel.close(None)
@@ -101,6 +104,9 @@ class AsyncClient(ClientBase):
     async def _call(
         self, method: str, request: Any, deadline: float, *, wait_for_ready: bool = False
     ) -> Any:
+        if self._route_stream is not None and method in STREAM_CALLS:
+            timeout = rules.call_timeout(deadline, time.monotonic())
+            return await self._route_stream.call(method, request, timeout)
         try:
             options = self._options(deadline, wait_for_ready)
             return await getattr(self.stub, method)(request, **options)

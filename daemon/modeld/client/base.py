@@ -11,6 +11,7 @@ from modeld._proto.modeld.v1 import modeld_pb2_grpc as pb_grpc
 from modeld.client import rules
 from modeld.client.connect import ConnectOptions
 from modeld.client.lease import Lease
+from modeld.client.stream import AsyncRouteStream, SyncRouteStream
 
 RetryHook = Callable[[grpc.RpcError], None]
 
@@ -27,6 +28,10 @@ class ClientBase:
     `retry_delay` seconds, waiting for the daemon to be reachable, and `on_retry` (if
     given) sees the first error. An UNAVAILABLE modeld answered (a start that failed)
     is final, unless modeld says a retry may win (see `rules.retry_pause`).
+
+    `stream=True` sends Route, Release and RenewLease to the connected modeld over
+    one RouteStream instead of one unary call each (same answers and errors, at a
+    fraction of the cost per call; see `client.stream`).
     """
 
     _aio = False
@@ -43,6 +48,7 @@ class ClientBase:
         timeout: float = rules.DEFAULT_TIMEOUT,
         retry_delay: float = 1.0,
         on_retry: RetryHook | None = None,
+        stream: bool = False,
     ) -> None:
         conn = ConnectOptions(addr, token_file, tls_ca, tls_cert, tls_key, tls_server_name)
         self._resolved = resolved = conn.resolve()
@@ -56,6 +62,8 @@ class ClientBase:
         self.timeout = timeout
         self.retry_delay = retry_delay
         self.on_retry = on_retry
+        kind = AsyncRouteStream if self._aio else SyncRouteStream
+        self._route_stream: Any = kind(self.stub, self._metadata, self.addr) if stream else None
 
     def _owner_stub(self, lease: Lease) -> Any:
         """The stub for the lease's owner, when it is not the connected modeld."""

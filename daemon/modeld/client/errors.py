@@ -118,3 +118,9 @@ def nobody_answers(addr: str, details: str) -> str | None:
         f"no modeld answers at {addr} ({why}); is it running? Start it with `modeld serve` "
         "(`make run` in a checkout), or see `systemctl status modeld`"
     )
+
+
+def from_stream_error(code: str, message: str) -> ModeldError:
+    """The typed error for a RouteStream answer's StreamError (a status name and text)."""
+    status = grpc.StatusCode.__members__.get(code, grpc.StatusCode.UNKNOWN)
+    return _BY_STATUS.get(status, ModeldError)(status, message)

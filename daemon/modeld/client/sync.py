@@ -16,12 +16,15 @@ from modeld.client import rules
 from modeld.client.base import ClientBase
 from modeld.client.errors import from_rpc
 from modeld.client.lease import Lease
+from modeld.client.stream import CALLS as STREAM_CALLS
 
 
 class Client(ClientBase):
     __doc__ = ClientBase.__doc__
 
     def close(self) -> None:
+        if self._route_stream is not None:
+            self._route_stream.close()
         for channel in self._owner_channels():
             channel.close()
         self._channel.close()
@@ -96,6 +99,9 @@ class Client(ClientBase):
     def _call(
         self, method: str, request: Any, deadline: float, *, wait_for_ready: bool = False
     ) -> Any:
+        if self._route_stream is not None and method in STREAM_CALLS:
+            timeout = rules.call_timeout(deadline, time.monotonic())
+            return self._route_stream.call(method, request, timeout)
         try:
             return getattr(self.stub, method)(request, **self._options(deadline, wait_for_ready))
         except grpc.RpcError as exc:

@@ -5,6 +5,11 @@ import sys
 
 import structlog
 
+# Whether each RPC writes its canonical "rpc" line (api/status.py): only at debug, so
+# that a warm call at info costs no structlog work at all. True until `configure`
+# runs, so code under test (structlog's capture, no level) still sees every line.
+per_call_lines = True
+
 _LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -14,6 +19,8 @@ _LEVELS = {
 
 
 def configure(level: str = "info", fmt: str = "auto") -> None:
+    global per_call_lines
+    per_call_lines = _LEVELS[level] <= logging.DEBUG
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer()

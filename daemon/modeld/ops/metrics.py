@@ -1,34 +1,33 @@
-"""Prometheus metrics: one registry of the daemon's counters, and an HTTP listener for it.
+"""The daemon's metrics: counters and histograms tallied in plain dicts, exported to
+Prometheus on demand, and an HTTP listener for them.
 
 Counters and histograms are bumped where a thing happens, through the methods of
-`Metrics`. Gauges of current state (replicas by state, in-flight by model) are
-not kept here: they are read at scrape time from functions the owner of that
-state passes in, so they can never drift from it.
+`Metrics`: an update is a dict step (a bisect for a histogram) on the event loop
+that owns them, with no lock and no prometheus_client object per call. Gauges of
+current state (replicas by state, in-flight by model) are not kept here: they are
+read at scrape time from functions the owner of that state passes in, so they can
+never drift from it. The Prometheus registry (`ops/exposition.py`) is built the
+first time something reads the metrics, so a daemon without `metrics_listen`
+never imports prometheus_client.
 
 The listener is a minimal HTTP/1.1 server on asyncio streams: `GET /metrics`,
 one request per connection, no threads.
 """
 
 import asyncio
+import bisect
 import contextlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import structlog
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    ProcessCollector,
-    generate_latest,
-)
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from modeld.errors import ConfigError
 from modeld.netaddr import split_host_port
-from modeld.state import LIVE, ReplicaState
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 log = structlog.get_logger(__name__)
 
@@ -43,71 +42,42 @@ TXN_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                0.5, 1, 5)  # fmt: skip
 
 
-class _StateCollector(Collector):
-    """Reads the current replica and in-flight counts at scrape time."""
+class Tally:
+    """A counter by label values (a Prometheus counter family `<name>_total`)."""
 
-    def __init__(self) -> None:
-        self.replicas: ReplicaCounts | None = None
-        self.in_flight: InFlightCounts | None = None
+    __slots__ = ("counts", "doc", "labels", "name")
 
-    def describe(self) -> Iterable[Metric]:
-        return self._families({}, {})
+    def __init__(self, name: str, doc: str, *labels: str) -> None:
+        self.name, self.doc, self.labels = name, doc, labels
+        self.counts: dict[tuple[str, ...], float] = {}
 
-    def collect(self) -> Iterable[Metric]:
-        replicas = self.replicas() if self.replicas is not None else {}
-        in_flight = self.in_flight() if self.in_flight is not None else {}
-        return self._families(replicas, in_flight)
+    def inc(self, *values: str, by: float = 1) -> None:
+        self.counts[values] = self.counts.get(values, 0) + by
 
-    @staticmethod
-    def _families(
-        replicas: Mapping[tuple[str, str], int], in_flight: Mapping[str, int]
-    ) -> list[Metric]:
-        by_state = GaugeMetricFamily(
-            "modeld_replicas", "Replicas by model and state.", labels=["model", "state"]
-        )
-        for model in sorted({model for model, _ in replicas}):
-            for state in ReplicaState:
-                by_state.add_metric([model, state.value], replicas.get((model, state), 0))
-        busy = GaugeMetricFamily("modeld_in_flight", "Active leases by model.", labels=["model"])
-        for model, count in sorted(in_flight.items()):
-            busy.add_metric([model], count)
-        return [by_state, busy]
+
+class Buckets:
+    """A histogram by label values: per series, counts per bucket (the last one
+    above every bound) and the sum of what was observed."""
+
+    __slots__ = ("bounds", "doc", "labels", "name", "series")
+
+    def __init__(self, name: str, doc: str, bounds: Sequence[float], *labels: str) -> None:
+        self.name, self.doc, self.labels = name, doc, labels
+        self.bounds = tuple(bounds)
+        self.series: dict[tuple[str, ...], tuple[list[int], float]] = {}
+
+    def empty(self) -> tuple[list[int], float]:
+        return [0] * (len(self.bounds) + 1), 0.0
+
+    def observe(self, value: float, *values: str) -> None:
+        counts, total = self.series.get(values) or self.empty()
+        # A value equal to a bound belongs to that bucket (le: less than or equal).
+        counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.series[values] = (counts, total + value)
 
 
 # (model, replica id) → (waiting, running, KV cache fraction or None), as the backend said.
 BackendLoads = Callable[[], Mapping[tuple[str, str], tuple[int, int, float | None]]]
-
-
-class _BackendLoadCollector(Collector):
-    """What `load_metrics` backends last reported, per replica, read at scrape time."""
-
-    def __init__(self) -> None:
-        self.source: BackendLoads | None = None
-
-    def describe(self) -> Iterable[Metric]:
-        return self._families({})
-
-    def collect(self) -> Iterable[Metric]:
-        return self._families(self.source() if self.source is not None else {})
-
-    @staticmethod
-    def _families(loads: Mapping[tuple[str, str], tuple[int, int, float | None]]) -> list[Metric]:
-        labels = ["model", "replica"]
-        waiting = GaugeMetricFamily(
-            "modeld_backend_requests_waiting", "Requests a backend says wait.", labels=labels
-        )
-        running = GaugeMetricFamily(
-            "modeld_backend_requests_running", "Requests a backend says it runs.", labels=labels
-        )
-        kv = GaugeMetricFamily(
-            "modeld_backend_kv_cache_usage", "KV cache in use (0..1), vLLM.", labels=labels
-        )
-        for key, (w, r, cache) in sorted(loads.items()):
-            waiting.add_metric(list(key), w)
-            running.add_metric(list(key), r)
-            if cache is not None:
-                kv.add_metric(list(key), cache)
-        return [waiting, running, kv]
 
 
 @dataclass(frozen=True)
@@ -142,156 +112,129 @@ CLUSTER_COUNTERS = {
 }
 
 
-class _ClusterCollector(Collector):
-    """Reads the cluster router's figures at scrape time; nothing in single-host mode."""
-
-    def __init__(self) -> None:
-        self.source: ClusterSource | None = None
-
-    def describe(self) -> Iterable[Metric]:
-        return []
-
-    def collect(self) -> Iterable[Metric]:
-        if self.source is None:
-            return []
-        stats = self.source()
-        families: list[Metric] = []
-        # A counter another stream adds to ClusterCounters is exported too, by its name.
-        for field in [*CLUSTER_COUNTERS, *sorted(stats.counters.keys() - CLUSTER_COUNTERS.keys())]:
-            name, doc = CLUSTER_COUNTERS.get(field, (f"modeld_cluster_{field}", field))
-            family = CounterMetricFamily(name, doc)
-            family.add_metric([], stats.counters.get(field, 0))
-            families.append(family)
-        age = GaugeMetricFamily(
-            "modeld_cluster_view_staleness_seconds",
-            "Seconds since the cluster view was last read in full from the database.",
-        )
-        age.add_metric([], stats.view_age)
-        per_host = GaugeMetricFamily(
-            "modeld_cluster_host_replicas",
-            "Replicas by host and state, as this modeld's view shows them.",
-            labels=["host", "state"],
-        )
-        for host, states in sorted(stats.host_replicas.items()):
-            for state in ReplicaState:
-                if state in LIVE:
-                    per_host.add_metric([host, state.value], states.get(state.value, 0))
-        hosts = GaugeMetricFamily(
-            "modeld_cluster_hosts", "Hosts of the cluster by state.", labels=["state"]
-        )
-        for state_name, count in sorted(stats.hosts.items()):
-            hosts.add_metric([state_name], count)
-        return [*families, age, per_host, hosts]
-
-
 class Metrics:
-    """Every metric the daemon exports, on a registry of its own (never the global one)."""
+    """Every metric the daemon exports; its Prometheus registry is its own (never the
+    global one) and built on first use."""
 
     def __init__(self, *, process: bool = True) -> None:
-        self.registry = reg = CollectorRegistry(auto_describe=True)
-
-        def counter(name: str, doc: str, *labels: str) -> Counter:
-            return Counter(name, doc, labels, registry=reg)
-
-        def histogram(name: str, doc: str, buckets: Sequence[float], *labels: str) -> Histogram:
-            return Histogram(name, doc, labels, buckets=buckets, registry=reg)
-
-        self.routes = counter(
-            "modeld_routes", "Route calls by model and result.", "model", "result"
-        )
-        self.route_latency = histogram(
+        self._process = process
+        self._registry: CollectorRegistry | None = None
+        self.routes = Tally("modeld_routes", "Route calls by model and result.", "model", "result")
+        self.route_latency = Buckets(
             "modeld_route_latency_seconds", "Route call latency.", ROUTE_BUCKETS
         )
-        self.cold_starts = counter("modeld_cold_starts", "Routes that started a replica.", "model")
-        self.load_duration = histogram(
+        self.cold_starts = Tally("modeld_cold_starts", "Routes that started a replica.", "model")
+        self.load_duration = Buckets(
             "modeld_load_duration_seconds", "Spawn to READY, by backend.", LOAD_BUCKETS, "backend"
         )
-        self.load_failures = counter(
+        self.load_failures = Tally(
             "modeld_load_failures", "Failed starts by backend and phase.", "backend", "phase"
         )
-        self.evictions = counter("modeld_evictions", "Replicas evicted, by reason.", "reason")
-        self.leases_expired = counter("modeld_leases_expired", "Leases that ran out unreleased.")
-        self.backend_crashes = counter("modeld_backend_crashes", "Unexpected exits.", "model")
-        self.backend_restarts = counter(
+        self.evictions = Tally("modeld_evictions", "Replicas evicted, by reason.", "reason")
+        self.leases_expired = Tally("modeld_leases_expired", "Leases that ran out unreleased.")
+        self.backend_crashes = Tally("modeld_backend_crashes", "Unexpected exits.", "model")
+        self.backend_restarts = Tally(
             "modeld_backend_restarts", "Replicas started again after a crash.", "model"
         )
-        self.health_judgments = counter(
+        self.health_judgments = Tally(
             "modeld_replica_health",
             "Health judgments of READY replicas: SUSPECT (a probe failed or a client "
             "reported it unreachable), HEALTHY (cleared), DEAD (proven, then stopped).",
             "judgment",
         )
-        self.log_lines_dropped = counter(
-            "modeld_log_lines_dropped", "Backend log lines a slow follower lost."
-        )
-        self.registry_transaction = histogram(
-            "modeld_registry_transaction_seconds", "SQLite write transaction time.", TXN_BUCKETS
-        )
-        self._state = _StateCollector()
-        reg.register(self._state)
-        self._cluster = _ClusterCollector()
-        reg.register(self._cluster)
-        self._backend_load = _BackendLoadCollector()
-        reg.register(self._backend_load)
-        self.load_scrape_failures = counter(
+        self.load_scrape_failures = Tally(
             "modeld_load_scrape_failures",
             "Scrapes of a backend's load metrics that failed, by backend.",
             "backend",
         )
-        if process:
-            ProcessCollector(registry=reg)
+        self.log_lines_dropped = Tally(
+            "modeld_log_lines_dropped", "Backend log lines a slow follower lost."
+        )
+        self.registry_transaction = Buckets(
+            "modeld_registry_transaction_seconds", "SQLite write transaction time.", TXN_BUCKETS
+        )
+        self.tallies = (
+            self.routes,
+            self.cold_starts,
+            self.load_failures,
+            self.evictions,
+            self.leases_expired,
+            self.backend_crashes,
+            self.backend_restarts,
+            self.health_judgments,
+            self.load_scrape_failures,
+            self.log_lines_dropped,
+        )
+        self.histograms = (self.route_latency, self.load_duration, self.registry_transaction)
+        self.replica_counts: ReplicaCounts | None = None
+        self.in_flight_counts: InFlightCounts | None = None
+        self.cluster_source: ClusterSource | None = None
+        self.backend_loads: BackendLoads | None = None
+
+    @property
+    def registry(self) -> "CollectorRegistry":
+        """The Prometheus registry that reads these metrics (prometheus_client is
+        imported here, the first time)."""
+        if self._registry is None:
+            from modeld.ops.exposition import build_registry
+
+            self._registry = build_registry(self, process=self._process)
+        return self._registry
 
     def set_sources(self, *, replicas: ReplicaCounts, in_flight: InFlightCounts) -> None:
         """Where the replica and in-flight gauges are read from at each scrape."""
-        self._state.replicas = replicas
-        self._state.in_flight = in_flight
+        self.replica_counts = replicas
+        self.in_flight_counts = in_flight
 
     def set_cluster_source(self, source: ClusterSource) -> None:
         """Cluster mode: where the modeld_cluster_* metrics are read from at each scrape."""
-        self._cluster.source = source
+        self.cluster_source = source
 
     def set_backend_load_source(self, source: BackendLoads) -> None:
-        self._backend_load.source = source
+        """Where the modeld_backend_* gauges (what load_metrics backends report) are read."""
+        self.backend_loads = source
 
     def load_scrape_failed(self, backend: str) -> None:
-        self.load_scrape_failures.labels(backend).inc()
+        self.load_scrape_failures.inc(backend)
 
     def route(self, model: str, result: str, seconds: float) -> None:
-        self.routes.labels(model, result).inc()
+        self.routes.inc(model, result)
         self.route_latency.observe(seconds)
 
     def cold_start(self, model: str) -> None:
-        self.cold_starts.labels(model).inc()
+        self.cold_starts.inc(model)
 
     def load_finished(self, backend: str, seconds: float) -> None:
-        self.load_duration.labels(backend).observe(seconds)
+        self.load_duration.observe(seconds, backend)
 
     def load_failed(self, backend: str, phase: str) -> None:
-        self.load_failures.labels(backend, phase).inc()
+        self.load_failures.inc(backend, phase)
 
     def evicted(self, reason: str) -> None:
-        self.evictions.labels(reason).inc()
+        self.evictions.inc(reason)
 
     def lease_expired(self, count: int = 1) -> None:
-        self.leases_expired.inc(count)
+        self.leases_expired.inc(by=count)
 
     def backend_crashed(self, model: str) -> None:
-        self.backend_crashes.labels(model).inc()
+        self.backend_crashes.inc(model)
 
     def backend_restarted(self, model: str) -> None:
-        self.backend_restarts.labels(model).inc()
+        self.backend_restarts.inc(model)
 
     def health_judged(self, judgment: str) -> None:
-        self.health_judgments.labels(judgment).inc()
+        self.health_judgments.inc(judgment)
 
     def log_dropped(self, lines: int) -> None:
-        self.log_lines_dropped.inc(lines)
+        self.log_lines_dropped.inc(by=lines)
 
     def transaction(self, seconds: float) -> None:
         self.registry_transaction.observe(seconds)
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        from modeld.ops.exposition import render
+
+        return render(self.registry)
 
 
 READ_TIMEOUT = 5.0
@@ -357,7 +300,7 @@ class MetricsServer:
         if path != "/metrics":
             return 404, b"metrics are at /metrics\n", "text/plain; charset=utf-8"
         try:
-            return 200, self._metrics.exposition(), CONTENT_TYPE_LATEST
+            return 200, self._metrics.exposition(), _content_type()
         except Exception:
             log.exception("metrics_collect_failed")
             return 500, b"collecting metrics failed; see the modeld log\n", "text/plain"
@@ -375,3 +318,9 @@ class MetricsServer:
         writer.write(head.encode() + b"\r\n" + body)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(writer.drain(), READ_TIMEOUT)
+
+
+def _content_type() -> str:
+    from modeld.ops.exposition import CONTENT_TYPE_LATEST
+
+    return CONTENT_TYPE_LATEST

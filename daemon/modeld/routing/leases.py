@@ -15,7 +15,8 @@ depends on the bus).
 import asyncio
 import contextlib
 import heapq
-import uuid
+import itertools
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -30,6 +31,17 @@ from modeld.ops.metrics import Metrics
 from modeld.state import ReplicaState
 
 log = structlog.get_logger(__name__)
+
+# Lease ids: a random prefix per process (a lease of an earlier life is never taken
+# for one of this life's) and a counter, 32 hex digits like the uuid4 they replace at
+# a fraction of the cost. Like any lease id they are names, not secrets: a client
+# that may Release may also Unload.
+_ID_PREFIX = secrets.token_hex(8)
+_ID_COUNTER = itertools.count(1)
+
+
+def new_lease_id() -> str:
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 
 class LeaseHolder(Protocol):
@@ -215,7 +227,7 @@ class LeaseService:
             raise self.full(replica.model)
         now = self._clock.monotonic()
         lease = Lease(
-            id=uuid.uuid4().hex,
+            id=new_lease_id(),
             replica=replica,
             model=replica.model,
             address=replica.address,

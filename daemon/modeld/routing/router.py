@@ -125,6 +125,16 @@ class Router:
 
     # the hot path
 
+    def route_now(self, model: str, affinity_key: str = "") -> Lease | None:
+        """The warm Route, in this call: a lease on a READY replica with room, or None
+        when the model has no READY replica and the caller must `route` (and wait).
+        Refusals (unknown model, every replica full, lease bounds) raise as in `route`."""
+        spec = self._catalog.get(model)
+        pool = self.index.pool(model)
+        self.leases.check_total()
+        replica = self._pick(pool, spec, affinity_key)
+        return None if replica is None else self._grant(pool, spec, replica, False)
+
     async def route(self, model: str, deadline: float, affinity_key: str = "") -> Lease:
         spec = self._catalog.get(model)
         pool = self.index.pool(model)
@@ -133,13 +143,8 @@ class Router:
         for _ in range(ROUTE_ATTEMPTS):
             replica = self._pick(pool, spec, affinity_key)
             if replica is not None:
-                # The least-loaded replica's leases before this one: the scale-up signal
-                # (not always the picked one's: an affinity key or backend reports pick too).
-                threshold = self._settings.current.scale_up_in_flight
-                load = self._least_in_flight(pool) if threshold else 0
-                lease = self.leases.grant(replica, self._ttl(spec), cold)
+                lease = self._grant(pool, spec, replica, cold)
                 if lease is not None:
-                    self.lifecycle.scale_up(pool, spec, threshold, load)
                     return lease
             cold = True
             try:
@@ -202,6 +207,20 @@ class Router:
             ),
             default=0,
         )
+
+    def _grant(
+        self, pool: ModelPool, spec: ModelSpec, replica: RoutedReplica, cold: bool
+    ) -> Lease | None:
+        """A lease on the picked replica (None when it gives no slot), then the
+        scale-up check on its load before this lease."""
+        # The least-loaded replica's leases before this one: the scale-up signal (not
+        # always the picked one's: an affinity key or backend reports pick too).
+        threshold = self._settings.current.scale_up_in_flight
+        load = self._least_in_flight(pool) if threshold else 0
+        lease = self.leases.grant(replica, self._ttl(spec), cold)
+        if lease is not None:
+            self.lifecycle.scale_up(pool, spec, threshold, load)
+        return lease
 
     def _ttl(self, spec: ModelSpec) -> float:
         return spec.lease_ttl if spec.lease_ttl is not None else self._settings.current.lease_ttl

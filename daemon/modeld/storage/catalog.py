@@ -57,6 +57,10 @@ class Catalog:
             await self._registry.put_model(merged[name])
         self._models = merged
 
+    def knows(self, name: str) -> bool:
+        """A defined model (its name was checked when it was defined)."""
+        return name in self._models
+
     def get(self, name: str) -> ModelSpec:
         spec = self._models.get(name)
         if spec is None:

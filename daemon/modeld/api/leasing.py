@@ -1,0 +1,144 @@
+"""Route, Release and RenewLease: one implementation for the unary calls and RouteStream.
+
+Each call has a synchronous `*_now` form that answers in the same loop turn when it
+can (a warm Route on this host, any Release or RenewLease of a single host) and
+returns None when the call must wait (a cold start, or cluster mode, where the
+cluster router may go to the database or another host); the awaitable form is
+`*_now` or else the waiting path. RouteStream answers the synchronous ones inline
+and runs only the others as tasks.
+"""
+
+from typing import TYPE_CHECKING
+
+from modeld._proto.modeld.v1 import modeld_pb2 as pb
+from modeld.api import convert
+from modeld.api.status import Ctx, deadline_of, status_of
+from modeld.clock import Clock
+from modeld.errors import InvalidArgument, ModeldError
+from modeld.ops.metrics import Metrics
+from modeld.routing.router import Router
+from modeld.spec import check_name
+from modeld.storage.catalog import Catalog
+
+if TYPE_CHECKING:
+    from modeld.cluster.front import ClusterRouter
+
+# Without a client deadline, a Route waits at most this long for a start.
+DEFAULT_WAIT = 600.0
+# An affinity key is hashed on every keyed Route: a bounded one keeps that cheap.
+MAX_AFFINITY_KEY = 256
+# ReleaseOutcome number → name, and the two Release answers, built once.
+OUTCOMES = {n: pb.ReleaseOutcome.Name(n) for n in pb.ReleaseOutcome.values()}
+RELEASED = pb.ReleaseResponse(released=True)
+NOT_RELEASED = pb.ReleaseResponse(released=False)
+
+
+def _affinity_key(request: pb.RouteRequest) -> str:
+    key = request.affinity_key
+    if len(key) > MAX_AFFINITY_KEY:
+        raise InvalidArgument(
+            f"affinity_key is {len(key)} characters; the limit is {MAX_AFFINITY_KEY} "
+            "(send a hash of a long prefix instead)"
+        )
+    return key
+
+
+class LeaseCalls:
+    def __init__(
+        self,
+        *,
+        clock: Clock,
+        catalog: Catalog,
+        router: Router,
+        metrics: Metrics,
+        cluster: "ClusterRouter | None" = None,
+    ) -> None:
+        self._clock = clock
+        self._catalog = catalog
+        self._router = router
+        self._metrics = metrics
+        self._cluster = cluster
+
+    def _model(self, name: str) -> str:
+        # A defined model's name was checked when it was defined: the warm path skips
+        # the pattern match, anything else gets the precise refusal.
+        if not self._catalog.knows(name):
+            check_name("model", name)
+            self._catalog.get(name)
+        return name
+
+    def route_now(self, request: pb.RouteRequest) -> pb.RouteResponse | None:
+        key = _affinity_key(request)
+        if self._cluster is not None:
+            return None
+        model = self._model(request.model)
+        started = self._clock.monotonic()
+        try:
+            lease = self._router.route_now(model, key)
+        except ModeldError as exc:
+            self._counted(model, started, exc)
+            raise
+        if lease is None:
+            return None
+        self._metrics.route(model, "ok", self._clock.monotonic() - started)
+        return convert.route_response(lease)
+
+    async def route(self, request: pb.RouteRequest, context: Ctx) -> pb.RouteResponse:
+        reply = self.route_now(request)
+        if reply is not None:
+            return reply
+        model = self._model(request.model)
+        started = self._clock.monotonic()
+        deadline = deadline_of(context, started, DEFAULT_WAIT)
+        try:
+            if self._cluster is not None:
+                reply = await self._cluster.route(
+                    model, deadline, context.invocation_metadata(), request.affinity_key
+                )
+            else:
+                reply = convert.route_response(
+                    await self._router.route(model, deadline, request.affinity_key)
+                )
+        except ModeldError as exc:
+            self._counted(model, started, exc)
+            raise
+        self._metrics.route(model, "ok", self._clock.monotonic() - started)
+        if reply.cold_start:
+            self._metrics.cold_start(model)
+        return reply
+
+    def _counted(self, model: str, started: float, exc: ModeldError) -> None:
+        self._metrics.route(model, status_of(exc).name.lower(), self._clock.monotonic() - started)
+
+    def release_now(self, request: pb.ReleaseRequest) -> pb.ReleaseResponse | None:
+        if not request.lease_id:
+            raise InvalidArgument("lease_id is empty")
+        outcome = OUTCOMES.get(request.outcome)
+        if outcome is None:
+            raise InvalidArgument(f"outcome {request.outcome} is not a known ReleaseOutcome")
+        if self._cluster is not None:
+            return None
+        return RELEASED if self._router.release(request.lease_id, outcome) else NOT_RELEASED
+
+    async def release(self, request: pb.ReleaseRequest, context: Ctx) -> pb.ReleaseResponse:
+        reply = self.release_now(request)
+        if reply is not None:
+            return reply
+        assert self._cluster is not None
+        released = await self._cluster.release(request, context.invocation_metadata())
+        return RELEASED if released else NOT_RELEASED
+
+    def renew_now(self, request: pb.RenewLeaseRequest) -> pb.RenewLeaseResponse | None:
+        if not request.lease_id:
+            raise InvalidArgument("lease_id is empty")
+        if self._cluster is not None:
+            return None
+        expires = self._router.renew(request.lease_id)
+        return pb.RenewLeaseResponse(lease_expires_at=convert.timestamp(expires))
+
+    async def renew(self, request: pb.RenewLeaseRequest, context: Ctx) -> pb.RenewLeaseResponse:
+        reply = self.renew_now(request)
+        if reply is not None:
+            return reply
+        assert self._cluster is not None
+        return await self._cluster.renew(request, context.invocation_metadata())
