@@ -261,6 +261,8 @@ def _call(channel: grpc.Channel, method: Any, request: Message) -> tuple[grpc.St
     path = f"/{SERVICE.full_name}/{method.name}"
     response = getattr(pb, method.output_type.name)
     try:
+        if method.client_streaming:
+            return _stream_answer(channel, path, request.SerializeToString())
         if method.server_streaming:
             stream = channel.unary_stream(
                 path,
@@ -361,6 +363,8 @@ def _raw_call(channel: grpc.Channel, method: Any, payload: bytes) -> tuple[grpc.
     path = f"/{SERVICE.full_name}/{method.name}"
     identity: Callable[[bytes], bytes] = lambda data: data  # noqa: E731
     try:
+        if method.client_streaming:
+            return _stream_answer(channel, path, payload)
         if method.server_streaming:
             stream = channel.unary_stream(
                 path, request_serializer=identity, response_deserializer=identity
@@ -376,6 +380,22 @@ def _raw_call(channel: grpc.Channel, method: Any, payload: bytes) -> tuple[grpc.
         if exc.code() is grpc.StatusCode.CANCELLED:
             return grpc.StatusCode.OK, ""
         return exc.code(), exc.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+def _stream_answer(channel: grpc.Channel, path: str, payload: bytes) -> tuple[grpc.StatusCode, str]:
+    """RouteStream answers a message in the stream: its StreamError carries the status
+    name and text a unary call would end with."""
+    identity: Callable[[bytes], bytes] = lambda data: data  # noqa: E731
+    stream = channel.stream_stream(
+        path, request_serializer=identity, response_deserializer=identity
+    )(iter([payload]), timeout=STREAM_LIMIT_S)
+    for raw in stream:
+        stream.cancel()
+        answer = pb.RouteStreamResponse.FromString(raw)
+        if answer.WhichOneof("result") == "error":
+            return grpc.StatusCode[answer.error.code], answer.error.message
+        break
     return grpc.StatusCode.OK, ""
 
 

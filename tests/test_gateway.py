@@ -180,9 +180,13 @@ async def test_a_replica_killed_before_the_request_is_invisible_to_the_client(
 
     assert answer.choices[0].message.content == "hello there, gateway"
     assert await stack.metric("modeld_gateway_upstream_retries_total") == retries + 1
-    # modeld heard that the replica was unreachable, probed it and stopped it.
+    # modeld heard that the replica was unreachable, found its port refusing and stopped it.
     found = await stack.daemon.wait_log(
-        lambda e: e.get("event") == "replica_unreachable" and e.get("replica_id") == victim.id
+        lambda e: (
+            e.get("event") == "replica_health"
+            and e.get("to_health") == "DEAD"
+            and e.get("replica_id") == victim.id
+        )
     )
     assert found["model"] == "pair"
 
@@ -204,9 +208,13 @@ async def test_a_replica_dying_mid_stream_ends_the_stream_with_an_error_event(
                     os.kill(await server_pid(stack.daemon, replica.id), signal.SIGKILL)
     assert seen == ["w0 "]
     assert "broke off" in caught.value.message
-    # Released as unreachable: modeld probed the replica and stopped it.
+    # Released as unreachable: modeld found the replica's port refusing and stopped it.
     await stack.daemon.wait_log(
-        lambda e: e.get("event") == "replica_unreachable" and e.get("replica_id") == replica.id
+        lambda e: (
+            e.get("event") == "replica_health"
+            and e.get("to_health") == "DEAD"
+            and e.get("replica_id") == replica.id
+        )
     )
 
 
