@@ -192,6 +192,42 @@ async def test_a_replica_that_does_not_answer_is_dead_only_after_failures_over_t
         assert "probes in a row failed" in replica.stops[0]
 
 
+async def test_a_replica_holding_leases_is_busy_not_dead_while_its_port_accepts(
+    tmp_path: Path,
+) -> None:
+    """A real server under a long queue fails probe after probe (make test-real saw 3
+    over 10.8 s): while it holds leases, that is no evidence; once it holds none, it is."""
+    async with router_harness(tmp_path, M) as h:
+        held = await h.router.route("m", h.deadline())
+        reported = await h.router.route("m", h.deadline())
+        replica = h.replica(held.replica_id)
+        assert reported.replica_id == replica.id
+        replica.healthy = False
+        h.router.release(reported.id, "BACKEND_UNREACHABLE")
+        for _ in range(2 * replica.backend.probe_failures):
+            await asyncio.wait_for(replica.probing.wait(), 1)
+            replica.probing.clear()
+            h.clock.advance(replica.backend.probe_window)
+        [info] = h.router.replicas("m")
+        assert (info.state, info.suspect, replica.stops) == (
+            S.READY,
+            "a client reported it unreachable",
+            [],
+        )
+        h.router.release(held.id, "OK")
+        stopped = asyncio.ensure_future(replica.stopped.wait())
+        for _ in range(2 * replica.backend.probe_failures):
+            probed = asyncio.ensure_future(replica.probing.wait())
+            await asyncio.wait([stopped, probed], timeout=1, return_when=asyncio.FIRST_COMPLETED)
+            probed.cancel()
+            if stopped.done():
+                break
+            replica.probing.clear()
+            h.clock.advance(replica.backend.probe_window)
+        await asyncio.wait_for(stopped, 1)
+        assert len(replica.stops) == 1 and "probes in a row failed" in replica.stops[0]
+
+
 async def test_unreachable_report_on_a_healthy_replica_keeps_it(tmp_path: Path) -> None:
     async with router_harness(tmp_path, M) as h:
         lease = await h.router.route("m", h.deadline())

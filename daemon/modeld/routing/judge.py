@@ -4,7 +4,7 @@ A server answering health from the queue its completions wait in takes seconds t
 answer under load; stopping it then kills the very requests that made it slow. So a
 replica is declared dead only on evidence: its process exited (the exit watch sees
 that, not this), its port refuses connections, or `probe_failures` probes in a row
-failed over at least `probe_window` (both per backend). A failed or slow probe, or a
+failed over at least `probe_window` (both per backend) while it held no lease. A failed or slow probe, or a
 client's BACKEND_UNREACHABLE report, only makes it *suspect*: new Routes prefer
 another READY replica, its leases stay valid, it is probed again with backoff, and
 one healthy answer clears it.
@@ -131,9 +131,15 @@ class HealthJudge:
                 self._suspects.pop(replica.id, None)
                 self._judge(replica, Health.SUSPECT, Health.HEALTHY, "a probe answered")
                 return
-            suspicion.failures += 1
-            if suspicion.first_failure is None:
-                suspicion.first_failure = result.at
+            if replica.in_flight:
+                # A server answers health from the queue its leases wait in: slow
+                # answers while it holds leases are no evidence (its exit and a refused
+                # port still are, in _verdict). The count starts once it holds none.
+                suspicion.failures, suspicion.first_failure = 0, None
+            else:
+                suspicion.failures += 1
+                if suspicion.first_failure is None:
+                    suspicion.first_failure = result.at
             verdict = await self._verdict(replica, suspicion)
             if verdict:
                 await self._declare_dead(replica, verdict)
