@@ -95,6 +95,7 @@ class BackendSpec:
         # An OpenAI-style server answers health from the queue its completions wait in,
         # so under load a healthy one takes seconds; a gRPC backend answers at once.
         return HTTP_PROBE_TIMEOUT_S if self.protocol == "http" else GRPC_PROBE_TIMEOUT_S
+
     # `http` only: whose Prometheus gauges to read off `metrics_path` every
     # `load_interval` (policy/load.py); "none": routing uses leases alone.
     load_metrics: str = "none"
