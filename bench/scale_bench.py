@@ -8,8 +8,8 @@ else postgresql://root@127.0.0.1:5432/postgres, its default settings), and:
 - idle tx/s: pg_stat_database.xact_commit over `--idle` seconds with no requests,
   one host_ttl after the views converged (this script's own two reads subtracted),
   per host;
-- view convergence: from the last daemon registered until every host lists all N
-  alive; a joining host: from its registration (its log) until all N list it;
+- view convergence: from every daemon registered (all N started) until every host
+  lists all N alive; a joining host: from its registration (its log) until all N list it;
 - kill -9 of that host (not the leader): until every other host lists it expired
   or gone; SIGSTOP of another: until all list it not alive (host_ttl bounds it);
 - cross-host first Route: Load echo on one host, then at once a Route on another
@@ -158,10 +158,8 @@ async def one_size(args: argparse.Namespace, server: str, n: int, root: Path) ->
         out["failed_to_start"] = len(failed)
         if failed:
             raise RuntimeError(f"{len(failed)} daemons did not start: {failed[0]!r}")
-        last = max(
-            logged_at(next(e for e in d.log if e.get("event") == "cluster_registered"))
-            for d in daemons
-        )
+        # From the moment every daemon has registered (this script's clock).
+        last = time.time()
         done = await until_all(
             daemons, lambda v: sum(s == pb.HOST_ALIVE for s in v.values()) >= n, 60
         )
