@@ -186,10 +186,13 @@ async def killed_host_seen_and_its_slot_freed(
     there, in a's freed slot, all before a's lease (host_ttl 10 s) would have run out."""
     a, b = hosts[a_id], hosts[b_id]
     dead = after(b, event("cluster_host_dead", host_id=a_id))
+    # b's view, reread on the death check's notification.
+    expired = after(b, event("cluster_host_expired", host_id=a_id))
     killed_at = time.monotonic()
     a.proc.kill()
     await a.proc.wait()
     await b.wait_log(dead, 10)
+    await b.wait_log(expired, 10)
     seen = await b.stub.ListHosts(pb.ListHostsRequest(), timeout=10)
     assert {h.host_id: h.state for h in seen.hosts}[a_id] == pb.HOST_EXPIRED
     reply = await b.stub.Route(pb.RouteRequest(model="echo"), timeout=20)

@@ -37,7 +37,7 @@ from modeld.cluster.listing import (
     view_events,
 )
 from modeld.cluster.membership import Membership
-from modeld.cluster.store import Snapshot
+from modeld.cluster.store import Changes, Snapshot
 from modeld.cluster.view import ClusterView, HostFigures, RemoteHost, RemoteReplica
 from modeld.config import ClusterConfig
 from modeld.ops.events import CLUSTER, Event, EventBus
@@ -155,13 +155,18 @@ async def test_membership_records_resyncs_and_publishes_view_changes() -> None:
         async def read(self, _hosts: object) -> Snapshot:
             return self.snapshot
 
+        async def read_since(self, _version: int, _near: float) -> Changes:
+            # Both hosts changed; the count and the epoch sum match the view's.
+            return Changes(self.snapshot, ["me", "b"], 2, 2, {})
+
     store: Any = Store()
-    await membership._resync(store)
+    await membership._resync(store)  # the first: a full read
     assert membership.view_age() == 0.0
     clock.advance(1.5)
     assert membership.view_age() == 1.5
     store.snapshot = Snapshot(hosts, [{**row, "state": "READY"}, mine])
-    await membership._resync(store)
+    await membership._resync(store)  # incremental from now on
+    assert membership.view_age() == 0.0
     got = [(e.kind, e.host_id, e.replica_id, e.from_state, e.to_state) for e in watcher.pending()]
     # This host's own replica (r0) is reported by its supervisor, never from the view.
     assert got == [

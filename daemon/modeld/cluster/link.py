@@ -177,7 +177,9 @@ class Link:
             if self.up:
                 self._lost.clear()
                 continue
-            delay = reconnect_delay(self._attempts, self._rand(), cap=self.cap)
+            # Jittered from the first retry on: a database that drops every host at once
+            # (a restart) must not get all of them back in the same instant.
+            delay = reconnect_delay(max(self._attempts, 1), self._rand(), cap=self.cap)
             await asyncio.sleep(delay)  # the backoff itself, not a synchronisation
             try:
                 await self._attempt()

@@ -2,9 +2,12 @@
 
 One task per duty, each waiting on an event with a deadline:
 - `_keep_alive`: every host_ttl/3 renew the host row (or register a new epoch when
-  fenced), reread everything (the resync is the authority), reap one expired host.
-- `_listen`: a dedicated connection LISTENs; a notification names a host, which
-  `_reread` reads again. When the connection dies it reconnects and forces a resync.
+  fenced) and resync, in one statement: only the hosts whose version moved since
+  the last resync, the leases running out, and a count/epoch-sum check that sends
+  the next round to a full reread when a host left unannounced; a full reread
+  after every (re)connect. Then reap one expired host.
+- LISTEN on the host's one link (link.py): a notification names a host, which
+  `_reread` reads again; a reconnect forces a full resync.
 - `_publish`: writes this host's replica rows, at once on a state change and at
   most once a second for load; computed from the router each time, so an event
   the lossy EventBus dropped is repaired on the next tick. It also writes this
