@@ -277,37 +277,27 @@ def c_epoch(daemon: DaemonProc) -> int:
 async def test_reused_backend_address_is_never_routed_under_the_old_identity(
     tmp_path: Path, pg_dsn: str, spaces: Namespaces
 ) -> None:
-    """kill -9 of a backend; its replacement binds the very same address (the port
-    range of b's namespace narrowed to that port), while a's view, frozen by a
-    database outage of a's own, still holds the old replica id + generation."""
+    """kill -9 of a backend; its replacement binds the very same address (modeld's
+    backend_ports narrowed to one port), while a's view, frozen by a database outage
+    of a's own, still holds the old replica id + generation."""
     proxy = await relay(pg_dsn, spaces)
     a_proxy = await relay(pg_dsn, spaces)
     try:
         dsns = [a_proxy.dsn(pg_dsn), proxy.dsn(pg_dsn)]
         netns = [spaces.host(0), spaces.host(1)]
-        async with running_cluster(tmp_path, dsns, "ab", netns=netns) as hosts:
+        one_port = 'backend_ports = "27500-27500"\n' + ECHO_CATALOG
+        async with running_cluster(tmp_path, dsns, "ab", netns=netns, catalog=one_port) as hosts:
             a, b = hosts["a"], hosts["b"]
             old = await load_on(b, "b")
             await a.wait_log(sees_ready("b", old.id), 10)
-            port = int(old.address.rsplit(":", 1)[1])
-            # bind(port 0) takes the upper port of a two-port range (connect() the lower);
-            # no TIME_WAIT, which would hold the port after the kill.
+            # No TIME_WAIT, which would hold the port after the kill.
             spaces.sysctl(1, "net.ipv4.tcp_max_tw_buckets", "0")
-            spaces.sysctl(1, "net.ipv4.ip_local_port_range", f"{port - 1} {port}")
             down = after(a, event("cluster_db_down"))
             a_proxy.cut()
             await a.wait_log(down, 10)
             os.kill(old.pid, signal.SIGKILL)
             await crashed(b, old)
-            # The replacement picks its port at spawn; the range is widened again at
-            # once, since b's own connections (probes, LoadModel) need ports too.
-            spawned = after(b, lambda e: e.get("event") == "replica_state" and spawn_of(e))
-            loading = asyncio.ensure_future(load_on(b, "b"))
-            try:
-                await b.wait_log(spawned, 30)
-            finally:
-                spaces.sysctl(1, "net.ipv4.ip_local_port_range", "32768 60999")
-            new = await loading
+            new = await load_on(b, "b")
             assert new.address == old.address and new.id != old.id, (old, new)
 
             # a still believes in the old (id, generation): b refuses that identity, and
