@@ -49,18 +49,22 @@ class _StateCollector(Collector):
     def __init__(self) -> None:
         self.replicas: ReplicaCounts | None = None
         self.in_flight: InFlightCounts | None = None
+        self.queued: InFlightCounts | None = None
 
     def describe(self) -> Iterable[Metric]:
-        return self._families({}, {})
+        return self._families({}, {}, {})
 
     def collect(self) -> Iterable[Metric]:
         replicas = self.replicas() if self.replicas is not None else {}
         in_flight = self.in_flight() if self.in_flight is not None else {}
-        return self._families(replicas, in_flight)
+        queued = self.queued() if self.queued is not None else {}
+        return self._families(replicas, in_flight, queued)
 
     @staticmethod
     def _families(
-        replicas: Mapping[tuple[str, str], int], in_flight: Mapping[str, int]
+        replicas: Mapping[tuple[str, str], int],
+        in_flight: Mapping[str, int],
+        queued: Mapping[str, int],
     ) -> list[Metric]:
         by_state = GaugeMetricFamily(
             "modeld_replicas", "Replicas by model and state.", labels=["model", "state"]
@@ -71,7 +75,12 @@ class _StateCollector(Collector):
         busy = GaugeMetricFamily("modeld_in_flight", "Active leases by model.", labels=["model"])
         for model, count in sorted(in_flight.items()):
             busy.add_metric([model], count)
-        return [by_state, busy]
+        waiting = GaugeMetricFamily(
+            "modeld_queue_length", "Routes waiting for a slot, by model.", labels=["model"]
+        )
+        for model, count in sorted(queued.items()):
+            waiting.add_metric([model], count)
+        return [by_state, busy, waiting]
 
 
 @dataclass(frozen=True)
@@ -166,6 +175,12 @@ class Metrics:
         self.route_latency = histogram(
             "modeld_route_latency_seconds", "Route call latency.", ROUTE_BUCKETS
         )
+        self.queue_waits = histogram(
+            "modeld_queue_wait_seconds",
+            "How long Routes waited in a model's queue for a slot (parallel).",
+            ROUTE_BUCKETS,
+            "model",
+        )
         self.cold_starts = counter("modeld_cold_starts", "Routes that started a replica.", "model")
         self.load_duration = histogram(
             "modeld_load_duration_seconds", "Spawn to READY, by backend.", LOAD_BUCKETS, "backend"
@@ -192,10 +207,17 @@ class Metrics:
         if process:
             ProcessCollector(registry=reg)
 
-    def set_sources(self, *, replicas: ReplicaCounts, in_flight: InFlightCounts) -> None:
-        """Where the replica and in-flight gauges are read from at each scrape."""
+    def set_sources(
+        self,
+        *,
+        replicas: ReplicaCounts,
+        in_flight: InFlightCounts,
+        queued: InFlightCounts | None = None,
+    ) -> None:
+        """Where the replica, in-flight and queue gauges are read from at each scrape."""
         self._state.replicas = replicas
         self._state.in_flight = in_flight
+        self._state.queued = queued
 
     def set_cluster_source(self, source: ClusterSource) -> None:
         """Cluster mode: where the modeld_cluster_* metrics are read from at each scrape."""
@@ -204,6 +226,9 @@ class Metrics:
     def route(self, model: str, result: str, seconds: float) -> None:
         self.routes.labels(model, result).inc()
         self.route_latency.observe(seconds)
+
+    def queue_wait(self, model: str, seconds: float) -> None:
+        self.queue_waits.labels(model).observe(seconds)
 
     def cold_start(self, model: str) -> None:
         self.cold_starts.labels(model).inc()

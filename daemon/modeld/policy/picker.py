@@ -1,5 +1,6 @@
 """Which ready replica serves the next request.
 
+Only a replica below its model's `parallel` leases takes one (policy/capacity.py).
 Order: fewest in-flight leases, then least recently used, then most free memory on
 the replica's device (its first GPU, or host RAM under key None), then id.
 
@@ -12,6 +13,7 @@ the grid would tie), so the two forms would disagree on near ties.
 
 from collections.abc import Mapping, Sequence
 
+from modeld.policy.capacity import has_room
 from modeld.policy.view import ReplicaView
 from modeld.state import ReplicaState
 
@@ -41,10 +43,12 @@ def sort_key(replica: ReplicaView, free_memory: Mapping[int | None, int]) -> Sor
 
 
 def pick_replica(
-    replicas: Sequence[ReplicaView], free_memory: Mapping[int | None, int]
+    replicas: Sequence[ReplicaView], free_memory: Mapping[int | None, int], parallel: int = 0
 ) -> ReplicaView | None:
-    """The best READY replica, or None when there is none."""
-    ready = [r for r in replicas if r.state is ReplicaState.READY]
+    """The best READY replica with room under `parallel`, or None when there is none."""
+    ready = [
+        r for r in replicas if r.state is ReplicaState.READY and has_room(r.in_flight, parallel)
+    ]
     if not ready:
         return None
     return min(ready, key=lambda r: sort_key(r, free_memory))

@@ -8,12 +8,15 @@ and the wiring (`build_router`) constructs them in one order with no cycle:
     ReplicaIndex    (routing/index.py)     the pools, lookups, views, resource readings
     Stopper         (routing/stops.py)     stops replicas; hears every replica state change
     Admission       (capacity/admission)   gets the Stopper as its evictor
-    Lifecycle       (routing/lifecycle.py) load, unload, min_replicas, scale-up, closing gate
+    Lifecycle       (routing/lifecycle.py) load, unload, min_replicas, scale-out, closing gate
+    RouteQueues     (routing/queue.py)     Routes waiting for a slot under `parallel`
     Router          (this module)          Route / Release / Renew / Health over the above
 
 A warm Route is a pure pick over in-memory views plus a dict insert: no disk I/O
-and no lock. Cold starts are coalesced by the model's pool; the counters reach
-the registry in batches (counters.py).
+and no lock. A Route that finds every replica at its model's `parallel` (or others
+already waiting) waits in the model's queue, which also asks for one more replica.
+Cold starts are coalesced by the model's pool; the counters reach the registry in
+batches (counters.py).
 """
 
 import asyncio
@@ -32,6 +35,7 @@ from modeld.ops.metrics import Metrics
 from modeld.ops.tasks import TaskSupervisor
 from modeld.policy.backoff import DEFAULT as DEFAULT_BACKOFF
 from modeld.policy.backoff import BackoffPolicy
+from modeld.policy.capacity import has_room
 from modeld.policy.eviction import Eviction
 from modeld.policy.picker import pick_replica
 from modeld.policy.view import HostView, ReplicaView
@@ -41,6 +45,7 @@ from modeld.routing.leases import Lease, LeaseLimits, LeaseService
 from modeld.routing.lifecycle import Admit, Factory, Lifecycle, wait_until
 from modeld.routing.pool import ModelPool
 from modeld.routing.probe import ProbeCache
+from modeld.routing.queue import RouteQueues
 from modeld.routing.routed import RoutedReplica
 from modeld.routing.signal import CapacitySignal
 from modeld.routing.stops import Stopper
@@ -71,6 +76,7 @@ class Router:
         tasks: TaskSupervisor,
         flush: Flush | None = None,
         flush_interval: float = FLUSH_INTERVAL_S,
+        metrics: Metrics | None = None,
     ) -> None:
         self._clock = clock
         self._catalog = catalog
@@ -88,6 +94,17 @@ class Router:
         # Replicas a client reported unreachable, while their one probe runs: routed to last.
         self._suspects: set[str] = set()
         self._checks: set[asyncio.Task[None]] = set()
+        self.queues = RouteQueues(
+            clock=clock,
+            catalog=catalog,
+            index=index,
+            leases=leases,
+            pick=self._pick,
+            grant=lambda replica, spec: leases.grant(replica, self._ttl(spec), False),
+            scale_out=lifecycle.scale_out,
+            metrics=metrics,
+        )
+        signal.listen(self.queues.serve_all)
 
     # lifecycle of the router itself
 
@@ -117,15 +134,17 @@ class Router:
         self.leases.check_total()
         cold = False
         for _ in range(ROUTE_ATTEMPTS):
-            replica = self._pick(pool, spec)
+            # Nobody takes a slot past the Routes already waiting for one (no barging).
+            replica = None if self.queues.waiting(model) else self._pick(pool, spec)
             if replica is not None:
-                # The least-loaded replica's leases before this one: the scale-up signal.
-                load = replica.in_flight
                 lease = self.leases.grant(replica, self._ttl(spec), cold)
                 if lease is not None:
-                    threshold = self._settings.current.scale_up_in_flight
-                    self.lifecycle.scale_up(pool, spec, threshold, load)
                     return lease
+            elif spec.parallel and pool.ready():
+                lease = await self.queues.wait(pool, spec, deadline)
+                if lease is not None:
+                    return lease
+                continue
             cold = True
             try:
                 start = self.lifecycle.start_or_join(pool, spec, deadline)
@@ -138,6 +157,8 @@ class Router:
         raise Unavailable(f"model {model!r}: replicas kept failing right after starting")
 
     def _pick(self, pool: ModelPool, spec: ModelSpec) -> RoutedReplica | None:
+        """The replica for the next lease; None when none is READY, or (with `parallel`)
+        every READY one is full."""
         ready = [
             r
             for r in pool.replicas.values()
@@ -145,8 +166,12 @@ class Router:
         ]
         if not ready:
             return None
-        ready = [r for r in ready if self.leases.room_on(r)]
+        ready = [
+            r for r in ready if self.leases.room_on(r) and has_room(r.in_flight, spec.parallel)
+        ]
         if not ready:
+            if spec.parallel:
+                return None
             raise self.leases.full(spec.name)
         if self._suspects and len(ready) > 1:
             ready = [r for r in ready if r.id not in self._suspects] or ready
@@ -154,7 +179,7 @@ class Router:
             return ready[0]
         oldest = self.leases.oldest_started() if spec.busy_timeout else {}
         views = [self.index.view(r, spec, oldest) for r in ready]
-        chosen = pick_replica(views, self.index.free_memory)
+        chosen = pick_replica(views, self.index.free_memory, spec.parallel)
         return pool.replicas[chosen.id] if chosen else None
 
     def _ttl(self, spec: ModelSpec) -> float:
@@ -313,4 +338,5 @@ def build_router(
         tasks=tasks or TaskSupervisor(),
         flush=flush,
         flush_interval=flush_interval,
+        metrics=metrics,
     )
