@@ -228,6 +228,9 @@ async def wait_until(awaitable: Awaitable[T], deadline: float, clock: Clock, mod
     """Await a shared start without cancelling it when this caller's deadline passes."""
     remaining = deadline - clock.monotonic()
     if remaining <= 0:
+        if asyncio.iscoroutine(awaitable):
+            # Never awaited (a replica's `ready`): closed, so it is not reported as lost.
+            awaitable.close()
         raise DeadlineExceeded(f"deadline passed before model {model!r} was ready")
     shared = asyncio.ensure_future(awaitable)
     # Once this caller gives up nobody may await the start any more: its outcome is

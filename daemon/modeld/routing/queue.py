@@ -154,7 +154,10 @@ class RouteQueues:
         self.serve(spec.name)
         margin = min(REPLY_MARGIN_S, REPLY_MARGIN_SHARE * remaining)
         try:
-            return await asyncio.wait_for(asyncio.shield(waiter.answer), remaining - margin)
+            # Not wait_for: on 3.11 it swallows a cancellation that meets an answer, and
+            # a cancelled call would keep a lease its client never sees.
+            async with asyncio.timeout(remaining - margin):
+                return await asyncio.shield(waiter.answer)
         except TimeoutError:
             position_then = queue.leave(waiter)
             if position_then is None:
