@@ -21,12 +21,14 @@ from modeld._proto.modeld.v1 import modeld_pb2 as pb
 pytestmark = pytest.mark.timeout(150)
 
 
-def catalog(max_replicas: int, scale_up: int = 0) -> str:
+def catalog(max_replicas: int, parallel: int = 0) -> str:
+    """With `parallel`, queue_max = 0: a Route that finds every replica full asks for one
+    more and is refused at once (RESOURCE_EXHAUSTED) instead of waiting."""
     return (
-        f"[routing]\nscale_up_in_flight = {scale_up}\n"
         '[backends.echo]\ncommand = ["{python}", "-m", "modeld.backends.echo", '
         '"--addr", "{addr}"]\nstop_grace = "2s"\n'
         f'[models.echo]\nbackend = "echo"\nmax_replicas = {max_replicas}\n'
+        f"parallel = {parallel}\nqueue_max = 0\n"
     )
 
 
@@ -84,8 +86,14 @@ async def until_logged(daemons: list[DaemonProc], match: object, limit_s: float)
         await asyncio.gather(*waits, return_exceptions=True)
 
 
-async def route(daemon: DaemonProc) -> pb.RouteResponse:
-    reply: pb.RouteResponse = await daemon.stub.Route(pb.RouteRequest(model="echo"), timeout=30)
+async def route(daemon: DaemonProc) -> pb.RouteResponse | None:
+    """A lease, or None when every replica was full (the scale-out it asked for may come)."""
+    try:
+        reply: pb.RouteResponse = await daemon.stub.Route(pb.RouteRequest(model="echo"), timeout=30)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED:
+            raise
+        return None
     return reply
 
 
@@ -97,12 +105,12 @@ def cluster(
 
 async def test_scale_up_under_load_never_exceeds_max_replicas(tmp_path: Path, pg_dsn: str) -> None:
     hosts = dict.fromkeys(("a", "b", "c"), "")
-    async with cluster(tmp_path, pg_dsn, hosts, catalog(2, scale_up=1)) as d:
+    async with cluster(tmp_path, pg_dsn, hosts, catalog(2, parallel=1)) as d:
         await load_on(d["a"], "a")
         await load_on(d["a"], "b")
         async with sampling(pg_dsn) as most:
-            # Leases held (never released): every Route after the first finds its
-            # replica busy and asks for a scale-up, on every host.
+            # Leases held (never released): every Route after the first finds every
+            # replica full and asks for a scale-out, on every host.
             for _ in range(4):
                 await asyncio.gather(*(route(x) for x in d.values()))
             skipped = event("cluster_scale_up_skipped")
@@ -115,12 +123,12 @@ async def test_scale_up_under_load_never_exceeds_max_replicas(tmp_path: Path, pg
                 ) from None
             assert len(await hosts_of(pg_dsn)) == 2
         assert most[0] == 2
-        assert not any(event("scale_up")(e) for x in d.values() for e in x.log)
+        assert not any(event("scale_out")(e) for x in d.values() for e in x.log)
 
 
 async def test_scale_ups_from_every_host_start_one_replica(tmp_path: Path, pg_dsn: str) -> None:
     hosts = dict.fromkeys(("a", "b", "c"), "")
-    async with cluster(tmp_path, pg_dsn, hosts, catalog(2, scale_up=1)) as d:
+    async with cluster(tmp_path, pg_dsn, hosts, catalog(2, parallel=1)) as d:
         await load_on(d["a"], "a")
         await until_hosts(pg_dsn, lambda h: h == ["a"], "a's replica in the database")
         async with sampling(pg_dsn) as most:
@@ -139,7 +147,7 @@ async def test_scale_ups_from_every_host_start_one_replica(tmp_path: Path, pg_ds
 async def test_scale_up_lands_on_another_host(tmp_path: Path, pg_dsn: str) -> None:
     # a cannot admit a second replica (max_loaded = 1, its one replica busy).
     hosts = {"a": "", "b": ""}
-    cat = catalog(2, scale_up=1).replace("[routing]", "[watchdog]\nmax_loaded = 1\n[routing]")
+    cat = "[watchdog]\nmax_loaded = 1\n" + catalog(2, parallel=1)
     async with cluster(tmp_path, pg_dsn, hosts, cat) as d:
         await load_on(d["a"], "a")
         await until_hosts(pg_dsn, lambda h: h == ["a"], "a's replica in the database")

@@ -1,12 +1,14 @@
 """The slot decisions (claims.free_slot) and the Router's slot gate, without a database."""
 
+import asyncio
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from modeld.cluster.claims import LOADING, SERVING, Slot, free_slot
 from modeld.errors import Unavailable
-from modeld.spec import ModelSpec, Settings
+from modeld.spec import ModelSpec
 from modeld.state import ReplicaState
 from routing_fakes import router_harness
 
@@ -29,21 +31,26 @@ def test_free_slot_is_the_lowest_nothing_holds() -> None:
 class Gate:
     def __init__(self) -> None:
         self.asked: list[str] = []
+        self.called = asyncio.Event()
 
     def scale_up(self, spec: ModelSpec) -> None:
         self.asked.append(spec.name)
+        self.called.set()
 
 
-async def test_with_a_gate_scale_up_starts_nothing_here(tmp_path: Path) -> None:
-    async with router_harness(tmp_path, M, settings=Settings(scale_up_in_flight=1)) as h:
+async def test_with_a_gate_scale_out_starts_nothing_here(tmp_path: Path) -> None:
+    async with router_harness(tmp_path, replace(M, parallel=1)) as h:
         gate = Gate()
         pool = h.router.pool("m")
-        await h.router.route("m", h.deadline())
+        first = await h.router.route("m", h.deadline())
         h.router.lifecycle.use_gate(gate)
-        await h.router.route("m", h.deadline())
+        second = asyncio.ensure_future(h.router.route("m", h.deadline()))
+        await asyncio.wait_for(gate.called.wait(), 5)
         assert gate.asked == ["m"]
         assert pool.pending() == 0
         assert len(h.made) == 1
+        h.router.release(first.id, "OK")
+        assert (await second).replica_id == first.replica_id
 
 
 async def test_with_a_gate_a_route_never_starts_a_replica_here(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """The router on a fake clock with fake replicas: leases, expiry, coalescing, backoff,
-scale-up, suspects and cached health probes (start backoff: test_pool_backoff.py)."""
+scale-out, suspects and cached health probes (start backoff: test_pool_backoff.py)."""
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -109,32 +110,35 @@ async def test_a_start_cut_short_by_a_stop_does_not_back_off(tmp_path: Path) -> 
         assert lease.replica_id != replica.id
 
 
-async def test_scale_up_starts_a_replica_when_every_one_is_busy(tmp_path: Path) -> None:
-    async with router_harness(tmp_path, M, settings=Settings(scale_up_in_flight=1)) as h:
+async def test_scale_out_starts_one_replica_when_every_one_is_at_parallel(
+    tmp_path: Path,
+) -> None:
+    async with router_harness(tmp_path, replace(M, parallel=2)) as h:
         pool = h.router.pool("m")
         first = await h.router.route("m", h.deadline())
-        assert pool.pending() == 0, "a replica that had no lease must not scale up"
-        gate = asyncio.Event()
-        h.scripts["m"] = [{"gate": gate}]
         second = await h.router.route("m", h.deadline())
         assert second.replica_id == first.replica_id
-        assert not second.cold_start
-        assert pool.pending() == 1
-        assert pool.planned() == 2
-        third = await h.router.route("m", h.deadline())
-        assert third.replica_id == first.replica_id
-        assert pool.pending() == 1, "one scale-up at a time"
+        assert pool.pending() == 0, "a replica with room left must not scale out"
+        gate = asyncio.Event()
+        h.scripts["m"] = [{"gate": gate}]
+        waiting = [asyncio.ensure_future(h.router.route("m", h.deadline())) for _ in range(5)]
+        added = await h.made_replica(2)
+        assert h.router.queues.waiting("m") == 5
+        assert pool.planned() == 2, "one start for the whole shortage"
         gate.set()
-        added = await h.router.lifecycle.start_or_join(pool, M, h.deadline())
-        fourth = await h.router.route("m", h.deadline())
-        assert fourth.replica_id == added.id
-        for _ in range(3):
-            await h.router.route("m", h.deadline())
-        assert pool.pending() == 0, "max_replicas reached"
+        served = [await w for w in waiting[:2]]
+        assert {lease.replica_id for lease in served} == {added.id}
+        assert not any(w.done() for w in waiting[2:]), "max_replicas reached: they queue"
+        assert len(h.made) == 2
+        h.router.release(first.id, "OK")
+        assert (await waiting[2]).replica_id == first.replica_id
+        for lease in [second, *served, await waiting[2]]:
+            h.router.release(lease.id, "OK")
+        await asyncio.gather(*waiting)
         assert len(h.made) == 2
 
 
-async def test_scale_up_is_off_by_default(tmp_path: Path) -> None:
+async def test_scale_out_is_off_without_parallel(tmp_path: Path) -> None:
     async with router_harness(tmp_path, M) as h:
         for _ in range(5):
             await h.router.route("m", h.deadline())

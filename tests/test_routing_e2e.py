@@ -26,9 +26,6 @@ CATALOG = f"""
 [backends.echo]
 command = [{ECHO}]
 stop_grace = "300ms"
-[backends.slow]
-command = [{ECHO}, "--start-delay", "0.5"]
-stop_grace = "300ms"
 [backends.crashy]
 command = [{ECHO}, "--start-delay", "0.3", "--exit-on-start", "7"]
 [models.duo]
@@ -50,9 +47,6 @@ backend = "fragile"
 [models.crashy]
 backend = "crashy"
 max_replicas = 3
-[models.elastic]
-backend = "slow"
-max_replicas = 2
 """
 Stream = grpc.aio.UnaryStreamCall  # type: ignore[type-arg]
 
@@ -251,45 +245,3 @@ async def test_a_failed_cold_load_fails_every_route_alike_then_backs_off(
         # Refused from the backoff without another start.
         assert starts(tmp_path, "crashy") == 1
         assert len(await replicas(d, "crashy")) == 1
-
-
-async def test_scale_up_starts_a_second_replica_while_the_first_serves(tmp_path: Path) -> None:
-    config = CATALOG + "[routing]\nscale_up_in_flight = 1\n"
-    async with running_daemon(tmp_path, config) as d:
-        first = await d.stub.Route(pb.RouteRequest(model="elastic"), timeout=30)
-        assert starts(tmp_path, "elastic") == 1
-        events = d.stub.WatchEvents(pb.WatchEventsRequest(model="elastic"))
-        second = await d.stub.Route(pb.RouteRequest(model="elastic"), timeout=30)
-        assert second.replica_id == first.replica_id
-        assert not second.cold_start
-        ready = await next_event(
-            events, lambda e: e.to_state == pb.READY and e.replica_id != first.replica_id, 10
-        )
-        events.cancel()
-        # The daemon's own log is in the order things happened in it: the second Route
-        # was answered before the replica it caused to start was READY.
-        await d.wait_log(
-            lambda e: (
-                e.get("event") == "replica_state"
-                and e.get("replica_id") == ready.replica_id
-                and e.get("to_state") == "READY"
-            )
-        )
-        order = [
-            "route" if e.get("event") == "rpc" else "ready"
-            for e in d.log
-            if (e.get("event"), e.get("method")) == ("rpc", "Route")
-            or (e.get("event"), e.get("replica_id"), e.get("to_state"))
-            == ("replica_state", ready.replica_id, "READY")
-        ]
-        assert order[:3] == ["route", "route", "ready"], order
-        third = await d.stub.Route(pb.RouteRequest(model="elastic"), timeout=10)
-        assert third.replica_id == ready.replica_id
-        fourth = await d.stub.Route(pb.RouteRequest(model="elastic"), timeout=10)
-        assert fourth.replica_id == ready.replica_id
-        listed = await replicas(d, "elastic")
-        assert {i: r.in_flight for i, r in listed.items()} == {
-            first.replica_id: 2,
-            ready.replica_id: 2,
-        }
-        assert starts(tmp_path, "elastic") == 2, "max_replicas = 2"

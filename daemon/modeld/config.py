@@ -85,7 +85,6 @@ TABLES: dict[str, dict[str, Parser]] = {
     "routing": {
         "lease_ttl": parse_duration,
         "probe_ttl": parse_duration,
-        "scale_up_in_flight": _int,
         "affinity_slack": _float,
     },
     "logs": {
@@ -331,8 +330,19 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     target[leaf] = value
 
 
+def _refuse_removed(raw: dict[str, Any]) -> None:
+    routing = raw.get("routing")
+    if isinstance(routing, dict) and "scale_up_in_flight" in routing:
+        raise ConfigError(
+            "config: routing.scale_up_in_flight is gone: set `parallel` on the model instead "
+            "(the leases one replica may hold); a Route that finds every replica at `parallel` "
+            "starts one more, up to max_replicas"
+        )
+
+
 def _build(raw: dict[str, Any], source: str) -> Config:
     tables = {"backends", "models", *TABLES}
+    _refuse_removed(raw)
     top = _parse_table("", {k: v for k, v in raw.items() if k not in tables}, TOP)
     parsed = {t: _parse_table(t, raw.get(t, {}), TABLES[t]) for t in TABLES}
     backends, aliases = _build_backends(raw.get("backends", {}))

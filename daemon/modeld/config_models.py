@@ -51,6 +51,8 @@ MODEL_KEYS: dict[str, Parser] = {
     "gpu_ids": int_list,
     "host_labels": str_map,
     "placement": choice(*PLACEMENTS),
+    "parallel": integer,
+    "queue_max": integer,
 }
 
 

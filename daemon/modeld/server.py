@@ -376,7 +376,9 @@ class Daemon:
 
     async def _serve_metrics(self, router: Router) -> None:
         self.metrics.set_sources(
-            replicas=router.index.state_counts, in_flight=router.index.in_flight_counts
+            replicas=router.index.state_counts,
+            in_flight=router.index.in_flight_counts,
+            queued=router.queues.lengths,
         )
         if self.cluster is not None:
             self.metrics.set_cluster_source(self.cluster.stats)

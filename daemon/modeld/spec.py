@@ -31,6 +31,10 @@ MAX_GROUPS = 16
 MAX_HOST_LABELS = 16
 MAX_LABEL_LEN = 128
 MAX_REPLICAS = 64
+# Leases one replica may hold at once (`parallel`), and Routes one model's queue may hold.
+MAX_PARALLEL = 1 << 16
+MAX_QUEUE = 1 << 16
+DEFAULT_QUEUE_MAX = 512
 MIN_LEASE_TTL_S = 0.1
 MAX_PATH_LEN = 1024
 MAX_TTL_S = 365 * 86400
@@ -128,6 +132,10 @@ class ModelSpec:
     # run this model, and "spread" | "binpack" ("" = the cluster's default).
     host_labels: tuple[tuple[str, str], ...] = ()
     placement: str = ""
+    # Leases one replica may hold at once (its backend's parallel slots); 0 = unlimited.
+    # Past it a Route waits in the model's queue, of at most `queue_max` Routes.
+    parallel: int = 0
+    queue_max: int = DEFAULT_QUEUE_MAX
 
     def option_map(self) -> dict[str, str]:
         return dict(self.options)
@@ -255,6 +263,12 @@ def _check_counts(spec: ModelSpec) -> None:
             f"model {spec.name!r}: min_replicas ({spec.min_replicas}) exceeds "
             f"max_replicas ({spec.max_replicas})"
         )
+    if not 0 <= spec.parallel <= MAX_PARALLEL:
+        raise InvalidArgument(
+            f"model {spec.name!r}: parallel must be 0 (unlimited) or a count up to {MAX_PARALLEL}"
+        )
+    if not 0 <= spec.queue_max <= MAX_QUEUE:
+        raise InvalidArgument(f"model {spec.name!r}: queue_max must be 0..{MAX_QUEUE}")
     if spec.memory_estimate < 0 or spec.memory_estimate > 1 << 50:
         raise InvalidArgument(f"model {spec.name!r}: memory_estimate is out of range")
     if spec.gpus is not None and not 0 <= spec.gpus <= 16:
@@ -314,7 +328,6 @@ class Settings:
     watchdog_interval: float = 0.5
     lease_ttl: float = 600.0
     probe_ttl: float = 30.0
-    scale_up_in_flight: int = 0
     # Leases a replica may hold over the average before an affinity key moves on
     # (policy/affinity.py): the bound is ceil(affinity_slack * average).
     affinity_slack: float = 1.25
@@ -343,8 +356,6 @@ def check_settings(s: Settings) -> Settings:
         raise InvalidArgument("lease_ttl must be between 1s and 7 days")
     if not 0 <= s.probe_ttl <= 3600:
         raise InvalidArgument("probe_ttl must be between 0 and 1h")
-    if not 0 <= s.scale_up_in_flight <= 1 << 16:
-        raise InvalidArgument("scale_up_in_flight must be 0 (off) or a positive count")
     if not 1 <= s.affinity_slack <= 100:
         raise InvalidArgument(
             "affinity_slack must be between 1 and 100 (1.25: 25% over the average)"

@@ -17,7 +17,8 @@ from modeld.info import ReplicaInfo
 from modeld.ops.events import Event
 from modeld.ops.logstore import LogLine
 from modeld.routing.leases import Lease
-from modeld.spec import BackendSpec, ModelSpec, Settings
+from modeld.routing.queue import QueueInfo
+from modeld.spec import DEFAULT_QUEUE_MAX, BackendSpec, ModelSpec, Settings
 from modeld.state import ReplicaState
 
 _MAX_SECONDS = 10 * 365 * 86400
@@ -123,6 +124,8 @@ def spec_from_proto(msg: pb.ModelSpec) -> ModelSpec:
         source="api",
         host_labels=tuple(sorted(msg.host_labels.items())),
         placement=msg.placement,
+        parallel=msg.parallel,
+        queue_max=msg.queue_max if msg.HasField("queue_max") else DEFAULT_QUEUE_MAX,
     )
 
 
@@ -141,6 +144,8 @@ def spec_to_proto(spec: ModelSpec) -> pb.ModelSpec:
         source=spec.source,
         host_labels=dict(spec.host_labels),
         placement=spec.placement,
+        parallel=spec.parallel,
+        queue_max=spec.queue_max,
     )
     for name in ("idle_ttl", "lease_ttl", "busy_timeout"):
         value = getattr(spec, name)
@@ -154,6 +159,16 @@ def spec_to_proto(spec: ModelSpec) -> pb.ModelSpec:
 def backend_to_proto(backend: BackendSpec) -> pb.Backend:
     return pb.Backend(
         name=backend.name, protocol=protocol(backend.protocol), aliases=backend.aliases
+    )
+
+
+def queue_to_proto(info: QueueInfo) -> pb.ModelQueue:
+    return pb.ModelQueue(
+        model=info.model,
+        length=info.length,
+        parallel=info.parallel,
+        queue_max=info.queue_max,
+        oldest_wait=duration(info.oldest_wait),
     )
 
 

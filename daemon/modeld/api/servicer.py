@@ -230,7 +230,10 @@ class ModelControl(pb_grpc.ModelControlServicer):
             replicas = self._cluster.replicas(model, local=request.local)
             return pb.ListReplicasResponse(replicas=replicas)
         infos = self._router.replicas(model)
-        return pb.ListReplicasResponse(replicas=[convert.replica_to_proto(i) for i in infos])
+        return pb.ListReplicasResponse(
+            replicas=[convert.replica_to_proto(i) for i in infos],
+            queues=[convert.queue_to_proto(q) for q in self._router.queues.infos(model)],
+        )
 
     @unary
     async def ListHosts(self, request: pb.ListHostsRequest, context: Ctx) -> pb.ListHostsResponse:

@@ -143,6 +143,21 @@ def ps_table(replicas: Sequence[pb.Replica], idles: Sequence[Idle], *, wide: boo
     return table(("HOST", *header) if cluster else header, rows)
 
 
+def queues_table(queues: Iterable[pb.ModelQueue]) -> str:
+    """Routes waiting for a slot, per model with `parallel` set (below `modeld ps`)."""
+    rows = [
+        (
+            q.model,
+            str(q.length),
+            human_duration(seconds(q.oldest_wait)) if q.length else "-",
+            str(q.parallel),
+            str(q.queue_max),
+        )
+        for q in queues
+    ]
+    return table(("MODEL", "QUEUED", "OLDEST WAIT", "PARALLEL", "QUEUE MAX"), rows)
+
+
 def replicas_table(replicas: Iterable[pb.Replica]) -> str:
     return table(REPLICA_HEADER, [_replica_cells(r) for r in replicas])
 

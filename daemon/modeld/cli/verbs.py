@@ -28,13 +28,16 @@ def _out(text: str) -> None:
 
 def ps(args: argparse.Namespace, s: Session) -> None:
     request = pb.ListReplicasRequest(model=args.model or "", local=args.local)
-    replicas = _call(s, "ListReplicas", request).replicas
+    reply = _call(s, "ListReplicas", request)
+    replicas = reply.replicas
     specs = {m.name: m for m in _call(s, "ListModels", pb.ListModelsRequest()).models}
     idle_timeout = render.seconds(_call(s, "GetSettings", pb.GetSettingsRequest()).idle_timeout)
     now = time.time()
     idles = [render.idle(r, specs.get(r.model), idle_timeout, now) for r in replicas]
     if not args.json:
         _out(render.ps_table(replicas, idles, wide=args.wide))
+        if reply.queues:
+            _out("\n" + render.queues_table(reply.queues))
         return
     rows = []
     for r, i in zip(replicas, idles, strict=True):
@@ -42,7 +45,8 @@ def ps(args: argparse.Namespace, s: Session) -> None:
         row["idle_for_seconds"] = i.idle_for
         row["until_eviction_seconds"] = i.until_eviction
         rows.append(row)
-    _out(render.to_json({"replicas": rows}))
+    queues = [render.to_dict(q) for q in reply.queues]
+    _out(render.to_json({"replicas": rows, "queues": queues}))
 
 
 def hosts(args: argparse.Namespace, s: Session) -> None:

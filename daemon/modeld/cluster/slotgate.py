@@ -1,6 +1,6 @@
 """Every replica of this host under one of its model's slots (`claims.py`).
 
-- Scale-up (`scale_up_in_flight`): the local Router asks the gate (routing/lifecycle.py's
+- Scale-out on load (`parallel`): the local Router asks the gate (routing/lifecycle.py's
   `SlotGate`) instead of starting a replica itself. The gate takes a slot in the
   background, so that the Route that asked never waits on the database, and the claim
   flow (`ColdStarts.start_claimed`) places the replica on the best host, which may be

@@ -104,19 +104,23 @@ class _StateCollector(Collector):
         self._metrics = metrics
 
     def describe(self) -> Iterable[Metric]:
-        return self._families({}, {})
+        return self._families({}, {}, {})
 
     def collect(self) -> Iterable[Metric]:
         replicas: ReplicaCounts | None = self._metrics.replica_counts
         in_flight: InFlightCounts | None = self._metrics.in_flight_counts
+        queued: InFlightCounts | None = self._metrics.queued_counts
         return self._families(
             replicas() if replicas is not None else {},
             in_flight() if in_flight is not None else {},
+            queued() if queued is not None else {},
         )
 
     @staticmethod
     def _families(
-        replicas: Mapping[tuple[str, str], int], in_flight: Mapping[str, int]
+        replicas: Mapping[tuple[str, str], int],
+        in_flight: Mapping[str, int],
+        queued: Mapping[str, int],
     ) -> list[Metric]:
         by_state = GaugeMetricFamily(
             "modeld_replicas", "Replicas by model and state.", labels=["model", "state"]
@@ -127,7 +131,12 @@ class _StateCollector(Collector):
         busy = GaugeMetricFamily("modeld_in_flight", "Active leases by model.", labels=["model"])
         for model, count in sorted(in_flight.items()):
             busy.add_metric([model], count)
-        return [by_state, busy]
+        waiting = GaugeMetricFamily(
+            "modeld_queue_length", "Routes waiting for a slot, by model.", labels=["model"]
+        )
+        for model, count in sorted(queued.items()):
+            waiting.add_metric([model], count)
+        return [by_state, busy, waiting]
 
 
 class _ClusterCollector(Collector):

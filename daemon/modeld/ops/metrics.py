@@ -123,6 +123,12 @@ class Metrics:
         self.route_latency = Buckets(
             "modeld_route_latency_seconds", "Route call latency.", ROUTE_BUCKETS
         )
+        self.queue_waits = Buckets(
+            "modeld_queue_wait_seconds",
+            "How long Routes waited in a model's queue for a slot (parallel).",
+            ROUTE_BUCKETS,
+            "model",
+        )
         self.cold_starts = Tally("modeld_cold_starts", "Routes that started a replica.", "model")
         self.load_duration = Buckets(
             "modeld_load_duration_seconds", "Spawn to READY, by backend.", LOAD_BUCKETS, "backend"
@@ -165,9 +171,15 @@ class Metrics:
             self.load_scrape_failures,
             self.log_lines_dropped,
         )
-        self.histograms = (self.route_latency, self.load_duration, self.registry_transaction)
+        self.histograms = (
+            self.route_latency,
+            self.queue_waits,
+            self.load_duration,
+            self.registry_transaction,
+        )
         self.replica_counts: ReplicaCounts | None = None
         self.in_flight_counts: InFlightCounts | None = None
+        self.queued_counts: InFlightCounts | None = None
         self.cluster_source: ClusterSource | None = None
         self.backend_loads: BackendLoads | None = None
 
@@ -181,10 +193,17 @@ class Metrics:
             self._registry = build_registry(self, process=self._process)
         return self._registry
 
-    def set_sources(self, *, replicas: ReplicaCounts, in_flight: InFlightCounts) -> None:
-        """Where the replica and in-flight gauges are read from at each scrape."""
+    def set_sources(
+        self,
+        *,
+        replicas: ReplicaCounts,
+        in_flight: InFlightCounts,
+        queued: InFlightCounts | None = None,
+    ) -> None:
+        """Where the replica, in-flight and queue gauges are read from at each scrape."""
         self.replica_counts = replicas
         self.in_flight_counts = in_flight
+        self.queued_counts = queued
 
     def set_cluster_source(self, source: ClusterSource) -> None:
         """Cluster mode: where the modeld_cluster_* metrics are read from at each scrape."""
@@ -200,6 +219,9 @@ class Metrics:
     def route(self, model: str, result: str, seconds: float) -> None:
         self.routes.inc(model, result)
         self.route_latency.observe(seconds)
+
+    def queue_wait(self, model: str, seconds: float) -> None:
+        self.queue_waits.observe(seconds, model)
 
     def cold_start(self, model: str) -> None:
         self.cold_starts.inc(model)

@@ -1,5 +1,6 @@
 """Which ready replica serves the next request.
 
+Only a replica below its model's `parallel` leases takes one (policy/capacity.py).
 Order: fewest in-flight leases, then least recently used, then most free memory on
 the replica's device (its first GPU, or host RAM under key None), then id.
 
@@ -18,6 +19,7 @@ key's replica on the ring, within the bound on its leases, among those left.
 from collections.abc import Mapping, Sequence
 
 from modeld.policy.affinity import AffinityInput, pick_affine
+from modeld.policy.capacity import has_room
 from modeld.policy.load import LoadInput
 from modeld.policy.view import ReplicaView
 from modeld.state import ReplicaState
@@ -50,12 +52,15 @@ def sort_key(replica: ReplicaView, free_memory: Mapping[int | None, int]) -> Sor
 def pick_replica(
     replicas: Sequence[ReplicaView],
     free_memory: Mapping[int | None, int],
+    parallel: int = 0,
     *,
     load: LoadInput | None = None,
     affinity: AffinityInput | None = None,
 ) -> ReplicaView | None:
-    """The best READY replica, or None when there is none."""
-    ready: Sequence[ReplicaView] = [r for r in replicas if r.state is ReplicaState.READY]
+    """The best READY replica with room under `parallel`, or None when there is none."""
+    ready: Sequence[ReplicaView] = [
+        r for r in replicas if r.state is ReplicaState.READY and has_room(r.in_flight, parallel)
+    ]
     if not ready:
         return None
     if load is not None:

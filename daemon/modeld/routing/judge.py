@@ -4,8 +4,9 @@ A server answering health from the queue its completions wait in takes seconds t
 answer under load; stopping it then kills the very requests that made it slow. So a
 replica is declared dead only on evidence: its process exited (the exit watch sees
 that, not this), its port refuses connections, or `probe_failures` probes in a row
-failed over at least `probe_window` (both per backend) while it held no lease. A failed or slow probe, or a
-client's BACKEND_UNREACHABLE report, only makes it *suspect*: new Routes prefer
+failed over at least `probe_window` (both per backend) while it held no lease. A
+failed or slow probe, or a client's BACKEND_UNREACHABLE report, only makes it
+*suspect*: new Routes prefer
 another READY replica, its leases stay valid, it is probed again with backoff, and
 one healthy answer clears it.
 

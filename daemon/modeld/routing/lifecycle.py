@@ -1,4 +1,4 @@
-"""Lifecycle: which replicas should exist: load, unload, min_replicas, scale-up, shutdown.
+"""Lifecycle: which replicas should exist: load, unload, min_replicas, scale-out, shutdown.
 
 Starts go through the model's pool (which coalesces them and keeps the pending
 ones visible); stops go through the `Stopper`. The lifecycle owns the closing
@@ -7,7 +7,7 @@ even by a start that was already waiting in admission (it is cancelled, and the
 gate is checked again, with no await, right before a replica is created).
 
 In a cluster every start needs one of its model's max_replicas slots (cluster/claims.py):
-a `SlotGate` then takes the scale-ups, which would otherwise begin here without one, and
+a `SlotGate` then takes the scale-outs, which would otherwise begin here without one, and
 a Route that finds no start to join is refused rather than start one. Single-host mode
 has no gate.
 """
@@ -21,11 +21,13 @@ import structlog
 from modeld.clock import Clock
 from modeld.errors import DeadlineExceeded, NotFound, RetryRoute, Unavailable
 from modeld.info import ReplicaInfo
+from modeld.policy import capacity
 from modeld.routing.index import ReplicaIndex
 from modeld.routing.pool import ModelPool, ready
 from modeld.routing.routed import Listener, RoutedReplica
 from modeld.routing.stops import Stopper
 from modeld.spec import ModelSpec, check_replica_count
+from modeld.state import STARTING_STATES, ReplicaState
 from modeld.storage.catalog import Catalog
 
 log = structlog.get_logger(__name__)
@@ -35,7 +37,7 @@ T = TypeVar("T")
 Admit = Callable[[ModelSpec, float], Awaitable[tuple[int, ...]]]
 # Creates (does not start) a replica; the listener hears each of its state changes.
 Factory = Callable[[ModelSpec, tuple[int, ...], Listener], RoutedReplica]
-# How long a background start (min_replicas, scale-up) may wait for admission.
+# How long a background start (min_replicas, scale-out) may wait for admission.
 MIN_REPLICA_WAIT = 600.0
 SHUTTING_DOWN = "modeld is shutting down"
 
@@ -175,11 +177,22 @@ class Lifecycle:
                     break
         return started
 
-    def scale_up(self, pool: ModelPool, spec: ModelSpec, threshold: int, load: int) -> None:
-        """Start one more replica in the background when even the least-loaded one is busy."""
-        if not threshold or load < threshold or self._closed:
+    def scale_out(self, pool: ModelPool, spec: ModelSpec, waiting: int) -> None:
+        """One more replica in the background when Routes wait and every READY one is at
+        `parallel` (policy/capacity.py); admission decides whether it may run."""
+        if self._closed:
             return
-        if pool.pending() or pool.planned() >= spec.max_replicas:
+        servable = pool.servable()
+        ready = [r.in_flight for r in servable if r.state is ReplicaState.READY]
+        starting = len(pool.admitting()) + sum(r.state in STARTING_STATES for r in servable)
+        if not capacity.scale_out(
+            ready_in_flight=ready,
+            parallel=spec.parallel,
+            waiting=waiting,
+            starting=starting,
+            planned=pool.planned(),
+            max_replicas=spec.max_replicas,
+        ):
             return
         if self._gate is not None:
             self._gate.scale_up(spec)
@@ -188,7 +201,7 @@ class Lifecycle:
             pool.start(spec, self._background_deadline(), self)
         except Unavailable:
             return
-        log.info("scale_up", model=spec.name, threshold=threshold, in_flight=load)
+        log.info("scale_out", model=spec.name, parallel=spec.parallel, waiting=waiting)
 
     def _background_deadline(self) -> float:
         return self._clock.monotonic() + MIN_REPLICA_WAIT
@@ -215,6 +228,9 @@ async def wait_until(awaitable: Awaitable[T], deadline: float, clock: Clock, mod
     """Await a shared start without cancelling it when this caller's deadline passes."""
     remaining = deadline - clock.monotonic()
     if remaining <= 0:
+        if asyncio.iscoroutine(awaitable):
+            # Never awaited (a replica's `ready`): closed, so it is not reported as lost.
+            awaitable.close()
         raise DeadlineExceeded(f"deadline passed before model {model!r} was ready")
     shared = asyncio.ensure_future(awaitable)
     # Once this caller gives up nobody may await the start any more: its outcome is

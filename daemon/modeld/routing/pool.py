@@ -104,6 +104,14 @@ class ModelPool:
     def live(self) -> list[RoutedReplica]:
         return [r for r in self.replicas.values() if r.state in LIVE]
 
+    def ready(self) -> list[RoutedReplica]:
+        """Replicas that serve now: READY and not being stopped."""
+        return [
+            r
+            for r in self.replicas.values()
+            if r.state is ReplicaState.READY and not r.stop_requested
+        ]
+
     def servable(self) -> list[RoutedReplica]:
         """Replicas that serve now or will once their start finishes (and are not stopping)."""
         return [

@@ -9,12 +9,15 @@ and the wiring (`build_router`) constructs them in one order with no cycle:
     HealthJudge     (routing/judge.py)     suspect or dead: a READY replica that did not answer
     Stopper         (routing/stops.py)     stops replicas; hears every replica state change
     Admission       (capacity/admission)   gets the Stopper as its evictor
-    Lifecycle       (routing/lifecycle.py) load, unload, min_replicas, scale-up, closing gate
+    Lifecycle       (routing/lifecycle.py) load, unload, min_replicas, scale-out, closing gate
+    RouteQueues     (routing/queue.py)     Routes waiting for a slot under `parallel`
     Router          (this module)          Route / Release / Renew / Health over the above
 
 A warm Route is a pure pick over in-memory views plus a dict insert: no disk I/O
-and no lock. Cold starts are coalesced by the model's pool; the counters reach
-the registry in batches (counters.py).
+and no lock. A Route that finds every replica at its model's `parallel` (or others
+already waiting) waits in the model's queue, which also asks for one more replica.
+Cold starts are coalesced by the model's pool; the counters reach the registry in
+batches (counters.py).
 """
 
 import asyncio
@@ -34,6 +37,7 @@ from modeld.ops.tasks import TaskSupervisor
 from modeld.policy.affinity import AffinityInput
 from modeld.policy.backoff import DEFAULT as DEFAULT_BACKOFF
 from modeld.policy.backoff import BackoffPolicy
+from modeld.policy.capacity import has_room
 from modeld.policy.eviction import Eviction
 from modeld.policy.load import LoadInput, ReportedLoad
 from modeld.policy.picker import pick_replica
@@ -46,6 +50,7 @@ from modeld.routing.lifecycle import Admit, Factory, Lifecycle, wait_until
 from modeld.routing.loadscrape import LoadScraper
 from modeld.routing.pool import ModelPool
 from modeld.routing.probe import ProbeCache
+from modeld.routing.queue import RouteQueues
 from modeld.routing.rings import Rings
 from modeld.routing.routed import RoutedReplica
 from modeld.routing.signal import CapacitySignal
@@ -79,6 +84,7 @@ class Router:
         flush: Flush | None = None,
         flush_interval: float = FLUSH_INTERVAL_S,
         loads: LoadScraper | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._clock = clock
         self._catalog = catalog
@@ -97,6 +103,17 @@ class Router:
         self._background: list[asyncio.Task[None]] = []
         # model -> the affinity ring over its READY replicas (policy/affinity.py).
         self._rings = Rings()
+        self.queues = RouteQueues(
+            clock=clock,
+            catalog=catalog,
+            index=index,
+            leases=leases,
+            pick=self._pick,
+            grant=lambda replica, spec: leases.grant(replica, self._ttl(spec), False),
+            scale_out=lifecycle.scale_out,
+            metrics=metrics,
+        )
+        signal.listen(self.queues.serve_all)
 
     # lifecycle of the router itself
 
@@ -127,13 +144,16 @@ class Router:
 
     def route_now(self, model: str, affinity_key: str = "") -> Lease | None:
         """The warm Route, in this call: a lease on a READY replica with room, or None
-        when the model has no READY replica and the caller must `route` (and wait).
+        when the model has no READY replica with room, or Routes queue for one, and the
+        caller must `route` (and wait).
         Refusals (unknown model, every replica full, lease bounds) raise as in `route`."""
         spec = self._catalog.get(model)
         pool = self.index.pool(model)
         self.leases.check_total()
+        if self.queues.waiting(model):
+            return None  # the Routes already queued go first (no barging)
         replica = self._pick(pool, spec, affinity_key)
-        return None if replica is None else self._grant(pool, spec, replica, False)
+        return None if replica is None else self._grant(replica, spec, False)
 
     async def route(self, model: str, deadline: float, affinity_key: str = "") -> Lease:
         spec = self._catalog.get(model)
@@ -141,11 +161,18 @@ class Router:
         self.leases.check_total()
         cold = False
         for _ in range(ROUTE_ATTEMPTS):
-            replica = self._pick(pool, spec, affinity_key)
+            # Nobody takes a slot past the Routes already waiting for one (no barging).
+            queued = self.queues.waiting(model)
+            replica = None if queued else self._pick(pool, spec, affinity_key)
             if replica is not None:
-                lease = self._grant(pool, spec, replica, cold)
+                lease = self._grant(replica, spec, cold)
                 if lease is not None:
                     return lease
+            elif spec.parallel and pool.ready():
+                lease = await self.queues.wait(pool, spec, deadline)
+                if lease is not None:
+                    return lease
+                continue
             cold = True
             try:
                 start = self.lifecycle.start_or_join(pool, spec, deadline)
@@ -157,7 +184,11 @@ class Router:
                     raise
         raise Unavailable(f"model {model!r}: replicas kept failing right after starting")
 
-    def _pick(self, pool: ModelPool, spec: ModelSpec, affinity_key: str) -> RoutedReplica | None:
+    def _pick(
+        self, pool: ModelPool, spec: ModelSpec, affinity_key: str = ""
+    ) -> RoutedReplica | None:
+        """The replica for the next lease; None when none is READY, or (with `parallel`)
+        every READY one is full."""
         live = [
             r
             for r in pool.replicas.values()
@@ -165,8 +196,10 @@ class Router:
         ]
         if not live:
             return None
-        ready = [r for r in live if self.leases.room_on(r)]
+        ready = [r for r in live if self.leases.room_on(r) and has_room(r.in_flight, spec.parallel)]
         if not ready:
+            if spec.parallel:
+                return None
             raise self.leases.full(spec.name)
         suspects = self._judge.suspects()
         if suspects and len(ready) > 1:
@@ -177,7 +210,9 @@ class Router:
         views = [self.index.view(r, spec, oldest) for r in ready]
         affinity = self._affinity(pool.model, live, affinity_key) if affinity_key else None
         load = self._load_input(spec)
-        chosen = pick_replica(views, self.index.free_memory, load=load, affinity=affinity)
+        chosen = pick_replica(
+            views, self.index.free_memory, spec.parallel, load=load, affinity=affinity
+        )
         return pool.replicas[chosen.id] if chosen else None
 
     def _load_input(self, spec: ModelSpec) -> LoadInput | None:
@@ -197,30 +232,9 @@ class Router:
     def affinity_slack(self) -> float:
         return self._settings.current.affinity_slack
 
-    @staticmethod
-    def _least_in_flight(pool: ModelPool) -> int:
-        return min(
-            (
-                r.in_flight
-                for r in pool.replicas.values()
-                if r.state is ReplicaState.READY and not r.stop_requested
-            ),
-            default=0,
-        )
-
-    def _grant(
-        self, pool: ModelPool, spec: ModelSpec, replica: RoutedReplica, cold: bool
-    ) -> Lease | None:
-        """A lease on the picked replica (None when it gives no slot), then the
-        scale-up check on its load before this lease."""
-        # The least-loaded replica's leases before this one: the scale-up signal (not
-        # always the picked one's: an affinity key or backend reports pick too).
-        threshold = self._settings.current.scale_up_in_flight
-        load = self._least_in_flight(pool) if threshold else 0
-        lease = self.leases.grant(replica, self._ttl(spec), cold)
-        if lease is not None:
-            self.lifecycle.scale_up(pool, spec, threshold, load)
-        return lease
+    def _grant(self, replica: RoutedReplica, spec: ModelSpec, cold: bool) -> Lease | None:
+        """A lease on the picked replica; None when it gives no slot."""
+        return self.leases.grant(replica, self._ttl(spec), cold)
 
     def _ttl(self, spec: ModelSpec) -> float:
         return spec.lease_ttl if spec.lease_ttl is not None else self._settings.current.lease_ttl
@@ -408,4 +422,5 @@ def build_router(
             index.live,
             metrics.load_scrape_failed if metrics else lambda _backend: None,
         ),
+        metrics=metrics,
     )

@@ -65,4 +65,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE models ADD COLUMN host_labels TEXT NOT NULL DEFAULT '{}'",
         "ALTER TABLE models ADD COLUMN placement TEXT NOT NULL DEFAULT ''",
     ),
+    # Lease slots per replica and the queue bound (spec.ModelSpec.parallel, .queue_max).
+    (
+        "ALTER TABLE models ADD COLUMN parallel INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE models ADD COLUMN queue_max INTEGER NOT NULL DEFAULT 512",
+    ),
 )
