@@ -1,19 +1,21 @@
 """The router with affinity keys, over test replicas (the production wiring)."""
 
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 from modeld.policy.affinity import build_ring, successors
-from modeld.spec import ModelSpec, Settings
+from modeld.spec import ModelSpec
 from routing_fakes import router_harness
 
 M = ModelSpec(name="m", backend="echo", max_replicas=4)
 
 
-async def test_a_key_on_a_busier_replica_does_not_scale_up_while_another_is_calmer(
+async def test_a_key_whose_replica_is_full_goes_to_one_with_room_and_starts_nothing(
     tmp_path: Path,
 ) -> None:
-    async with router_harness(tmp_path, M, settings=Settings(scale_up_in_flight=2)) as h:
+    spec = replace(M, parallel=2)
+    async with router_harness(tmp_path, spec) as h:
         replicas = await h.router.load("m", 3, h.deadline())
         for _ in range(5):  # plain Routes: fewest leases first, so 2, 2 and 1
             await h.router.route("m", h.deadline())
@@ -22,8 +24,9 @@ async def test_a_key_on_a_busier_replica_does_not_scale_up_while_another_is_calm
         ring = build_ring(r.id for r in replicas)
         key = next(k for k in (f"k{i}" for i in range(100)) if held[next(successors(ring, k))] == 2)
         lease = await h.router.route("m", h.deadline(), key)
-        assert lease.replica_id == next(successors(ring, key))
-        # The least-loaded replica had 1 lease, under scale_up_in_flight: no start.
+        # Its own replica is at parallel: the key moves on to the one with room, and
+        # with room left nothing scales out.
+        assert held[lease.replica_id] == 1
         assert h.router.pool("m").pending() == 0
 
 
