@@ -7,7 +7,7 @@ PROTOS := $(shell find protos -name '*.proto')
 STUBS := daemon/modeld/_proto/.stamp
 ARGS ?=
 
-.PHONY: run test test-real lint proto bench bench-cluster bench-scale soak clean
+.PHONY: run test test-long test-real lint proto bench bench-cluster bench-scale soak clean
 
 $(BIN)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test: $(STUBS)
 # repository (~20 min on 2 cores the first time); where they cannot be built it says
 # so in one line and the suite is skipped.
 MODELD_REAL_CACHE ?= $(HOME)/.cache/modeld-real
+# The slowest scenarios (tests marked `long`, tests/conftest.py), about 5 minutes.
+test-long: $(STUBS)
+	$(BIN)/python -m pytest -m long $(ARGS)
+
 test-real: $(STUBS)
 	@if tools/real_servers.sh "$(MODELD_REAL_CACHE)"; then \
 		MODELD_REAL_CACHE="$(MODELD_REAL_CACHE)" $(BIN)/python -m pytest -m real -s \
@@ -49,6 +53,7 @@ bench: $(STUBS)
 	$(BIN)/python bench/flood_bench.py $(FLOOD_ARGS)
 	$(BIN)/python bench/gateway_bench.py $(GATEWAY_ARGS)
 	$(BIN)/python bench/affinity_bench.py $(AFFINITY_ARGS)
+	$(BIN)/python bench/queue_bench.py $(QUEUE_ARGS)
 
 bench-cluster: $(STUBS)
 	$(BIN)/python bench/cluster_bench.py $(ARGS)

@@ -203,6 +203,7 @@ async def _follow_until(stub: pb_grpc.ModelControlStub, text: str) -> None:
         stream.cancel()
 
 
+@pytest.mark.long
 async def test_stalled_and_many_followers_cost_bounded_memory(daemon: DaemonProc) -> None:
     stub = daemon.stub
     await stub.Load(pb.LoadRequest(model="m"), timeout=30)

@@ -94,6 +94,7 @@ async def run_load(
     [{"a": 4, "b": 4, "c": 4}, {"a": CLIENTS - 2, "b": 1, "c": 1}],
     ids=["even", "skewed"],
 )
+@pytest.mark.long
 async def test_in_flight_stays_balanced_over_three_hosts(
     tmp_path: Path, pg_dsn: str, spread: dict[str, int]
 ) -> None:

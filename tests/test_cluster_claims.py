@@ -109,6 +109,7 @@ async def test_100_cold_routes_over_3_hosts_start_one_backend(
         assert len(await ready_rows(pg_dsn)) == 1
 
 
+@pytest.mark.long
 async def test_owner_killed_mid_load_is_taken_over(tmp_path: Path, pg_dsn: str, gate: Path) -> None:
     extras = {h: gated_toml(gate) for h in ("a", "b", "c")}
     async with cluster(tmp_path, pg_dsn, extras) as hosts:
@@ -136,6 +137,7 @@ async def test_owner_killed_mid_load_is_taken_over(tmp_path: Path, pg_dsn: str, 
         assert sum(1 for d in (b, c) for e in d.log if taken_over(e)) == 1
 
 
+@pytest.mark.long
 async def test_owner_stopped_past_expiry_cannot_publish(
     tmp_path: Path, pg_dsn: str, gate: Path
 ) -> None:

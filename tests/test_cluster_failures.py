@@ -138,6 +138,7 @@ OUTAGE_S = 30.0
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.long
 async def test_database_outage_keeps_warm_routes(tmp_path: Path, pg_dsn: str) -> None:
     target = urlsplit(pg_dsn)
     proxy = await FaultProxy.start(target.hostname or "127.0.0.1", target.port or 5432)

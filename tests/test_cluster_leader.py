@@ -198,6 +198,7 @@ async def test_kill9_of_the_leader_elects_another_within_host_ttl(
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.long
 async def test_sigstop_past_ttl_unseats_the_leader_and_the_resumed_one_steps_down(
     tmp_path: Path, pg_dsn: str
 ) -> None:

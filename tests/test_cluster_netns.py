@@ -178,6 +178,7 @@ async def routes_land(via: DaemonProc, count: int) -> list[pb.RouteResponse]:
     return replies
 
 
+@pytest.mark.long
 async def test_host_cut_off_its_network_is_routed_around_then_rejoins(
     tmp_path: Path, pg_dsn: str, spaces: Namespaces
 ) -> None:

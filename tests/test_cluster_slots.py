@@ -159,6 +159,7 @@ async def test_scale_up_lands_on_another_host(tmp_path: Path, pg_dsn: str) -> No
         assert most[0] == 2
 
 
+@pytest.mark.long
 async def test_host_back_after_lease_expiry_keeps_max_replicas(tmp_path: Path, pg_dsn: str) -> None:
     hosts = {"a": "", "b": ""}
     async with cluster(tmp_path, pg_dsn, hosts, catalog(1)) as d:

@@ -114,6 +114,7 @@ async def _no_survivors(marker: str, known: list[int]) -> None:
     assert await wait_pids_gone(late, PDEATHSIG_WAIT_S) == [], f"late backends survived: {late}"
 
 
+@pytest.mark.long
 async def test_kill_9_mid_burst_loses_nothing_acknowledged(tmp_path: Path) -> None:
     marker = new_marker()
     config, addr = write_config(tmp_path, kill_loop_config(marker))

@@ -206,14 +206,17 @@ async def test_a_replica_dying_mid_stream_ends_the_stream_with_an_error_event(
                 if len(seen) == 1:
                     [replica] = [r for r in await stack.replicas("pair") if r.in_flight]
                     os.kill(await server_pid(stack.daemon, replica.id), signal.SIGKILL)
-    assert seen == ["w0 "]
+    # Chunks already on their way may still arrive after the kill; the rest never do.
+    assert seen[0] == "w0 " and len(seen) < 200, seen
     assert "broke off" in caught.value.message
-    # Released as unreachable: modeld found the replica's port refusing and stopped it.
+    # Its exit, or the release as unreachable and its refusing port, ends the replica.
     await stack.daemon.wait_log(
         lambda e: (
-            e.get("event") == "replica_health"
-            and e.get("to_health") == "DEAD"
-            and e.get("replica_id") == replica.id
+            e.get("replica_id") == replica.id
+            and (
+                (e.get("event") == "replica_health" and e.get("to_health") == "DEAD")
+                or (e.get("event") == "replica_state" and e.get("from_state") == "READY")
+            )
         )
     )
 

@@ -84,6 +84,7 @@ async def serve_and_route(modeld: Path, tmp_path: Path) -> None:
         await daemon.close()
 
 
+@pytest.mark.long
 async def test_the_wheel_serves_the_demo_model_from_a_fresh_venv(
     wheel: Path, tmp_path: Path
 ) -> None:
@@ -115,6 +116,7 @@ def verify(root: Path, unit: str) -> tuple[int, str]:
     return done.returncode, done.stdout + done.stderr
 
 
+@pytest.mark.long
 async def test_install_sh_installs_a_service_that_verifies_and_upgrades_in_place(
     wheel: Path, tmp_path: Path
 ) -> None:

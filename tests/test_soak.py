@@ -13,6 +13,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import pytest
+
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
@@ -83,6 +85,7 @@ def test_every_sample_is_checked_and_a_mismatch_fails_the_soak(tmp_path: Path) -
     assert figures["failures"][0] == "sample: replica r1 (READY) has in_flight 1 but 0 live leases"
 
 
+@pytest.mark.long
 def test_short_chaos_soak_passes_every_check(tmp_path: Path) -> None:
     figures = tmp_path / "soak.json"
     run = subprocess.run(
