@@ -7,9 +7,9 @@ closed-loop clients each Route, hold the lease for `--hold-ms` (the request a re
 client would send), and Release. Measured:
 
 1. the queue wait: how long each Route took to get its lease (p50, p99, max);
-2. what a fair queue predicts for that wait: with C clients, P slots and a hold of
-   H, a Route waits for the C - P leases ahead of it to be served P at a time,
-   about (C - P) / P x H; the p99 over that figure says whether anybody was passed
+2. what a fair queue predicts for that wait: with C clients and P slots, a Route
+   waits for the C - P leases ahead of it to be served at the measured rate R of
+   pairs/s, (C - P) / R; the p99 over that figure says whether anybody was passed
    over (FIFO keeps it near 1, starvation would grow it with the run);
 3. the daemon's own histogram (`modeld_queue_wait_seconds`) and the Routes it saw
    queued, read from its metrics endpoint, next to the client's figures.
@@ -112,7 +112,7 @@ async def measure(daemon: Server, args: argparse.Namespace, metrics_port: int) -
     if len(waits) < 10 * args.concurrency:
         raise BenchError(f"only {len(waits)} Routes completed")
     daemon_figures = await asyncio.to_thread(scrape, metrics_port)
-    predicted = max(args.concurrency - PARALLEL, 0) / PARALLEL * hold_s
+    predicted = max(args.concurrency - PARALLEL, 0) / series.rate if series.rate else 0.0
     saturated = latency_summary(waits)
     return {
         "concurrency": args.concurrency,
