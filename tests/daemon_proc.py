@@ -19,6 +19,7 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
@@ -229,6 +230,19 @@ async def running_daemon(
 
 # Indexes into /proc/PID/stat after the command name: state, ppid, pgrp, session, starttime.
 _STATE, _PPID, _PGRP, _SESSION, _START = 0, 1, 2, 3, 19
+
+
+def starts_recorded(folder: Path, model: str) -> int:
+    """STARTING events in the registry of the daemon configured in `folder` (as
+    `write_config` lays it out): one per spawned replica, written before the spawn."""
+    db = sqlite3.connect(f"file:{folder / 'state' / 'modeld.db'}?mode=ro", uri=True)
+    try:
+        row = db.execute(
+            "SELECT count(*) FROM events WHERE model = ? AND to_state = 'STARTING'", (model,)
+        ).fetchone()
+    finally:
+        db.close()
+    return int(row[0])
 
 
 def _stat_fields(pid: int) -> list[str] | None:

@@ -6,7 +6,6 @@ on gRPC calls with deadlines, never on sleeps.
 """
 
 import asyncio
-import sqlite3
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,7 +13,7 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from daemon_proc import DaemonProc, running_daemon
+from daemon_proc import DaemonProc, running_daemon, starts_recorded
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -62,18 +61,6 @@ async def in_flight(d: DaemonProc, model: str) -> dict[str, int]:
     return {r.id: r.in_flight for r in (await listing(d, model)).replicas}
 
 
-def spawns(d: DaemonProc, model: str) -> int:
-    """STARTING events in the daemon's registry (written before a spawn goes on)."""
-    db = sqlite3.connect(f"file:{d.config.parent / 'state' / 'modeld.db'}?mode=ro", uri=True)
-    try:
-        row = db.execute(
-            "SELECT count(*) FROM events WHERE model = ? AND to_state = 'STARTING'", (model,)
-        ).fetchone()
-    finally:
-        db.close()
-    return int(row[0])
-
-
 def joined(d: DaemonProc, model: str) -> int:
     """How many times a Route of `model` joined its queue (the daemon's log)."""
     return sum(1 for e in d.log if e.get("event") == "route_queued" and e.get("model") == model)
@@ -104,7 +91,7 @@ async def test_parallel_caps_the_leases_of_a_replica_and_the_queue_deadline_name
     assert "position 1" in message, message
     # max_replicas = 1: the queue, not a second replica; the cap held throughout.
     assert await in_flight(d, "pair") == {first.replica_id: 2}
-    assert spawns(d, "pair") == 1
+    assert starts_recorded(d.config.parent, "pair") == 1
     listed = await listing(d, "pair")
     assert [(q.model, q.length) for q in listed.queues] == [("pair", 0)]
     await release(d, first, second)
@@ -112,7 +99,7 @@ async def test_parallel_caps_the_leases_of_a_replica_and_the_queue_deadline_name
 
 async def test_a_full_replica_starts_one_more_per_shortage_never_a_storm(d: DaemonProc) -> None:
     held = [await route(d, "burst"), await route(d, "burst")]
-    assert spawns(d, "burst") == 1
+    assert starts_recorded(d.config.parent, "burst") == 1
     go, four = asyncio.Event(), asyncio.Event()
     served: list[pb.RouteResponse] = []
 
@@ -130,7 +117,7 @@ async def test_a_full_replica_starts_one_more_per_shortage_never_a_storm(d: Daem
     await asyncio.wait_for(four.wait(), 30)
     # The whole burst joined the queue (the replicas it caused came up after).
     await d.wait_log(lambda _: joined(d, "burst") == 20)
-    assert spawns(d, "burst") == 3
+    assert starts_recorded(d.config.parent, "burst") == 3
     listed = await listing(d, "burst")
     assert sorted(r.in_flight for r in listed.replicas) == [2, 2, 2], listed
     assert [q.length for q in listed.queues] == [16]
@@ -138,7 +125,7 @@ async def test_a_full_replica_starts_one_more_per_shortage_never_a_storm(d: Daem
     await release(d, *held)
     await asyncio.wait_for(asyncio.gather(*burst), 30)
     assert len(served) == 20
-    assert spawns(d, "burst") == 3
+    assert starts_recorded(d.config.parent, "burst") == 3
     assert set((await in_flight(d, "burst")).values()) == {0}
 
 

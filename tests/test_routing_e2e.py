@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from daemon_proc import DaemonProc, running_daemon, wait_pids_gone
+from daemon_proc import DaemonProc, running_daemon, starts_recorded, wait_pids_gone
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 
 ECHO = '"{python}", "-m", "modeld.backends.echo", "--addr", "{addr}"'
@@ -49,18 +48,6 @@ backend = "crashy"
 max_replicas = 3
 """
 Stream = grpc.aio.UnaryStreamCall  # type: ignore[type-arg]
-
-
-def starts(tmp_path: Path, model: str) -> int:
-    """STARTING events the daemon recorded for a model: one per spawned replica."""
-    db = sqlite3.connect(f"file:{tmp_path / 'state' / 'modeld.db'}?mode=ro", uri=True)
-    try:
-        row = db.execute(
-            "SELECT count(*) FROM events WHERE model = ? AND to_state = 'STARTING'", (model,)
-        ).fetchone()
-    finally:
-        db.close()
-    return int(row[0])
 
 
 async def next_event(stream: Stream, match: Callable[[pb.Event], bool], limit_s: float) -> pb.Event:
@@ -205,7 +192,7 @@ async def test_fifty_concurrent_cold_routes_spawn_once(tmp_path: Path) -> None:
         elapsed = time.monotonic() - began
         print(f"50 concurrent cold Routes: all leased after {elapsed * 1000:.0f} ms")
         assert len({lease.replica_id for lease in leases}) == 1
-        assert starts(tmp_path, "cold") == 1
+        assert starts_recorded(tmp_path, "cold") == 1
         listed = await replicas(d, "cold")
         assert [(r.id, r.in_flight) for r in listed.values()] == [(leases[0].replica_id, 50)]
         for lease in leases:
@@ -227,7 +214,7 @@ async def test_a_failed_cold_load_fails_every_route_alike_then_backs_off(
         details = {e.details() for e in errors}
         assert len(details) == 1
         assert "exiting on purpose with 7" in (details.pop() or "")
-        assert starts(tmp_path, "crashy") == 1
+        assert starts_recorded(tmp_path, "crashy") == 1
 
         began = time.monotonic()
         # A deadline shorter than the 1 s backoff: refused at once (a longer one would wait).
@@ -243,5 +230,5 @@ async def test_a_failed_cold_load_fails_every_route_alike_then_backs_off(
         assert "next attempt at" in message
         assert "exiting on purpose with 7" in message
         # Refused from the backoff without another start.
-        assert starts(tmp_path, "crashy") == 1
+        assert starts_recorded(tmp_path, "crashy") == 1
         assert len(await replicas(d, "crashy")) == 1
