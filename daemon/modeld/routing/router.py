@@ -109,7 +109,7 @@ class Router:
             index=index,
             leases=leases,
             pick=self._pick,
-            grant=lambda replica, spec: leases.grant(replica, self._ttl(spec), False),
+            grant=lambda replica, spec: self._grant(replica, spec, False),
             scale_out=lifecycle.scale_out,
             metrics=metrics,
         )
