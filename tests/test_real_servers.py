@@ -108,7 +108,12 @@ def lcp_recipe(**changes: Any) -> dict[str, Any]:
 
 
 def config(
-    tmp_path: Path, backend: dict[str, Any], *, max_replicas: int = 1, name: str = "b"
+    tmp_path: Path,
+    backend: dict[str, Any],
+    *,
+    max_replicas: int = 1,
+    name: str = "b",
+    model_keys: str = "",
 ) -> str:
     """The daemon's config (after write_config's lines); the GGUF is linked into its
     models_dir (tmp_path/models), a copy where a link cannot be made."""
@@ -127,6 +132,7 @@ def config(
         f"model_file = {json.dumps(model.name)}",
         "gpus = 0",
         f"max_replicas = {max_replicas}",
+        model_keys,
     ]
     return "\n".join(lines) + "\n"
 
@@ -301,6 +307,56 @@ async def test_the_llama_server_recipe_starts_for_real(tmp_path: Path) -> None:
         server = await server_share(d, lease.replica_id, lambda t: "model loaded" in t)
         share = f"modeld's share {cold - server:.3f} s (the server's own start {server:.3f} s)"
         figure(f"llama-server cold Route {cold:.3f} s, {share}; completion {text.strip()[:40]!r}")
+
+
+async def reported_running(d: DaemonProc, until: float) -> int:
+    """The most requests llama-server reported running (its /metrics, via ListReplicas)."""
+    most = 0
+    while time.monotonic() < until and most < 1:
+        listed = await d.stub.ListReplicas(pb.ListReplicasRequest(model=MODEL))
+        most = max([r.load_running for r in listed.replicas if r.load_reported] or [0])
+        await asyncio.sleep(0.2)
+    return most
+
+
+async def test_a_burst_on_llama_server_parallel_2_queues_and_reads_its_load(
+    tmp_path: Path,
+) -> None:
+    """Six clients at once on one `--parallel 2` llama-server of `parallel = 2`: never
+    more than two leases at once, the rest wait in the queue (route_queued) and all six
+    get their completion; the server's own load report reaches ListReplicas."""
+    binary = str(llama_server())
+    table = recipe("llama-server", load_metrics="llamacpp", load_interval="250ms")
+    command = [binary, *table["command"][1:], "--parallel", "2", "--metrics"]
+    body = config(tmp_path, {**table, "command": command}, model_keys="parallel = 2")
+    held = [0, 0]  # leases held now, the most ever held at once
+
+    async def one(client: AsyncClient, session: aiohttp.ClientSession) -> str:
+        async with client.lease(MODEL) as lease:
+            held[0] += 1
+            held[1] = max(held)
+            try:
+                return await complete(session, lease)
+            finally:
+                held[0] -= 1
+
+    async with (
+        running_daemon(tmp_path, body) as d,
+        AsyncClient(d.addr, timeout=HTTP_LIMIT_S) as client,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HTTP_LIMIT_S)) as session,
+    ):
+        await d.stub.Load(pb.LoadRequest(model=MODEL, replicas=1), timeout=HTTP_LIMIT_S)
+        began = time.perf_counter()
+        burst = asyncio.gather(*(one(client, session) for _ in range(6)))
+        running = await reported_running(d, time.monotonic() + 60)
+        texts = await burst
+        took = time.perf_counter() - began
+        queued = [e for e in d.log if e.get("event") == "route_queued"]
+    assert all(t.strip() for t in texts), texts
+    assert held[1] == 2, f"at most {held[1]} leases at once (parallel = 2)"
+    assert len(queued) >= 1, "no Route waited although six came for two slots"
+    assert running >= 1, "llama-server's /metrics never reported a running request"
+    figure(f"llama-server --parallel 2: 6 completions in {took:.2f} s, {len(queued)} queued")
 
 
 def test_the_suite_is_not_part_of_a_plain_run() -> None:
