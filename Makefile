@@ -47,6 +47,7 @@ lint: $(STUBS)
 	$(BIN)/ruff check daemon tests bench tools setup.py
 	$(BIN)/ruff format --check daemon tests bench tools setup.py
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 bench: $(STUBS)
 	$(BIN)/python bench/route_bench.py $(ARGS)

@@ -9,7 +9,7 @@ replicas are `FakeReplica`s whose start, health and stop the test controls: a
 start can be held (`gate`), a stop can be held before it acts (`hold_stop`) and
 while it stops (`stop_gate`), and a start gives up at once when a stop is
 requested, as the real replica's does. In-flight slots are the shared
-`routing.slots.Slots`, so the bookkeeping under test is the real one.
+`supervisor.slots.Slots`, so the bookkeeping under test is the real one.
 """
 
 import asyncio
@@ -30,12 +30,12 @@ from modeld.routing.lifecycle import Admit
 from modeld.routing.probe import ProbeCache
 from modeld.routing.routed import Listener
 from modeld.routing.router import Router, build_router
-from modeld.routing.slots import Slots
 from modeld.spec import BackendSpec, ModelSpec, Settings
 from modeld.state import ALLOWED, TERMINAL, ReplicaState
 from modeld.storage.catalog import Catalog
 from modeld.storage.registry import Registry
 from modeld.storage.settings_store import SettingsStore
+from modeld.supervisor.slots import Slots
 
 S = ReplicaState
 BACKEND = BackendSpec(name="echo", command=("true",))

@@ -2,7 +2,8 @@
 
 from collections import Counter
 
-from modeld.cluster.view import RemoteReplica, affine_target
+from modeld.cluster.view import affine_target
+from modeld.info import RemoteReplica
 from modeld.policy.affinity import build_ring, successors
 from modeld.routing.rings import Rings
 from modeld.state import ReplicaState

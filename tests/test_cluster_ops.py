@@ -28,8 +28,6 @@ from modeld.api import convert
 from modeld.clock import FakeClock
 from modeld.cluster.listing import (
     Here,
-    HostEntry,
-    HostState,
     host_replica_counts,
     host_state,
     host_state_counts,
@@ -38,8 +36,9 @@ from modeld.cluster.listing import (
 )
 from modeld.cluster.membership import Membership
 from modeld.cluster.store import Changes, Snapshot
-from modeld.cluster.view import ClusterView, HostFigures, RemoteHost, RemoteReplica
+from modeld.cluster.view import ClusterView, HostFigures, RemoteHost
 from modeld.config import ClusterConfig
+from modeld.info import HostEntry, HostState, RemoteReplica
 from modeld.ops.events import CLUSTER, Event, EventBus
 from modeld.ops.metrics import ClusterStats, Metrics
 from modeld.state import ReplicaState

@@ -9,19 +9,12 @@ import grpc
 import pytest
 
 from modeld import config
-from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld.cluster.forward import Peers, make_marker, parse_marker
 from modeld.cluster.ownload import OwnLoad
 from modeld.cluster.schema import SCHEMA_VERSION, migrate
-from modeld.cluster.view import (
-    ClusterView,
-    RemoteHost,
-    RemoteReplica,
-    estimate,
-    pick_remote,
-    route_target,
-)
+from modeld.cluster.view import ClusterView, RemoteHost, estimate, pick_remote, route_target
 from modeld.errors import ConfigError, RegistryError, Unavailable
+from modeld.info import RemoteReplica
 from modeld.state import ReplicaState
 
 
@@ -208,7 +201,7 @@ async def test_peers_forget_closes_the_channel_of_a_departed_host() -> None:
     peers = Peers(config.load(None, env={"MODELD_CLUSTER_DSN": "postgresql://db/x"}))
     try:
         call = asyncio.ensure_future(
-            peers.release("a", address, pb.ReleaseRequest(lease_id="a~1"), limit_s=60)
+            peers.release("a", address, "a~1", "OK", limit_s=60)
         )
         # One turn of the loop puts the call on a new channel.
         await asyncio.sleep(0)

@@ -12,9 +12,10 @@ from modeld.capacity.resources import ResourceReader
 from modeld.clock import FakeClock, SystemClock
 from modeld.cluster.hostcap import GRID, LocalFigures, capacities, figures_of
 from modeld.cluster.membership import Membership
-from modeld.cluster.view import ClusterView, HostFigures, RemoteHost, RemoteReplica
+from modeld.cluster.view import ClusterView, HostFigures, RemoteHost
 from modeld.config import ClusterConfig
 from modeld.errors import FailedPrecondition, InvalidArgument
+from modeld.info import RemoteReplica
 from modeld.ops.events import EventBus
 from modeld.policy.host_placement import HostCapacity, eviction_rank, place, placement_mode
 from modeld.policy.view import GpuView, HostView, ReplicaView

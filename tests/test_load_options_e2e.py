@@ -11,7 +11,7 @@ import pytest
 
 from daemon_proc import running_daemon
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
-from modeld.supervisor.load_options import FIELDS, Kind
+from modeld.load_options import FIELDS, Kind
 
 BACKEND = Path(__file__).parent / "backends" / "options_backend.py"
 # One name per ModelOptions field (aliases such as ngl would overwrite each other).

@@ -20,8 +20,8 @@ import pytest
 from modeld.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from modeld.ops.metrics import Metrics
 from modeld.ops.notify import Notifier
-from modeld.ops.observer import Observer
 from modeld.routing.leases import Lease
+from modeld.routing.observer import Observer
 from modeld.spec import ModelSpec, Settings
 from modeld.state import ReplicaState
 from routing_fakes import Harness, router_harness

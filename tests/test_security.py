@@ -12,13 +12,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
-from modeld.api.security import (
-    TokenAuth,
-    check_listen_security,
-    load_tokens,
-    server_credentials,
-    token_auth,
-)
+from modeld.api.security import TokenAuth, check_listen_security, server_credentials, token_auth
+from modeld.config.secrets import load_tokens
 from modeld.errors import ConfigError
 from pki import have_openssl, make_pki
 

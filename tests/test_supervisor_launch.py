@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 
 from modeld.errors import InvalidArgument
+from modeld.load_options import FIELDS
 from modeld.spec import BackendSpec, ModelSpec
 from modeld.supervisor.launch import plan_launch
-from modeld.supervisor.load_options import FIELDS
 
 BACKEND = BackendSpec(
     name="b",

@@ -20,7 +20,6 @@ from modeld.clock import SystemClock
 from modeld.errors import InvalidArgument, Unavailable
 from modeld.ops.events import Event, EventBus, Subscription
 from modeld.ops.logstore import STDERR, STDOUT, LogStore
-from modeld.routing.slots import SlotError
 from modeld.spec import BackendSpec, ModelSpec
 from modeld.state import ReplicaState
 from modeld.storage.registry import Registry
@@ -32,6 +31,7 @@ from modeld.supervisor.process import (
     process_matches,
 )
 from modeld.supervisor.replica import Replica, ReplicaDeps
+from modeld.supervisor.slots import SlotError
 
 S = ReplicaState
 ECHO = ("{python}", "-m", "modeld.backends.echo", "--addr", "{addr}")

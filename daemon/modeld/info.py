@@ -1,6 +1,13 @@
-"""Read-only snapshots handed to the API and the CLI; never mutated after creation."""
+"""Read-only snapshots handed to the API and the CLI; never mutated after creation.
 
+What the routing interface (`modeld.frontend`) answers in, one host or many: the
+API converts these to protobuf and never needs to know where they came from.
+"""
+
+from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
+from typing import NamedTuple
 
 from modeld.state import ReplicaState
 
@@ -31,3 +38,89 @@ class ReplicaInfo:
     load_waiting: int | None = None
     load_running: int = 0
     kv_cache_usage: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QueueInfo:
+    model: str
+    length: int
+    parallel: int
+    queue_max: int
+    oldest_wait: float  # seconds; 0 when none waits
+
+
+class Grant(NamedTuple):
+    """A Route's answer: the lease on a ready replica, here or on another host.
+
+    A tuple: one is made on every warm Route, and a tuple is the cheapest record."""
+
+    lease_id: str
+    replica_id: str
+    address: str
+    protocol: str
+    expires_wall: float
+    cold_start: bool = False
+    # In a cluster: the modeld that holds the lease (Release and RenewLease may go there).
+    owner_address: str = ""
+    # Forwarded Routes (modeld to modeld): the replica's in-flight on its owner after
+    # the call, and whether the owner declined because its replica was no less loaded.
+    owner_in_flight: int = 0
+    declined: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LinkState:
+    up: bool
+    # Wall-clock seconds since which the link has been down (None while up).
+    down_since: float | None
+    error: str
+    where: str
+    attempts: int
+
+
+class HostState(StrEnum):
+    ALIVE = "alive"
+    SUSPECT = "suspect"
+    EXPIRED = "expired"
+
+
+@dataclass(frozen=True, slots=True)
+class HostEntry:
+    host_id: str
+    epoch: int
+    address: str
+    role: str
+    labels: Mapping[str, str]
+    state: HostState
+    replicas: int
+    gpu_free: tuple[int, ...]  # bytes per GPU as the host published them; () until it does
+    gpu_total: tuple[int, ...]
+    ram_free: int  # 0: not published yet
+    ram_total: int
+    lease_remaining: float | None  # None: not known (this host, not registered yet)
+    heartbeat_age: float | None
+    local: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteReplica:
+    id: str
+    host_id: str
+    epoch: int
+    model: str
+    state: ReplicaState
+    address: str
+    generation: int
+    in_flight: int
+    last_used: float  # wall clock seconds
+    free_memory: int
+
+
+class Listing(NamedTuple):
+    """ListReplicas: this host's replicas (tagged with `host_id`, "" alone), then other
+    hosts' as the view shows them, and this host's queues."""
+
+    host_id: str
+    mine: list[ReplicaInfo]
+    others: list[RemoteReplica]
+    queues: list[QueueInfo]

@@ -26,7 +26,6 @@ from modeld.api.security import (
     OPEN_REFLECTION,
     TokenAuth,
     check_listen_security,
-    load_tokens,
     server_credentials,
     token_auth,
 )
@@ -37,18 +36,20 @@ from modeld.capacity.resources import ResourceReader, make_reader
 from modeld.capacity.watchdog import Watchdog
 from modeld.clock import Clock, SystemClock
 from modeld.config import Config
+from modeld.config.secrets import load_tokens
 from modeld.errors import ConfigError
+from modeld.frontend import Frontend, LocalFrontend
 from modeld.netaddr import why_unbindable
 from modeld.ops.events import EventBus
 from modeld.ops.logstore import LogStore
 from modeld.ops.metrics import Metrics, MetricsServer
 from modeld.ops.notify import Notifier
-from modeld.ops.observer import Observer
 from modeld.ops.tasks import TaskSupervisor
 from modeld.policy.backoff import BackoffPolicy
 from modeld.policy.placement import unrunnable
 from modeld.routing.leases import LeaseLimits
 from modeld.routing.lifecycle import Admit
+from modeld.routing.observer import Observer
 from modeld.routing.probe import ProbeCache
 from modeld.routing.routed import Listener
 from modeld.routing.router import Router, build_router
@@ -122,24 +123,8 @@ class Daemon:
         catalog, settings = await self._open_state()
         self.router = router = self._build_router(catalog, settings)
         self.watchdog = self._build_watchdog(router, settings)
-        if self.config.cluster is not None:
-            # Imported here: the cluster (and its PostgreSQL driver) is start-up time
-            # and memory a single host does not spend.
-            from modeld.cluster.front import ClusterRouter
-            from modeld.cluster.hostcap import LocalFigures
-
-            figures = LocalFigures(
-                [*self.config.backends, *self.config.aliases],
-                self.reader,
-                router.views,
-                lambda: settings.current.max_loaded,
-                self.clock,
-            )
-            self.cluster = ClusterRouter(
-                self.config, router, self.clock, self.events, catalog=catalog, figures=figures.read
-            )
-            await self.cluster.start()
-        await self._serve_grpc(catalog, router, settings)
+        front = await self._build_frontend(catalog, router, settings)
+        await self._serve_grpc(catalog, router, settings, front)
         await self._serve_metrics(router)
         router.start()
         observer = Observer(self.events, router, self.metrics, self.notifier)
@@ -319,6 +304,7 @@ class Daemon:
         catalog: Catalog,
         router: Router,
         settings: SettingsStore,
+        front: Frontend,
     ) -> None:
         creds, auth = self._creds, self._auth
         limit = self.config.max_message_bytes
@@ -338,8 +324,8 @@ class Daemon:
             logs=self.logs,
             events=self.events,
             metrics=self.metrics,
+            front=front,
             on_settings=self.watchdog.poke if self.watchdog else None,
-            cluster=self.cluster,
         )
         add_to_server(servicer, server)
         self._servicer = servicer
@@ -373,6 +359,30 @@ class Daemon:
         if path is None and port == 0:
             raise ConfigError(f"listen: cannot bind {address} (in use, or not a valid host:port)")
         return path
+
+    async def _build_frontend(
+        self, catalog: Catalog, router: Router, settings: SettingsStore
+    ) -> Frontend:
+        """What the API routes through: this host's router alone, or the cluster's."""
+        if self.config.cluster is None:
+            return LocalFrontend(router, catalog)
+        # Imported here: the cluster (and its PostgreSQL driver) is start-up time
+        # and memory a single host does not spend.
+        from modeld.cluster.front import ClusterRouter
+        from modeld.cluster.hostcap import LocalFigures
+
+        figures = LocalFigures(
+            [*self.config.backends, *self.config.aliases],
+            self.reader,
+            router.views,
+            lambda: settings.current.max_loaded,
+            self.clock,
+        )
+        self.cluster = ClusterRouter(
+            self.config, router, self.clock, self.events, catalog=catalog, figures=figures.read
+        )
+        await self.cluster.start()
+        return self.cluster
 
     async def _serve_metrics(self, router: Router) -> None:
         self.metrics.set_sources(

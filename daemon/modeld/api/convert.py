@@ -9,15 +9,10 @@ from google.protobuf.message import DecodeError, Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
-from modeld.cluster.link import LinkState
-from modeld.cluster.listing import HostEntry
-from modeld.cluster.view import RemoteReplica
 from modeld.errors import InvalidArgument
-from modeld.info import ReplicaInfo
+from modeld.info import Grant, HostEntry, LinkState, Listing, QueueInfo, RemoteReplica, ReplicaInfo
 from modeld.ops.events import Event
 from modeld.ops.logstore import LogLine
-from modeld.routing.leases import Lease
-from modeld.routing.queue import QueueInfo
 from modeld.spec import DEFAULT_QUEUE_MAX, BackendSpec, ModelSpec, Settings
 from modeld.state import ReplicaState
 
@@ -91,14 +86,29 @@ def protocol(name: str) -> Any:
     return pb.HTTP if name == "http" else pb.GRPC
 
 
-def route_response(lease: Lease) -> pb.RouteResponse:
+def route_response(grant: Grant) -> pb.RouteResponse:
     return pb.RouteResponse(
-        lease_id=lease.id,
-        replica_id=lease.replica_id,
-        address=lease.address,
-        protocol=protocol(lease.protocol),
-        lease_expires_at=timestamp(lease.expires_wall),
-        cold_start=lease.cold_start,
+        lease_id=grant.lease_id,
+        replica_id=grant.replica_id,
+        address=grant.address,
+        protocol=protocol(grant.protocol),
+        lease_expires_at=timestamp(grant.expires_wall),
+        cold_start=grant.cold_start,
+        owner_address=grant.owner_address,
+        owner_in_flight=grant.owner_in_flight,
+        declined=grant.declined,
+    )
+
+
+def listing_to_proto(listing: Listing) -> pb.ListReplicasResponse:
+    """This host's replicas and then the others', grouped by host (a stable sort:
+    each host's in the order they came)."""
+    listed = [replica_to_proto(i, listing.host_id) for i in listing.mine]
+    listed += [remote_replica_to_proto(r) for r in listing.others]
+    listed.sort(key=lambda r: r.host_id)
+    return pb.ListReplicasResponse(
+        replicas=listed,
+        queues=[queue_to_proto(q) for q in listing.queues],
     )
 
 

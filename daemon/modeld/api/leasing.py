@@ -1,27 +1,20 @@
 """Route, Release and RenewLease: one implementation for the unary calls and RouteStream.
 
-Each call has a synchronous `*_now` form that answers in the same loop turn when it
-can (a warm Route on this host, any Release or RenewLease of a single host) and
-returns None when the call must wait (a cold start, or cluster mode, where the
-cluster router may go to the database or another host); the awaitable form is
-`*_now` or else the waiting path. RouteStream answers the synchronous ones inline
-and runs only the others as tasks.
+Each call has a synchronous `*_now` form that answers in the same loop turn when the
+frontend can (modeld.frontend) and returns None when the call must wait; the
+awaitable form is `*_now` or else the waiting path. RouteStream answers the
+synchronous ones inline and runs only the others as tasks.
 """
-
-from typing import TYPE_CHECKING
 
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld.api import convert
 from modeld.api.status import Ctx, deadline_of, status_of
 from modeld.clock import Clock
 from modeld.errors import InvalidArgument, ModeldError
+from modeld.frontend import Frontend
 from modeld.ops.metrics import Metrics
-from modeld.routing.router import Router
 from modeld.spec import check_name
 from modeld.storage.catalog import Catalog
-
-if TYPE_CHECKING:
-    from modeld.cluster.front import ClusterRouter
 
 # Without a client deadline, a Route waits at most this long for a start.
 DEFAULT_WAIT = 600.0
@@ -45,19 +38,12 @@ def _affinity_key(request: pb.RouteRequest) -> str:
 
 class LeaseCalls:
     def __init__(
-        self,
-        *,
-        clock: Clock,
-        catalog: Catalog,
-        router: Router,
-        metrics: Metrics,
-        cluster: "ClusterRouter | None" = None,
+        self, *, clock: Clock, catalog: Catalog, front: Frontend, metrics: Metrics
     ) -> None:
         self._clock = clock
         self._catalog = catalog
-        self._router = router
+        self._front = front
         self._metrics = metrics
-        self._cluster = cluster
 
     def _model(self, name: str) -> str:
         # A defined model's name was checked when it was defined: the warm path skips
@@ -69,19 +55,17 @@ class LeaseCalls:
 
     def route_now(self, request: pb.RouteRequest) -> pb.RouteResponse | None:
         key = _affinity_key(request)
-        if self._cluster is not None:
-            return None
         model = self._model(request.model)
         started = self._clock.monotonic()
         try:
-            lease = self._router.route_now(model, key)
+            grant = self._front.route_now(model, key)
         except ModeldError as exc:
             self._counted(model, started, exc)
             raise
-        if lease is None:
+        if grant is None:
             return None
         self._metrics.route(model, "ok", self._clock.monotonic() - started)
-        return convert.route_response(lease)
+        return convert.route_response(grant)
 
     async def route(self, request: pb.RouteRequest, context: Ctx) -> pb.RouteResponse:
         reply = self.route_now(request)
@@ -91,54 +75,54 @@ class LeaseCalls:
         started = self._clock.monotonic()
         deadline = deadline_of(context, started, DEFAULT_WAIT)
         try:
-            if self._cluster is not None:
-                reply = await self._cluster.route(
-                    model, deadline, context.invocation_metadata(), request.affinity_key
-                )
-            else:
-                reply = convert.route_response(
-                    await self._router.route(model, deadline, request.affinity_key)
-                )
+            grant = await self._front.route(
+                model, deadline, request.affinity_key, context.invocation_metadata()
+            )
         except ModeldError as exc:
             self._counted(model, started, exc)
             raise
         self._metrics.route(model, "ok", self._clock.monotonic() - started)
-        if reply.cold_start:
+        if grant.cold_start:
             self._metrics.cold_start(model)
-        return reply
+        return convert.route_response(grant)
 
     def _counted(self, model: str, started: float, exc: ModeldError) -> None:
         self._metrics.route(model, status_of(exc).name.lower(), self._clock.monotonic() - started)
 
-    def release_now(self, request: pb.ReleaseRequest) -> pb.ReleaseResponse | None:
+    def _outcome(self, request: pb.ReleaseRequest) -> str:
         if not request.lease_id:
             raise InvalidArgument("lease_id is empty")
         outcome = OUTCOMES.get(request.outcome)
         if outcome is None:
             raise InvalidArgument(f"outcome {request.outcome} is not a known ReleaseOutcome")
-        if self._cluster is not None:
+        return outcome
+
+    def release_now(self, request: pb.ReleaseRequest) -> pb.ReleaseResponse | None:
+        released = self._front.release_now(request.lease_id, self._outcome(request))
+        if released is None:
             return None
-        return RELEASED if self._router.release(request.lease_id, outcome) else NOT_RELEASED
+        return RELEASED if released else NOT_RELEASED
 
     async def release(self, request: pb.ReleaseRequest, context: Ctx) -> pb.ReleaseResponse:
         reply = self.release_now(request)
         if reply is not None:
             return reply
-        assert self._cluster is not None
-        released = await self._cluster.release(request, context.invocation_metadata())
+        released = await self._front.release(
+            request.lease_id, OUTCOMES[request.outcome], context.invocation_metadata()
+        )
         return RELEASED if released else NOT_RELEASED
 
     def renew_now(self, request: pb.RenewLeaseRequest) -> pb.RenewLeaseResponse | None:
         if not request.lease_id:
             raise InvalidArgument("lease_id is empty")
-        if self._cluster is not None:
+        expires = self._front.renew_now(request.lease_id)
+        if expires is None:
             return None
-        expires = self._router.renew(request.lease_id)
         return pb.RenewLeaseResponse(lease_expires_at=convert.timestamp(expires))
 
     async def renew(self, request: pb.RenewLeaseRequest, context: Ctx) -> pb.RenewLeaseResponse:
         reply = self.renew_now(request)
         if reply is not None:
             return reply
-        assert self._cluster is not None
-        return await self._cluster.renew(request, context.invocation_metadata())
+        expires = await self._front.renew(request.lease_id, context.invocation_metadata())
+        return pb.RenewLeaseResponse(lease_expires_at=convert.timestamp(expires))

@@ -7,7 +7,6 @@ into an error message or the config dump.
 from __future__ import annotations
 
 import hmac
-import stat
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import structlog
 
+from modeld.config.secrets import load_tokens, read_secret
 from modeld.errors import ConfigError
 from modeld.netaddr import is_loopback, is_unix, split_host_port
 
@@ -23,23 +23,11 @@ log = structlog.get_logger(__name__)
 OPEN_HEALTH = "/grpc.health.v1.Health/"
 # Both grpc.reflection.v1alpha and grpc.reflection.v1.
 OPEN_REFLECTION = "/grpc.reflection."
-MIN_TOKEN_LEN = 16
 DENIALS = {
     "missing": "this modeld requires a token: send metadata 'authorization: Bearer <token>'",
     "malformed": "the authorization metadata must read 'Bearer <token>'",
     "invalid": "the bearer token is not valid",
 }
-
-
-def _read(key: str, path: str | Path) -> bytes:
-    try:
-        data = Path(path).read_bytes()
-        mode = Path(path).stat().st_mode
-    except OSError as exc:
-        raise ConfigError(f"{key} {path}: {exc.strerror}") from None
-    if key in ("tls_key", "auth_token_file") and mode & stat.S_IROTH:
-        log.warning("secret_file_world_readable", key=key, path=str(path))
-    return data
 
 
 def server_credentials(
@@ -55,9 +43,9 @@ def server_credentials(
         return None
     if not tls_cert or not tls_key:
         raise ConfigError("tls_cert and tls_key must be set together")
-    cert = _read("tls_cert", tls_cert)
-    key = _read("tls_key", tls_key)
-    ca = _read("tls_client_ca", tls_client_ca) if tls_client_ca else None
+    cert = read_secret("tls_cert", tls_cert)
+    key = read_secret("tls_key", tls_key)
+    ca = read_secret("tls_client_ca", tls_client_ca) if tls_client_ca else None
     for name, pem, marker in (
         ("tls_cert", cert, b"-----BEGIN CERTIFICATE-----"),
         ("tls_key", key, b"PRIVATE KEY-----"),
@@ -68,22 +56,6 @@ def server_credentials(
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
     )
-
-
-def load_tokens(path: str | Path) -> tuple[bytes, ...]:
-    """The tokens of `auth_token_file`: one a line; blank lines and `#` comments skipped."""
-    lines = _read("auth_token_file", path).decode("utf-8", errors="replace").splitlines()
-    tokens = [line.strip() for line in lines]
-    tokens = [t for t in tokens if t and not t.startswith("#")]
-    if not tokens:
-        raise ConfigError(f"auth_token_file {path}: no tokens in it (one per line)")
-    for number, token in enumerate(tokens, 1):
-        if len(token) < MIN_TOKEN_LEN or not token.isascii() or not token.isprintable():
-            raise ConfigError(
-                f"auth_token_file {path}: token {number} must be at least {MIN_TOKEN_LEN} "
-                "printable ASCII characters (e.g. `openssl rand -hex 32`)"
-            )
-    return tuple(t.encode() for t in tokens)
 
 
 if TYPE_CHECKING:

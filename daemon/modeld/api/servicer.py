@@ -1,7 +1,6 @@
 """`modeld.v1.ModelControl`: validates requests, calls the owners, shapes replies."""
 
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING
 
 import grpc
 
@@ -14,6 +13,7 @@ from modeld.api.routestream import RouteStreams
 from modeld.api.status import Ctx, bidi, deadline_of, stream, unary
 from modeld.clock import Clock
 from modeld.errors import FailedPrecondition, InvalidArgument, NotFound
+from modeld.frontend import Frontend
 from modeld.ops.events import CLUSTER, EventBus
 from modeld.ops.logstore import LogStore
 from modeld.ops.metrics import Metrics
@@ -21,9 +21,6 @@ from modeld.routing.router import Router
 from modeld.spec import check_name
 from modeld.storage.catalog import Catalog
 from modeld.storage.settings_store import SettingsStore
-
-if TYPE_CHECKING:
-    from modeld.cluster.front import ClusterRouter
 
 # Without a client deadline, a Route or Load waits at most DEFAULT_WAIT for a start.
 MAX_LOG_TAIL = 10_000
@@ -77,12 +74,13 @@ class ModelControl(pb_grpc.ModelControlServicer):
         logs: LogStore,
         events: EventBus,
         metrics: Metrics,
+        front: Frontend,
         on_settings: Callable[[], None] | None = None,
-        cluster: "ClusterRouter | None" = None,
     ) -> None:
         self._clock = clock
-        # Cluster mode: Route, Release, RenewLease and Load go through the cluster router.
-        self._cluster = cluster
+        # Routing and what a cluster shares (leases, loads, specs, listings); `router`
+        # is this host's own, for what is always local (unload, health, logs).
+        self._front = front
         self._on_settings = on_settings
         self._catalog = catalog
         self._router = router
@@ -93,9 +91,7 @@ class ModelControl(pb_grpc.ModelControlServicer):
         pacing = (STREAM_SENDS_PER_TURN, STREAM_SENDS_PER_SECOND, STREAM_SENDS_BURST)
         self._log_sends = Turnstile(*pacing)
         self._event_sends = Turnstile(*pacing)
-        self._leases = LeaseCalls(
-            clock=clock, catalog=catalog, router=router, metrics=metrics, cluster=cluster
-        )
+        self._leases = LeaseCalls(clock=clock, catalog=catalog, front=front, metrics=metrics)
         self._streams = RouteStreams(self._leases)
 
     def close(self) -> None:
@@ -137,11 +133,10 @@ class ModelControl(pb_grpc.ModelControlServicer):
             raise InvalidArgument(f"replicas must be 0..{MAX_REPLICAS_PER_LOAD}")
         model = self._model(request.model)
         deadline = deadline_of(context, self._clock.monotonic(), DEFAULT_WAIT)
-        if self._cluster is not None:
-            return await self._cluster.load(request, deadline, context.invocation_metadata())
-        if request.host:
-            raise FailedPrecondition("Load.host names a cluster host, but [cluster] is not set")
-        infos = await self._router.load(model, request.replicas or 1, deadline)
+        metadata = context.invocation_metadata()
+        infos = await self._front.load(
+            model, request.replicas or 1, request.host, deadline, metadata
+        )
         return pb.LoadResponse(replicas=[convert.replica_to_proto(i) for i in infos])
 
     @unary
@@ -175,20 +170,16 @@ class ModelControl(pb_grpc.ModelControlServicer):
                 for m, infos in report.items()
             ]
         )
-        if self._cluster is not None:
-            reply.cluster_database.CopyFrom(convert.link_to_proto(self._cluster.link_state()))
+        link = self._front.link_state()
+        if link is not None:
+            reply.cluster_database.CopyFrom(convert.link_to_proto(link))
         return reply
 
     @unary
     async def PutModel(self, request: pb.PutModelRequest, context: Ctx) -> pb.ModelSpec:
         if not request.HasField("spec"):
             raise InvalidArgument("spec is required")
-        spec = convert.spec_from_proto(request.spec)
-        if self._cluster is not None:
-            # The cluster's spec: stored in PostgreSQL, applied on every host.
-            spec = await self._cluster.put_model(spec)
-        else:
-            spec = await self._catalog.put(spec)
+        spec = await self._front.put_model(convert.spec_from_proto(request.spec))
         return convert.spec_to_proto(spec)
 
     @unary
@@ -200,10 +191,7 @@ class ModelControl(pb_grpc.ModelControlServicer):
             raise FailedPrecondition(
                 f"model {request.name!r} has running replicas; Unload it first"
             )
-        if self._cluster is not None:
-            deleted = await self._cluster.delete_model(request.name)
-        else:
-            deleted = await self._catalog.delete(request.name)
+        deleted = await self._front.delete_model(request.name)
         return pb.DeleteModelResponse(deleted=deleted)
 
     @unary
@@ -226,26 +214,15 @@ class ModelControl(pb_grpc.ModelControlServicer):
         self, request: pb.ListReplicasRequest, context: Ctx
     ) -> pb.ListReplicasResponse:
         model = self._model(request.model) if request.model else None
-        if self._cluster is not None:
-            replicas = self._cluster.replicas(model, local=request.local)
-            return pb.ListReplicasResponse(replicas=replicas)
-        infos = self._router.replicas(model)
-        return pb.ListReplicasResponse(
-            replicas=[convert.replica_to_proto(i) for i in infos],
-            queues=[convert.queue_to_proto(q) for q in self._router.queues.infos(model)],
-        )
+        return convert.listing_to_proto(self._front.replicas(model, local=request.local))
 
     @unary
     async def ListHosts(self, request: pb.ListHostsRequest, context: Ctx) -> pb.ListHostsResponse:
-        if self._cluster is None:
-            raise FailedPrecondition(
-                "ListHosts lists the hosts of a cluster, and this modeld runs alone "
-                "([cluster] is not set); ListReplicas (`modeld ps`) lists its replicas"
-            )
-        hosts = self._cluster.hosts()
+        hosts = self._front.hosts()
+        link = self._front.link_state()
         return pb.ListHostsResponse(
             hosts=[convert.host_to_proto(h) for h in hosts],
-            database=convert.link_to_proto(self._cluster.link_state()),
+            database=convert.link_to_proto(link) if link is not None else None,
         )
 
     @unary
@@ -300,7 +277,7 @@ class ModelControl(pb_grpc.ModelControlServicer):
         self, request: pb.WatchEventsRequest, context: Ctx
     ) -> AsyncIterator[pb.Event]:
         model = self._model(request.model) if request.model else None
-        host_id = self._cluster.host_id if self._cluster is not None else ""
+        host_id = self._front.host_id
         subscription = self._events.subscribe(model)
         try:
             async for event in subscription:

@@ -18,16 +18,14 @@ from collections.abc import AsyncIterator, Callable, Sequence
 import structlog
 
 from modeld import errors
-from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld.clock import Clock
 from modeld.cluster.claims import Claim, ClaimStore, Decision, Failed, Full, Wait
 from modeld.cluster.counters import ClusterCounters
-from modeld.cluster.forward import Peers
+from modeld.cluster.forward import Load, Peers
 from modeld.cluster.hostcap import capacities
 from modeld.cluster.membership import Membership
 from modeld.cluster.store import ReplicaRow
-from modeld.cluster.view import RemoteReplica
-from modeld.info import ReplicaInfo
+from modeld.info import RemoteReplica, ReplicaInfo
 from modeld.policy.backoff import DEFAULT as BACKOFF
 from modeld.policy.host_placement import place, placement_mode
 from modeld.routing.lifecycle import wait_until
@@ -245,10 +243,10 @@ class ColdStarts:
         host = self._membership.view.hosts.get(host_id)
         if host is None:
             raise TargetLost(f"host {host_id} left the cluster")
-        request = pb.LoadRequest(model=claim.model, replicas=1, host=host_id)
+        request = Load(model=claim.model, replicas=1, host_id=host_id, address=host.address)
         timeout = max(deadline - self._clock.monotonic(), 0.001)
         load = asyncio.ensure_future(
-            self._peers.load(host_id, host.address, request, timeout, marker=claim.marker)
+            self._peers.load(host_id, request, timeout, marker=claim.marker)
         )
         watch = asyncio.ensure_future(self._until_gone(host_id))
         try:

@@ -10,19 +10,23 @@ domain error, prefixed with the host it came from.
 """
 
 import asyncio
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from modeld import errors
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld._proto.modeld.v1 import modeld_pb2_grpc as pb_grpc
-from modeld.api.security import load_tokens
 from modeld.config import Config
+from modeld.config.secrets import load_tokens
 from modeld.errors import ConfigError
+from modeld.info import Grant, ReplicaInfo
 from modeld.netaddr import is_loopback, split_host_port
+from modeld.state import ReplicaState
 
 FORWARDED = "modeld-forwarded"
 ERRORS: dict[grpc.StatusCode, type[errors.ModeldError]] = {
@@ -47,6 +51,16 @@ RETRY_CODES = frozenset(
 # replica), and need no channelz bookkeeping: both cost on every call.
 FAST = (("grpc.enable_retries", 0), ("grpc.enable_channelz", 0))
 LEFT = "the call was cut: the host left the cluster view"
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    """A Load sent to another modeld: `replicas` of `model` on `host_id`, at `address`."""
+
+    model: str
+    replicas: int
+    host_id: str
+    address: str
 
 
 class PeerFailed(Exception):
@@ -135,7 +149,7 @@ class Peers:
 
     async def route(
         self, host: str, address: str, model: str, marker: str, limit_s: float, *, key: str = ""
-    ) -> pb.RouteResponse:
+    ) -> Grant:
         try:
             reply: pb.RouteResponse = await self._stub(address).Route(
                 pb.RouteRequest(model=model, affinity_key=key),
@@ -149,31 +163,33 @@ class Peers:
         except asyncio.CancelledError:
             _reraise_if_cancelled()
             raise PeerFailed(host, grpc.StatusCode.CANCELLED, LEFT) from None
-        return reply
+        return _grant(reply)
 
     async def release(
-        self, host: str, address: str, request: pb.ReleaseRequest, limit_s: float
+        self, host: str, address: str, lease_id: str, outcome: str, limit_s: float
     ) -> bool:
+        request = pb.ReleaseRequest(lease_id=lease_id, outcome=outcome)
         reply: pb.ReleaseResponse = await self._call(host, address, "Release", request, limit_s)
         return reply.released
 
-    async def renew(
-        self, host: str, address: str, request: pb.RenewLeaseRequest, limit_s: float
-    ) -> pb.RenewLeaseResponse:
+    async def renew(self, host: str, address: str, lease_id: str, limit_s: float) -> float:
+        """The lease's new expiry, wall-clock seconds."""
+        request = pb.RenewLeaseRequest(lease_id=lease_id)
         reply: pb.RenewLeaseResponse = await self._call(
             host, address, "RenewLease", request, limit_s
         )
-        return reply
+        return _wall(reply.lease_expires_at)
 
     async def load(
-        self, host: str, address: str, request: pb.LoadRequest, limit_s: float, marker: str = "1"
-    ) -> pb.LoadResponse:
+        self, host: str, load: Load, limit_s: float, marker: str = "1"
+    ) -> list[ReplicaInfo]:
         """`marker`: a claim's (coldstart.py), so that the target publishes under it."""
         metadata = self._plain_md if marker == "1" else ((FORWARDED, marker), *self._auth)
+        request = pb.LoadRequest(model=load.model, replicas=load.replicas, host=load.host_id)
         reply: pb.LoadResponse = await self._call(
-            host, address, "Load", request, limit_s, metadata=metadata
+            host, load.address, "Load", request, limit_s, metadata=metadata
         )
-        return reply
+        return [_replica(r) for r in reply.replicas]
 
     async def _call(
         self,
@@ -202,6 +218,56 @@ class Peers:
         self._peers.clear()
         if self._closing:
             await asyncio.gather(*self._closing)
+
+
+def _wall(ts: Timestamp) -> float:
+    return ts.seconds + ts.nanos / 1e9
+
+
+def _optional_wall(ts: Timestamp) -> float | None:
+    return _wall(ts) if ts.seconds or ts.nanos else None
+
+
+def _grant(reply: pb.RouteResponse) -> Grant:
+    return Grant(
+        lease_id=reply.lease_id,
+        replica_id=reply.replica_id,
+        address=reply.address,
+        protocol="http" if reply.protocol == pb.HTTP else "grpc",
+        expires_wall=_wall(reply.lease_expires_at),
+        cold_start=reply.cold_start,
+        owner_address=reply.owner_address,
+        owner_in_flight=reply.owner_in_flight,
+        declined=reply.declined,
+    )
+
+
+def _replica(msg: pb.Replica) -> ReplicaInfo:
+    """A replica another modeld started for a Load, as its answer describes it."""
+    return ReplicaInfo(
+        id=msg.id,
+        model=msg.model,
+        backend=msg.backend,
+        state=ReplicaState(pb.ReplicaState.Name(msg.state)),
+        address=msg.address,
+        pid=msg.pid or None,
+        in_flight=msg.in_flight,
+        last_used=_optional_wall(msg.last_used),
+        started_at=_optional_wall(msg.started_at),
+        ready_at=_optional_wall(msg.ready_at),
+        gpu=msg.gpu,
+        last_error=msg.last_error,
+        restarts=msg.restarts,
+        memory=msg.memory,
+        last_probe_ok=msg.last_probe_ok,
+        last_probe_at=_optional_wall(msg.last_probe_at),
+        node_id=msg.node_id,
+        live_leases=msg.live_leases,
+        suspect=msg.suspect,
+        load_waiting=msg.load_waiting if msg.load_reported else None,
+        load_running=msg.load_running,
+        kv_cache_usage=msg.kv_cache_usage if msg.kv_cache_usage >= 0 else None,
+    )
 
 
 def _reraise_if_cancelled() -> None:

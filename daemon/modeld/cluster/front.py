@@ -27,13 +27,12 @@ from pathlib import Path
 
 import structlog
 
-from modeld._proto.modeld.v1 import modeld_pb2 as pb
-from modeld.api import convert
 from modeld.clock import Clock
 from modeld.cluster.claims import ClaimStore, claim_of
 from modeld.cluster.coldstart import CLAIM_TTL_HOSTS, ColdStarts
 from modeld.cluster.counters import ClusterCounters
 from modeld.cluster.forward import (
+    Load,
     PeerFailed,
     Peers,
     forwarded_marker,
@@ -41,23 +40,16 @@ from modeld.cluster.forward import (
     parse_marker,
 )
 from modeld.cluster.leader import Leader
-from modeld.cluster.link import LinkState
-from modeld.cluster.listing import (
-    Here,
-    HostEntry,
-    host_replica_counts,
-    host_state_counts,
-    list_hosts,
-)
+from modeld.cluster.listing import Here, host_replica_counts, host_state_counts, list_hosts
 from modeld.cluster.membership import FiguresFn, Membership
 from modeld.cluster.ownload import OwnLoad
 from modeld.cluster.slotgate import SlotGate
 from modeld.cluster.specs import SharedSpecs
 from modeld.cluster.store import ReplicaRow
-from modeld.cluster.view import RemoteHost, RemoteReplica, affine_target, route_target
+from modeld.cluster.view import RemoteHost, affine_target, route_target
 from modeld.config import Config
 from modeld.errors import ConfigError, FailedPrecondition, NotFound, RetryRoute, Unavailable
-from modeld.info import ReplicaInfo
+from modeld.info import Grant, HostEntry, LinkState, Listing, RemoteReplica, ReplicaInfo
 from modeld.ops.events import EventBus
 from modeld.ops.metrics import ClusterStats
 from modeld.routing.leases import Lease
@@ -223,12 +215,12 @@ class ClusterRouter:
     def link_state(self) -> LinkState:
         return self.membership.link.state()
 
-    def replicas(self, model: str | None, *, local: bool) -> list[pb.Replica]:
+    def replicas(self, model: str | None, *, local: bool) -> Listing:
         """This host's replicas from its router, then (unless `local`) other hosts'
-        from the view; grouped by host."""
-        mine = [convert.replica_to_proto(i, self.host_id) for i in self._router.replicas(model)]
+        from the view."""
+        mine = self._router.replicas(model)
         if local:
-            return mine
+            return Listing(self.host_id, mine, [], [])
         others = sorted(
             (
                 r
@@ -237,8 +229,7 @@ class ClusterRouter:
             ),
             key=lambda r: (r.model, r.id),
         )
-        listed = mine + [convert.remote_replica_to_proto(r) for r in others]
-        return sorted(listed, key=lambda r: r.host_id)
+        return Listing(self.host_id, mine, others, [])
 
     def stats(self) -> ClusterStats:
         """What the cluster metrics read at scrape time."""
@@ -251,9 +242,11 @@ class ClusterRouter:
 
     # Route
 
-    async def route(
-        self, model: str, deadline: float, metadata: object, key: str = ""
-    ) -> pb.RouteResponse:
+    def route_now(self, model: str, key: str) -> None:
+        """Never at once: a Route may forward, or start through the database."""
+        return
+
+    async def route(self, model: str, deadline: float, key: str, metadata: object) -> Grant:
         """`key`: the affinity key; the replica on a host is picked by that host's ring."""
         marker = forwarded_marker(metadata)
         if marker is not None:
@@ -288,7 +281,7 @@ class ClusterRouter:
 
     async def _forward(
         self, model: str, chosen: RemoteReplica, local: int | None, deadline: float, key: str
-    ) -> pb.RouteResponse | None:
+    ) -> Grant | None:
         """The Route forwarded to `chosen`'s owner, bounded by the local replica's
         in-flight when there is one; None when it should go elsewhere."""
         host = self.membership.view.hosts[chosen.host_id]
@@ -357,9 +350,7 @@ class ClusterRouter:
             default=None,
         )
 
-    async def _route_as_owner(
-        self, model: str, marker: str, deadline: float, key: str
-    ) -> pb.RouteResponse:
+    async def _route_as_owner(self, model: str, marker: str, deadline: float, key: str) -> Grant:
         replica_id, generation, below = parse_marker(marker)
         pool = self._router.index.existing(model)
         current = pool.replicas.get(replica_id) if pool is not None else None
@@ -377,15 +368,14 @@ class ClusterRouter:
             )
         if below is not None and current.in_flight >= below:
             # The forwarder's estimate was low: its own replica is no busier than this one.
-            return pb.RouteResponse(
-                replica_id=replica_id, owner_in_flight=current.in_flight, declined=True
+            return Grant(
+                "", replica_id, "", "grpc", 0.0, owner_in_flight=current.in_flight, declined=True
             )
         reply = self._response(await self._router.route(model, deadline, key))
         granted = pool.replicas.get(reply.replica_id) if pool is not None else None
-        reply.owner_in_flight = granted.in_flight if granted is not None else 0
-        return reply
+        return reply._replace(owner_in_flight=granted.in_flight if granted is not None else 0)
 
-    async def _start_here(self, model: str, deadline: float, key: str) -> pb.RouteResponse:
+    async def _start_here(self, model: str, deadline: float, key: str) -> Grant:
         """No READY replica anywhere: start it through its claim, then route again."""
         depth = _cold_depth.get()
         if depth >= COLD_ROUTES:
@@ -400,79 +390,85 @@ class ClusterRouter:
         await self._cold.ensure(model, deadline)
         token = _cold_depth.set(depth + 1)
         try:
-            reply = await self.route(model, deadline, (), key)
+            reply = await self.route(model, deadline, key, ())
         finally:
             _cold_depth.reset(token)
-        reply.cold_start = True
-        return reply
+        return reply._replace(cold_start=True)
 
-    def _response(self, lease: Lease) -> pb.RouteResponse:
-        reply = convert.route_response(lease)
-        reply.lease_id = f"{self.host_id}{SEP}{lease.id}"
-        reply.owner_address = self._cfg.advertise
-        return reply
+    def _response(self, lease: Lease) -> Grant:
+        return lease.grant()._replace(
+            lease_id=f"{self.host_id}{SEP}{lease.id}", owner_address=self._cfg.advertise
+        )
 
     # leases held elsewhere
 
-    async def release(self, request: pb.ReleaseRequest, metadata: object) -> bool:
-        owner, sep, inner = request.lease_id.partition(SEP)
+    def release_now(self, lease_id: str, outcome: str) -> None:
+        """Never at once: the lease may be held by another host."""
+        return
+
+    async def release(self, lease_id: str, outcome: str, metadata: object) -> bool:
+        owner, sep, inner = lease_id.partition(SEP)
         if not sep or owner == self.host_id:
-            outcome = pb.ReleaseOutcome.Name(request.outcome)
-            return self._router.release(inner if sep else request.lease_id, outcome)
+            return self._router.release(inner if sep else lease_id, outcome)
         host = self.membership.view.hosts.get(owner)
         if host is None or forwarded_marker(metadata) is not None:
             # Its host left the cluster (or was reaped): its leases ended with it.
             return False
         try:
-            released = await self.peers.release(owner, host.address, request, self._forward_cap)
+            released = await self.peers.release(
+                owner, host.address, lease_id, outcome, self._forward_cap
+            )
         except Unavailable as exc:
             log.info("cluster_release_unreachable", host_id=owner, error=str(exc))
             return False
         if released:
-            self._own.released(request.lease_id, self._replica_of(request.lease_id))
+            self._own.released(lease_id, self._replica_of(lease_id))
         return released
 
     def _replica_of(self, lease_id: str) -> RemoteReplica | None:
         row = self._own.row_of(lease_id)
         return self.membership.view.replicas.get(row.id) if row is not None else None
 
-    async def renew(self, request: pb.RenewLeaseRequest, metadata: object) -> pb.RenewLeaseResponse:
-        owner, sep, inner = request.lease_id.partition(SEP)
+    def renew_now(self, lease_id: str) -> None:
+        """Never at once: the lease may be held by another host."""
+        return
+
+    async def renew(self, lease_id: str, metadata: object) -> float:
+        owner, sep, inner = lease_id.partition(SEP)
         if not sep or owner == self.host_id:
-            expires = self._router.renew(inner if sep else request.lease_id)
-            return pb.RenewLeaseResponse(lease_expires_at=convert.timestamp(expires))
+            return self._router.renew(inner if sep else lease_id)
         host = self.membership.view.hosts.get(owner)
         if host is None or forwarded_marker(metadata) is not None:
             raise NotFound(
-                f"lease {request.lease_id[:80]!r}: its host {owner[:64]!r} is not in the "
+                f"lease {lease_id[:80]!r}: its host {owner[:64]!r} is not in the "
                 "cluster, and its leases ended with it; Route again"
             )
-        return await self.peers.renew(owner, host.address, request, self._forward_cap)
+        return await self.peers.renew(owner, host.address, lease_id, self._forward_cap)
 
     # Load
 
     async def load(
-        self, request: pb.LoadRequest, deadline: float, metadata: object
-    ) -> pb.LoadResponse:
-        target = request.host or self.host_id
+        self, model: str, replicas: int, host: str, deadline: float, metadata: object
+    ) -> list[ReplicaInfo]:
+        target = host or self.host_id
         if target != self.host_id:
-            host = self.membership.view.hosts.get(target)
-            if forwarded_marker(metadata) is not None or host is None:
+            peer = self.membership.view.hosts.get(target)
+            if forwarded_marker(metadata) is not None or peer is None:
                 raise NotFound(f"host {target[:64]!r} is not in the cluster")
             timeout = max(deadline - self._clock.monotonic(), 0.001)
-            return await self.peers.load(target, host.address, request, timeout)
+            return await self.peers.load(
+                target, Load(model, replicas, target, peer.address), timeout
+            )
         if self._cfg.role == "router":
             raise FailedPrecondition(
                 f"host {self.host_id} is a router (cluster.role = router) and runs no backends; "
                 "name a node in Load.host"
             )
-        self.membership.require(f"loading model {request.model!r}")
-        claim = claim_of(request.model, forwarded_marker(metadata))
+        self.membership.require(f"loading model {model!r}")
+        claim = claim_of(model, forwarded_marker(metadata))
         if claim is not None:
-            infos = await self._cold.load_claimed(request.model, [claim], deadline)
-        else:
-            infos = await self._cold.load_here(request.model, request.replicas or 1, deadline)
-        return pb.LoadResponse(replicas=[convert.replica_to_proto(i) for i in infos])
+            return await self._cold.load_claimed(model, [claim], deadline)
+        return await self._cold.load_here(model, replicas, deadline)
 
     # model specs, shared by the cluster
 

@@ -38,9 +38,8 @@ import asyncio
 import asyncpg
 import structlog
 
-from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld.clock import Clock
-from modeld.cluster.forward import Peers
+from modeld.cluster.forward import Load, Peers
 from modeld.cluster.hostcap import capacities
 from modeld.cluster.link import DB_ERRORS, Link
 from modeld.cluster.membership import Membership
@@ -308,9 +307,9 @@ class Leader:
 
     async def _load(self, start: Start, address: str) -> None:
         key = (start.model, start.host_id)
-        request = pb.LoadRequest(model=start.model, replicas=start.replicas, host=start.host_id)
+        request = Load(start.model, start.replicas, start.host_id, address)
         try:
-            reply = await self._peers.load(start.host_id, address, request, LOAD_WAIT)
+            loaded = await self._peers.load(start.host_id, request, LOAD_WAIT)
         except ModeldError as exc:
             self._refused[key] = self._clock.monotonic() + REFUSED_FOR
             log.warning(
@@ -321,7 +320,7 @@ class Leader:
             if self._loads.get(key) is asyncio.current_task():
                 del self._loads[key]
         until = self._clock.monotonic() + LOADED_GRACE
-        for replica in reply.replicas:
+        for replica in loaded:
             counted = Counted(start.model, start.host_id, ReplicaState.READY)
             self._loaded[replica.id] = (counted, until)
 

@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -34,6 +33,7 @@ import structlog
 
 from modeld.clock import Clock
 from modeld.errors import RegistryError
+from modeld.info import LinkState
 from modeld.policy.reconnect import CAP_S, reconnect_delay
 
 log = structlog.get_logger(__name__)
@@ -47,16 +47,6 @@ Listener = Callable[[Any, int, str, str], None]
 
 class LinkDown(ConnectionError):
     """The link has no connection now (it is being re-established)."""
-
-
-@dataclass(frozen=True, slots=True)
-class LinkState:
-    up: bool
-    # Wall-clock seconds since which the link has been down (None while up).
-    down_since: float | None
-    error: str
-    where: str
-    attempts: int
 
 
 class Link:

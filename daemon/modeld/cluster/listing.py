@@ -16,19 +16,13 @@ A host's state, from its lease as this modeld last read it (`remaining` seconds)
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import StrEnum
 
-from modeld.cluster.view import ClusterView, RemoteHost, RemoteReplica
+from modeld.cluster.view import ClusterView, RemoteHost
+from modeld.info import HostEntry, HostState, RemoteReplica
 from modeld.ops.events import CLUSTER, Event
 from modeld.state import LIVE, ReplicaState
 
 SUSPECT_FRACTION = 0.25
-
-
-class HostState(StrEnum):
-    ALIVE = "alive"
-    SUSPECT = "suspect"
-    EXPIRED = "expired"
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,24 +34,6 @@ class Here:
     role: str
     labels: Mapping[str, str]
     replicas: int  # live replicas, from this host's own router (fresher than the view)
-
-
-@dataclass(frozen=True, slots=True)
-class HostEntry:
-    host_id: str
-    epoch: int
-    address: str
-    role: str
-    labels: Mapping[str, str]
-    state: HostState
-    replicas: int
-    gpu_free: tuple[int, ...]  # bytes per GPU as the host published them; () until it does
-    gpu_total: tuple[int, ...]
-    ram_free: int  # 0: not published yet
-    ram_total: int
-    lease_remaining: float | None  # None: not known (this host, not registered yet)
-    heartbeat_age: float | None
-    local: bool
 
 
 def host_state(remaining: float | None, ttl: float, trust_expired: bool) -> HostState:

@@ -34,9 +34,10 @@ from modeld.cluster.link import DB_ERRORS, Link
 from modeld.cluster.listing import view_events
 from modeld.cluster.schema import CHANNEL, HOST_LOCK, host_key, migrate
 from modeld.cluster.store import Changes, Fenced, ReplicaRow, Snapshot, Store
-from modeld.cluster.view import ClusterView, HostFigures, RemoteHost, RemoteReplica
+from modeld.cluster.view import ClusterView, HostFigures, RemoteHost
 from modeld.config import ClusterConfig, redact_dsn
 from modeld.errors import Unavailable
+from modeld.info import RemoteReplica
 from modeld.ops.events import CLUSTER, EventBus
 from modeld.state import ReplicaState
 

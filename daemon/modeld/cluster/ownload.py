@@ -15,7 +15,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from modeld.cluster.view import RemoteReplica
+from modeld.info import RemoteReplica
 
 # Forwarded leases remembered for their Release; older ones are forgotten first.
 MAX_TRACKED_LEASES = 100_000

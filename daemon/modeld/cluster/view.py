@@ -10,6 +10,7 @@ of different hosts never need to agree.
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
+from modeld.info import RemoteReplica
 from modeld.policy.affinity import Ring, pick_affine
 from modeld.policy.picker import used_tick
 from modeld.state import ReplicaState
@@ -44,20 +45,6 @@ class RemoteHost:
     figures: HostFigures = HostFigures()
     # Its database session ended (store.mark_dead): dead whatever this modeld's doubt.
     gone: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class RemoteReplica:
-    id: str
-    host_id: str
-    epoch: int
-    model: str
-    state: ReplicaState
-    address: str
-    generation: int
-    in_flight: int
-    last_used: float  # wall clock seconds
-    free_memory: int
 
 
 @dataclass

@@ -22,9 +22,9 @@ from aiohttp import web
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld.client import AsyncClient
 from modeld.client.errors import from_rpc
+from modeld.config.gateway import GatewayConfig
 from modeld.gateway import errors
 from modeld.gateway.auth import Keys
-from modeld.gateway.config import GatewayConfig
 from modeld.gateway.leasing import Leases, affinity_key
 from modeld.gateway.metrics import Metrics, endpoint
 from modeld.gateway.proxy import Call, Proxy

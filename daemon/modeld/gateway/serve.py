@@ -9,9 +9,9 @@ import uvloop
 from aiohttp import web
 
 from modeld.client import AsyncClient, ConnectOptions
+from modeld.config.gateway import GatewayConfig
 from modeld.gateway.app import Gateway
 from modeld.gateway.auth import Keys
-from modeld.gateway.config import GatewayConfig
 from modeld.gateway.leasing import fail_fast
 from modeld.netaddr import split_host_port
 

@@ -26,6 +26,7 @@ import structlog
 from modeld.clock import Clock
 from modeld.config import DEFAULT_MAX_LEASES, DEFAULT_MAX_LEASES_PER_REPLICA
 from modeld.errors import NotFound, ResourceExhausted
+from modeld.info import Grant
 from modeld.ops.events import LEASE_EXPIRED, Event, EventBus
 from modeld.ops.metrics import Metrics
 from modeld.state import ReplicaState
@@ -94,6 +95,16 @@ class Lease:
     @property
     def replica_id(self) -> str:
         return self.replica.id
+
+    def grant(self) -> Grant:
+        return Grant(
+            self.id,
+            self.replica.id,
+            self.address,
+            self.protocol,
+            self.expires_wall,
+            self.cold_start,
+        )
 
 
 class LeaseTable:

@@ -26,6 +26,7 @@ import structlog
 
 from modeld.clock import Clock
 from modeld.errors import DeadlineExceeded, NotFound, ResourceExhausted
+from modeld.info import QueueInfo
 from modeld.ops.metrics import Metrics
 from modeld.routing.index import ReplicaIndex
 from modeld.routing.leases import Lease, LeaseService
@@ -90,15 +91,6 @@ class WaitQueue:
 
     def oldest_since(self) -> float | None:
         return next(iter(self._waiters)).since if self._waiters else None
-
-
-@dataclass(frozen=True, slots=True)
-class QueueInfo:
-    model: str
-    length: int
-    parallel: int
-    queue_max: int
-    oldest_wait: float  # seconds; 0 when none waits
 
 
 class RouteQueues:

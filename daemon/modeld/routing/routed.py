@@ -1,7 +1,7 @@
 """What routing needs of a replica: the `Protocol` the real replica and test replicas meet.
 
 `supervisor.replica.Replica` satisfies it; so does the test replica in
-tests/routing_fakes.py, without a cast. In-flight slots are `routing.slots.Slots`
+tests/routing_fakes.py, without a cast. In-flight slots are `supervisor.slots.Slots`
 in both, so the bookkeeping tests exercise is the production one.
 """
 

@@ -10,11 +10,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from modeld import load_options
 from modeld._proto.backend import backend_pb2 as pb
 from modeld.errors import InvalidArgument
 from modeld.ops.logstore import MIN_MAX_LINE
 from modeld.spec import PLACEHOLDERS, BackendSpec, ModelSpec, resolve_model_file
-from modeld.supervisor import load_options
 from modeld.supervisor.backend_client import host_port
 from modeld.supervisor.sweep import MARKER
 

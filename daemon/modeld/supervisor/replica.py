@@ -29,7 +29,6 @@ from typing import Any, TypeVar
 import structlog
 
 from modeld.errors import Unavailable
-from modeld.routing.slots import Slots
 from modeld.spec import BackendSpec, ModelSpec
 from modeld.state import ALLOWED, TERMINAL, ReplicaState
 from modeld.storage.registry import ReplicaRow
@@ -39,6 +38,7 @@ from modeld.supervisor.deps import ReplicaDeps
 from modeld.supervisor.launch import LaunchPlan
 from modeld.supervisor.readiness import StartRace, StopRequested
 from modeld.supervisor.record import ReplicaRecord
+from modeld.supervisor.slots import Slots
 from modeld.supervisor.spawning import health_probe, spawn_child, with_stderr
 from modeld.supervisor.starting import StartHooks, StartSequence
 from modeld.supervisor.stopping import drain, terminate

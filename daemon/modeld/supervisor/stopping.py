@@ -10,9 +10,9 @@ import signal
 import structlog
 
 from modeld.ops.logstore import LogStore
-from modeld.routing.slots import Slots
 from modeld.supervisor.backend_client import GrpcBackend
 from modeld.supervisor.child import KILL_WAIT_S, Child, discard
+from modeld.supervisor.slots import Slots
 
 FREE_LIMIT_S = 2.0
 

@@ -16,21 +16,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modeld.config_models import DEMO_CATALOG, build_models
-from modeld.config_values import Parser
-from modeld.config_values import boolean as _bool
-from modeld.config_values import check_config_name as _check_config_name
-from modeld.config_values import choice as _choice
-from modeld.config_values import file_mode as _mode
-from modeld.config_values import integer as _int
-from modeld.config_values import number as _float
-from modeld.config_values import parse_table as _parse_table
-from modeld.config_values import port_range as _port_range
-from modeld.config_values import str_list as _str_list
-from modeld.config_values import str_map as _str_map
-from modeld.config_values import text as _str
+from modeld.config import gateway as gateway_config
+from modeld.config.models import DEMO_CATALOG, build_models
+from modeld.config.values import Parser
+from modeld.config.values import boolean as _bool
+from modeld.config.values import check_config_name as _check_config_name
+from modeld.config.values import choice as _choice
+from modeld.config.values import file_mode as _mode
+from modeld.config.values import integer as _int
+from modeld.config.values import number as _float
+from modeld.config.values import parse_table as _parse_table
+from modeld.config.values import port_range as _port_range
+from modeld.config.values import str_list as _str_list
+from modeld.config.values import str_map as _str_map
+from modeld.config.values import text as _str
 from modeld.errors import ConfigError, InvalidArgument
-from modeld.gateway import config as gateway_config
 from modeld.netaddr import split_host_port
 from modeld.spec import (
     LOAD_METRICS,

@@ -7,9 +7,9 @@ the gateway's HTTP stack.
 from dataclasses import dataclass
 from typing import Any
 
-from modeld.config_values import Parser
-from modeld.config_values import integer as _int
-from modeld.config_values import text as _str
+from modeld.config.values import Parser
+from modeld.config.values import integer as _int
+from modeld.config.values import text as _str
 from modeld.errors import ConfigError
 from modeld.netaddr import split_host_port
 from modeld.units import parse_duration, parse_size

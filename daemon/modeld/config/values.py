@@ -1,4 +1,4 @@
-"""The value parsers of the config schema (config.py, config_models.py).
+"""The value parsers of the config schema (`config/__init__.py`, `models.py`, `gateway.py`).
 
 Each parser takes what TOML, an environment variable or a flag gave and returns the
 typed value, or raises ValueError saying what was expected; `parse_table` turns

@@ -3,7 +3,7 @@
 from collections.abc import Mapping
 from typing import Any
 
-from modeld.config_values import (
+from modeld.config.values import (
     Parser,
     boolean,
     check_config_name,
