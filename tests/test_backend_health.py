@@ -327,6 +327,9 @@ async def refused(address: str) -> None:
                 _, writer = await asyncio.open_connection(host, int(port))
             except ConnectionRefusedError:
                 return
+            except ConnectionResetError:
+                # A connection queued as the listener closed: the next one is refused.
+                continue
             writer.close()
             await asyncio.sleep(0.02)
 
