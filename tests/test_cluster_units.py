@@ -200,9 +200,7 @@ async def test_peers_forget_closes_the_channel_of_a_departed_host() -> None:
     address = f"127.0.0.1:{silent.sockets[0].getsockname()[1]}"
     peers = Peers(config.load(None, env={"MODELD_CLUSTER_DSN": "postgresql://db/x"}))
     try:
-        call = asyncio.ensure_future(
-            peers.release("a", address, "a~1", "OK", limit_s=60)
-        )
+        call = asyncio.ensure_future(peers.release("a", address, "a~1", "OK", limit_s=60))
         # One turn of the loop puts the call on a new channel.
         await asyncio.sleep(0)
         channel = peers._peers[address][0]

@@ -379,7 +379,13 @@ class Daemon:
             self.clock,
         )
         self.cluster = ClusterRouter(
-            self.config, router, self.clock, self.events, catalog=catalog, figures=figures.read
+            self.config,
+            router,
+            self.clock,
+            self.events,
+            catalog=catalog,
+            figures=figures.read,
+            spawn=self.tasks.spawn,
         )
         await self.cluster.start()
         return self.cluster

@@ -52,6 +52,7 @@ from modeld.errors import ConfigError, FailedPrecondition, NotFound, RetryRoute,
 from modeld.info import Grant, HostEntry, LinkState, Listing, RemoteReplica, ReplicaInfo
 from modeld.ops.events import EventBus
 from modeld.ops.metrics import ClusterStats
+from modeld.ops.tasks import Spawn, detached
 from modeld.routing.leases import Lease
 from modeld.routing.rings import Rings
 from modeld.routing.router import Router
@@ -84,6 +85,7 @@ class ClusterRouter:
         *,
         catalog: Catalog,
         figures: FiguresFn | None = None,
+        spawn: Spawn = detached,
     ) -> None:
         cfg = config.cluster
         assert cfg is not None
@@ -92,7 +94,9 @@ class ClusterRouter:
         self._clock = clock
         self.peers = Peers(config)
         dsn = _dsn(cfg.dsn, cfg.dsn_file)
-        self.membership = Membership(cfg, dsn, clock, events, self.rows, figures=figures)
+        self.membership = Membership(
+            cfg, dsn, clock, events, self.rows, figures=figures, spawn=spawn
+        )
         self.membership.view.on_leave = self._host_left
         self._own = OwnLoad()
         # model -> the affinity ring over local and remote READY replicas together.

@@ -221,8 +221,8 @@ class Leader:
         self._deaths: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="cluster-leader")
-        self._deaths = asyncio.create_task(self._watch_deaths(), name="cluster-deaths")
+        self._task = self._membership.spawn(self._run(), "cluster-leader")
+        self._deaths = self._membership.spawn(self._watch_deaths(), "cluster-deaths")
 
     async def close(self) -> None:
         for task in (self._task, self._deaths):

@@ -34,6 +34,7 @@ import structlog
 from modeld.clock import Clock
 from modeld.errors import RegistryError
 from modeld.info import LinkState
+from modeld.ops.tasks import Spawn, detached
 from modeld.policy.reconnect import CAP_S, reconnect_delay
 
 log = structlog.get_logger(__name__)
@@ -60,7 +61,9 @@ class Link:
         *,
         prepare: Callable[[asyncpg.Connection], Awaitable[object]] | None = None,
         rand: Callable[[], float] = random.random,
+        spawn: Spawn = detached,
     ) -> None:
+        self._spawn = spawn
         # Run on each new connection before anyone uses it (the schema's migrations).
         self._prepare = prepare
         self._dsn = dsn
@@ -100,7 +103,7 @@ class Link:
         """One attempt now, so that a database away at start is said at start; then
         the reconnect task keeps trying."""
         await self._attempt()
-        self._task = asyncio.create_task(self._keep(), name="cluster-link")
+        self._task = self._spawn(self._keep(), "cluster-link")
 
     async def close(self) -> None:
         self._closing = True

@@ -39,6 +39,7 @@ from modeld.config import ClusterConfig, redact_dsn
 from modeld.errors import Unavailable
 from modeld.info import RemoteReplica
 from modeld.ops.events import CLUSTER, EventBus
+from modeld.ops.tasks import Spawn, detached
 from modeld.state import ReplicaState
 
 log = structlog.get_logger(__name__)
@@ -62,7 +63,11 @@ class Membership:
         rows: RowsFn,
         *,
         figures: FiguresFn | None = None,
+        spawn: Spawn = detached,
     ) -> None:
+        # How every loop of the cluster starts (the daemon's supervisor: one that dies
+        # turns health NOT_SERVING); the leader, specs and slots use it too.
+        self.spawn = spawn
         self._cfg = cfg
         self._dsn = dsn
         self._clock = clock
@@ -74,7 +79,9 @@ class Membership:
         # Long enough for a loaded machine, short enough that a renewal still lands in time.
         self._timeout = max(min(cfg.host_ttl / 3, 5.0), 1.0)
         self.where = redact_dsn(dsn)
-        self.link = Link(dsn, cfg.host_id, self._timeout, clock, self.where, prepare=self._prepare)
+        self.link = Link(
+            dsn, cfg.host_id, self._timeout, clock, self.where, prepare=self._prepare, spawn=spawn
+        )
         self.link.listen(CHANNEL, self._notified)
         self.link.on_up(self._reconnected)
         self._store = Store(self.link, cfg.host_id, self._timeout)
@@ -113,7 +120,7 @@ class Membership:
             ("cluster-publish", self._publish),
             ("cluster-events", self._follow_events),
         ):
-            self._tasks.append(asyncio.create_task(self._guard(name, loop), name=name))
+            self._tasks.append(self.spawn(loop(), name))
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -124,15 +131,6 @@ class Membership:
                 await self._store.leave(self.epoch)
                 log.info("cluster_left", host_id=self._cfg.host_id, epoch=self.epoch)
         await self.link.close()
-
-    async def _guard(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
-        try:
-            await loop()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("cluster_task_failed", task=name)
-            raise
 
     # the link to the database
 

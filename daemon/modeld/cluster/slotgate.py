@@ -61,7 +61,7 @@ class SlotGate:
         self._keeper: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._keeper = asyncio.create_task(self._keep_slots(), name="cluster-slots")
+        self._keeper = self._membership.spawn(self._keep_slots(), "cluster-slots")
 
     async def close(self) -> None:
         tasks = [*self._scaling.values(), *([self._keeper] if self._keeper else [])]

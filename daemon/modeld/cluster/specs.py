@@ -85,7 +85,7 @@ class SharedSpecs:
         # at start (when the database is reachable).
         with contextlib.suppress(*DB_ERRORS):
             await self.resync()
-        self._task = asyncio.create_task(self._run(), name="cluster-specs")
+        self._task = self._membership.spawn(self._run(), "cluster-specs")
 
     async def close(self) -> None:
         if self._task is not None:

@@ -1,6 +1,7 @@
 """Supervised background tasks: a task that dies is logged with its traceback and
 makes the daemon unhealthy, instead of silently stopping (lease expiry, the watchdog,
-counter flushes, the observer).
+counter flushes, the observer, and in a cluster its link, membership, leader, specs
+and slot loops).
 
 The daemon owns one `TaskSupervisor`; `healthy()` feeds the systemd watchdog and the
 gRPC health status, so a dead task means NOT_SERVING and, under systemd, a restart.
@@ -13,6 +14,14 @@ from typing import Any
 import structlog
 
 log = structlog.get_logger(__name__)
+
+# How a component starts a loop that must run as long as the daemon: the daemon
+# passes its supervisor's `spawn`; a component built alone (a test) gets `detached`.
+Spawn = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[None]"]
+
+
+def detached(coro: Coroutine[Any, Any, None], name: str) -> "asyncio.Task[None]":
+    return asyncio.create_task(coro, name=name)
 
 
 class TaskSupervisor:
