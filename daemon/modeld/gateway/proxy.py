@@ -9,6 +9,7 @@ that goes away cancels its handler, which closes the upstream request, so the
 replica stops too; the lease is released all the same.
 """
 
+import asyncio
 import time
 from dataclasses import dataclass
 
@@ -32,6 +33,8 @@ TRIES = 2
 # longer ones, and every stream, are relayed chunk by chunk as they arrive.
 WHOLE_LIMIT = 1 << 20
 EVENTS = "text/event-stream"
+# Logged once the lease of an answer its client left is back at modeld.
+CLIENT_GONE = "gateway_client_gone"
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,7 @@ class Proxy:
         self, request: web.Request, call: Call, lease: Lease, answer: ClientResponse
     ) -> web.StreamResponse:
         outcome = FAILED if answer.status >= 500 else OK
+        gone = ""
         try:
             length = answer.content_length
             if length is not None and length <= WHOLE_LIMIT and answer.content_type != EVENTS:
@@ -119,8 +123,12 @@ class Proxy:
                 outcome = await self._stream(request, call, answer, out, outcome)
                 await out.write_eof()
             except ConnectionResetError:
-                log.info("gateway_client_gone", model=call.model, replica_id=lease.replica_id)
+                gone = CLIENT_GONE
             return out
+        except asyncio.CancelledError:
+            # The client went away (aiohttp cancels its handler).
+            gone = CLIENT_GONE
+            raise
         finally:
             # A whole answer leaves the connection to the pool; any other is closed, which
             # tells the replica to stop (a client gone away, an answer broken off).
@@ -128,7 +136,7 @@ class Proxy:
                 answer.release()
             else:
                 answer.close()
-            self._leases.release_soon(lease, outcome)
+            self._leases.release_soon(lease, outcome, gone)
 
     async def _stream(
         self,

@@ -35,6 +35,8 @@ async def _main(cfg: GatewayConfig, connect: ConnectOptions, keys: Keys) -> int:
         tls_server_name=connect.tls_server_name,
         timeout=cfg.route_timeout,
         on_retry=fail_fast,
+        # Route, Release and renewals as messages on one RouteStream (see leasing).
+        stream=True,
     )
     gateway = Gateway(cfg, client, keys)
     # handler_cancellation: a client that goes away cancels its request at once, and
