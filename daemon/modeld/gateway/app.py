@@ -28,7 +28,7 @@ from modeld.gateway.config import GatewayConfig
 from modeld.gateway.leasing import Leases, affinity_key
 from modeld.gateway.metrics import Metrics, endpoint
 from modeld.gateway.proxy import Call, Proxy
-from modeld.gateway.upstream import Upstream, forwarded
+from modeld.gateway.upstream import Upstream, forwarded, skipped
 
 log = structlog.get_logger(__name__)
 
@@ -60,7 +60,7 @@ class Gateway:
         self._client = client
         self._keys = keys
         # With keys on, the client's key is the gateway's secret: the replica never sees it.
-        self._drop = frozenset({"authorization"}) if keys.required else frozenset()
+        self._skip = skipped(frozenset({"authorization"}) if keys.required else frozenset())
         self.metrics = Metrics()
         self.leases = Leases(client)
         self.upstream = Upstream(cfg.connect_timeout, cfg.max_connections_per_replica)
@@ -115,7 +115,7 @@ class Gateway:
             method=request.method,
             path_qs=request.path_qs,
             body=body,
-            headers=forwarded(request.headers, self._drop),
+            headers=forwarded(request.headers, self._skip),
             endpoint=endpoint(request.path),
             started=started,
         )

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import aiohttp
 import structlog
 from aiohttp import ClientResponse, web
-from multidict import CIMultiDict
 
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld.client.errors import ModeldError
@@ -24,7 +23,7 @@ from modeld.client.lease import Lease
 from modeld.gateway import errors
 from modeld.gateway.leasing import FAILED, OK, UNREACHABLE, Leases
 from modeld.gateway.metrics import Metrics
-from modeld.gateway.upstream import UNREACHABLE_ERRORS, Upstream, answer_headers
+from modeld.gateway.upstream import UNREACHABLE_ERRORS, Headers, Upstream, answer_headers
 
 log = structlog.get_logger(__name__)
 
@@ -37,7 +36,7 @@ EVENTS = "text/event-stream"
 CLIENT_GONE = "gateway_client_gone"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Call:
     """What the gateway forwards: the request as it came, and what it routes by."""
 
@@ -46,7 +45,7 @@ class Call:
     method: str
     path_qs: str
     body: bytes
-    headers: CIMultiDict[str]
+    headers: Headers
     endpoint: str
     started: float  # time.perf_counter() at arrival
 
