@@ -46,11 +46,15 @@ class GatewayProc:
         async with self._changed:
             self._changed.notify_all()
 
-    async def wait_event(self, event: str, limit_s: float = START_LIMIT_S) -> dict[str, Any]:
+    async def wait_event(
+        self, event: str, limit_s: float = START_LIMIT_S, since: int = 0
+    ) -> dict[str, Any]:
+        """The first `event` logged at or after `self.log[since]`."""
+
         async def seen() -> dict[str, Any]:
             async with self._changed:
                 while True:
-                    hit = next((e for e in self.log if e.get("event") == event), None)
+                    hit = next((e for e in self.log[since:] if e.get("event") == event), None)
                     if hit is not None:
                         return hit
                     if self._pump.done():

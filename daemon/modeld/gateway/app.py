@@ -12,7 +12,7 @@ With `api_keys_file` set, every `/v1/*` request needs `Authorization: Bearer <ke
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -28,7 +28,7 @@ from modeld.gateway.auth import Keys
 from modeld.gateway.leasing import Leases, affinity_key
 from modeld.gateway.metrics import Metrics, endpoint
 from modeld.gateway.proxy import Call, Proxy
-from modeld.gateway.upstream import Upstream, forwarded
+from modeld.gateway.upstream import Upstream, forwarded, skipped
 
 log = structlog.get_logger(__name__)
 
@@ -55,14 +55,15 @@ def parse_body(body: bytes) -> tuple[str, object]:
 
 
 class Gateway:
-    def __init__(self, cfg: GatewayConfig, client: AsyncClient, keys: Keys) -> None:
+    def __init__(self, cfg: GatewayConfig, clients: Sequence[AsyncClient], keys: Keys) -> None:
+        """`clients`: connections to one modeld, each with its RouteStream (see leasing)."""
         self._cfg = cfg
-        self._client = client
+        self._client = clients[0]
         self._keys = keys
         # With keys on, the client's key is the gateway's secret: the replica never sees it.
-        self._drop = frozenset({"authorization"}) if keys.required else frozenset()
+        self._skip = skipped(frozenset({"authorization"}) if keys.required else frozenset())
         self.metrics = Metrics()
-        self.leases = Leases(client)
+        self.leases = Leases(clients)
         self.upstream = Upstream(cfg.connect_timeout, cfg.max_connections_per_replica)
         self.proxy = Proxy(self.leases, self.upstream, self.metrics, cfg.retry_after)
 
@@ -115,7 +116,7 @@ class Gateway:
             method=request.method,
             path_qs=request.path_qs,
             body=body,
-            headers=forwarded(request.headers, self._drop),
+            headers=forwarded(request.headers, self._skip),
             endpoint=endpoint(request.path),
             started=started,
         )

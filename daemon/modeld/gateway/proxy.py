@@ -9,13 +9,13 @@ that goes away cancels its handler, which closes the upstream request, so the
 replica stops too; the lease is released all the same.
 """
 
+import asyncio
 import time
 from dataclasses import dataclass
 
 import aiohttp
 import structlog
 from aiohttp import ClientResponse, web
-from multidict import CIMultiDict
 
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld.client.errors import ModeldError
@@ -23,7 +23,7 @@ from modeld.client.lease import Lease
 from modeld.gateway import errors
 from modeld.gateway.leasing import FAILED, OK, UNREACHABLE, Leases
 from modeld.gateway.metrics import Metrics
-from modeld.gateway.upstream import UNREACHABLE_ERRORS, Upstream, answer_headers
+from modeld.gateway.upstream import UNREACHABLE_ERRORS, Headers, Upstream, answer_headers
 
 log = structlog.get_logger(__name__)
 
@@ -32,9 +32,11 @@ TRIES = 2
 # longer ones, and every stream, are relayed chunk by chunk as they arrive.
 WHOLE_LIMIT = 1 << 20
 EVENTS = "text/event-stream"
+# Logged once the lease of an answer its client left is back at modeld.
+CLIENT_GONE = "gateway_client_gone"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Call:
     """What the gateway forwards: the request as it came, and what it routes by."""
 
@@ -43,7 +45,7 @@ class Call:
     method: str
     path_qs: str
     body: bytes
-    headers: CIMultiDict[str]
+    headers: Headers
     endpoint: str
     started: float  # time.perf_counter() at arrival
 
@@ -97,6 +99,7 @@ class Proxy:
         self, request: web.Request, call: Call, lease: Lease, answer: ClientResponse
     ) -> web.StreamResponse:
         outcome = FAILED if answer.status >= 500 else OK
+        gone = ""
         try:
             length = answer.content_length
             if length is not None and length <= WHOLE_LIMIT and answer.content_type != EVENTS:
@@ -119,8 +122,12 @@ class Proxy:
                 outcome = await self._stream(request, call, answer, out, outcome)
                 await out.write_eof()
             except ConnectionResetError:
-                log.info("gateway_client_gone", model=call.model, replica_id=lease.replica_id)
+                gone = CLIENT_GONE
             return out
+        except asyncio.CancelledError:
+            # The client went away (aiohttp cancels its handler).
+            gone = CLIENT_GONE
+            raise
         finally:
             # A whole answer leaves the connection to the pool; any other is closed, which
             # tells the replica to stop (a client gone away, an answer broken off).
@@ -128,7 +135,7 @@ class Proxy:
                 answer.release()
             else:
                 answer.close()
-            self._leases.release_soon(lease, outcome)
+            self._leases.release_soon(lease, outcome, gone)
 
     async def _stream(
         self,

@@ -7,7 +7,7 @@ hop-by-hop headers say is about one connection, so they are not passed on.
 
 import aiohttp
 from aiohttp import ClientResponse
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDictProxy
 from yarl import URL
 
 # RFC 9110 §7.6.1 and the ones aiohttp sets itself for each hop.
@@ -29,15 +29,22 @@ UNREACHABLE_ERRORS = (
 )
 
 
-def forwarded(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:
-    """The request headers for the replica: all but hop-by-hop ones and `drop`."""
-    return CIMultiDict(
-        (k, v) for k, v in headers.items() if k.lower() not in HOP_BY_HOP and k.lower() not in drop
-    )
+Headers = list[tuple[str, str]]
 
 
-def answer_headers(response: ClientResponse) -> CIMultiDict[str]:
-    return CIMultiDict((k, v) for k, v in response.headers.items() if k.lower() not in HOP_BY_HOP)
+def skipped(drop: frozenset[str]) -> frozenset[str]:
+    """What `forwarded` leaves out: hop-by-hop headers and `drop` (lower case)."""
+    return HOP_BY_HOP | {h.lower() for h in drop}
+
+
+def forwarded(headers: CIMultiDictProxy[str], skip: frozenset[str]) -> Headers:
+    """The request headers for the replica: all but `skip` (see `skipped`). Pairs, not a
+    multidict: aiohttp copies them into its own either way."""
+    return [(k, v) for k, v in headers.items() if k.lower() not in skip]
+
+
+def answer_headers(response: ClientResponse) -> Headers:
+    return [(k, v) for k, v in response.headers.items() if k.lower() not in HOP_BY_HOP]
 
 
 class Upstream:
@@ -56,7 +63,7 @@ class Upstream:
         )
 
     async def send(
-        self, address: str, method: str, path_qs: str, body: bytes, headers: CIMultiDict[str]
+        self, address: str, method: str, path_qs: str, body: bytes, headers: Headers
     ) -> ClientResponse:
         """The replica's answer, its head read (raises UNREACHABLE_ERRORS when it cannot be)."""
         url = URL(f"http://{address}{path_qs}", encoded=True)
