@@ -1,10 +1,10 @@
-"""Affinity over a cluster's candidates (cluster/view.py `affine_target`), without daemons."""
+"""Affinity over a cluster's candidates (`cluster_route.affine_target`), without daemons."""
 
 from collections import Counter
 
-from modeld.cluster.view import affine_target
 from modeld.info import RemoteReplica
 from modeld.policy.affinity import build_ring, successors
+from modeld.policy.cluster_route import affine_target
 from modeld.routing.rings import Rings
 from modeld.state import ReplicaState
 

@@ -12,9 +12,10 @@ from modeld import config
 from modeld.cluster.forward import Peers, make_marker, parse_marker
 from modeld.cluster.ownload import OwnLoad
 from modeld.cluster.schema import SCHEMA_VERSION, migrate
-from modeld.cluster.view import ClusterView, RemoteHost, estimate, pick_remote, route_target
+from modeld.cluster.view import ClusterView, RemoteHost
 from modeld.errors import ConfigError, RegistryError, Unavailable
 from modeld.info import RemoteReplica
+from modeld.policy.cluster_route import estimate, pick_remote, route_target
 from modeld.state import ReplicaState
 
 

@@ -9,11 +9,8 @@ import pytest
 
 from modeld.errors import NotFound, Unavailable
 from modeld.ops.events import LEASE_EXPIRED
-from modeld.policy.picker import pick_replica
-from modeld.routing.counters import CounterFlusher
 from modeld.spec import ModelSpec, Settings
 from modeld.state import ReplicaState
-from modeld.storage.registry import ReplicaRow
 from routing_fakes import router_harness, settle
 
 S = ReplicaState
@@ -275,55 +272,6 @@ async def test_a_failed_probe_is_never_reused(tmp_path: Path) -> None:
             report = await h.router.health(["m"], probe=False)
             assert report["m"][0].last_probe_ok is False
             assert replica.probes == expected
-
-
-async def test_counters_flush_only_when_changed_and_sql_agrees(tmp_path: Path) -> None:
-    async with router_harness(tmp_path, M) as h:
-        written: list[int] = []
-
-        async def flush(rows):  # type: ignore[no-untyped-def]
-            written.append(len(rows))
-            await h.registry.flush_counters(rows)
-
-        await h.router.load("m", 2, h.deadline())
-        for r in h.made:
-            await h.registry.insert_replica(
-                ReplicaRow(id=r.id, model="m", backend="echo", state="READY")
-            )
-        flusher = CounterFlusher(
-            clock=h.clock,
-            views=h.router.views,
-            free_memory=lambda: h.router.index.free_memory,
-            flush=flush,
-        )
-        assert await flusher.flush_once() is True
-        assert await flusher.flush_once() is False
-        h.clock.advance(1)
-        lease = await h.router.route("m", h.deadline())
-        assert await flusher.flush_once() is True
-        rows = await h.registry.query("SELECT id, in_flight, last_used FROM replicas ORDER BY id")
-        assert {r["id"]: r["in_flight"] for r in rows} == {
-            r.id: (1 if r.id == lease.replica_id else 0) for r in h.made
-        }
-        used = next(r["last_used"] for r in rows if r["id"] == lease.replica_id)
-        assert used == pytest.approx(h.clock.wall())
-        expected = pick_replica(h.router.views(), h.router.index.free_memory)
-        assert expected is not None
-        assert await h.registry.pick_replica("m") == expected.id
-        assert written == [2, 2]
-
-
-async def test_router_flushes_in_the_background(tmp_path: Path) -> None:
-    flushed = asyncio.Event()
-
-    async def flush(rows):  # type: ignore[no-untyped-def]
-        if rows and rows[0][1] == 1:
-            flushed.set()
-
-    async with router_harness(tmp_path, M, flush=flush, flush_interval=0.01) as h:
-        h.router.start()
-        await h.router.route("m", h.deadline())
-        await asyncio.wait_for(flushed.wait(), 2)
 
 
 async def test_min_replicas_are_not_over_started(tmp_path: Path) -> None:

@@ -269,7 +269,6 @@ class Daemon:
             admission=admission,
             prober=ProbeCache(self.clock, lambda: settings.current.probe_ttl),
             metrics=self.metrics,
-            flush=self.registry.flush_counters,
             limits=LeaseLimits(self.config.max_leases_per_replica, self.config.max_leases),
             tasks=self.tasks,
             backoff_policy=backoff_policy,

@@ -2,13 +2,13 @@
 
 Route: the least-loaded local READY replica, unless the best remote READY replica
 of the view (same policy, by its estimated in-flight) has fewer in-flight than it
-(`view.route_target`, the spill rule): then the Route is forwarded to that
+(`policy/cluster_route.py`, the spill rule): then the Route is forwarded to that
 replica's owner, which leases from its own memory; a failed or stale owner means
 another replica, at most MAX_FORWARDS, and then the local one. With no READY
 replica anywhere, the model is started through its claim (`coldstart.py`): once
 for the whole cluster, on the host placement picks, and the Route is routed
 again. A Route with an affinity key goes where the bounded-load ring over local
-and remote READY replicas together puts it (`view.affine_target`), and the owner's
+and remote READY replicas together puts it (`cluster_route.affine_target`), and the owner's
 own ring picks among its replicas. Lease ids are `host_id~id`, so Release and
 RenewLease reach the owner from any modeld. A Load on this host takes one of the
 model's max_replicas slots per replica it starts (a forwarded Load that carries a
@@ -46,18 +46,20 @@ from modeld.cluster.ownload import OwnLoad
 from modeld.cluster.slotgate import SlotGate
 from modeld.cluster.specs import SharedSpecs
 from modeld.cluster.store import ReplicaRow
-from modeld.cluster.view import RemoteHost, affine_target, route_target
+from modeld.cluster.view import RemoteHost
 from modeld.config import Config
 from modeld.errors import ConfigError, FailedPrecondition, NotFound, RetryRoute, Unavailable
 from modeld.info import Grant, HostEntry, LinkState, Listing, RemoteReplica, ReplicaInfo
 from modeld.ops.events import EventBus
 from modeld.ops.metrics import ClusterStats
 from modeld.ops.tasks import Spawn, detached
+from modeld.policy.cluster_route import affine_target, route_target
 from modeld.routing.leases import Lease
 from modeld.routing.rings import Rings
+from modeld.routing.routed import routable
 from modeld.routing.router import Router
 from modeld.spec import ModelSpec
-from modeld.state import LIVE, ReplicaState
+from modeld.state import LIVE
 from modeld.storage.catalog import Catalog
 
 log = structlog.get_logger(__name__)
@@ -331,13 +333,7 @@ class ClusterRouter:
     def _local_loads(self, model: str) -> dict[str, int]:
         """Local READY replicas' in-flight by id."""
         pool = self._router.index.existing(model)
-        if pool is None:
-            return {}
-        return {
-            r.id: r.in_flight
-            for r in pool.replicas.values()
-            if r.state is ReplicaState.READY and not r.stop_requested
-        }
+        return {r.id: r.in_flight for r in pool.ready()} if pool is not None else {}
 
     def _local_in_flight(self, model: str) -> int | None:
         """The least-loaded local READY replica's in-flight (what the local pick takes),
@@ -345,25 +341,13 @@ class ClusterRouter:
         pool = self._router.index.existing(model)
         if pool is None:
             return None
-        return min(
-            (
-                r.in_flight
-                for r in pool.replicas.values()
-                if r.state is ReplicaState.READY and not r.stop_requested
-            ),
-            default=None,
-        )
+        return min((r.in_flight for r in pool.ready()), default=None)
 
     async def _route_as_owner(self, model: str, marker: str, deadline: float, key: str) -> Grant:
         replica_id, generation, below = parse_marker(marker)
         pool = self._router.index.existing(model)
         current = pool.replicas.get(replica_id) if pool is not None else None
-        if (
-            current is None
-            or current.state is not ReplicaState.READY
-            or current.stop_requested
-            or current.restarts != generation
-        ):
+        if current is None or not routable(current) or current.restarts != generation:
             # The forwarder's view is stale (stopped, or restarted under another
             # generation, maybe on a reused address): it must pick another replica.
             raise NotFound(

@@ -11,8 +11,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from modeld.info import RemoteReplica
-from modeld.policy.affinity import Ring, pick_affine
-from modeld.policy.picker import used_tick
 from modeld.state import ReplicaState
 
 
@@ -124,65 +122,3 @@ class ClusterView:
             and r.id not in skip
             and self.alive(r.host_id, now, trust_expired)
         ]
-
-
-# How many more in-flight the local replica may have than the best remote estimate
-# before a Route spills over. 0: a tie stays here (no hop), and each decision keeps
-# max - min within 1 as far as this host can tell; estimates lag by up to a publish
-# interval, which is what the balance property's bound of 2 leaves room for.
-SPILL_MARGIN = 0
-
-
-def estimate(replica: RemoteReplica, extra: Mapping[str, int]) -> int:
-    """A remote replica's in-flight: as published, plus what this host knows it added
-    since (`OwnLoad.extra`); never below 0, since the two are read at different times."""
-    return max(0, replica.in_flight + extra.get(replica.id, 0))
-
-
-def pick_remote(
-    candidates: Iterable[RemoteReplica], extra: Mapping[str, int]
-) -> RemoteReplica | None:
-    """The picker's policy over published figures: fewest in-flight (estimated), then
-    oldest use, then most free memory."""
-    return min(
-        candidates,
-        key=lambda r: (estimate(r, extra), used_tick(r.last_used), -r.free_memory, r.id),
-        default=None,
-    )
-
-
-def route_target(
-    local_in_flight: int | None,
-    candidates: Iterable[RemoteReplica],
-    extra: Mapping[str, int],
-    margin: int = SPILL_MARGIN,
-) -> RemoteReplica | None:
-    """Where a Route goes: None = here, else the remote replica to forward to.
-
-    `local_in_flight` is the least-loaded local READY replica's in-flight (None: no
-    local READY replica, so the best remote, or None to start one here). A local
-    replica is kept unless it has more than `margin` in-flight over the best remote's
-    estimate: load spread unevenly over the modelds still spreads evenly over replicas.
-    """
-    best = pick_remote(candidates, extra)
-    if best is None or local_in_flight is None:
-        return best
-    return best if local_in_flight > estimate(best, extra) + margin else None
-
-
-def affine_target(
-    ring: Ring,
-    key: str,
-    *,
-    local: Mapping[str, int],
-    candidates: Iterable[RemoteReplica],
-    extra: Mapping[str, int],
-    slack: float,
-) -> RemoteReplica | None:
-    """Where a Route with an affinity key goes: the picker's bounded-load ring over
-    local replicas (id -> in-flight) and remote ones (estimated) together; None = here
-    (the key's replica is local, or no replica is on the ring)."""
-    remote = {r.id: r for r in candidates}
-    loads = {**local, **{i: estimate(r, extra) for i, r in remote.items()}}
-    chosen = pick_affine(ring, key, loads, slack)
-    return remote.get(chosen) if chosen is not None else None

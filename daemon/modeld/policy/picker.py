@@ -4,11 +4,8 @@ Only a replica below its model's `parallel` leases takes one (policy/capacity.py
 Order: fewest in-flight leases, then least recently used, then most free memory on
 the replica's device (its first GPU, or host RAM under key None), then id.
 
-The registry holds the same policy as SQL (`registry.PICK_SQL`) over rows written
-by `counter_row`. Last use is compared on a microsecond grid in both forms: the
-registry stores it as wall-clock seconds, and adding the wall-clock offset to raw
-monotonic floats could round two distinct values to one (or keep two apart that
-the grid would tie), so the two forms would disagree on near ties.
+Last use is compared on a microsecond grid: a remote replica's comes as published
+wall-clock seconds, and the grid makes near ties the same tie in both.
 
 Two inputs refine it (both None: the order above, unchanged): `load`, what the
 backends report (policy/load.py), skips saturated replicas and puts fewer
@@ -25,8 +22,6 @@ from modeld.policy.view import ReplicaView
 from modeld.state import ReplicaState
 
 SortKey = tuple[int, int, int, str]
-# (replica id, in_flight, last_used as wall-clock seconds, free memory): one registry row.
-CounterRow = tuple[str, int, float, int]
 TICKS_PER_SECOND = 1_000_000
 
 
@@ -39,13 +34,15 @@ def free_on_device(replica: ReplicaView, free_memory: Mapping[int | None, int]) 
     return free_memory.get(replica.device, 0)
 
 
+def rank(in_flight: int, last_used: float, free: int, replica_id: str) -> SortKey:
+    """The order of the picker, smaller first: this host's replicas and (by what their
+    hosts publish) other hosts' alike (policy/cluster_route.py)."""
+    return (in_flight, used_tick(last_used), -free, replica_id)
+
+
 def sort_key(replica: ReplicaView, free_memory: Mapping[int | None, int]) -> SortKey:
-    """Smaller is better; PICK_SQL orders `counter_row`s exactly the same way."""
-    return (
-        replica.in_flight,
-        used_tick(replica.last_used),
-        -free_on_device(replica, free_memory),
-        replica.id,
+    return rank(
+        replica.in_flight, replica.last_used, free_on_device(replica, free_memory), replica.id
     )
 
 
@@ -73,20 +70,3 @@ def pick_replica(
     if load is not None:
         return min(ready, key=lambda r: (load.score(r), sort_key(r, free_memory)))
     return min(ready, key=lambda r: sort_key(r, free_memory))
-
-
-def counter_row(
-    replica: ReplicaView, free_memory: Mapping[int | None, int], wall_offset: float
-) -> CounterRow:
-    """The registry row of a replica's counters; `wall_offset` is wall minus monotonic.
-
-    Integer ticks add exactly, and distinct ticks stay distinct seconds as doubles
-    (until the year 2242), so the stored order is exactly the order of `sort_key`.
-    """
-    ticks = used_tick(replica.last_used) + used_tick(wall_offset)
-    return (
-        replica.id,
-        replica.in_flight,
-        ticks / TICKS_PER_SECOND,
-        free_on_device(replica, free_memory),
-    )

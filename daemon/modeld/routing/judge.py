@@ -27,8 +27,7 @@ from modeld.clock import Clock
 from modeld.ops.events import HEALTH, Event, EventBus
 from modeld.ops.metrics import Metrics
 from modeld.routing.probe import ProbeCache
-from modeld.routing.routed import RoutedReplica
-from modeld.state import ReplicaState
+from modeld.routing.routed import RoutedReplica, routable
 
 log = structlog.get_logger(__name__)
 
@@ -93,7 +92,7 @@ class HealthJudge:
         probe clears it or it is proven dead. `failed_at`: a probe that already failed
         (the first of the count). Evidence against a suspect adds nothing: its watch
         is probing anyway."""
-        if replica.state is not ReplicaState.READY or replica.stop_requested:
+        if not routable(replica):
             return
         if replica.id in self._suspects:
             return
@@ -126,7 +125,7 @@ class HealthJudge:
             # The probe that raised the suspicion failed just now: give it a moment.
             await self._clock.sleep_until(self._clock.monotonic() + pause)
             pause = min(pause * 2, RETRY_CAP_S)
-        while replica.state is ReplicaState.READY and not replica.stop_requested:
+        while routable(replica):
             result = await self._prober.check(replica, force=True)
             if result.ok:
                 self._suspects.pop(replica.id, None)

@@ -28,7 +28,7 @@ import structlog
 from modeld.clock import Clock
 from modeld.errors import DeadlineExceeded, ModeldError, Unavailable
 from modeld.policy.backoff import DEFAULT, BackoffPolicy, BackoffState
-from modeld.routing.routed import RoutedReplica
+from modeld.routing.routed import RoutedReplica, routable
 from modeld.routing.start_backoff import BackoffTracker
 from modeld.spec import ModelSpec
 from modeld.state import LIVE, STARTING_STATES, TERMINAL, ReplicaState
@@ -105,12 +105,8 @@ class ModelPool:
         return [r for r in self.replicas.values() if r.state in LIVE]
 
     def ready(self) -> list[RoutedReplica]:
-        """Replicas that serve now: READY and not being stopped."""
-        return [
-            r
-            for r in self.replicas.values()
-            if r.state is ReplicaState.READY and not r.stop_requested
-        ]
+        """Replicas that serve now (`routable`)."""
+        return [r for r in self.replicas.values() if routable(r)]
 
     def servable(self) -> list[RoutedReplica]:
         """Replicas that serve now or will once their start finishes (and are not stopping)."""

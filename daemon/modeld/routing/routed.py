@@ -101,3 +101,8 @@ class RoutedReplica(Protocol):
 # A replica tells its owner of every state change, synchronously, as it happens:
 # crash handling, pruning and wake-ups never depend on the (lossy) event bus.
 Listener = Callable[[RoutedReplica, ReplicaState, ReplicaState, str], None]
+
+
+def routable(replica: RoutedReplica) -> bool:
+    """May take a lease now: READY and not being stopped. The one definition."""
+    return replica.state is ReplicaState.READY and not replica.stop_requested

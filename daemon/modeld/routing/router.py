@@ -42,7 +42,6 @@ from modeld.policy.eviction import Eviction
 from modeld.policy.load import LoadInput, ReportedLoad
 from modeld.policy.picker import pick_replica
 from modeld.policy.view import HostView, ReplicaView
-from modeld.routing.counters import FLUSH_INTERVAL_S, CounterFlusher, Flush
 from modeld.routing.index import ReplicaIndex
 from modeld.routing.judge import HealthJudge
 from modeld.routing.leases import Lease, LeaseLimits, LeaseService
@@ -81,8 +80,6 @@ class Router:
         judge: HealthJudge,
         signal: CapacitySignal,
         tasks: TaskSupervisor,
-        flush: Flush | None = None,
-        flush_interval: float = FLUSH_INTERVAL_S,
         loads: LoadScraper | None = None,
         metrics: Metrics | None = None,
     ) -> None:
@@ -97,8 +94,6 @@ class Router:
         self._judge = judge
         self._signal = signal
         self._tasks = tasks
-        self._flush = flush
-        self._flush_interval = flush_interval
         self.loads = loads
         self._background: list[asyncio.Task[None]] = []
         # model -> the affinity ring over its READY replicas (policy/affinity.py).
@@ -119,15 +114,6 @@ class Router:
 
     def start(self) -> None:
         self._background.append(self._tasks.spawn(self.leases.run(), "lease-expiry"))
-        if self._flush is not None:
-            flusher = CounterFlusher(
-                clock=self._clock,
-                views=self.index.views,
-                free_memory=lambda: self.index.free_memory,
-                flush=self._flush,
-                interval=self._flush_interval,
-            )
-            self._background.append(self._tasks.spawn(flusher.run(), "counter-flush"))
         if self.loads is not None:
             for backend in self.loads.watched():
                 task = self._tasks.spawn(self.loads.run(backend), f"load-scrape-{backend.name}")
@@ -189,11 +175,7 @@ class Router:
     ) -> RoutedReplica | None:
         """The replica for the next lease; None when none is READY, or (with `parallel`)
         every READY one is full."""
-        live = [
-            r
-            for r in pool.replicas.values()
-            if r.state is ReplicaState.READY and not r.stop_requested
-        ]
+        live = pool.ready()
         if not live:
             return None
         ready = [r for r in live if self.leases.room_on(r) and has_room(r.in_flight, spec.parallel)]
@@ -363,8 +345,6 @@ def build_router(
     prober: ProbeCache,
     admission: Callable[[Evictor], Admit],
     metrics: Metrics | None = None,
-    flush: Flush | None = None,
-    flush_interval: float = FLUSH_INTERVAL_S,
     limits: LeaseLimits | None = None,
     tasks: TaskSupervisor | None = None,
     backoff_policy: Callable[[ModelSpec], BackoffPolicy] = lambda _: DEFAULT_BACKOFF,
@@ -415,8 +395,6 @@ def build_router(
         judge=judge,
         signal=signal,
         tasks=tasks or TaskSupervisor(),
-        flush=flush,
-        flush_interval=flush_interval,
         loads=LoadScraper(
             lambda: list(catalog.backends.values()),
             index.live,

@@ -13,7 +13,7 @@ import contextlib
 import json
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,7 +23,6 @@ import structlog
 
 from modeld.errors import RegistryError, Unavailable
 from modeld.ops.events import Event
-from modeld.policy.picker import CounterRow
 from modeld.spec import ModelSpec
 from modeld.state import TERMINAL
 from modeld.storage.migrations import APPLICATION_ID, MIGRATIONS
@@ -64,12 +63,6 @@ class ReplicaRow:
 REPLICA_COLUMNS = tuple(f.name for f in fields(ReplicaRow))
 _MODEL_COLUMNS = tuple(f.name for f in fields(ModelSpec))
 _JSON_MODEL_COLUMNS = frozenset({"options", "groups", "gpu_ids", "host_labels"})
-
-# policy.picker as SQL over the rows written by flush_counters (policy.picker.counter_row).
-PICK_SQL = (
-    "SELECT id FROM replicas WHERE node_id = ? AND model = ? AND state = 'READY' "
-    "ORDER BY in_flight ASC, last_used ASC, free_memory DESC, id ASC LIMIT 1"
-)
 
 Job = Callable[[aiosqlite.Connection], Awaitable[Any]]
 
@@ -245,7 +238,7 @@ class Registry:
         await self.write(job)
 
     async def update_replica(self, replica_id: str, **changes: object) -> None:
-        unknown = set(changes) - set(REPLICA_COLUMNS) - {"in_flight", "last_used"}
+        unknown = set(changes) - set(REPLICA_COLUMNS)
         if unknown or "id" in changes:
             raise ValueError(f"not replica columns: {sorted(unknown | ({'id'} & set(changes)))}")
         if not changes:
@@ -257,25 +250,6 @@ class Registry:
             await db.execute(f"UPDATE replicas SET {assignments} WHERE id = ?", params)
 
         await self.write(job)
-
-    async def flush_counters(self, counters: Sequence[CounterRow]) -> None:
-        """Write the ephemeral (in_flight, last_used, free_memory) counters in one batch."""
-
-        async def job(db: aiosqlite.Connection) -> None:
-            await db.executemany(
-                "UPDATE replicas SET in_flight = ?, last_used = ?, free_memory = ? WHERE id = ?",
-                [(n, used, free, rid) for rid, n, used, free in counters],
-            )
-
-        await self.write(job)
-
-    async def pick_replica(self, model: str, node_id: str = "local") -> str | None:
-        """The routing policy as SQL, for tools that read the database.
-
-        Must order rows exactly as policy.picker.sort_key does; a property test checks it.
-        """
-        rows = await self._read(PICK_SQL, (node_id, model))
-        return str(rows[0]["id"]) if rows else None
 
     async def live_replicas(self, node_id: str = "local") -> list[ReplicaRow]:
         marks = ", ".join("?" * len(_TERMINAL_VALUES))
@@ -293,7 +267,7 @@ class Registry:
         return ReplicaRow(**dict(rows[0])) if rows else None
 
     async def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        """Read-only SQL for inspection tools and tests (the SQL form of the picker)."""
+        """Read-only SQL for inspection tools and tests."""
         return await self._read(sql, params)
 
     # events
