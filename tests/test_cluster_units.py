@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import socket
 from pathlib import Path
 
 import asyncpg
@@ -9,11 +10,11 @@ import grpc
 import pytest
 
 from modeld import config
-from modeld.cluster.forward import Peers, make_marker, parse_marker
+from modeld.cluster.forward import Load, Peers, make_marker, parse_marker
 from modeld.cluster.ownload import OwnLoad
 from modeld.cluster.schema import SCHEMA_VERSION, migrate
 from modeld.cluster.view import ClusterView, RemoteHost
-from modeld.errors import ConfigError, RegistryError, Unavailable
+from modeld.errors import RETRY_KEY, ConfigError, PeerUnreachable, RegistryError, Unavailable
 from modeld.info import RemoteReplica
 from modeld.policy.cluster_route import estimate, pick_remote, route_target
 from modeld.state import ReplicaState
@@ -216,3 +217,36 @@ async def test_peers_forget_closes_the_channel_of_a_departed_host() -> None:
     finally:
         await peers.close()
         silent.close()
+
+
+async def test_a_peer_that_answered_is_told_from_one_never_reached() -> None:
+    """Typed, not read from the message: a modeld's refusal carries RETRY_KEY."""
+
+    async def refuse(request: object, context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE,
+            "model 'm': failed to connect to all addresses of its backend",
+            ((RETRY_KEY, "no"),),
+        )
+
+    handler = grpc.method_handlers_generic_handler(
+        "modeld.v1.ModelControl", {"Load": grpc.unary_unary_rpc_method_handler(refuse)}
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    nobody = f"127.0.0.1:{closed.getsockname()[1]}"
+    peers = Peers(config.load(None, env={"MODELD_CLUSTER_DSN": "postgresql://db/x"}))
+    try:
+        with pytest.raises(Unavailable) as answered:
+            await peers.load("a", Load("m", 1, "a", f"127.0.0.1:{port}"), limit_s=20)
+        assert not isinstance(answered.value, PeerUnreachable), answered.value
+        with pytest.raises(PeerUnreachable, match="host b: "):
+            await peers.load("b", Load("m", 1, "b", nobody), limit_s=20)
+    finally:
+        await peers.close()
+        await server.stop(None)
+        closed.close()

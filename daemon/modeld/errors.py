@@ -32,6 +32,13 @@ class RetryRoute(Unavailable):
     """The Route lost a race that the same Route, sent again at once, can win."""
 
 
+class PeerUnreachable(Unavailable):
+    """Another modeld gave no answer of its own (refused, reset, gone): ask another host.
+
+    Told from an UNAVAILABLE the peer itself answered by the `RETRY_KEY` trailer that
+    every modeld refusal carries, never by the message's words."""
+
+
 # The trailing metadata key of every error modeld answers: "yes" when the same call,
 # sent again at once, may succeed (RetryRoute), else "no". A client that gets an
 # UNAVAILABLE without it reached no modeld (modeld.client retries only those two).

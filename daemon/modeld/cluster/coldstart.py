@@ -45,9 +45,6 @@ CLAIM_TTL_HOSTS = 3.0
 # What a target's admission answers when it cannot take the replica: ask the next host.
 # Anything else (a backend that failed, an unreachable target) fails the load.
 REFUSALS = (errors.ResourceExhausted, errors.FailedPrecondition)
-# How gRPC describes a target it could not reach or lost the connection to (as opposed
-# to an UNAVAILABLE the target answered, e.g. its backend failed): ask the next host.
-UNREACHABLE = ("failed to connect to all addresses", "Socket closed", "Connection reset")
 RowOf = Callable[[str], ReplicaRow | None]
 
 
@@ -259,10 +256,9 @@ class ColdStarts:
             raise TargetLost(f"host {host_id} stopped renewing its membership while loading")
         try:
             load.result()
-        except errors.Unavailable as exc:
-            if any(sign in str(exc) for sign in UNREACHABLE):
-                raise TargetLost(str(exc)) from None
-            raise
+        except errors.PeerUnreachable as exc:
+            # Not an answer of the target's (its backend failing would be): ask the next.
+            raise TargetLost(str(exc)) from None
 
     async def _until_gone(self, host_id: str) -> None:
         """Returns once `host_id` is no longer alive in the view: a load there is lost

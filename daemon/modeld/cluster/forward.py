@@ -280,7 +280,16 @@ def _reraise_if_cancelled() -> None:
 
 def _domain(host: str, exc: grpc.aio.AioRpcError) -> errors.ModeldError:
     kind = ERRORS.get(exc.code(), errors.Unavailable)
+    if kind is errors.Unavailable and not _answered(exc):
+        kind = errors.PeerUnreachable
     return kind(f"host {host}: {exc.details() or exc.code().name}")
+
+
+def _answered(exc: grpc.aio.AioRpcError) -> bool:
+    """Whether a modeld sent this status (its refusals carry RETRY_KEY), rather than
+    gRPC reporting that the call never reached one or lost it."""
+    trailing: Any = exc.trailing_metadata()
+    return any(key == errors.RETRY_KEY for key, _ in trailing or ())
 
 
 def _channel_credentials(config: Config) -> grpc.ChannelCredentials | None:
