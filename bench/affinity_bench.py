@@ -16,33 +16,19 @@ the client. With KEYS affinity keys it measures:
    process: microseconds per pick, their ratio, and what the key adds as a share of
    a whole Route+Release (p50 at concurrency 1): the judged figure.
 
-Prints a table with the targets (MISSED where one is missed), writes JSON to
-bench/results/affinity_bench.json, and exits 0 unless something could not be measured.
+Output: a table with the targets and bench/results/affinity_bench.json (`harness.bench_main`).
 """
 
 import argparse
 import itertools
 import sys
-import tempfile
 import time
 import timeit
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import harness
-from harness import (
-    CALL_LIMIT_S,
-    BenchError,
-    Series,
-    Server,
-    Target,
-    bench_main,
-    daemon_command,
-    serving,
-    targets_table,
-    warm_up,
-)
+from harness import CALL_LIMIT_S, BenchError, Series, Server, Target, warm_up
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld._proto.modeld.v1 import modeld_pb2_grpc as pb_grpc
 from modeld.policy.affinity import AffinityInput, build_ring
@@ -56,19 +42,14 @@ REPLICAS = 3
 KEYS = [f"session-{i}" for i in range(300)]
 SLICES = 12
 WARM_UP_S = 0.3
-CONFIG = """listen = ["{addr}"]
-state_dir = "{state}"
-models_dir = "{models}"
-log_level = "warning"
-shutdown_grace = "5s"
-
-[backends.echo]
-command = ["{{python}}", "-m", "modeld.backends.echo", "--addr", "{{addr}}"]
-
+CONFIG = (
+    harness.ECHO_BACKEND
+    + """
 [models.trio]
 backend = "echo"
 max_replicas = 3
 """
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -184,11 +165,7 @@ def pure_pick() -> dict[str, Any]:
 
 
 async def measure(daemon: Server, args: argparse.Namespace) -> dict[str, Any]:
-    reply = await daemon.stub.Load(
-        pb.LoadRequest(model=MODEL, replicas=REPLICAS), timeout=CALL_LIMIT_S
-    )
-    if sum(r.state == pb.READY for r in reply.replicas) < REPLICAS:
-        raise BenchError(f"Load did not give {REPLICAS} READY replicas")
+    await harness.load_ready(daemon.stub, MODEL, REPLICAS)
     progress("the keys' homes")
     home = await homes(daemon.stub)
     share = Counter(home.values())
@@ -257,29 +234,25 @@ def render(results: dict[str, Any], checks: list[Target]) -> str:
         f"  pure pick: {p['plain_us']} us plain, {p['keyed_us']} us keyed "
         f"(x{p['keyed_over_plain']}); ring build {p['ring_build_us']} us"
     )
-    width = max((len(c.name) for c in checks), default=10) + 2
-    return "\n".join(lines + targets_table(checks, width))
+    return "\n".join(lines + harness.targets_table(checks))
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    logs = args.out.parent
-    with tempfile.TemporaryDirectory(prefix="modeld-affinity-bench-") as tmp:
-        progress("starting the daemon")
-        command = daemon_command("modeld", CONFIG, Path(tmp), logs / "affinity-modeld.log")
-        async with serving([command]) as (daemon,):
-            started = time.perf_counter()
-            results = {"measure": await harness.section(TOOL, "measure", measure(daemon, args))}
-            results["setup"] = {
-                "seconds_per_figure": args.seconds,
-                "slices": SLICES,
-                "measured_s": round(time.perf_counter() - started, 1),
-            }
-            return results
+    log = args.out.parent / "affinity-modeld.log"
+    async with harness.daemon_serving(TOOL, CONFIG, log) as daemon:
+        started = time.perf_counter()
+        results = {"measure": await harness.section(TOOL, "measure", measure(daemon, args))}
+        results["setup"] = {
+            "seconds_per_figure": args.seconds,
+            "slices": SLICES,
+            "measured_s": round(time.perf_counter() - started, 1),
+        }
+        return results
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return bench_main(TOOL, args.out, lambda: run(args), targets, render)
+    return harness.bench_main(TOOL, args.out, lambda: run(args), targets, render)
 
 
 if __name__ == "__main__":

@@ -23,63 +23,41 @@ Prints the figures and writes bench/results/cluster_bench.json.
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import statistics
 import sys
 import tempfile
 import time
-import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
+import grpc
 import uvloop
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
+from cluster_setup import (
+    HERE,
+    database_dsn,
+    fresh_database,
+    host_config,
+    server_dsn,
+    write_results,
+)
+from cluster_setup import xact as read_xact
+from daemon_proc import DaemonProc, start_daemon
+from modeld._proto.backend import backend_pb2, backend_pb2_grpc
+from modeld._proto.modeld.v1 import modeld_pb2 as pb
 
-import grpc  # noqa: E402
-
-from backend_proc import free_port  # noqa: E402
-from daemon_proc import ECHO_CATALOG, DaemonProc, start_daemon  # noqa: E402
-from modeld._proto.backend import backend_pb2, backend_pb2_grpc  # noqa: E402
-from modeld._proto.modeld.v1 import modeld_pb2 as pb  # noqa: E402
-
-DEFAULT_DSN = "postgresql://root@127.0.0.1:5432/postgres"
 SLICES = 8
-
-
-def config_text(folder: Path, dsn: str, host: str, ttl: float) -> tuple[Path, str]:
-    addr = f"127.0.0.1:{free_port()}"
-    (folder / "models").mkdir(parents=True, exist_ok=True)
-    text = (
-        f'listen = ["{addr}"]\nstate_dir = "{folder / "state"}"\n'
-        f'models_dir = "{folder / "models"}"\nlog_level = "info"\n'
-        + ECHO_CATALOG
-        # The plain cold Load runs a model of its own: max_replicas counts the cluster.
-        + '[models.echo_load]\nbackend = "echo"\n'
-        + f'\n[cluster]\ndsn = "{dsn}"\nhost_id = "{host}"\nhost_ttl = "{ttl}s"\n'
-    )
-    path = folder / "modeld.toml"
-    path.write_text(text)
-    return path, addr
+# The plain cold Load runs a model of its own: max_replicas counts the cluster.
+LOAD_MODEL = '[models.echo_load]\nbackend = "echo"\n'
 
 
 async def xact(server: str, name: str) -> int:
-    conn = await asyncpg.connect(server)
-    try:
-        # Backends report their counters at most once a second: let them.
-        await asyncio.sleep(1.5)
-        await conn.execute("SELECT pg_stat_clear_snapshot()")
-        return int(
-            await conn.fetchval("SELECT xact_commit FROM pg_stat_database WHERE datname = $1", name)
-        )
-    finally:
-        await conn.close()
+    # Backends report their counters at most once a second: let them.
+    await asyncio.sleep(1.5)
+    return await read_xact(server, name)
 
 
 async def pairs(
@@ -164,10 +142,10 @@ async def measure_latency(args: argparse.Namespace, a: DaemonProc, b: DaemonProc
 
 
 async def measure(args: argparse.Namespace, server: str, name: str, root: Path) -> dict[str, Any]:
-    dsn = urlunsplit(urlsplit(server)._replace(path=f"/{name}"))
+    dsn = database_dsn(server, name)
     hosts: dict[str, DaemonProc] = {}
     for host in ("a", "b", "c"):
-        config, addr = config_text(root / host, dsn, host, args.host_ttl)
+        config, addr = host_config(root / host, dsn, host, args.host_ttl, LOAD_MODEL)
         hosts[host] = await start_daemon(config, addr)
     a, b, c = hosts["a"], hosts["b"], hosts["c"]
     try:
@@ -328,7 +306,7 @@ async def measure_cold(args: argparse.Namespace, dsn: str, root: Path) -> dict[s
     hosts: list[DaemonProc] = []
     for host in ("ca", "cb", "cc"):
         folder = root / host
-        config, addr = config_text(folder, dsn, host, args.host_ttl)
+        config, addr = host_config(folder, dsn, host, args.host_ttl, LOAD_MODEL)
         config.write_text(config.read_text() + cold_catalog(gate, args.cold_rounds))
         hosts.append(await start_daemon(config, addr))
     try:
@@ -358,28 +336,15 @@ async def measure_cold(args: argparse.Namespace, dsn: str, root: Path) -> dict[s
 
 
 async def main(args: argparse.Namespace) -> int:
-    server = os.environ.get("MODELD_TEST_PG_DSN") or DEFAULT_DSN
-    name = f"modeld_bench_{uuid.uuid4().hex[:10]}"
-    conn = await asyncpg.connect(server)
-    await conn.execute(f'CREATE DATABASE "{name}"')
-    await conn.close()
-    try:
+    server = server_dsn()
+    async with fresh_database(server, "modeld_bench") as (name, dsn):
         with tempfile.TemporaryDirectory(prefix="modeld-cluster-bench-") as root:
             if not args.cold_only:
                 out = await measure(args, server, name, Path(root))
             else:
                 out = {}
-            dsn = urlunsplit(urlsplit(server)._replace(path=f"/{name}"))
             out.update(await measure_cold(args, dsn, Path(root) / "cold"))
-    finally:
-        conn = await asyncpg.connect(server)
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await conn.close()
-    text = json.dumps(out, indent=2)
-    print(text)
-    results = HERE / "results"
-    results.mkdir(exist_ok=True)
-    (results / "cluster_bench.json").write_text(text + "\n")
+    print(write_results("cluster_bench.json", out))
     return 0
 
 

@@ -15,17 +15,14 @@ The stalled followers run in a process of their own (bench/stalled_followers.py)
 as dashboards would, so that receiving their lines is not charged to the timed
 clients.
 
-Prints a table with the targets (MISSED where one is missed), writes JSON to
-bench/results/flood_bench.json, and exits 0 unless something could not be measured.
+Output: a table with the targets and bench/results/flood_bench.json (`harness.bench_main`).
 """
 
 import argparse
 import asyncio
 import os
 import sys
-import tempfile
 from collections.abc import Awaitable
-from pathlib import Path
 from typing import Any
 
 import harness
@@ -36,11 +33,8 @@ from harness import (
     Series,
     Server,
     Target,
-    bench_main,
-    daemon_command,
     route_pair,
-    serving,
-    targets_table,
+    rss_mib,
     warm_up,
 )
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
@@ -52,15 +46,9 @@ CONDITIONS = ("quiet", "chatty", "flood")
 BURST_LINES = 100_000
 WARM_UP_S = 0.5
 RSS_GROWTH_LIMIT_MIB = 20.0
-CONFIG = """listen = ["{addr}"]
-state_dir = "{state}"
-models_dir = "{models}"
-log_level = "warning"
-shutdown_grace = "5s"
-
-[backends.echo]
-command = ["{{python}}", "-m", "modeld.backends.echo", "--addr", "{{addr}}"]
-
+CONFIG = (
+    harness.ECHO_BACKEND
+    + """
 [backends.chatty]
 command = ["{{python}}", "-m", "modeld.backends.echo", "--addr", "{{addr}}", "--chatty", "{rate}"]
 
@@ -70,6 +58,7 @@ backend = "echo"
 [models.chatty]
 backend = "chatty"
 """
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -86,13 +75,6 @@ def progress(text: str) -> None:
 
 def section(name: str, work: Awaitable[dict[str, Any]]) -> Awaitable[dict[str, Any]]:
     return harness.section(TOOL, name, work)
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise BenchError(f"no VmRSS for pid {pid}")
 
 
 class Followers:
@@ -130,12 +112,6 @@ class Followers:
             await self._proc.wait()
 
 
-async def load(stub: pb_grpc.ModelControlStub, model: str) -> None:
-    reply = await stub.Load(pb.LoadRequest(model=model, replicas=1), timeout=CALL_LIMIT_S)
-    if not any(r.state == pb.READY for r in reply.replicas):
-        raise BenchError(f"Load gave no READY replica of {model}")
-
-
 async def unload(stub: pb_grpc.ModelControlStub, model: str) -> None:
     await stub.Unload(pb.UnloadRequest(model=model, force=True), timeout=CALL_LIMIT_S)
 
@@ -144,7 +120,7 @@ async def enter(daemon: Server, condition: str, followers: int) -> Followers | N
     """Set up `condition` from quiet; returns the followers to close when leaving it."""
     if condition == "quiet":
         return None
-    await load(daemon.stub, CHATTY)
+    await harness.load_ready(daemon.stub, CHATTY)
     if condition == "chatty":
         return None
     return await Followers.start(daemon.addr, CHATTY, followers)
@@ -197,7 +173,7 @@ async def chatty_line(stub: pb_grpc.ModelControlStub, at_least: int = 0) -> int:
 async def memory(daemon: Server, args: argparse.Namespace) -> dict[str, Any]:
     progress(f"RSS: {BURST_LINES} lines with {args.followers} stalled followers")
     idle = rss_mib(daemon.proc.pid)
-    await load(daemon.stub, CHATTY)
+    await harness.load_ready(daemon.stub, CHATTY)
     try:
         stalled = await Followers.start(daemon.addr, CHATTY, args.followers)
         try:
@@ -216,18 +192,15 @@ async def memory(daemon: Server, args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="modeld-flood-") as tmp:
-        progress("starting the daemon")
-        log = args.out.parent / "flood_daemon.log"
-        command = daemon_command("modeld", CONFIG, Path(tmp), log, rate=args.rate)
-        async with serving([command]) as [daemon]:
-            await load(daemon.stub, QUIET)
-            await warm_up(route_pair(daemon.stub, QUIET), args.clients, WARM_UP_S)
-            results: dict[str, Any] = {"setup": setup(args)}
-            # Memory first: its idle figure must not include what the other phases left.
-            results["memory"] = await section("memory", memory(daemon, args))
-            results["conditions"] = await section("conditions", conditions(daemon, args))
-            return results
+    log = args.out.parent / "flood_daemon.log"
+    async with harness.daemon_serving(TOOL, CONFIG, log, rate=args.rate) as daemon:
+        await harness.load_ready(daemon.stub, QUIET)
+        await warm_up(route_pair(daemon.stub, QUIET), args.clients, WARM_UP_S)
+        results: dict[str, Any] = {"setup": setup(args)}
+        # Memory first: its idle figure must not include what the other phases left.
+        results["memory"] = await section("memory", memory(daemon, args))
+        results["conditions"] = await section("conditions", conditions(daemon, args))
+        return results
 
 
 def setup(args: argparse.Namespace) -> dict[str, Any]:
@@ -285,12 +258,12 @@ def render(results: dict[str, Any], checks: list[Target]) -> str:
     for key in ("conditions", "memory"):
         if "error" in results[key]:
             lines.append(f"  {key}: ERROR {results[key]['error']}")
-    return "\n".join(lines + targets_table(checks, 30))
+    return "\n".join(lines + harness.targets_table(checks, 30))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return bench_main(TOOL, args.out, lambda: run(args), targets, render)
+    return harness.bench_main(TOOL, args.out, lambda: run(args), targets, render)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,7 @@ drift on the shared machine hits both alike:
 - a bare gRPC Ping to the daemon: one unary round trip, the floor under the Route
   that every request through the gateway makes before it can be forwarded.
 
-Prints a table with the targets (MISSED where one is missed), writes JSON to
-bench/results/gateway_bench.json, and exits 0 unless something could not be measured.
+Output: a table with the targets and bench/results/gateway_bench.json (`harness.bench_main`).
 """
 
 import argparse
@@ -27,26 +26,20 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 import harness
-from harness import BenchError, Series, Target, bench_main, daemon_command, serving
+from harness import BenchError, Pair, Series, Target, cpu_seconds, daemon_command, serving
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld.client import AsyncClient
 
 TOOL = "gateway_bench"
 MODEL = "echo-http"
 START_LIMIT_S = 30.0
-CONFIG = """listen = ["{addr}"]
-state_dir = "{state}"
-models_dir = "{models}"
-log_level = "warning"
-shutdown_grace = "5s"
-
+CONFIG = """
 [backends.echo-http]
 command = ["{{python}}", "-m", "modeld.backends.echo_http", "--addr", "{{addr}}", "--slots", "64"]
 protocol = "http"
@@ -60,7 +53,6 @@ STREAM = json.dumps(
     {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "one two three"}]}
 ).encode()
 HEADERS = {"Content-Type": "application/json"}
-Pair = Callable[[], Awaitable[None]]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -146,12 +138,6 @@ async def first_chunk(session: aiohttp.ClientSession, url: str) -> float:
         took = time.perf_counter() - started
         await reply.read()
     return took
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Meter:
@@ -314,7 +300,7 @@ def render(results: dict[str, Any], checks: list[Target]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return bench_main(TOOL, args.out, lambda: run(args), targets, render)
+    return harness.bench_main(TOOL, args.out, lambda: run(args), targets, render)
 
 
 if __name__ == "__main__":

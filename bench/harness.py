@@ -2,7 +2,9 @@
 
 A `Server` is a gRPC server in its own process (the daemon or the reference),
 started with its output in a log file and awaited on `Ping` racing its exit;
-`daemon_command` writes a daemon's config and `serving` runs servers for a block.
+`daemon_command` writes a daemon's config (`CONFIG_HEAD`, then the benchmark's
+own, mostly on `ECHO_BACKEND`), `serving` runs servers for a block and `daemon_serving` one daemon
+in a temporary directory; `load_ready` loads replicas that must come up READY.
 A `Series` accumulates one workload's pairs over several timed slices, so that
 workloads measured in alternating slices see the same drift. `quantile` and
 `latency_summary` are the one percentile code; `section` records a failed figure
@@ -18,6 +20,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -43,6 +46,20 @@ FAST_RECONNECT = [
     ("grpc.min_reconnect_backoff_ms", 5),
     ("grpc.max_reconnect_backoff_ms", 10),
 ]
+
+# Every benchmark daemon's config begins so (`daemon_command`); a benchmark's template
+# follows it, its own top-level keys (if any) first, before its tables.
+CONFIG_HEAD = """listen = ["{addr}"]
+state_dir = "{state}"
+models_dir = "{models}"
+log_level = "warning"
+shutdown_grace = "5s"
+"""
+# The demo backend most benchmark models run on; its own keys may follow it.
+ECHO_BACKEND = """
+[backends.echo]
+command = ["{{python}}", "-m", "modeld.backends.echo", "--addr", "{{addr}}"]
+"""
 
 Pair = Callable[[], Awaitable[None]]
 HERE = Path(__file__).resolve().parent
@@ -182,13 +199,14 @@ class Command:
 
 
 def daemon_command(name: str, template: str, work: Path, log_path: Path, **fields: Any) -> Command:
-    """`modeld serve` on a free port, with `template` formatted as its config: {addr},
-    {state} and {models} (created) under `work`, and `fields`."""
+    """`modeld serve` on a free port; its config is `CONFIG_HEAD` then `template`,
+    formatted with {addr}, {state} and {models} (created) under `work`, and `fields`."""
     addr = f"127.0.0.1:{free_port()}"
     models = work / "models"
     models.mkdir(parents=True, exist_ok=True)
     config = work / "modeld.toml"
-    config.write_text(template.format(addr=addr, state=work / "state", models=models, **fields))
+    text = (CONFIG_HEAD + template).format(addr=addr, state=work / "state", models=models, **fields)
+    config.write_text(text)
     argv = [sys.executable, "-m", "modeld.cli.main", "serve", "--config", str(config)]
     return Command(name, argv, addr, log_path)
 
@@ -226,6 +244,31 @@ async def serving(commands: list[Command]) -> AsyncIterator[list[Server]]:
             await server.stop()
 
 
+@contextlib.asynccontextmanager
+async def daemon_serving(
+    tool: str, template: str, log_path: Path | None = None, **fields: Any
+) -> AsyncIterator[Server]:
+    """One daemon (`daemon_command`) in a temporary directory, serving for the block;
+    its log is `log_path`, else in that directory (gone with it)."""
+    with tempfile.TemporaryDirectory(prefix=f"modeld-{tool}-") as tmp:
+        work = Path(tmp)
+        progress(tool, "starting the daemon")
+        log = work / "modeld.log" if log_path is None else log_path
+        async with serving([daemon_command("modeld", template, work, log, **fields)]) as [daemon]:
+            yield daemon
+
+
+async def load_ready(
+    stub: pb_grpc.ModelControlStub, model: str, replicas: int = 1, limit_s: float = CALL_LIMIT_S
+) -> list[pb.Replica]:
+    """Load `replicas` of `model`: the READY ones; fewer than that is a BenchError."""
+    reply = await stub.Load(pb.LoadRequest(model=model, replicas=replicas), timeout=limit_s)
+    ready = [r for r in reply.replicas if r.state == pb.READY]
+    if len(ready) < replicas:
+        raise BenchError(f"Load gave {len(ready)} READY replicas of {model}, wanted {replicas}")
+    return ready
+
+
 async def section(tool: str, name: str, work: Awaitable[Results]) -> Results:
     """One figure group; a failure is recorded (and said) so the others are still measured."""
     try:
@@ -238,7 +281,10 @@ async def section(tool: str, name: str, work: Awaitable[Results]) -> Results:
     return {"error": error}
 
 
-def targets_table(checks: list[Target], width: int) -> list[str]:
+def targets_table(checks: list[Target], width: int | None = None) -> list[str]:
+    """The targets' rows; the figure column is `width` wide, else fits the longest name."""
+    if width is None:
+        width = max((len(c.name) for c in checks), default=10) + 2
     lines = ["\nTargets", f"  {'figure':<{width}}{'value':>10}  {'target':<8}"]
     for t in checks:
         value = "ERROR" if t.value is None else f"{t.value:.3g}"

@@ -21,26 +21,16 @@ import os
 import signal
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from pathlib import Path
 from typing import Any
 
 import grpc
 import uvloop
 
 import harness
-from harness import (
-    CALL_LIMIT_S,
-    BenchError,
-    EventWatch,
-    Server,
-    daemon_command,
-    latency_summary,
-    serving,
-)
+from harness import CALL_LIMIT_S, EventWatch, Server, latency_summary
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld._proto.modeld.v1 import modeld_pb2_grpc as pb_grpc
 
@@ -51,16 +41,14 @@ BATCH = 10
 CRASHES = 3
 FLOOD_LINES = 100_000
 FOLLOWERS = 200
-CONFIG = """listen = ["{addr}"]
-state_dir = "{state}"
-models_dir = "{models}"
-log_level = "warning"
-shutdown_grace = "5s"
+CONFIG = (
+    """
 [logs]
 subscriber_queue = 100
-[backends.echo]
-command = ["{{python}}", "-m", "modeld.backends.echo", "--addr", "{{addr}}"]
-stop_grace = "1s"
+"""
+    + harness.ECHO_BACKEND
+    + """stop_grace = "1s"
+
 [backends.flood]
 command = ["{{python}}", "-m", "modeld.backends.echo", "--addr", "{{addr}}", "--flood", "{lines}"]
 stop_grace = "1s"
@@ -72,6 +60,7 @@ backend = "flood"
 [models.chatty]
 backend = "flood"
 """
+)
 
 
 def _ms(seconds: float) -> float:
@@ -106,10 +95,7 @@ async def before_and_during(
 async def crash_to_failed(stub: pb_grpc.ModelControlStub) -> dict[str, Any]:
     watch = EventWatch(stub, "echo")
     try:
-        loaded = await stub.Load(pb.LoadRequest(model="echo", replicas=CRASHES), timeout=60)
-        replicas = [r for r in loaded.replicas if r.state == pb.READY]
-        if len(replicas) < CRASHES:
-            raise BenchError(f"Load gave {len(replicas)} READY echo replicas, wanted {CRASHES}")
+        replicas = await harness.load_ready(stub, "echo", CRASHES, limit_s=60)
         took = []
         for replica in replicas:
             started = time.perf_counter()
@@ -192,24 +178,14 @@ async def ping_with_stalled_followers(server: Server) -> dict[str, Any]:
 
 async def measure() -> dict[str, Any]:
     """Every figure, on a daemon started (and stopped) for them alone."""
-    with tempfile.TemporaryDirectory(prefix="modeld-latency-") as tmp:
-        work = Path(tmp)
-        command = daemon_command(
-            "modeld (latency)",
-            CONFIG,
-            work,
-            work / "latency-modeld.log",
-            lines=FLOOD_LINES,
-            crashes=CRASHES,
-        )
-        async with serving([command]) as [server]:
-            return {
-                "crash_to_failed": await _section("crash", crash_to_failed(server.stub)),
-                "health_during_flood": await _section("flood", health_during_flood(server.stub)),
-                "ping_with_stalled_followers": await _section(
-                    "stalled", ping_with_stalled_followers(server)
-                ),
-            }
+    async with harness.daemon_serving(TOOL, CONFIG, lines=FLOOD_LINES, crashes=CRASHES) as server:
+        return {
+            "crash_to_failed": await _section("crash", crash_to_failed(server.stub)),
+            "health_during_flood": await _section("flood", health_during_flood(server.stub)),
+            "ping_with_stalled_followers": await _section(
+                "stalled", ping_with_stalled_followers(server)
+            ),
+        }
 
 
 def _section(name: str, work: Awaitable[dict[str, Any]]) -> Awaitable[dict[str, Any]]:

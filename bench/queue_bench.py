@@ -14,53 +14,33 @@ client would send), and Release. Measured:
 3. the daemon's own histogram (`modeld_queue_wait_seconds`) and the Routes it saw
    queued, read from its metrics endpoint, next to the client's figures.
 
-Prints a table with the targets (MISSED where one is missed), writes JSON to
-bench/results/queue_bench.json, and exits 0 unless something could not be measured.
+Output: a table with the targets and bench/results/queue_bench.json (`harness.bench_main`).
 """
 
 import argparse
 import asyncio
 import sys
-import tempfile
 import time
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 import harness
-from harness import (
-    CALL_LIMIT_S,
-    BenchError,
-    Series,
-    Server,
-    Target,
-    bench_main,
-    daemon_command,
-    free_port,
-    latency_summary,
-    serving,
-    targets_table,
-)
+from harness import CALL_LIMIT_S, BenchError, Series, Server, Target, free_port, latency_summary
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 
 TOOL = "queue_bench"
 MODEL = "pair"
 PARALLEL = 2
-CONFIG = """listen = ["{addr}"]
-state_dir = "{state}"
-models_dir = "{models}"
-log_level = "warning"
-shutdown_grace = "5s"
-metrics_listen = "127.0.0.1:{metrics_port}"
-
-[backends.echo]
-command = ["{{python}}", "-m", "modeld.backends.echo", "--addr", "{{addr}}"]
-
+CONFIG = (
+    'metrics_listen = "127.0.0.1:{metrics_port}"\n'
+    + harness.ECHO_BACKEND
+    + """
 [models.pair]
 backend = "echo"
 max_replicas = 1
 parallel = 2
 """
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -98,9 +78,7 @@ def scrape(port: int) -> dict[str, float]:
 
 
 async def measure(daemon: Server, args: argparse.Namespace, metrics_port: int) -> dict[str, Any]:
-    reply = await daemon.stub.Load(pb.LoadRequest(model=MODEL, replicas=1), timeout=CALL_LIMIT_S)
-    if not any(r.state == pb.READY for r in reply.replicas):
-        raise BenchError("Load did not give a READY replica")
+    await harness.load_ready(daemon.stub, MODEL)
     hold_s = args.hold_ms / 1000
     alone: list[float] = []
     progress("one client: Route with nothing queued")
@@ -158,26 +136,20 @@ def render(results: dict[str, Any], checks: list[Target]) -> str:
         f"(fair queue: {m['predicted_wait_ms']} ms)",
         f"  daemon's histogram: {m['daemon']}",
     ]
-    width = max((len(c.name) for c in checks), default=10) + 2
-    return "\n".join(lines + targets_table(checks, width))
+    return "\n".join(lines + harness.targets_table(checks))
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    logs = args.out.parent
     metrics_port = free_port()
-    with tempfile.TemporaryDirectory(prefix="modeld-queue-bench-") as tmp:
-        progress("starting the daemon")
-        command = daemon_command(
-            "modeld", CONFIG, Path(tmp), logs / "queue-modeld.log", metrics_port=metrics_port
-        )
-        async with serving([command]) as (daemon,):
-            work = measure(daemon, args, metrics_port)
-            return {"measure": await harness.section(TOOL, "measure", work)}
+    log = args.out.parent / "queue-modeld.log"
+    async with harness.daemon_serving(TOOL, CONFIG, log, metrics_port=metrics_port) as daemon:
+        work = measure(daemon, args, metrics_port)
+        return {"measure": await harness.section(TOOL, "measure", work)}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return bench_main(TOOL, args.out, lambda: run(args), targets, render)
+    return harness.bench_main(TOOL, args.out, lambda: run(args), targets, render)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,6 @@ from harness import (
     Pair,
     Series,
     Server,
-    bench_main,
     daemon_command,
     empty_pair,
     free_port,
@@ -77,19 +76,14 @@ REPLICAS = 2
 SLICES = 8
 WARM_UP_S = 0.5
 LIVE_STATES = frozenset({pb.STARTING, pb.WAITING_READY, pb.LOADING, pb.READY, pb.DRAINING})
-CONFIG = """listen = ["{addr}"]
-state_dir = "{state}"
-models_dir = "{models}"
-log_level = "warning"
-shutdown_grace = "5s"
-
-[backends.echo]
-command = ["{{python}}", "-m", "modeld.backends.echo", "--addr", "{{addr}}"]
-
+CONFIG = (
+    harness.ECHO_BACKEND
+    + """
 [models.echo]
 backend = "echo"
 max_replicas = {replicas}
 """
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -123,10 +117,7 @@ def reference_command(tmp: Path, logs: Path) -> Command:
 
 async def load_replicas(stub: pb_grpc.ModelControlStub) -> dict[str, Any]:
     started = time.perf_counter()
-    reply = await stub.Load(pb.LoadRequest(model=MODEL, replicas=REPLICAS), timeout=CALL_LIMIT_S)
-    ready = [r.id for r in reply.replicas if r.state == pb.READY]
-    if len(ready) < REPLICAS:
-        raise BenchError(f"Load gave {len(ready)} READY replicas, wanted {REPLICAS}")
+    ready = await harness.load_ready(stub, MODEL, REPLICAS)
     return {"replicas": len(ready), "ms": round((time.perf_counter() - started) * 1000, 1)}
 
 
@@ -394,7 +385,7 @@ async def run_daemon(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return bench_main(TOOL, args.out, lambda: run(args), targets, render)
+    return harness.bench_main(TOOL, args.out, lambda: run(args), targets, render)
 
 
 if __name__ == "__main__":

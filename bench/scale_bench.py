@@ -29,46 +29,25 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import grpc
 import uvloop
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
+from cluster_setup import fresh_database, host_config, server_dsn, write_results, xact
+from daemon_proc import DaemonProc, start_daemon
+from modeld._proto.modeld.v1 import modeld_pb2 as pb
 
-import grpc  # noqa: E402
-
-from backend_proc import free_port  # noqa: E402
-from daemon_proc import ECHO_CATALOG, DaemonProc, start_daemon  # noqa: E402
-from modeld._proto.modeld.v1 import modeld_pb2 as pb  # noqa: E402
-
-DEFAULT_DSN = "postgresql://root@127.0.0.1:5432/postgres"
 # Every daemon is asked at once each poll: 30 daemons at 0.2 s are 150 RPC/s already.
 POLL_S = 0.2
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def config(folder: Path, dsn: str, host: str, ttl: float) -> tuple[Path, str]:
-    addr = f"127.0.0.1:{free_port()}"
-    (folder / "models").mkdir(parents=True, exist_ok=True)
-    text = (
-        f'listen = ["{addr}"]\nstate_dir = "{folder / "state"}"\n'
-        f'models_dir = "{folder / "models"}"\nlog_level = "info"\n'
-        + ECHO_CATALOG
-        + f'\n[cluster]\ndsn = "{dsn}"\nhost_id = "{host}"\nhost_ttl = "{ttl}s"\n'
-    )
-    path = folder / "modeld.toml"
-    path.write_text(text)
-    return path, addr
-
-
 async def start(root: Path, dsn: str, host: str, ttl: float) -> DaemonProc:
-    path, addr = config(root / host, dsn, host, ttl)
+    path, addr = host_config(root / host, dsn, host, ttl)
     daemon = await start_daemon(path, addr, wait=False)
     await daemon.wait_serving(120)
     await daemon.wait_log(lambda e: e.get("event") == "cluster_registered", 120)
@@ -100,18 +79,6 @@ async def until_all(daemons: list[DaemonProc], ok: Any, limit_s: float) -> float
     return time.time()
 
 
-async def xact(server: str, name: str) -> int:
-    conn = await asyncpg.connect(server)
-    try:
-        await conn.execute("SELECT pg_stat_clear_snapshot()")
-        value = await conn.fetchval(
-            "SELECT xact_commit FROM pg_stat_database WHERE datname = $1", name
-        )
-        return int(value)
-    finally:
-        await conn.close()
-
-
 async def connections(dsn: str) -> dict[str, int]:
     conn = await asyncpg.connect(dsn)
     try:
@@ -141,41 +108,36 @@ def rss_mib(pid: int) -> float:
 
 
 async def one_size(args: argparse.Namespace, server: str, n: int, root: Path) -> dict[str, Any]:
-    name = f"modeld_scale_{uuid.uuid4().hex[:10]}"
-    conn = await asyncpg.connect(server)
-    await conn.execute(f'CREATE DATABASE "{name}"')
-    await conn.close()
-    dsn = urlunsplit(urlsplit(server)._replace(path=f"/{name}"))
-    daemons: list[DaemonProc] = []
-    out: dict[str, Any] = {"hosts": n, "host_ttl_s": args.host_ttl}
-    try:
-        ids = [f"h{i:03d}" for i in range(n)]
-        started = await asyncio.gather(
-            *(start(root, dsn, h, args.host_ttl) for h in ids), return_exceptions=True
-        )
-        daemons = [d for d in started if isinstance(d, DaemonProc)]
-        failed = [r for r in started if not isinstance(r, DaemonProc)]
-        out["failed_to_start"] = len(failed)
-        if failed:
-            raise RuntimeError(f"{len(failed)} daemons did not start: {failed[0]!r}")
-        # From the moment every daemon has registered (this script's clock).
-        last = time.time()
-        done = await until_all(
-            daemons, lambda v: sum(s == pb.HOST_ALIVE for s in v.values()) >= n, 60
-        )
-        out["view_converged_s"] = None if done is None else round(done - last, 3)
+    async with fresh_database(server, "modeld_scale") as (name, dsn):
+        daemons: list[DaemonProc] = []
+        out: dict[str, Any] = {"hosts": n, "host_ttl_s": args.host_ttl}
+        try:
+            ids = [f"h{i:03d}" for i in range(n)]
+            started = await asyncio.gather(
+                *(start(root, dsn, h, args.host_ttl) for h in ids), return_exceptions=True
+            )
+            daemons = [d for d in started if isinstance(d, DaemonProc)]
+            failed = [r for r in started if not isinstance(r, DaemonProc)]
+            out["failed_to_start"] = len(failed)
+            if failed:
+                raise RuntimeError(f"{len(failed)} daemons did not start: {failed[0]!r}")
+            # From the moment every daemon has registered (this script's clock).
+            last = time.time()
+            done = await until_all(
+                daemons, lambda v: sum(s == pb.HOST_ALIVE for s in v.values()) >= n, 60
+            )
+            out["view_converged_s"] = None if done is None else round(done - last, 3)
 
-        out.update(await measure_idle(args, server, name, dsn, daemons))
-        out.update(await measure_join_and_kill(args, root, dsn, daemons))
-        out.update(await measure_route(daemons, ids))
-        out.update(await measure_sigstop(daemons, ids))
-        out["flaps"] = sum(1 for d in daemons for e in d.log if e.get("event") == "cluster_db_down")
-    finally:
-        await asyncio.gather(*(stop(d) for d in daemons))
-        conn = await asyncpg.connect(server)
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await conn.close()
-    return out
+            out.update(await measure_idle(args, server, name, dsn, daemons))
+            out.update(await measure_join_and_kill(args, root, dsn, daemons))
+            out.update(await measure_route(daemons, ids))
+            out.update(await measure_sigstop(daemons, ids))
+            out["flaps"] = sum(
+                1 for d in daemons for e in d.log if e.get("event") == "cluster_db_down"
+            )
+        finally:
+            await asyncio.gather(*(stop(d) for d in daemons))
+        return out
 
 
 async def measure_idle(
@@ -272,17 +234,14 @@ async def stop(d: DaemonProc) -> None:
 
 
 async def main(args: argparse.Namespace) -> int:
-    server = os.environ.get("MODELD_TEST_PG_DSN") or DEFAULT_DSN
+    server = server_dsn()
     results: list[dict[str, Any]] = []
     for n in (int(x) for x in args.hosts.split(",")):
         with tempfile.TemporaryDirectory(prefix=f"modeld-scale-{n}-") as root:
             figures = await one_size(args, server, n, Path(root))
         print(json.dumps(figures), flush=True)
         results.append(figures)
-    text = json.dumps(results, indent=2)
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
-    (out / "scale_bench.json").write_text(text + "\n")
+    write_results("scale_bench.json", results)
     return 0
 
 

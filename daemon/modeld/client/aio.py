@@ -6,7 +6,6 @@ calls. Create it inside the event loop that uses it.
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,10 +13,9 @@ import grpc
 
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld.client import rules
-from modeld.client.base import ClientBase
-from modeld.client.errors import from_rpc
+from modeld.client.base import ClientBase, Renewal, owner_answers
+from modeld.client.errors import typed
 from modeld.client.lease import Lease
-from modeld.client.stream import CALLS as STREAM_CALLS
 
 
 class AsyncClient(ClientBase):
@@ -73,52 +71,37 @@ class AsyncClient(ClientBase):
     ) -> AsyncIterator[Lease]:
         """As `Client.lease`; a task renews the lease while the block runs."""
         lease = await self.route(model, affinity_key=affinity_key)
+        block = rules.LeaseBlock(lease, unreachable_on)
         renewer = asyncio.create_task(self._renew_until_done(lease)) if renew else None
-        error: BaseException | None = None
         try:
-            yield lease
-        except BaseException as exc:
-            error = rules.escalated(exc, lease, unreachable_on)
-            if error is exc:
-                raise
-            raise error from exc
+            with block:
+                yield lease
         finally:
             if renewer is not None:
                 renewer.cancel()
                 await asyncio.gather(renewer, return_exceptions=True)
-            try:
-                await self.release(lease, rules.outcome_of(lease, error, unreachable_on))
-            except grpc.RpcError as exc:
-                rules.release_failed(lease, exc, error)
+            with block.releasing():
+                await self.release(lease, block.outcome)
 
     async def _renew_until_done(self, lease: Lease) -> None:
-        while True:
-            await asyncio.sleep(rules.renew_interval(lease.expires_at, time.time()))
-            try:
-                await self.renew(lease, rules.time_left(lease.expires_at, time.time()))
-            except grpc.RpcError as exc:
-                if rules.renewal_over(exc, lease.expires_at, time.time()):
-                    lease._lose(exc)
-                    return
+        renewal = Renewal(lease)
+        while not renewal.over:
+            await asyncio.sleep(renewal.pause())
+            with renewal.trying():
+                await self.renew(lease, renewal.limit())
 
     async def _call(
         self, method: str, request: Any, deadline: float, *, wait_for_ready: bool = False
     ) -> Any:
-        if self._route_stream is not None and method in STREAM_CALLS:
-            timeout = rules.call_timeout(deadline, time.monotonic())
-            return await self._route_stream.call(method, request, timeout)
-        try:
+        if self._streamed(method):
+            return await self._route_stream.call(method, request, self._timeout(deadline))
+        with typed(self.addr):
             options = self._options(deadline, wait_for_ready)
             return await getattr(self.stub, method)(request, **options)
-        except grpc.RpcError as exc:
-            raise from_rpc(exc, self.addr) from exc
 
     async def _at_owner(self, lease: Lease, method: str, request: Any, deadline: float) -> Any:
         owner = self._owner_stub(lease)
         if owner is not None:
-            try:
+            with owner_answers(lease):
                 return await getattr(owner, method)(request, **self._options(deadline, False))
-            except grpc.RpcError as exc:
-                if not rules.try_connected(exc):
-                    raise from_rpc(exc, lease.owner_address) from exc
         return await self._call(method, request, deadline)

@@ -1,8 +1,10 @@
-"""What `Client` and `AsyncClient` share besides the rules: the connection and the options."""
+"""What `Client` and `AsyncClient` share besides the rules: the connection, the options,
+and the rules read against this host's clocks."""
 
+import contextlib
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -10,7 +12,9 @@ import grpc
 from modeld._proto.modeld.v1 import modeld_pb2_grpc as pb_grpc
 from modeld.client import rules
 from modeld.client.connect import ConnectOptions
+from modeld.client.errors import from_rpc
 from modeld.client.lease import Lease
+from modeld.client.stream import CALLS as STREAM_CALLS
 from modeld.client.stream import AsyncRouteStream, SyncRouteStream
 
 RetryHook = Callable[[grpc.RpcError], None]
@@ -97,9 +101,54 @@ class ClientBase:
             self.on_retry(error)
         return pause
 
+    def _timeout(self, deadline: float) -> float:
+        return rules.call_timeout(deadline, time.monotonic())
+
+    def _streamed(self, method: str) -> bool:
+        """Whether `method` goes over this client's RouteStream."""
+        return self._route_stream is not None and method in STREAM_CALLS
+
     def _options(self, deadline: float, wait_for_ready: bool) -> dict[str, Any]:
         return {
-            "timeout": rules.call_timeout(deadline, time.monotonic()),
+            "timeout": self._timeout(deadline),
             "metadata": self._metadata,
             "wait_for_ready": wait_for_ready,
         }
+
+
+@contextlib.contextmanager
+def owner_answers(lease: Lease) -> Iterator[None]:
+    """Around a call to a lease's owner: the owner's own answer is final (typed); a
+    failure that `rules.try_connected` passes on is swallowed, so that the caller
+    asks the connected modeld after the block."""
+    try:
+        yield
+    except grpc.RpcError as exc:
+        if not rules.try_connected(exc):
+            raise from_rpc(exc, lease.owner_address) from exc
+
+
+class Renewal:
+    """One lease's renewals, by this host's wall clock: how long to wait before each,
+    how long each may take, and when they are over; the renewers only wait."""
+
+    def __init__(self, lease: Lease) -> None:
+        self.lease = lease
+        self.over = False
+
+    def pause(self) -> float:
+        return rules.renew_interval(self.lease.expires_at, time.time())
+
+    def limit(self) -> float:
+        return rules.time_left(self.lease.expires_at, time.time())
+
+    @contextlib.contextmanager
+    def trying(self) -> Iterator[None]:
+        """Around one renewal: a failure is swallowed, and ends the renewals (the lease
+        lost) where `rules.renewal_over` says so."""
+        try:
+            yield
+        except grpc.RpcError as exc:
+            if rules.renewal_over(exc, self.lease.expires_at, time.time()):
+                self.lease._lose(exc)
+                self.over = True

@@ -12,7 +12,9 @@ errors keeps working:
         ...
 """
 
+import contextlib
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -107,6 +109,15 @@ def from_rpc(exc: grpc.RpcError, addr: str) -> ModeldError:
     if status is grpc.StatusCode.UNAVAILABLE:
         message = nobody_answers(addr, message) or message
     return _BY_STATUS.get(status, ModeldError)(status, message, trailing)
+
+
+@contextlib.contextmanager
+def typed(addr: str) -> Iterator[None]:
+    """Around a unary call to the modeld at `addr`: its failure raised as `from_rpc`'s."""
+    try:
+        yield
+    except grpc.RpcError as exc:
+        raise from_rpc(exc, addr) from exc
 
 
 def nobody_answers(addr: str, details: str) -> str | None:

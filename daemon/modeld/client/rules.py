@@ -5,6 +5,9 @@ choose the release outcome, time renewals and decide on retries here; they
 differ only in how they wait. Nothing here reads a clock or does I/O.
 """
 
+import contextlib
+from collections.abc import Iterator
+from types import TracebackType
 from typing import Any
 
 import grpc
@@ -149,3 +152,44 @@ def release_failed(lease: Lease, failure: grpc.RpcError, error: BaseException | 
     if error is None:
         raise failure
     error.add_note(f"and releasing lease {lease.lease_id} failed too: {failure}")
+
+
+class LeaseBlock:
+    """The body of one lease block, for either client: `with` it around the body, then
+    release the lease with `outcome` inside `releasing()`.
+
+    It escalates what the body raises (`escalated`) and remembers it, so that the
+    release's outcome and a failed release's report both follow the body's exit.
+    """
+
+    def __init__(self, lease: Lease, unreachable_on: tuple[type, ...]) -> None:
+        self.lease = lease
+        self._unreachable_on = unreachable_on
+        self._error: BaseException | None = None
+
+    def __enter__(self) -> Lease:
+        return self.lease
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        if error is None:
+            return
+        self._error = escalated(error, self.lease, self._unreachable_on)
+        if self._error is not error:
+            raise self._error from error
+
+    @property
+    def outcome(self) -> pb.ReleaseOutcome:
+        return outcome_of(self.lease, self._error, self._unreachable_on)
+
+    @contextlib.contextmanager
+    def releasing(self) -> Iterator[None]:
+        """Around the release call: its failure as `release_failed` says."""
+        try:
+            yield
+        except grpc.RpcError as failure:
+            release_failed(self.lease, failure, self._error)

@@ -13,10 +13,9 @@ import grpc
 
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld.client import rules
-from modeld.client.base import ClientBase
-from modeld.client.errors import from_rpc
+from modeld.client.base import ClientBase, Renewal, owner_answers
+from modeld.client.errors import typed
 from modeld.client.lease import Lease
-from modeld.client.stream import CALLS as STREAM_CALLS
 
 
 class Client(ClientBase):
@@ -79,51 +78,39 @@ class Client(ClientBase):
         the block runs (`renew=False` turns that off).
         """
         lease = self.route(model, affinity_key=affinity_key)
+        block = rules.LeaseBlock(lease, unreachable_on)
         renewer = _Renewer(self, lease) if renew else None
-        error: BaseException | None = None
         try:
-            yield lease
-        except BaseException as exc:
-            error = rules.escalated(exc, lease, unreachable_on)
-            if error is exc:
-                raise
-            raise error from exc
+            with block:
+                yield lease
         finally:
             if renewer is not None:
                 renewer.stop()
-            try:
-                self.release(lease, rules.outcome_of(lease, error, unreachable_on))
-            except grpc.RpcError as exc:
-                rules.release_failed(lease, exc, error)
+            with block.releasing():
+                self.release(lease, block.outcome)
 
     def _call(
         self, method: str, request: Any, deadline: float, *, wait_for_ready: bool = False
     ) -> Any:
-        if self._route_stream is not None and method in STREAM_CALLS:
-            timeout = rules.call_timeout(deadline, time.monotonic())
-            return self._route_stream.call(method, request, timeout)
-        try:
+        if self._streamed(method):
+            return self._route_stream.call(method, request, self._timeout(deadline))
+        with typed(self.addr):
             return getattr(self.stub, method)(request, **self._options(deadline, wait_for_ready))
-        except grpc.RpcError as exc:
-            raise from_rpc(exc, self.addr) from exc
 
     def _at_owner(self, lease: Lease, method: str, request: Any, deadline: float) -> Any:
         owner = self._owner_stub(lease)
         if owner is not None:
-            try:
+            with owner_answers(lease):
                 return getattr(owner, method)(request, **self._options(deadline, False))
-            except grpc.RpcError as exc:
-                if not rules.try_connected(exc):
-                    raise from_rpc(exc, lease.owner_address) from exc
         return self._call(method, request, deadline)
 
 
 class _Renewer:
-    """Renews one lease from a thread until stopped or the lease is gone."""
+    """Renews one lease from a thread until stopped or the renewals are over."""
 
     def __init__(self, client: Client, lease: Lease) -> None:
         self._client = client
-        self._lease = lease
+        self._renewal = Renewal(lease)
         self._stopped = threading.Event()
         self._thread = threading.Thread(
             target=self._run, name=f"modeld-renew-{lease.lease_id[:8]}", daemon=True
@@ -131,14 +118,10 @@ class _Renewer:
         self._thread.start()
 
     def _run(self) -> None:
-        lease = self._lease
-        while not self._stopped.wait(rules.renew_interval(lease.expires_at, time.time())):
-            try:
-                self._client.renew(lease, rules.time_left(lease.expires_at, time.time()))
-            except grpc.RpcError as exc:
-                if rules.renewal_over(exc, lease.expires_at, time.time()):
-                    lease._lose(exc)
-                    return
+        renewal = self._renewal
+        while not renewal.over and not self._stopped.wait(renewal.pause()):
+            with renewal.trying():
+                self._client.renew(renewal.lease, renewal.limit())
 
     def stop(self) -> None:
         self._stopped.set()
