@@ -107,6 +107,16 @@ async def test_100_cold_routes_over_3_hosts_start_one_backend(
         assert len({r.replica_id for r in replies}) == 1
         assert spawns(gate) == 1
         assert len(await ready_rows(pg_dsn)) == 1
+        # One start drove the claim; the other hosts' waited for it (a host whose Routes
+        # all came once the replica was in sight started none) (coldphase.py).
+        paths = [phases(d) for d in daemons]
+        drove = [p for p in paths if p not in ([], ["ready"])]
+        assert drove == [["placing", "loading", "seeing", "ready"]], paths
+
+
+def phases(daemon: DaemonProc) -> list[str]:
+    moves = [e for e in daemon.log if event("cluster_start_phase", model="gated")(e)]
+    return [str(e["to_phase"]) for e in moves]
 
 
 @pytest.mark.long

@@ -1,4 +1,8 @@
-"""The claim decision (claims.decide) and the claim marker of a forwarded Load."""
+"""The claim decision (claims.decide), the claim marker of a forwarded Load, and the
+phases of a start (coldphase.py)."""
+
+import pytest
+import structlog
 
 from modeld.cluster.claims import (
     FAILED,
@@ -12,6 +16,8 @@ from modeld.cluster.claims import (
     claim_of,
     decide,
 )
+from modeld.cluster.coldphase import ALLOWED, BadEdge, Start
+from modeld.cluster.coldphase import Phase as P
 
 
 def loading(slot: int, live: bool = True, owner: str = "a") -> Slot:
@@ -78,3 +84,28 @@ def test_claim_marker_round_trips() -> None:
     assert claim_of("m", claim.marker) == claim
     for marker in (None, "1", "claim:", "claim:x:1", "claim:1:", "other:1:2"):
         assert claim_of("m", marker) is None
+
+
+def test_a_start_moves_only_along_its_edges_and_says_each_move_once() -> None:
+    start = Start("m", "cold")
+    with structlog.testing.capture_logs() as logs:
+        for phase in (P.PLACING, P.LOADING, P.PLACING, P.LOADING, P.SEEING, P.SEEING, P.READY):
+            start.to(phase)
+    moves = [(e["from_phase"], e["to_phase"]) for e in logs if e["event"] == "cluster_start_phase"]
+    assert moves == [
+        ("claiming", "placing"),
+        ("placing", "loading"),
+        ("loading", "placing"),
+        ("placing", "loading"),
+        ("loading", "seeing"),
+        ("seeing", "ready"),
+    ]
+    with pytest.raises(BadEdge, match="ready -> claiming"):
+        start.to(P.CLAIMING)
+    with pytest.raises(BadEdge, match="claiming -> seeing"):
+        Start("m", "cold").to(P.SEEING)
+
+
+def test_every_phase_but_the_two_ends_can_fail_and_the_ends_are_final() -> None:
+    assert {p for p, edges in ALLOWED.items() if P.FAILED in edges} == set(P) - {P.READY, P.FAILED}
+    assert ALLOWED[P.READY] == ALLOWED[P.FAILED] == frozenset()

@@ -20,6 +20,7 @@ import structlog
 from modeld import errors
 from modeld.clock import Clock
 from modeld.cluster.claims import Claim, ClaimStore, Decision, Failed, Full, Wait
+from modeld.cluster.coldphase import Phase, Start
 from modeld.cluster.counters import ClusterCounters
 from modeld.cluster.forward import Load, Peers
 from modeld.cluster.hostcap import capacities
@@ -79,12 +80,8 @@ class ColdStarts:
         self._clock = clock
         self.counters = counters
         self._row_of = row_of
-        # model → this modeld's one driver of its cold start, and the latest waiter's deadline
-        self._drivers: dict[str, asyncio.Task[None]] = {}
-        self._until: dict[str, float] = {}
-        # model → the remote READY replicas in sight when its driver began: the Route
-        # just failed to reach them, so only a new (or newly published) one ends a wait.
-        self._stale: dict[str, frozenset[RemoteReplica]] = {}
+        # model → this modeld's one cold start of it (coldphase.py), while it runs
+        self._starts: dict[str, Start] = {}
         # model → replica ids publishable while a claimed load of it runs here
         self._shown: dict[str, set[str]] = {}
         self._claimed_loads: dict[str, int] = {}
@@ -108,20 +105,19 @@ class ColdStarts:
     async def ensure(self, model: str, deadline: float) -> None:
         """Returns once a READY replica of `model` is in sight; raises the start's error."""
         self._catalog.get(model)
-        self._until[model] = max(self._until.get(model, 0.0), deadline)
-        task = self._drivers.get(model)
-        if task is None:
-            self._stale[model] = frozenset(self._candidates(model))
-            task = asyncio.create_task(self._drive(model), name=f"cold-start-{model}")
-            self._drivers[model] = task
-            task.add_done_callback(functools.partial(self._driver_done, model))
-        await wait_until(asyncio.shield(task), deadline, self._clock, model)
+        start = self._starts.get(model)
+        if start is None:
+            start = Start(model, "cold", until=deadline, stale=frozenset(self._candidates(model)))
+            start.task = asyncio.create_task(self._drive(start), name=f"cold-start-{model}")
+            self._starts[model] = start
+            start.task.add_done_callback(functools.partial(self._driver_done, start))
+        start.until = max(start.until, deadline)
+        assert start.task is not None
+        await wait_until(asyncio.shield(start.task), deadline, self._clock, model)
 
-    def _driver_done(self, model: str, task: "asyncio.Task[None]") -> None:
-        if self._drivers.get(model) is task:
-            del self._drivers[model]
-            self._until.pop(model, None)
-            self._stale.pop(model, None)
+    def _driver_done(self, start: Start, task: "asyncio.Task[None]") -> None:
+        if self._starts.get(start.model) is start:
+            del self._starts[start.model]
         if not task.cancelled():
             task.exception()  # retrieved here: every waiter may have given up already
 
@@ -130,25 +126,35 @@ class ColdStarts:
         trust = self._membership.trust_expired()
         return self._membership.view.candidates(model, now, trust_expired=trust)
 
-    def _ready(self, model: str) -> bool:
-        local = self._router.replicas(model)
+    def _ready(self, start: Start) -> bool:
+        local = self._router.replicas(start.model)
         if any(i.state is ReplicaState.READY and self.visible(i) for i in local):
             return True
-        stale = self._stale.get(model, frozenset())
-        return any(r not in stale for r in self._candidates(model))
+        return any(r not in start.stale for r in self._candidates(start.model))
 
-    async def _drive(self, model: str) -> None:
+    async def _drive(self, start: Start) -> None:
+        try:
+            await self._claim_until_ready(start)
+        except errors.ModeldError as exc:
+            start.to(Phase.FAILED, error=str(exc))
+            raise
+        start.to(Phase.READY)
+
+    async def _claim_until_ready(self, start: Start) -> None:
+        model = start.model
         spec = self._catalog.get(model)
-        while not self._ready(model):
+        while not self._ready(start):
+            start.to(Phase.CLAIMING)
             signals = self._signals()
             decision = await self._claims.take(model, spec.max_replicas, self._ttl, cold=True)
             if isinstance(decision, Failed):
                 raise _error(decision)
             if isinstance(decision, Claim):
                 self._taken(decision)
-                await self._own(decision, spec)
+                start.to(Phase.PLACING, claim_id=decision.claim_id)
+                await self._own(decision, spec, start)
                 continue
-            remaining = self._until.get(model, 0.0) - self._clock.monotonic()
+            remaining = start.until - self._clock.monotonic()
             if remaining <= 0:
                 raise errors.DeadlineExceeded(f"model {model!r}: no replica started in time")
             await _first(signals, min(POLL_S, remaining))
@@ -169,21 +175,21 @@ class ColdStarts:
             took_over=claim.took_over,
         )
 
-    async def _own(self, claim: Claim, spec: ModelSpec) -> None:
+    async def _own(self, claim: Claim, spec: ModelSpec, start: Start) -> None:
         """As the claim's owner: place, load, and wait for the replica to be in sight."""
         async with self._renewing([claim]) as lost:
             try:
-                deadline = self._until.get(claim.model, 0.0)
-                host = await self._place_and_load(claim, spec, lost, deadline)
+                host = await self._place_and_load(claim, spec, lost, start)
             except errors.ModeldError as exc:
                 if not lost.is_set():
                     await self._fail([claim], exc)
                     raise
                 host = None
         if host is None:
-            return  # lost: whoever took it over starts the model; we wait for that
-        deadline = self._until.get(claim.model, 0.0)
-        while not self._ready(claim.model) and self._clock.monotonic() < deadline:
+            # Lost: whoever took it over starts the model; this start waits for that.
+            start.to(Phase.CLAIMING, reason="claim lost")
+            return
+        while not self._ready(start) and self._clock.monotonic() < start.until:
             await _first(self._signals(), POLL_S)
 
     async def start_claimed(self, claim: Claim, spec: ModelSpec, deadline: float) -> str | None:
@@ -191,17 +197,22 @@ class ColdStarts:
         host placement picks; None when the claim was lost meanwhile. A start that
         fails gives the slot back (a busy cluster is no reason for a backoff)."""
         self._taken(claim)
+        start = Start(claim.model, "scale-up", until=deadline, phase=Phase.PLACING)
         async with self._renewing([claim]) as lost:
             try:
-                return await self._place_and_load(claim, spec, lost, deadline)
-            except errors.ModeldError:
+                host = await self._place_and_load(claim, spec, lost, start)
+            except errors.ModeldError as exc:
+                start.to(Phase.FAILED, error=str(exc))
                 if not lost.is_set():
                     with contextlib.suppress(errors.Unavailable):
                         await self._claims.release(claim)
                 raise
+        # Loaded: the host's Load answered once its replica was READY there.
+        start.to(Phase.READY if host is not None else Phase.CLAIMING)
+        return host
 
     async def _place_and_load(
-        self, claim: Claim, spec: ModelSpec, lost: asyncio.Event, deadline: float
+        self, claim: Claim, spec: ModelSpec, lost: asyncio.Event, start: Start
     ) -> str | None:
         """The host that loaded it, or None when the claim was lost meanwhile."""
         view = self._membership.view
@@ -214,19 +225,23 @@ class ColdStarts:
         for host_id in place(claim.model, spec, hosts, mode=mode, prefer=self._host):
             if lost.is_set():
                 return None
+            start.to(Phase.LOADING, host_id=host_id)
             try:
-                await self._load_on(host_id, claim, deadline)
+                await self._load_on(host_id, claim, start.until)
+                start.to(Phase.SEEING, host_id=host_id)
                 return host_id
             except REFUSALS as exc:
                 if not await self._claims.renew(claim, self._ttl):
                     lost.set()
                     return None
+                start.to(Phase.PLACING)
                 self.counters.placement_refusals += 1
                 log.info(
                     "cluster_placement_refused", model=claim.model, host_id=host_id, error=str(exc)
                 )
                 why.append(str(exc))
             except TargetLost as exc:
+                start.to(Phase.PLACING)
                 log.info("cluster_placement_target_lost", model=claim.model, host_id=host_id)
                 why.append(str(exc))
         raise errors.ResourceExhausted(
@@ -412,7 +427,7 @@ class ColdStarts:
             return False  # not published: stopped, as a fenced one, so that none is hidden
 
     async def close(self) -> None:
-        tasks = list(self._drivers.values())
+        tasks = [s.task for s in self._starts.values() if s.task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
