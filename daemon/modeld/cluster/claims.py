@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from modeld.cluster.link import DB_ERRORS, Link
 from modeld.cluster.schema import CHANNEL
-from modeld.cluster.store import REPLICA_COLUMNS, REPLICA_CONFLICT, ReplicaRow
+from modeld.cluster.store import REPLICA_COLUMNS, REPLICA_CONFLICT, PublishedRow
 from modeld.errors import Unavailable
 
 LOADING, SERVING, FAILED = "loading", "serving", "failed"
@@ -66,7 +66,7 @@ RETURNING claim_id
 """
 # One statement (one round trip, one transaction): the claim becomes serving only if
 # its id still holds and this host's epoch is live, and the replica row is written
-# and announced only then. Parameters: model, slot, claim id, then the ReplicaRow
+# and announced only then. Parameters: model, slot, claim id, then the PublishedRow
 # fields ($4..$11), host id, epoch.
 _BIND = f"""
 WITH bound AS (
@@ -287,7 +287,7 @@ class ClaimStore:
             raise _down(f"reading the claims of model {model!r}", exc) from None
         return [Slot(*row) for row in rows]
 
-    async def bind(self, claim: Claim, epoch: int, row: ReplicaRow) -> bool:
+    async def bind(self, claim: Claim, epoch: int, row: PublishedRow) -> bool:
         """Publish `row` as the replica serving `claim`, only if the claim still holds."""
         try:
             rows = await self._link.fetch(

@@ -25,7 +25,7 @@ from modeld.cluster.counters import ClusterCounters
 from modeld.cluster.forward import Load, Peers
 from modeld.cluster.hostcap import capacities
 from modeld.cluster.membership import Membership
-from modeld.cluster.store import ReplicaRow
+from modeld.cluster.store import PublishedRow
 from modeld.info import RemoteReplica, ReplicaInfo
 from modeld.policy.backoff import DEFAULT as BACKOFF
 from modeld.policy.host_placement import place, placement_mode
@@ -46,7 +46,7 @@ CLAIM_TTL_HOSTS = 3.0
 # What a target's admission answers when it cannot take the replica: ask the next host.
 # Anything else (a backend that failed, an unreachable target) fails the load.
 REFUSALS = (errors.ResourceExhausted, errors.FailedPrecondition)
-RowOf = Callable[[str], ReplicaRow | None]
+RowOf = Callable[[str], PublishedRow | None]
 
 
 class TargetLost(Exception):
@@ -417,7 +417,7 @@ class ColdStarts:
             await self._router.unload_replica(info.id, True, 0.0)
         return False
 
-    async def _publish(self, claim: Claim, row: ReplicaRow) -> bool:
+    async def _publish(self, claim: Claim, row: PublishedRow) -> bool:
         epoch = self._membership.epoch
         if epoch is None:
             return False

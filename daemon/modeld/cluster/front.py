@@ -45,7 +45,7 @@ from modeld.cluster.membership import FiguresFn, Membership
 from modeld.cluster.ownload import OwnLoad
 from modeld.cluster.slotgate import SlotGate
 from modeld.cluster.specs import SharedSpecs
-from modeld.cluster.store import ReplicaRow
+from modeld.cluster.store import PublishedRow, published
 from modeld.cluster.view import RemoteHost
 from modeld.config import Config
 from modeld.errors import ConfigError, FailedPrecondition, NotFound, RetryRoute, Unavailable
@@ -64,8 +64,6 @@ from modeld.storage.catalog import Catalog
 
 log = structlog.get_logger(__name__)
 MAX_FORWARDS = 3
-# Free memory is published on this grid, so that noise in the readings is not a change.
-MEMORY_GRID = 256 << 20
 SEP = "~"
 # A Route routes again after its cold start this many times at most (a replica that
 # was published but could not be reached): the depth of this request's retries.
@@ -178,32 +176,15 @@ class ClusterRouter:
 
     # what this host publishes
 
-    def rows(self) -> list[ReplicaRow]:
+    def rows(self) -> list[PublishedRow]:
         return self._rows(lambda info: info.state in LIVE and self._cold.visible(info))
 
-    def _row_of(self, replica_id: str) -> ReplicaRow | None:
+    def _row_of(self, replica_id: str) -> PublishedRow | None:
         return next(iter(self._rows(lambda info: info.id == replica_id)), None)
 
-    def _rows(self, which: Callable[[ReplicaInfo], bool]) -> list[ReplicaRow]:
+    def _rows(self, which: Callable[[ReplicaInfo], bool]) -> list[PublishedRow]:
         free = self._router.index.free_memory
-        return [
-            (
-                info.id,
-                info.model,
-                info.state.value,
-                info.address,
-                info.restarts,
-                info.in_flight,
-                # Wall-clock last use is derived from the monotonic one on every read and
-                # jitters in its last digits: 10 ms is fine enough for the picker.
-                round(info.last_used or 0.0, 2),
-                free.get(int(info.gpu.split(",")[0]) if info.gpu else None, 0)
-                // MEMORY_GRID
-                * MEMORY_GRID,
-            )
-            for info in self._router.replicas(None)
-            if which(info)
-        ]
+        return [published(info, free) for info in self._router.replicas(None) if which(info)]
 
     # listings: ListHosts, ListReplicas, metrics
 

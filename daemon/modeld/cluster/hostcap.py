@@ -14,13 +14,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from modeld.capacity.resources import ResourceReader
 from modeld.capacity.sampler import Sampler
 from modeld.clock import Clock
+from modeld.cluster.store import MEMORY_GRID
 from modeld.cluster.view import ClusterView, HostFigures, RemoteHost
 from modeld.policy.host_placement import HostCapacity
 from modeld.policy.view import HostView, ReplicaView
 from modeld.state import ReplicaState
 
-# The grid of published memory figures (as front.MEMORY_GRID for replica rows).
-GRID = 256 << 20
+# Host figures are published on the replica rows' memory grid.
+GRID = MEMORY_GRID
 UNKNOWN = HostView(ram_total=0, ram_available=0, gpus=())
 # A free-memory figure is written again only once it moved this many grid steps: a
 # reading that hovers at a grid line would otherwise be a write (and a reread by

@@ -33,7 +33,7 @@ from modeld.cluster.hostcap import worth_publishing
 from modeld.cluster.link import DB_ERRORS, Link
 from modeld.cluster.listing import view_events
 from modeld.cluster.schema import CHANNEL, HOST_LOCK, host_key, migrate
-from modeld.cluster.store import Changes, Fenced, ReplicaRow, Snapshot, Store
+from modeld.cluster.store import Changes, Fenced, PublishedRow, Snapshot, Store
 from modeld.cluster.view import ClusterView, HostFigures, RemoteHost
 from modeld.config import ClusterConfig, redact_dsn
 from modeld.errors import Unavailable
@@ -49,7 +49,7 @@ LOAD_INTERVAL = 1.0
 # host_ttl left; the others are known to last at least that long. Healthy hosts renew
 # every host_ttl/3, so they stay out of it (and off `suspect`, under a quarter).
 NEAR_FRACTION = 2 / 3
-RowsFn = Callable[[], list[ReplicaRow]]
+RowsFn = Callable[[], list[PublishedRow]]
 FiguresFn = Callable[[], Awaitable[HostFigures]]
 
 
@@ -99,7 +99,7 @@ class Membership:
         self._publish_now = asyncio.Event()
         self._pending: set[str] = set()
         self._reread_wake = asyncio.Event()
-        self._published: dict[str, ReplicaRow] = {}
+        self._published: dict[str, PublishedRow] = {}
         self._changed = asyncio.Event()
         self._load_written = 0.0
         # The host row's capacity as last written, and when it was last read (at most
@@ -346,7 +346,7 @@ class Membership:
         """Set at the next change of the view's shape; take it before reading the view."""
         return self._changed
 
-    def adopt(self, row: ReplicaRow) -> None:
+    def adopt(self, row: PublishedRow) -> None:
         """`row` was written by a claim-fenced publish (claims.bind): it is published,
         so that its removal is published too."""
         self._published[row[0]] = row
@@ -403,7 +403,7 @@ class Membership:
                 continue
 
             async def step(
-                store: Store, rows: list[ReplicaRow] = rows, gone: list[str] = gone
+                store: Store, rows: list[PublishedRow] = rows, gone: list[str] = gone
             ) -> None:
                 assert self.epoch is not None
                 await store.publish(self.epoch, rows, gone)
@@ -435,7 +435,7 @@ class Membership:
         if await self._db(step):
             self._figures_published = figures
 
-    def _diff(self) -> tuple[list[ReplicaRow], list[str], bool]:
+    def _diff(self) -> tuple[list[PublishedRow], list[str], bool]:
         """Rows that changed since last written, ids gone, and whether identity changed."""
         current = {row[0]: row for row in self._rows()}
         changed = [row for rid, row in current.items() if self._published.get(rid) != row]

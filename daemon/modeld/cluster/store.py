@@ -6,18 +6,50 @@ for the membership to turn into the view.
 """
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 
 from modeld.cluster.link import Link
 from modeld.cluster.schema import CHANNEL, HOST_LOCK, REAP_LOCK, host_key
 from modeld.cluster.view import HostFigures
+from modeld.info import ReplicaInfo
 
-# (replica_id, model, state, address, generation, in_flight, last_used, free_memory)
-ReplicaRow = tuple[str, str, str, str, int, int, float, int]
+# Free memory is published on this grid, so that noise in the readings is not a change.
+MEMORY_GRID = 256 << 20
+
+
+class PublishedRow(NamedTuple):
+    """A replica as this host publishes it (the view's RemoteReplica on other hosts),
+    derived from the supervisor's snapshot by `published`; its order is the SQL's."""
+
+    replica_id: str
+    model: str
+    state: str
+    address: str
+    generation: int
+    in_flight: int
+    last_used: float  # wall clock seconds
+    free_memory: int
+
+
+def published(info: ReplicaInfo, free_memory: Mapping[int | None, int]) -> PublishedRow:
+    device = int(info.gpu.split(",")[0]) if info.gpu else None
+    return PublishedRow(
+        info.id,
+        info.model,
+        info.state.value,
+        info.address,
+        info.restarts,
+        info.in_flight,
+        # Wall-clock last use is derived from the monotonic one on every read and
+        # jitters in its last digits: 10 ms is fine enough for the picker.
+        round(info.last_used or 0.0, 2),
+        free_memory.get(device, 0) // MEMORY_GRID * MEMORY_GRID,
+    )
+
 
 # How a replica row is written, by the membership's publish and by a claim's bind
 # (claims.py): a row is only ever overwritten by the host that owns it.
@@ -149,7 +181,7 @@ class Store:
         role: str,
         labels: dict[str, str],
         ttl: float,
-        rows: Sequence[ReplicaRow],
+        rows: Sequence[PublishedRow],
         *,
         figures: HostFigures | None = None,
     ) -> int:
@@ -209,7 +241,7 @@ class Store:
         if renewed is None:
             raise Fenced(self._host, epoch)
 
-    async def publish(self, epoch: int, rows: Sequence[ReplicaRow], gone: Sequence[str]) -> None:
+    async def publish(self, epoch: int, rows: Sequence[PublishedRow], gone: Sequence[str]) -> None:
         async with self._link.acquire() as conn, conn.transaction():
             live = await conn.fetchval(
                 """
@@ -256,7 +288,7 @@ class Store:
         self,
         conn: asyncpg.Connection,
         epoch: int,
-        rows: Sequence[ReplicaRow],
+        rows: Sequence[PublishedRow],
         gone: Sequence[str],
     ) -> None:
         if rows:
