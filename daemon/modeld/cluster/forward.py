@@ -24,11 +24,10 @@ from modeld._proto.modeld.v1 import modeld_pb2_grpc as pb_grpc
 from modeld.config import Config
 from modeld.config.secrets import load_tokens
 from modeld.errors import ConfigError
-from modeld.info import Grant, ReplicaInfo
+from modeld.info import FORWARDED, Grant, ReplicaInfo
 from modeld.netaddr import is_loopback, split_host_port
 from modeld.state import ReplicaState
 
-FORWARDED = "modeld-forwarded"
 ERRORS: dict[grpc.StatusCode, type[errors.ModeldError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
     grpc.StatusCode.NOT_FOUND: errors.NotFound,
