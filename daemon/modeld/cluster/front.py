@@ -359,6 +359,8 @@ class ClusterRouter:
             return Grant(
                 "", replica_id, "", "grpc", 0.0, owner_in_flight=current.in_flight, declined=True
             )
+        # No deadline travels on a RouteStream message: the forwarder waits this long.
+        deadline = min(deadline, self._clock.monotonic() + self._forward_cap)
         reply = self._response(await self._router.route(model, deadline, key))
         granted = pool.replicas.get(reply.replica_id) if pool is not None else None
         return reply._replace(owner_in_flight=granted.in_flight if granted is not None else 0)
