@@ -392,14 +392,19 @@ class ClusterRouter:
 
     # leases held elsewhere
 
-    def release_now(self, lease_id: str, outcome: str) -> None:
-        """Never at once: the lease may be held by another host."""
-        return
-
-    async def release(self, lease_id: str, outcome: str, metadata: object) -> bool:
+    def release_now(self, lease_id: str, outcome: str) -> bool | None:
+        """At once when the lease is this host's (a forwarded Release on a RouteStream
+        is answered inline); None when another host may hold it."""
         owner, sep, inner = lease_id.partition(SEP)
         if not sep or owner == self.host_id:
             return self._router.release(inner if sep else lease_id, outcome)
+        return None
+
+    async def release(self, lease_id: str, outcome: str, metadata: object) -> bool:
+        here = self.release_now(lease_id, outcome)
+        if here is not None:
+            return here
+        owner = lease_id.partition(SEP)[0]
         host = self.membership.view.hosts.get(owner)
         if host is None or forwarded_marker(metadata) is not None:
             # Its host left the cluster (or was reaped): its leases ended with it.
@@ -419,14 +424,18 @@ class ClusterRouter:
         row = self._own.row_of(lease_id)
         return self.membership.view.replicas.get(row.id) if row is not None else None
 
-    def renew_now(self, lease_id: str) -> None:
-        """Never at once: the lease may be held by another host."""
-        return
-
-    async def renew(self, lease_id: str, metadata: object) -> float:
+    def renew_now(self, lease_id: str) -> float | None:
+        """As `release_now`: at once for this host's own lease."""
         owner, sep, inner = lease_id.partition(SEP)
         if not sep or owner == self.host_id:
             return self._router.renew(inner if sep else lease_id)
+        return None
+
+    async def renew(self, lease_id: str, metadata: object) -> float:
+        here = self.renew_now(lease_id)
+        if here is not None:
+            return here
+        owner = lease_id.partition(SEP)[0]
         host = self.membership.view.hosts.get(owner)
         if host is None or forwarded_marker(metadata) is not None:
             raise NotFound(
