@@ -67,7 +67,7 @@ class LeaseCalls:
         model = self._model(request.model)
         started = self._clock.monotonic()
         try:
-            grant = self._front.route_now(model, key)
+            grant = self._front.route_now(model, key, request.forwarded)
         except ModeldError as exc:
             self._counted(model, started, exc)
             raise
