@@ -8,10 +8,10 @@ queues) holds back nobody. gRPC's own task writes the queued messages: a caller
 cancelled while its message is being written would cancel the whole stream.
 
 A broken stream fails every call waiting on it with its status (the
-`grpc.aio.AioRpcError` a unary call would have raised); one `close` ended fails
-them with `StreamEnded`. A Route whose caller stopped waiting (cancelled, or past
-its limit) is released when its answer comes: over a unary call the owner's grant
-was lost with the call and the lease held until its TTL; here it need not be.
+`grpc.aio.AioRpcError` a unary call would have raised); a stream that `close`
+ended fails them with `StreamEnded`. A Route whose caller stopped waiting
+(cancelled, or past its limit) is released when its answer comes: a unary call cut
+after the owner had granted it lost the grant, its lease held until its TTL.
 """
 
 import asyncio
