@@ -128,17 +128,19 @@ async def test_owner_declines_a_bounded_forward_unless_its_replica_has_fewer(
         replica = (await a.stub.Load(pb.LoadRequest(model="echo"), timeout=30)).replicas[0]
         held = [await a.stub.Route(pb.RouteRequest(model="echo"), timeout=10) for _ in range(2)]
 
-        async def forwarded(bound: int) -> pb.RouteResponse:
-            md = (("modeld-forwarded", f"{replica.id}:{replica.restarts}:{bound}"),)
-            reply: pb.RouteResponse = await a.stub.Route(
-                pb.RouteRequest(model="echo"), metadata=md, timeout=10
-            )
+        async def forwarded(bound: int, *, in_message: bool = False) -> pb.RouteResponse:
+            marker = f"{replica.id}:{replica.restarts}:{bound}"
+            # As metadata (a unary forward), or in the message (a RouteStream's).
+            md = () if in_message else (("modeld-forwarded", marker),)
+            request = pb.RouteRequest(model="echo", forwarded=marker if in_message else "")
+            reply: pb.RouteResponse = await a.stub.Route(request, metadata=md, timeout=10)
             return reply
 
         # The forwarder's own replica has 2 in flight too: not worth a hop, no lease.
-        declined = await forwarded(2)
-        assert declined.declined and not declined.lease_id
-        assert declined.owner_in_flight == 2
+        for in_message in (False, True):
+            declined = await forwarded(2, in_message=in_message)
+            assert declined.declined and not declined.lease_id
+            assert declined.owner_in_flight == 2
         granted = await forwarded(3)
         assert not granted.declined and granted.lease_id.startswith("a~")
         assert granted.owner_in_flight == 3

@@ -205,7 +205,7 @@ async def test_peers_forget_closes_the_channel_of_a_departed_host() -> None:
         call = asyncio.ensure_future(peers.release("a", address, "a~1", "OK", limit_s=60))
         # One turn of the loop puts the call on a new channel.
         await asyncio.sleep(0)
-        channel = peers._peers[address][0]
+        channel = peers._peers[address].channel
         peers.forget(address)
         peers.forget(address)
         assert peers.addresses() == set()

@@ -28,7 +28,9 @@ class Frontend(Protocol):
         """This host's id in a cluster, "" alone."""
         ...
 
-    def route_now(self, model: str, key: str) -> Grant | None: ...
+    def route_now(self, model: str, key: str, forwarded: str) -> Grant | None:
+        """`forwarded`: the marker the request message carries ("" without one)."""
+        ...
 
     async def route(self, model: str, deadline: float, key: str, metadata: object) -> Grant: ...
 
@@ -73,7 +75,7 @@ class LocalFrontend:
     def host_id(self) -> str:
         return ""
 
-    def route_now(self, model: str, key: str) -> Grant | None:
+    def route_now(self, model: str, key: str, forwarded: str) -> Grant | None:
         lease = self._router.route_now(model, key)
         return None if lease is None else lease.grant()
 

@@ -11,6 +11,11 @@ from typing import NamedTuple
 
 from modeld.state import ReplicaState
 
+# The metadata key of a call one modeld forwarded to another. Over a RouteStream,
+# where a message has no metadata, the marker travels in the request's `forwarded`
+# field, and the API hands it to the frontend under this key all the same.
+FORWARDED = "modeld-forwarded"
+
 
 @dataclass(frozen=True, slots=True)
 class ReplicaInfo:

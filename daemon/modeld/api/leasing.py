@@ -12,6 +12,7 @@ from modeld.api.status import Ctx, deadline_of, status_of
 from modeld.clock import Clock
 from modeld.errors import InvalidArgument, ModeldError
 from modeld.frontend import Frontend
+from modeld.info import FORWARDED
 from modeld.ops.metrics import Metrics
 from modeld.spec import check_name
 from modeld.storage.catalog import Catalog
@@ -24,6 +25,14 @@ MAX_AFFINITY_KEY = 256
 OUTCOMES = {n: pb.ReleaseOutcome.Name(n) for n in pb.ReleaseOutcome.values()}
 RELEASED = pb.ReleaseResponse(released=True)
 NOT_RELEASED = pb.ReleaseResponse(released=False)
+
+
+def _metadata(forwarded: str, context: Ctx) -> object:
+    """The call's metadata as the frontend reads it: a marker the message carries (a
+    call another modeld forwarded over a RouteStream) goes first, as if it were the
+    `modeld-forwarded` metadata of a unary call, so that both are read alike."""
+    metadata = context.invocation_metadata()
+    return ((FORWARDED, forwarded), *(metadata or ())) if forwarded else metadata
 
 
 def _affinity_key(request: pb.RouteRequest) -> str:
@@ -58,7 +67,7 @@ class LeaseCalls:
         model = self._model(request.model)
         started = self._clock.monotonic()
         try:
-            grant = self._front.route_now(model, key)
+            grant = self._front.route_now(model, key, request.forwarded)
         except ModeldError as exc:
             self._counted(model, started, exc)
             raise
@@ -76,7 +85,7 @@ class LeaseCalls:
         deadline = deadline_of(context, started, DEFAULT_WAIT)
         try:
             grant = await self._front.route(
-                model, deadline, request.affinity_key, context.invocation_metadata()
+                model, deadline, request.affinity_key, _metadata(request.forwarded, context)
             )
         except ModeldError as exc:
             self._counted(model, started, exc)
@@ -108,7 +117,7 @@ class LeaseCalls:
         if reply is not None:
             return reply
         released = await self._front.release(
-            request.lease_id, OUTCOMES[request.outcome], context.invocation_metadata()
+            request.lease_id, OUTCOMES[request.outcome], _metadata(request.forwarded, context)
         )
         return RELEASED if released else NOT_RELEASED
 
@@ -124,5 +133,5 @@ class LeaseCalls:
         reply = self.renew_now(request)
         if reply is not None:
             return reply
-        expires = await self._front.renew(request.lease_id, context.invocation_metadata())
+        expires = await self._front.renew(request.lease_id, _metadata(request.forwarded, context))
         return pb.RenewLeaseResponse(lease_expires_at=convert.timestamp(expires))

@@ -1,12 +1,16 @@
 """Calls from this modeld to another: forwarded Route, Release, RenewLease and Load.
 
-Every forwarded call carries `modeld-forwarded` metadata (for a Route: the replica
-id and generation the forwarder picked, and the forwarder's own replica's in-flight
-when it has one, which the owner's must be below or it declines), so the owner
-answers from its own memory and never forwards again: at most one hop. Calls use
-this daemon's TLS settings and the cluster token, over one cached channel per
-peer, closed when the peer leaves the view. A peer's status comes back as the same
-domain error, prefixed with the host it came from.
+Route, Release and RenewLease go over one RouteStream per peer (peerstream.py):
+no call setup per forwarded call, which is what a forward costs on top of a
+direct Route. Load, rare and long, is one unary call. Every forwarded call carries
+a marker, in its message's `forwarded` field on the stream or as
+`modeld-forwarded` metadata on a unary call (for a Route: the replica id and
+generation the forwarder picked, and the forwarder's own replica's in-flight when
+it has one, which the owner's must be below or it declines), so the owner answers
+from its own memory and never forwards again: at most one hop. Calls use this
+daemon's TLS settings and the cluster token, over one cached channel per peer,
+closed (with its stream) when the peer leaves the view. A peer's status comes back
+as the same domain error, prefixed with the host it came from.
 """
 
 import asyncio
@@ -15,20 +19,19 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from modeld import errors
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld._proto.modeld.v1 import modeld_pb2_grpc as pb_grpc
+from modeld.cluster.peerstream import PeerStream, StreamEnded
 from modeld.config import Config
 from modeld.config.secrets import load_tokens
 from modeld.errors import ConfigError
-from modeld.info import Grant, ReplicaInfo
+from modeld.info import FORWARDED, Grant, ReplicaInfo
 from modeld.netaddr import is_loopback, split_host_port
 from modeld.state import ReplicaState
 
-FORWARDED = "modeld-forwarded"
 ERRORS: dict[grpc.StatusCode, type[errors.ModeldError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
     grpc.StatusCode.NOT_FOUND: errors.NotFound,
@@ -96,9 +99,29 @@ def parse_marker(marker: str) -> tuple[str, int, int | None]:
         return "", -1, None
 
 
+@dataclass(frozen=True, slots=True)
+class _Peer:
+    channel: grpc.aio.Channel
+    stub: pb_grpc.ModelControlStub
+    stream: PeerStream
+
+
+class _Failed(Exception):
+    """A call on a peer's stream failed as the unary call would have, with this status."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, *, answered: bool = True) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+        self.answered = answered
+
+    def domain(self, host: str) -> errors.ModeldError:
+        return _error(host, self.code, self.details, answered=self.answered)
+
+
 class Peers:
-    """One channel (and stub) per peer address, kept while the peer is in the view:
-    `forget` closes it once the host has left."""
+    """One channel (its stub, its RouteStream) per peer address, kept while the peer
+    is in the view: `forget` closes it once the host has left."""
 
     def __init__(self, config: Config) -> None:
         cluster = config.cluster
@@ -116,13 +139,11 @@ class Peers:
         self._auth: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {token}"),) if token else ()
         )
-        # Built once: Release, RenewLease and Load carry no replica in their marker.
-        self._plain_md = ((FORWARDED, "1"), *self._auth)
-        self._peers: dict[str, tuple[grpc.aio.Channel, pb_grpc.ModelControlStub]] = {}
+        self._peers: dict[str, _Peer] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._limit = config.max_message_bytes
 
-    def _stub(self, address: str) -> pb_grpc.ModelControlStub:
+    def _peer(self, address: str) -> _Peer:
         # The stub is cached with its channel: building one creates a callable per RPC.
         peer = self._peers.get(address)
         if peer is None:
@@ -132,92 +153,112 @@ class Peers:
                 if self._creds is not None
                 else grpc.aio.insecure_channel(address, options)
             )
-            peer = self._peers[address] = (channel, pb_grpc.ModelControlStub(channel))  # type: ignore[no-untyped-call]
-        return peer[1]
+            stub = pb_grpc.ModelControlStub(channel)  # type: ignore[no-untyped-call]
+            auth = self._auth
+            stream = PeerStream(
+                lambda requests: stub.RouteStream(requests, metadata=auth), closed_reason=LEFT
+            )
+            peer = self._peers[address] = _Peer(channel, stub, stream)
+        return peer
 
     def addresses(self) -> set[str]:
         return set(self._peers)
 
     def forget(self, address: str) -> None:
-        """Close the channel to a peer that left; calls still on it end CANCELLED."""
+        """Close the channel to a peer that left; calls still on it end as cut."""
         peer = self._peers.pop(address, None)
         if peer is None:
             return
-        task = asyncio.get_running_loop().create_task(peer[0].close(None))
+        task = asyncio.get_running_loop().create_task(_close(peer))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
     async def route(
         self, host: str, address: str, model: str, marker: str, limit_s: float, *, key: str = ""
     ) -> Grant:
+        route = pb.RouteRequest(model=model, affinity_key=key, forwarded=marker)
         try:
-            reply: pb.RouteResponse = await self._stub(address).Route(
-                pb.RouteRequest(model=model, affinity_key=key),
-                metadata=((FORWARDED, marker), *self._auth),
-                timeout=limit_s,
+            reply: pb.RouteResponse = await self._stream(
+                address, pb.RouteStreamRequest(route=route), limit_s
             )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() in RETRY_CODES:
-                raise PeerFailed(host, exc.code(), exc.details() or "") from None
-            raise _domain(host, exc) from None
-        except asyncio.CancelledError:
-            _reraise_if_cancelled()
-            raise PeerFailed(host, grpc.StatusCode.CANCELLED, LEFT) from None
+        except _Failed as exc:
+            if exc.code in RETRY_CODES:
+                raise PeerFailed(host, exc.code, exc.details) from None
+            raise exc.domain(host) from None
         return _grant(reply)
 
     async def release(
         self, host: str, address: str, lease_id: str, outcome: str, limit_s: float
     ) -> bool:
-        request = pb.ReleaseRequest(lease_id=lease_id, outcome=outcome)
-        reply: pb.ReleaseResponse = await self._call(host, address, "Release", request, limit_s)
+        release = pb.ReleaseRequest(lease_id=lease_id, outcome=outcome, forwarded="1")
+        try:
+            reply: pb.ReleaseResponse = await self._stream(
+                address, pb.RouteStreamRequest(release=release), limit_s
+            )
+        except _Failed as exc:
+            raise exc.domain(host) from None
         return reply.released
 
     async def renew(self, host: str, address: str, lease_id: str, limit_s: float) -> float:
         """The lease's new expiry, wall-clock seconds."""
-        request = pb.RenewLeaseRequest(lease_id=lease_id)
-        reply: pb.RenewLeaseResponse = await self._call(
-            host, address, "RenewLease", request, limit_s
-        )
+        renew = pb.RenewLeaseRequest(lease_id=lease_id, forwarded="1")
+        try:
+            reply: pb.RenewLeaseResponse = await self._stream(
+                address, pb.RouteStreamRequest(renew=renew), limit_s
+            )
+        except _Failed as exc:
+            raise exc.domain(host) from None
         return _wall(reply.lease_expires_at)
+
+    async def _stream(self, address: str, request: pb.RouteStreamRequest, limit_s: float) -> Any:
+        """The unary reply `request`'s call gets over the peer's RouteStream; `_Failed`
+        with the status that call would have ended with."""
+        try:
+            answer = await self._peer(address).stream.call(request, limit_s)
+        except grpc.aio.AioRpcError as exc:
+            raise _Failed(exc.code(), exc.details() or "", answered=_answered(exc)) from None
+        except TimeoutError:
+            raise _Failed(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer in {limit_s:g} s"
+            ) from None
+        except StreamEnded as exc:
+            # As a unary call cut by `forget` ends: UNAVAILABLE, told by this modeld.
+            raise _Failed(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+        kind = answer.WhichOneof("result")
+        if kind == "error":
+            code = grpc.StatusCode.__members__.get(answer.error.code, grpc.StatusCode.UNKNOWN)
+            raise _Failed(code, answer.error.message)
+        if kind is None:
+            raise _Failed(grpc.StatusCode.UNKNOWN, f"answer {answer.id} carries no result")
+        return getattr(answer, kind)
 
     async def load(
         self, host: str, load: Load, limit_s: float, marker: str = "1"
     ) -> list[ReplicaInfo]:
         """`marker`: a claim's (coldstart.py), so that the target publishes under it."""
-        metadata = self._plain_md if marker == "1" else ((FORWARDED, marker), *self._auth)
         request = pb.LoadRequest(model=load.model, replicas=load.replicas, host=load.host_id)
-        reply: pb.LoadResponse = await self._call(
-            host, load.address, "Load", request, limit_s, metadata=metadata
-        )
-        return [_replica(r) for r in reply.replicas]
-
-    async def _call(
-        self,
-        host: str,
-        address: str,
-        method: str,
-        request: Message,
-        limit_s: float,
-        *,
-        metadata: tuple[tuple[str, str], ...] | None = None,
-    ) -> Any:
-        """One forwarded call; a peer's status comes back as the same domain error."""
         try:
-            return await getattr(self._stub(address), method)(
-                request, metadata=metadata or self._plain_md, timeout=limit_s
+            reply: pb.LoadResponse = await self._peer(load.address).stub.Load(
+                request, metadata=((FORWARDED, marker), *self._auth), timeout=limit_s
             )
         except grpc.aio.AioRpcError as exc:
             raise _domain(host, exc) from None
         except asyncio.CancelledError:
             _reraise_if_cancelled()
             raise errors.Unavailable(f"host {host}: {LEFT}") from None
+        return [_replica(r) for r in reply.replicas]
 
     async def close(self) -> None:
-        for channel, _stub in self._peers.values():
-            await channel.close(None)
+        for peer in self._peers.values():
+            await _close(peer)
         self._peers.clear()
         if self._closing:
             await asyncio.gather(*self._closing)
+
+
+async def _close(peer: _Peer) -> None:
+    await peer.stream.close()
+    await peer.channel.close(None)
 
 
 def _wall(ts: Timestamp) -> float:
@@ -279,10 +320,14 @@ def _reraise_if_cancelled() -> None:
 
 
 def _domain(host: str, exc: grpc.aio.AioRpcError) -> errors.ModeldError:
-    kind = ERRORS.get(exc.code(), errors.Unavailable)
-    if kind is errors.Unavailable and not _answered(exc):
+    return _error(host, exc.code(), exc.details() or "", answered=_answered(exc))
+
+
+def _error(host: str, code: grpc.StatusCode, details: str, *, answered: bool) -> errors.ModeldError:
+    kind = ERRORS.get(code, errors.Unavailable)
+    if kind is errors.Unavailable and not answered:
         kind = errors.PeerUnreachable
-    return kind(f"host {host}: {exc.details() or exc.code().name}")
+    return kind(f"host {host}: {details or code.name}")
 
 
 def _answered(exc: grpc.aio.AioRpcError) -> bool:

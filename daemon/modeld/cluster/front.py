@@ -55,6 +55,7 @@ from modeld.ops.metrics import ClusterStats
 from modeld.ops.tasks import Spawn, detached
 from modeld.policy.cluster_route import affine_target, route_target
 from modeld.routing.leases import Lease
+from modeld.routing.pool import ModelPool
 from modeld.routing.rings import Rings
 from modeld.routing.routed import routable
 from modeld.routing.router import Router
@@ -229,9 +230,17 @@ class ClusterRouter:
 
     # Route
 
-    def route_now(self, model: str, key: str) -> None:
-        """Never at once: a Route may forward, or start through the database."""
-        return
+    def route_now(self, model: str, key: str, forwarded: str) -> Grant | None:
+        """At once only as the owner of a Route forwarded over a RouteStream, with room
+        on a replica now (RouteStream then answers it inline); any other Route may
+        forward, or start through the database."""
+        if not forwarded:
+            return None
+        pool, declined = self._owner_check(model, forwarded)
+        if declined is not None:
+            return declined
+        lease = self._router.route_now(model, key)
+        return None if lease is None else self._owner_grant(pool, lease)
 
     async def route(self, model: str, deadline: float, key: str, metadata: object) -> Grant:
         """`key`: the affinity key; the replica on a host is picked by that host's ring."""
@@ -325,10 +334,25 @@ class ClusterRouter:
         return min((r.in_flight for r in pool.ready()), default=None)
 
     async def _route_as_owner(self, model: str, marker: str, deadline: float, key: str) -> Grant:
+        pool, declined = self._owner_check(model, marker)
+        if declined is not None:
+            return declined
+        # No deadline travels on a RouteStream message: the forwarder waits this long.
+        deadline = min(deadline, self._clock.monotonic() + self._forward_cap)
+        return self._owner_grant(pool, await self._router.route(model, deadline, key))
+
+    def _owner_check(self, model: str, marker: str) -> tuple[ModelPool, Grant | None]:
+        """The model's pool, and the declined answer when the forwarder's replica is not
+        less loaded than its bound; NotFound when the marker names no routable replica."""
         replica_id, generation, below = parse_marker(marker)
         pool = self._router.index.existing(model)
         current = pool.replicas.get(replica_id) if pool is not None else None
-        if current is None or not routable(current) or current.restarts != generation:
+        if (
+            pool is None
+            or current is None
+            or not routable(current)
+            or current.restarts != generation
+        ):
             # The forwarder's view is stale (stopped, or restarted under another
             # generation, maybe on a reused address): it must pick another replica.
             raise NotFound(
@@ -337,11 +361,14 @@ class ClusterRouter:
             )
         if below is not None and current.in_flight >= below:
             # The forwarder's estimate was low: its own replica is no busier than this one.
-            return Grant(
+            return pool, Grant(
                 "", replica_id, "", "grpc", 0.0, owner_in_flight=current.in_flight, declined=True
             )
-        reply = self._response(await self._router.route(model, deadline, key))
-        granted = pool.replicas.get(reply.replica_id) if pool is not None else None
+        return pool, None
+
+    def _owner_grant(self, pool: ModelPool, lease: Lease) -> Grant:
+        reply = self._response(lease)
+        granted = pool.replicas.get(reply.replica_id)
         return reply._replace(owner_in_flight=granted.in_flight if granted is not None else 0)
 
     async def _start_here(self, model: str, deadline: float, key: str) -> Grant:
@@ -371,14 +398,19 @@ class ClusterRouter:
 
     # leases held elsewhere
 
-    def release_now(self, lease_id: str, outcome: str) -> None:
-        """Never at once: the lease may be held by another host."""
-        return
-
-    async def release(self, lease_id: str, outcome: str, metadata: object) -> bool:
+    def release_now(self, lease_id: str, outcome: str) -> bool | None:
+        """At once when the lease is this host's (a forwarded Release on a RouteStream
+        is answered inline); None when another host may hold it."""
         owner, sep, inner = lease_id.partition(SEP)
         if not sep or owner == self.host_id:
             return self._router.release(inner if sep else lease_id, outcome)
+        return None
+
+    async def release(self, lease_id: str, outcome: str, metadata: object) -> bool:
+        here = self.release_now(lease_id, outcome)
+        if here is not None:
+            return here
+        owner = lease_id.partition(SEP)[0]
         host = self.membership.view.hosts.get(owner)
         if host is None or forwarded_marker(metadata) is not None:
             # Its host left the cluster (or was reaped): its leases ended with it.
@@ -398,14 +430,18 @@ class ClusterRouter:
         row = self._own.row_of(lease_id)
         return self.membership.view.replicas.get(row.id) if row is not None else None
 
-    def renew_now(self, lease_id: str) -> None:
-        """Never at once: the lease may be held by another host."""
-        return
-
-    async def renew(self, lease_id: str, metadata: object) -> float:
+    def renew_now(self, lease_id: str) -> float | None:
+        """As `release_now`: at once for this host's own lease."""
         owner, sep, inner = lease_id.partition(SEP)
         if not sep or owner == self.host_id:
             return self._router.renew(inner if sep else lease_id)
+        return None
+
+    async def renew(self, lease_id: str, metadata: object) -> float:
+        here = self.renew_now(lease_id)
+        if here is not None:
+            return here
+        owner = lease_id.partition(SEP)[0]
         host = self.membership.view.hosts.get(owner)
         if host is None or forwarded_marker(metadata) is not None:
             raise NotFound(
