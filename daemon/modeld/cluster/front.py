@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import dataclasses
 from collections.abc import Callable
-from contextvars import ContextVar
 from pathlib import Path
 
 import structlog
@@ -66,14 +65,13 @@ from modeld.storage.catalog import Catalog
 log = structlog.get_logger(__name__)
 MAX_FORWARDS = 3
 SEP = "~"
-# A Route routes again after its cold start this many times at most (a replica that
-# was published but could not be reached): the depth of this request's retries.
+# A Route starts its model this many times at most, routing again after each (a replica
+# that was published but could not be reached), then answers RetryRoute.
 COLD_ROUTES = 3
 # How long a Route that finds no replica while the database link is down waits for it
 # to come back (a flap, a restart) before answering UNAVAILABLE: the replica it needs
 # may just have been loaded elsewhere, its notification not yet here.
 LINK_WAIT_S = 1.0
-_cold_depth: ContextVar[int] = ContextVar("cold_depth", default=0)
 
 
 class ClusterRouter:
@@ -247,6 +245,18 @@ class ClusterRouter:
         marker = forwarded_marker(metadata)
         if marker is not None:
             return await self._route_as_owner(model, marker, deadline, key)
+        for starts in range(COLD_ROUTES + 1):
+            grant = await self._route_warm(model, deadline, key)
+            if grant is not None:
+                return grant._replace(cold_start=True) if starts else grant
+            if starts < COLD_ROUTES:
+                await self._start_here(model, deadline)
+        raise RetryRoute(
+            f"model {model!r}: its replica started but could not be reached; retry the Route"
+        )
+
+    async def _route_warm(self, model: str, deadline: float, key: str) -> Grant | None:
+        """A READY replica's lease, here or forwarded; None when there is none anywhere."""
         tried: list[str] = []
         for _ in range(MAX_FORWARDS):
             # Read again after each failed forward: other Routes went on meanwhile.
@@ -273,7 +283,7 @@ class ClusterRouter:
                 return reply
         if self._local_in_flight(model) is not None:
             return self._response(await self._router.route(model, deadline, key))
-        return await self._start_here(model, deadline, key)
+        return None
 
     async def _forward(
         self, model: str, chosen: RemoteReplica, local: int | None, deadline: float, key: str
@@ -371,25 +381,14 @@ class ClusterRouter:
         granted = pool.replicas.get(reply.replica_id)
         return reply._replace(owner_in_flight=granted.in_flight if granted is not None else 0)
 
-    async def _start_here(self, model: str, deadline: float, key: str) -> Grant:
-        """No READY replica anywhere: start it through its claim, then route again."""
-        depth = _cold_depth.get()
-        if depth >= COLD_ROUTES:
-            raise RetryRoute(
-                f"model {model!r}: its replica started but could not be reached; retry the Route"
-            )
+    async def _start_here(self, model: str, deadline: float) -> None:
+        """No READY replica anywhere: start it through its claim (the Route goes on)."""
         if not self.membership.up:
             wait = min(LINK_WAIT_S, deadline - self._clock.monotonic())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.membership.link.wait_up(), max(wait, 0.0))
         self.membership.require(f"starting model {model!r}")
         await self._cold.ensure(model, deadline)
-        token = _cold_depth.set(depth + 1)
-        try:
-            reply = await self.route(model, deadline, key, ())
-        finally:
-            _cold_depth.reset(token)
-        return reply._replace(cold_start=True)
 
     def _response(self, lease: Lease) -> Grant:
         return lease.grant()._replace(
