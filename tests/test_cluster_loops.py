@@ -33,6 +33,7 @@ LOOPS: dict[str, tuple[type, str]] = {
     "cluster-deaths": (Leader, "_watch_deaths"),
     "cluster-specs": (SharedSpecs, "_run"),
     "cluster-slots": (SlotGate, "_keep_slots"),
+    "cluster-scale-ups": (SlotGate, "_take_scale_ups"),
 }
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -39,11 +39,12 @@ class Gate:
 
 
 async def test_with_a_gate_scale_out_starts_nothing_here(tmp_path: Path) -> None:
-    async with router_harness(tmp_path, replace(M, parallel=1)) as h:
-        gate = Gate()
+    gate = Gate()
+    async with router_harness(tmp_path, replace(M, parallel=1), gate=gate) as h:
         pool = h.router.pool("m")
+        # The one replica a claimed Load would start (the gate refuses a Route's own start).
+        await h.router.lifecycle.start(pool, replace(M, parallel=1), h.deadline())
         first = await h.router.route("m", h.deadline())
-        h.router.lifecycle.use_gate(gate)
         second = asyncio.ensure_future(h.router.route("m", h.deadline()))
         await asyncio.wait_for(gate.called.wait(), 5)
         assert gate.asked == ["m"]
@@ -54,8 +55,7 @@ async def test_with_a_gate_scale_out_starts_nothing_here(tmp_path: Path) -> None
 
 
 async def test_with_a_gate_a_route_never_starts_a_replica_here(tmp_path: Path) -> None:
-    async with router_harness(tmp_path, M) as h:
-        h.router.lifecycle.use_gate(Gate())
+    async with router_harness(tmp_path, M, gate=Gate()) as h:
         with pytest.raises(Unavailable, match="retry the Route"):
             await h.router.route("m", h.deadline())
         assert not h.made

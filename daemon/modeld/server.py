@@ -48,7 +48,7 @@ from modeld.ops.tasks import TaskSupervisor
 from modeld.policy.backoff import BackoffPolicy
 from modeld.policy.placement import unrunnable
 from modeld.routing.leases import LeaseLimits
-from modeld.routing.lifecycle import Admit
+from modeld.routing.lifecycle import Admit, ScaleUps
 from modeld.routing.observer import Observer
 from modeld.routing.probe import ProbeCache
 from modeld.routing.routed import Listener
@@ -118,6 +118,8 @@ class Daemon:
         self._sentinel: Sentinel | None = None
         self._lock: InstanceLock | None = None
         self.cluster: ClusterRouter | None = None
+        # Cluster mode: the router's scale-outs, taken by the cluster's slot gate.
+        self._scale_ups = ScaleUps() if config.cluster is not None else None
 
     async def start(self) -> None:
         catalog, settings = await self._open_state()
@@ -272,6 +274,7 @@ class Daemon:
             limits=LeaseLimits(self.config.max_leases_per_replica, self.config.max_leases),
             tasks=self.tasks,
             backoff_policy=backoff_policy,
+            gate=self._scale_ups,
         )
 
     def _build_watchdog(self, router: Router, settings: SettingsStore) -> Watchdog:
@@ -377,6 +380,7 @@ class Daemon:
             lambda: settings.current.max_loaded,
             self.clock,
         )
+        assert self._scale_ups is not None  # built with the cluster config
         self.cluster = ClusterRouter(
             self.config,
             router,
@@ -385,6 +389,7 @@ class Daemon:
             catalog=catalog,
             figures=figures.read,
             spawn=self.tasks.spawn,
+            scale_ups=self._scale_ups,
         )
         await self.cluster.start()
         return self.cluster

@@ -54,6 +54,7 @@ from modeld.ops.metrics import ClusterStats
 from modeld.ops.tasks import Spawn, detached
 from modeld.policy.cluster_route import affine_target, route_target
 from modeld.routing.leases import Lease
+from modeld.routing.lifecycle import ScaleUps
 from modeld.routing.pool import ModelPool
 from modeld.routing.rings import Rings
 from modeld.routing.routed import routable
@@ -85,6 +86,7 @@ class ClusterRouter:
         catalog: Catalog,
         figures: FiguresFn | None = None,
         spawn: Spawn = detached,
+        scale_ups: ScaleUps,
     ) -> None:
         cfg = config.cluster
         assert cfg is not None
@@ -145,8 +147,8 @@ class ClusterRouter:
             clock=clock,
             claim_ttl=cfg.host_ttl * CLAIM_TTL_HOSTS,
             period=cfg.host_ttl / 3,
+            requests=scale_ups,
         )
-        router.lifecycle.use_gate(self._slots)
 
     async def start(self) -> None:
         await self.membership.start()

@@ -1,11 +1,12 @@
 """Every replica of this host under one of its model's slots (`claims.py`).
 
-- Scale-out on load (`parallel`): the local Router asks the gate (routing/lifecycle.py's
-  `SlotGate`) instead of starting a replica itself. The gate takes a slot in the
-  background, so that the Route that asked never waits on the database, and the claim
-  flow (`ColdStarts.start_claimed`) places the replica on the best host, which may be
-  another one. No free slot: nothing starts, and the model is not tried again for
-  `RETRY_S`, so that a busy model at max_replicas costs the database one read per period.
+- Scale-out on load (`parallel`): the local Router posts the request to `ScaleUps`
+  (routing/lifecycle.py) instead of starting a replica itself, and this gate takes it
+  (`_take_scale_ups`). It takes a slot in the background, so that the Route that asked
+  never waits on the database, and the claim flow (`ColdStarts.start_claimed`) places
+  the replica on the best host, which may be another one. No free slot: nothing starts,
+  and the model is not tried again for `RETRY_S`, so that a busy model at max_replicas
+  costs the database one read per period.
 - A host back after its lease expired (SIGSTOP, a database outage; under a new epoch
   or its old one) publishes its replicas again, but others may have taken their slots
   meanwhile: every `period` this host checks (one read) that a claim names each of its
@@ -23,7 +24,7 @@ from modeld.clock import Clock
 from modeld.cluster.claims import Claim, ClaimStore
 from modeld.cluster.coldstart import ColdStarts
 from modeld.cluster.membership import Membership
-from modeld.routing.lifecycle import MIN_REPLICA_WAIT
+from modeld.routing.lifecycle import MIN_REPLICA_WAIT, ScaleUps
 from modeld.routing.router import Router
 from modeld.spec import ModelSpec
 from modeld.state import LIVE
@@ -46,7 +47,9 @@ class SlotGate:
         clock: Clock,
         claim_ttl: float,
         period: float,
+        requests: ScaleUps,
     ) -> None:
+        self._requests = requests
         self._cold = cold
         self._claims = claims
         self._membership = membership
@@ -58,18 +61,26 @@ class SlotGate:
         # model → its one scale-up in progress here; model → when the next may begin
         self._scaling: dict[str, asyncio.Task[None]] = {}
         self._not_before: dict[str, float] = {}
-        self._keeper: asyncio.Task[None] | None = None
+        self._loops: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        self._keeper = self._membership.spawn(self._keep_slots(), "cluster-slots")
+        spawn = self._membership.spawn
+        self._loops = [
+            spawn(self._keep_slots(), "cluster-slots"),
+            spawn(self._take_scale_ups(), "cluster-scale-ups"),
+        ]
 
     async def close(self) -> None:
-        tasks = [*self._scaling.values(), *([self._keeper] if self._keeper else [])]
+        tasks = [*self._scaling.values(), *self._loops]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    # scale-up (the Router's SlotGate)
+    # scale-up (what the Router posted to ScaleUps)
+
+    async def _take_scale_ups(self) -> None:
+        while True:
+            self.scale_up(await self._requests.next())
 
     def scale_up(self, spec: ModelSpec) -> None:
         """Never awaits: the warm Route that asked goes on at once."""

@@ -9,7 +9,9 @@ gate is checked again, with no await, right before a replica is created).
 In a cluster every start needs one of its model's max_replicas slots (cluster/claims.py):
 a `SlotGate` then takes the scale-outs, which would otherwise begin here without one, and
 a Route that finds no start to join is refused rather than start one. Single-host mode
-has no gate.
+has no gate. The gate is `ScaleUps`, built by the daemon before the router and handed
+to it and to the cluster, whose slot gate takes the requests (cluster/slotgate.py): the
+two depend on each other at run time, so neither is patched after it is built.
 """
 
 import asyncio
@@ -50,6 +52,26 @@ class SlotGate(Protocol):
         Route that asked must not wait on the database."""
 
 
+class ScaleUps:
+    """Cluster mode's scale-out requests, one pending per model: the lifecycle posts
+    them (never awaiting), the cluster's slot gate takes them in order."""
+
+    def __init__(self) -> None:
+        self._wanted: dict[str, ModelSpec] = {}
+        self._posted = asyncio.Event()
+
+    def scale_up(self, spec: ModelSpec) -> None:
+        self._wanted[spec.name] = spec
+        self._posted.set()
+
+    async def next(self) -> ModelSpec:
+        while not self._wanted:
+            self._posted.clear()
+            await self._posted.wait()
+        name = next(iter(self._wanted))
+        return self._wanted.pop(name)
+
+
 class Lifecycle:
     """Implements the pool's `Launcher`: admission, then creation behind the gate."""
 
@@ -62,6 +84,7 @@ class Lifecycle:
         stopper: Stopper,
         admit: Admit,
         factory: Factory,
+        gate: SlotGate | None = None,
     ) -> None:
         self._clock = clock
         self._catalog = catalog
@@ -70,10 +93,7 @@ class Lifecycle:
         self._admit = admit
         self._factory = factory
         self._closed = False
-        self._gate: SlotGate | None = None
-
-    def use_gate(self, gate: SlotGate) -> None:
-        """Cluster mode: set once at start, before anything is served."""
+        # Cluster mode's: every start under a slot. None: one host.
         self._gate = gate
 
     # the launcher

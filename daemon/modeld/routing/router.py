@@ -45,7 +45,7 @@ from modeld.policy.view import HostView, ReplicaView
 from modeld.routing.index import ReplicaIndex
 from modeld.routing.judge import HealthJudge
 from modeld.routing.leases import Lease, LeaseLimits, LeaseService
-from modeld.routing.lifecycle import Admit, Factory, Lifecycle, wait_until
+from modeld.routing.lifecycle import Admit, Factory, Lifecycle, SlotGate, wait_until
 from modeld.routing.loadscrape import LoadScraper
 from modeld.routing.pool import ModelPool
 from modeld.routing.probe import ProbeCache
@@ -348,6 +348,7 @@ def build_router(
     limits: LeaseLimits | None = None,
     tasks: TaskSupervisor | None = None,
     backoff_policy: Callable[[ModelSpec], BackoffPolicy] = lambda _: DEFAULT_BACKOFF,
+    gate: SlotGate | None = None,
 ) -> Router:
     """Every part of the routing core, each built once, in dependency order."""
     signal = CapacitySignal()
@@ -382,6 +383,7 @@ def build_router(
         stopper=stopper,
         admit=admission(stopper),
         factory=factory,
+        gate=gate,
     )
     return Router(
         clock=clock,
