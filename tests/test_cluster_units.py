@@ -242,10 +242,10 @@ async def test_a_peer_that_answered_is_told_from_one_never_reached() -> None:
     peers = Peers(config.load(None, env={"MODELD_CLUSTER_DSN": "postgresql://db/x"}))
     try:
         with pytest.raises(Unavailable) as answered:
-            await peers.load("a", Load("m", 1, "a", f"127.0.0.1:{port}"), limit_s=20)
+            await peers.load(Load("m", 1, "a", f"127.0.0.1:{port}"), limit_s=20)
         assert not isinstance(answered.value, PeerUnreachable), answered.value
         with pytest.raises(PeerUnreachable, match="host b: "):
-            await peers.load("b", Load("m", 1, "b", nobody), limit_s=20)
+            await peers.load(Load("m", 1, "b", nobody), limit_s=20)
     finally:
         await peers.close()
         await server.stop(None)

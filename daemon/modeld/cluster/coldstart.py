@@ -257,9 +257,7 @@ class ColdStarts:
             raise TargetLost(f"host {host_id} left the cluster")
         request = Load(model=claim.model, replicas=1, host_id=host_id, address=host.address)
         timeout = max(deadline - self._clock.monotonic(), 0.001)
-        load = asyncio.ensure_future(
-            self._peers.load(host_id, request, timeout, marker=claim.marker)
-        )
+        load = asyncio.ensure_future(self._peers.load(request, timeout, marker=claim.marker))
         watch = asyncio.ensure_future(self._until_gone(host_id))
         try:
             await asyncio.wait([load, watch], return_when=asyncio.FIRST_COMPLETED)

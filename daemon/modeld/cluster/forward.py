@@ -191,24 +191,25 @@ class Peers:
         self, host: str, address: str, lease_id: str, outcome: str, limit_s: float
     ) -> bool:
         release = pb.ReleaseRequest(lease_id=lease_id, outcome=outcome, forwarded="1")
-        try:
-            reply: pb.ReleaseResponse = await self._stream(
-                address, pb.RouteStreamRequest(release=release), limit_s
-            )
-        except _Failed as exc:
-            raise exc.domain(host) from None
+        request = pb.RouteStreamRequest(release=release)
+        reply: pb.ReleaseResponse = await self._answered(host, address, request, limit_s)
         return reply.released
 
     async def renew(self, host: str, address: str, lease_id: str, limit_s: float) -> float:
         """The lease's new expiry, wall-clock seconds."""
         renew = pb.RenewLeaseRequest(lease_id=lease_id, forwarded="1")
+        request = pb.RouteStreamRequest(renew=renew)
+        reply: pb.RenewLeaseResponse = await self._answered(host, address, request, limit_s)
+        return _wall(reply.lease_expires_at)
+
+    async def _answered(
+        self, host: str, address: str, request: pb.RouteStreamRequest, limit_s: float
+    ) -> Any:
+        """`_stream`, with a failure raised as the domain error the peer's status names."""
         try:
-            reply: pb.RenewLeaseResponse = await self._stream(
-                address, pb.RouteStreamRequest(renew=renew), limit_s
-            )
+            return await self._stream(address, request, limit_s)
         except _Failed as exc:
             raise exc.domain(host) from None
-        return _wall(reply.lease_expires_at)
 
     async def _stream(self, address: str, request: pb.RouteStreamRequest, limit_s: float) -> Any:
         """The unary reply `request`'s call gets over the peer's RouteStream; `_Failed`
@@ -232,11 +233,10 @@ class Peers:
             raise _Failed(grpc.StatusCode.UNKNOWN, f"answer {answer.id} carries no result")
         return getattr(answer, kind)
 
-    async def load(
-        self, host: str, load: Load, limit_s: float, marker: str = "1"
-    ) -> list[ReplicaInfo]:
+    async def load(self, load: Load, limit_s: float, marker: str = "1") -> list[ReplicaInfo]:
         """`marker`: a claim's (coldstart.py), so that the target publishes under it."""
-        request = pb.LoadRequest(model=load.model, replicas=load.replicas, host=load.host_id)
+        host = load.host_id
+        request = pb.LoadRequest(model=load.model, replicas=load.replicas, host=host)
         try:
             reply: pb.LoadResponse = await self._peer(load.address).stub.Load(
                 request, metadata=((FORWARDED, marker), *self._auth), timeout=limit_s

@@ -462,9 +462,7 @@ class ClusterRouter:
             if forwarded_marker(metadata) is not None or peer is None:
                 raise NotFound(f"host {target[:64]!r} is not in the cluster")
             timeout = max(deadline - self._clock.monotonic(), 0.001)
-            return await self.peers.load(
-                target, Load(model, replicas, target, peer.address), timeout
-            )
+            return await self.peers.load(Load(model, replicas, target, peer.address), timeout)
         if self._cfg.role == "router":
             raise FailedPrecondition(
                 f"host {self.host_id} is a router (cluster.role = router) and runs no backends; "

@@ -309,7 +309,7 @@ class Leader:
         key = (start.model, start.host_id)
         request = Load(start.model, start.replicas, start.host_id, address)
         try:
-            loaded = await self._peers.load(start.host_id, request, LOAD_WAIT)
+            loaded = await self._peers.load(request, LOAD_WAIT)
         except ModeldError as exc:
             self._refused[key] = self._clock.monotonic() + REFUSED_FOR
             log.warning(
