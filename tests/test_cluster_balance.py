@@ -22,6 +22,7 @@ import pytest
 from cluster_proc import running_cluster, start_host
 from daemon_proc import DaemonProc
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
+from modeld.cluster.marker import Marker
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -129,7 +130,7 @@ async def test_owner_declines_a_bounded_forward_unless_its_replica_has_fewer(
         held = [await a.stub.Route(pb.RouteRequest(model="echo"), timeout=10) for _ in range(2)]
 
         async def forwarded(bound: int, *, in_message: bool = False) -> pb.RouteResponse:
-            marker = f"{replica.id}:{replica.restarts}:{bound}"
+            marker = Marker(replica.id, replica.restarts, bound).encode()
             # As metadata (a unary forward), or in the message (a RouteStream's).
             md = () if in_message else (("modeld-forwarded", marker),)
             request = pb.RouteRequest(model="echo", forwarded=marker if in_message else "")

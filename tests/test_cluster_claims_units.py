@@ -18,6 +18,7 @@ from modeld.cluster.claims import (
 )
 from modeld.cluster.coldphase import ALLOWED, BadEdge, Start
 from modeld.cluster.coldphase import Phase as P
+from modeld.cluster.marker import PLAIN, parse
 
 
 def loading(slot: int, live: bool = True, owner: str = "a") -> Slot:
@@ -81,9 +82,10 @@ def test_slots_above_a_lowered_max_replicas_are_ignored() -> None:
 
 def test_claim_marker_round_trips() -> None:
     claim = Claim("m", 2, 12345)
-    assert claim_of("m", claim.marker) == claim
-    for marker in (None, "1", "claim:", "claim:x:1", "claim:1:", "other:1:2"):
-        assert claim_of("m", marker) is None
+    assert claim_of("m", parse(claim.marker)) == claim
+    assert claim_of("m", None) is None
+    for marker in (PLAIN, "v=1;slot=1", "v=1;slot=x;claim=1", "claim:1:2"):
+        assert claim_of("m", parse(marker)) is None
 
 
 def test_a_start_moves_only_along_its_edges_and_says_each_move_once() -> None:

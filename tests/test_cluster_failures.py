@@ -27,6 +27,7 @@ from cluster_proc import (
 from daemon_proc import DaemonProc
 from faultproxy import FaultProxy
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
+from modeld.cluster.marker import Marker
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -265,10 +266,14 @@ async def test_owner_checks_replica_identity_before_leasing(tmp_path: Path, pg_d
     a = await start_host(tmp_path, pg_dsn, "a")
     try:
         replica = await load_on(a, "a")
-        md = (("modeld-forwarded", f"{replica.id}:{replica.restarts}"),)
+        md = (("modeld-forwarded", Marker(replica.id, replica.restarts).encode()),)
         reply = await a.stub.Route(pb.RouteRequest(model="echo"), metadata=md, timeout=10)
         assert reply.lease_id.startswith("a~") and reply.replica_id == replica.id
-        for marker in (f"{replica.id}:{replica.restarts + 1}", "feedfacecafe:0"):
+        for marker in (
+            Marker(replica.id, replica.restarts + 1).encode(),
+            Marker("feedfacecafe", 0).encode(),
+            f"{replica.id}:{replica.restarts}",  # an older modeld's format names nothing
+        ):
             with pytest.raises(grpc.aio.AioRpcError) as stale:
                 await a.stub.Route(
                     pb.RouteRequest(model="echo"),

@@ -12,6 +12,7 @@ import pytest
 from cluster_proc import load_on, running_cluster, sees_ready
 from daemon_proc import DaemonProc
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
+from modeld.cluster.marker import PLAIN, Marker
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -45,7 +46,7 @@ def mark(how: str, marker: str) -> tuple[str, Metadata]:
 async def unary(daemon: DaemonProc, how: str, lease_id: str, replica: str) -> list[str]:
     """Release and RenewLease of `lease_id` and a Route naming `replica`, each marked
     forwarded as `how` says: what each ended with ("released", "kept", a status name)."""
-    field, md = mark(how, "1")
+    field, md = mark(how, PLAIN)
     release = await daemon.stub.Release(
         pb.ReleaseRequest(lease_id=lease_id, forwarded=field), metadata=md, timeout=10
     )
@@ -75,7 +76,7 @@ async def test_forwarded_calls_reach_the_owner_and_a_clients_marker_is_read_alik
         assert await held(b) == 1
         # a is not the owner: a marked Release is not sent on (its lease stays held),
         # a marked RenewLease finds no lease, a marked Route no replica of a's.
-        marked = f"{replica.id}:{replica.restarts}"
+        marked = Marker(replica.id, replica.restarts).encode()
         expected = ["kept", "NOT_FOUND", "NOT_FOUND"]
         assert await unary(a, "metadata", lease.lease_id, marked) == expected
         assert await unary(a, "field", lease.lease_id, marked) == expected
@@ -83,10 +84,10 @@ async def test_forwarded_calls_reach_the_owner_and_a_clients_marker_is_read_alik
             a,
             [
                 pb.RouteStreamRequest(
-                    id=1, release=pb.ReleaseRequest(lease_id=lease.lease_id, forwarded="1")
+                    id=1, release=pb.ReleaseRequest(lease_id=lease.lease_id, forwarded=PLAIN)
                 ),
                 pb.RouteStreamRequest(
-                    id=2, renew=pb.RenewLeaseRequest(lease_id=lease.lease_id, forwarded="1")
+                    id=2, renew=pb.RenewLeaseRequest(lease_id=lease.lease_id, forwarded=PLAIN)
                 ),
                 pb.RouteStreamRequest(id=3, route=pb.RouteRequest(model="echo", forwarded=marked)),
             ],

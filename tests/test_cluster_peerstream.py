@@ -12,8 +12,10 @@ import pytest
 from modeld import config
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld.cluster.forward import PeerFailed, Peers
+from modeld.cluster.marker import PLAIN, Marker
 from modeld.errors import NotFound, PeerUnreachable, Unavailable
 
+MARKED = Marker("r1", 0, 3).encode()
 ENV = {"MODELD_CLUSTER_DSN": "postgresql://db/x"}
 
 
@@ -132,7 +134,7 @@ async def test_forwarded_calls_share_one_stream_and_carry_the_marker(owner: Fake
     peers = Peers(config.load(None, env=ENV))
     address = f"127.0.0.1:{owner.port}"
     try:
-        grant = await peers.route("b", address, "echo", "r1:0:3", 5.0, key="k")
+        grant = await peers.route("b", address, "echo", MARKED, 5.0, key="k")
         assert (grant.lease_id, grant.replica_id, grant.owner_in_flight) == ("b~1", "r1", 1)
         assert await peers.release("b", address, grant.lease_id, "OK", 5.0)
         with pytest.raises(NotFound, match="host b: lease 'b~9' is not held"):
@@ -140,9 +142,9 @@ async def test_forwarded_calls_share_one_stream_and_carry_the_marker(owner: Fake
         route, release, renew = owner.received
         assert (route.route.model, route.route.affinity_key) == ("echo", "k")
         # The marker travels in the message, as the metadata marker of a unary call.
-        assert route.route.forwarded == "r1:0:3"
-        assert (release.release.lease_id, release.release.forwarded) == ("b~1", "1")
-        assert renew.renew.forwarded == "1"
+        assert route.route.forwarded == MARKED
+        assert (release.release.lease_id, release.release.forwarded) == ("b~1", PLAIN)
+        assert renew.renew.forwarded == PLAIN
         assert owner.streams == 1
     finally:
         await peers.close()
@@ -190,7 +192,7 @@ async def test_a_route_whose_caller_gave_up_is_released_when_granted(owner: Fake
         await owner.wait_for(2)
         orphan = owner.received[1]
         assert orphan.release.lease_id == f"b~{owner.received[0].id}"
-        assert orphan.release.forwarded == "1"
+        assert orphan.release.forwarded == PLAIN
     finally:
         await peers.close()
 

@@ -10,7 +10,8 @@ import grpc
 import pytest
 
 from modeld import config
-from modeld.cluster.forward import Load, Peers, make_marker, parse_marker
+from modeld.cluster.forward import Load, Peers
+from modeld.cluster.marker import PLAIN, Marker, parse
 from modeld.cluster.ownload import OwnLoad
 from modeld.cluster.schema import SCHEMA_VERSION, migrate
 from modeld.cluster.view import ClusterView, RemoteHost
@@ -173,13 +174,22 @@ def test_route_target_keeps_the_local_replica_unless_a_remote_has_fewer() -> Non
     assert route_target(0, [], {}) is None
 
 
-def test_forwarded_marker_names_replica_generation_and_bound() -> None:
-    assert parse_marker(make_marker("r1", 3, None)) == ("r1", 3, None)
-    assert parse_marker(make_marker("r1", 3, 0)) == ("r1", 3, 0)
-    assert parse_marker(make_marker("r1", 0, 7)) == ("r1", 0, 7)
-    # Malformed: names no replica, so the owner answers NOT_FOUND.
-    assert parse_marker("1")[0] == ""
-    assert parse_marker("r1:x:2")[0] == ""
+def test_every_forwarded_marker_has_one_format() -> None:
+    for marker in (
+        Marker("r1", 3),
+        Marker("r1", 3, 0),
+        Marker("r1", 0, 7),
+        Marker(slot=2, claim=12345),
+        Marker(),
+    ):
+        assert parse(marker.encode()) == marker
+    assert PLAIN == "v=1" and Marker("r1", 3, 0).encode() == "v=1;replica=r1;gen=3;below=0"
+    # Malformed, or an older modeld's format: names no replica, so the owner answers
+    # NOT_FOUND, and no claim.
+    for text in ("1", "r1:3", "claim:2:12345", "v=1;replica=r1;gen=x", "v=2;replica=r1;gen=3"):
+        assert parse(text) == Marker()
+    # A field a later version adds is passed over.
+    assert parse("v=1;replica=r1;gen=3;zone=eu") == Marker("r1", 3)
 
 
 def test_view_reports_hosts_that_left_or_moved() -> None:

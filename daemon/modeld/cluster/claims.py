@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from modeld.cluster.link import DB_ERRORS, Link
+from modeld.cluster.marker import Marker
 from modeld.cluster.schema import CHANNEL
 from modeld.cluster.store import REPLICA_COLUMNS, REPLICA_CONFLICT, PublishedRow
 from modeld.errors import Unavailable
@@ -24,7 +25,6 @@ from modeld.errors import Unavailable
 LOADING, SERVING, FAILED = "loading", "serving", "failed"
 # First key of the per-model transaction lock that orders the takes of one model.
 CLAIM_LOCK = 0x6D6F6463
-MARKER = "claim"
 
 # A serving slot is held by its replica's row while that row's host is live: a dead
 # host's replicas free their slots when its lease expires, not only once it is reaped.
@@ -123,7 +123,7 @@ class Claim:
     @property
     def marker(self) -> str:
         """What a forwarded Load carries so that its target can bind to this claim."""
-        return f"{MARKER}:{self.slot}:{self.claim_id}"
+        return Marker(slot=self.slot, claim=self.claim_id).encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,13 +145,11 @@ class Full:
 Decision = Claim | Wait | Failed | Full
 
 
-def claim_of(model: str, marker: str | None) -> Claim | None:
-    """The claim a forwarded Load carries (`claim:SLOT:ID`), or None for a plain Load."""
-    kind, _, rest = (marker or "").partition(":")
-    slot, _, claim_id = rest.partition(":")
-    if kind != MARKER or not slot.isdigit() or not claim_id.isdigit():
+def claim_of(model: str, marker: Marker | None) -> Claim | None:
+    """The claim a forwarded Load carries, or None for a plain Load."""
+    if marker is None or marker.slot is None or marker.claim is None:
         return None
-    return Claim(model, int(slot), int(claim_id))
+    return Claim(model, marker.slot, marker.claim)
 
 
 def decide(model: str, slots: Sequence[Slot], max_replicas: int, *, cold: bool) -> Decision:

@@ -3,11 +3,9 @@
 Route, Release and RenewLease go over one RouteStream per peer (peerstream.py):
 no call setup per forwarded call, which is what a forward costs on top of a
 direct Route. Load, rare and long, is one unary call. Every forwarded call carries
-a marker, in its message's `forwarded` field on the stream or as
-`modeld-forwarded` metadata on a unary call (for a Route: the replica id and
-generation the forwarder picked, and the forwarder's own replica's in-flight when
-it has one, which the owner's must be below or it declines), so the owner answers
-from its own memory and never forwards again: at most one hop. Calls use this
+a marker (marker.py), in its message's `forwarded` field on the stream or as
+`modeld-forwarded` metadata on a unary call, so the owner answers from its own
+memory and never forwards again: at most one hop. Calls use this
 daemon's TLS settings and the cluster token, over one cached channel per peer,
 closed (with its stream) when the peer leaves the view. A peer's status comes back
 as the same domain error, prefixed with the host it came from.
@@ -24,6 +22,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from modeld import errors
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld._proto.modeld.v1 import modeld_pb2_grpc as pb_grpc
+from modeld.cluster.marker import PLAIN
 from modeld.cluster.peerstream import PeerStream, StreamEnded
 from modeld.config import Config
 from modeld.config.secrets import load_tokens
@@ -74,36 +73,11 @@ class PeerFailed(Exception):
         self.code = code
 
 
-def forwarded_marker(metadata: object) -> str | None:
-    """The `modeld-forwarded` value of a call's invocation metadata, if any."""
-    for key, value in metadata or ():  # type: ignore[attr-defined]
-        if key == FORWARDED:
-            return value if isinstance(value, str) else value.decode()
-    return None
-
-
-def make_marker(replica_id: str, generation: int, below: int | None) -> str:
-    """A forwarded Route's marker: the replica the forwarder picked, and (when the
-    forwarder has a local replica) the in-flight it must be below to be worth the hop."""
-    marker = f"{replica_id}:{generation}"
-    return marker if below is None else f"{marker}:{below}"
-
-
-def parse_marker(marker: str) -> tuple[str, int, int | None]:
-    """(replica id, generation, bound or None); a malformed one names no replica."""
-    replica_id, _, rest = marker.partition(":")
-    generation, _, below = rest.partition(":")
-    try:
-        return replica_id, int(generation), int(below) if below else None
-    except ValueError:
-        return "", -1, None
-
-
 @dataclass(frozen=True, slots=True)
 class _Peer:
     channel: grpc.aio.Channel
     stub: pb_grpc.ModelControlStub
-    stream: PeerStream
+    stream: PeerStream[pb.RouteStreamRequest, pb.RouteStreamResponse]
 
 
 class _Failed(Exception):
@@ -155,8 +129,10 @@ class Peers:
             )
             stub = pb_grpc.ModelControlStub(channel)  # type: ignore[no-untyped-call]
             auth = self._auth
-            stream = PeerStream(
-                lambda requests: stub.RouteStream(requests, metadata=auth), closed_reason=LEFT
+            stream = PeerStream[pb.RouteStreamRequest, pb.RouteStreamResponse](
+                lambda requests: stub.RouteStream(requests, metadata=auth),
+                _orphan_release,
+                closed_reason=LEFT,
             )
             peer = self._peers[address] = _Peer(channel, stub, stream)
         return peer
@@ -190,14 +166,14 @@ class Peers:
     async def release(
         self, host: str, address: str, lease_id: str, outcome: str, limit_s: float
     ) -> bool:
-        release = pb.ReleaseRequest(lease_id=lease_id, outcome=outcome, forwarded="1")
+        release = pb.ReleaseRequest(lease_id=lease_id, outcome=outcome, forwarded=PLAIN)
         request = pb.RouteStreamRequest(release=release)
         reply: pb.ReleaseResponse = await self._answered(host, address, request, limit_s)
         return reply.released
 
     async def renew(self, host: str, address: str, lease_id: str, limit_s: float) -> float:
         """The lease's new expiry, wall-clock seconds."""
-        renew = pb.RenewLeaseRequest(lease_id=lease_id, forwarded="1")
+        renew = pb.RenewLeaseRequest(lease_id=lease_id, forwarded=PLAIN)
         request = pb.RouteStreamRequest(renew=renew)
         reply: pb.RenewLeaseResponse = await self._answered(host, address, request, limit_s)
         return _wall(reply.lease_expires_at)
@@ -233,7 +209,7 @@ class Peers:
             raise _Failed(grpc.StatusCode.UNKNOWN, f"answer {answer.id} carries no result")
         return getattr(answer, kind)
 
-    async def load(self, load: Load, limit_s: float, marker: str = "1") -> list[ReplicaInfo]:
+    async def load(self, load: Load, limit_s: float, marker: str = PLAIN) -> list[ReplicaInfo]:
         """`marker`: a claim's (coldstart.py), so that the target publishes under it."""
         host = load.host_id
         request = pb.LoadRequest(model=load.model, replicas=load.replicas, host=host)
@@ -267,6 +243,16 @@ def _wall(ts: Timestamp) -> float:
 
 def _optional_wall(ts: Timestamp) -> float | None:
     return _wall(ts) if ts.seconds or ts.nanos else None
+
+
+def _orphan_release(answer: pb.RouteStreamResponse) -> pb.RouteStreamRequest | None:
+    """The Release of a lease granted to a caller that is no longer waiting."""
+    if answer.WhichOneof("result") != "route" or not answer.route.lease_id:
+        return None
+    # Marked forwarded, as every call this modeld sends: the owner never forwards it on.
+    return pb.RouteStreamRequest(
+        release=pb.ReleaseRequest(lease_id=answer.route.lease_id, forwarded=PLAIN)
+    )
 
 
 def _grant(reply: pb.RouteResponse) -> Grant:

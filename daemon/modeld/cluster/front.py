@@ -34,12 +34,10 @@ from modeld.cluster.forward import (
     Load,
     PeerFailed,
     Peers,
-    forwarded_marker,
-    make_marker,
-    parse_marker,
 )
 from modeld.cluster.leader import Leader
 from modeld.cluster.listing import Here, host_replica_counts, host_state_counts, list_hosts
+from modeld.cluster.marker import Marker, of_metadata, parse
 from modeld.cluster.membership import FiguresFn, Membership
 from modeld.cluster.ownload import OwnLoad
 from modeld.cluster.slotgate import SlotGate
@@ -236,7 +234,7 @@ class ClusterRouter:
         forward, or start through the database."""
         if not forwarded:
             return None
-        pool, declined = self._owner_check(model, forwarded)
+        pool, declined = self._owner_check(model, parse(forwarded))
         if declined is not None:
             return declined
         lease = self._router.route_now(model, key)
@@ -244,7 +242,7 @@ class ClusterRouter:
 
     async def route(self, model: str, deadline: float, key: str, metadata: object) -> Grant:
         """`key`: the affinity key; the replica on a host is picked by that host's ring."""
-        marker = forwarded_marker(metadata)
+        marker = of_metadata(metadata)
         if marker is not None:
             return await self._route_as_owner(model, marker, deadline, key)
         for starts in range(COLD_ROUTES + 1):
@@ -301,7 +299,7 @@ class ClusterRouter:
                 host.host_id,
                 host.address,
                 model,
-                make_marker(chosen.id, chosen.generation, local),
+                Marker(chosen.id, chosen.generation, local).encode(),
                 max(timeout, 0.001),
                 key=key,
             )
@@ -345,7 +343,7 @@ class ClusterRouter:
             return None
         return min((r.in_flight for r in pool.ready()), default=None)
 
-    async def _route_as_owner(self, model: str, marker: str, deadline: float, key: str) -> Grant:
+    async def _route_as_owner(self, model: str, marker: Marker, deadline: float, key: str) -> Grant:
         pool, declined = self._owner_check(model, marker)
         if declined is not None:
             return declined
@@ -353,10 +351,10 @@ class ClusterRouter:
         deadline = min(deadline, self._clock.monotonic() + self._forward_cap)
         return self._owner_grant(pool, await self._router.route(model, deadline, key))
 
-    def _owner_check(self, model: str, marker: str) -> tuple[ModelPool, Grant | None]:
+    def _owner_check(self, model: str, marker: Marker) -> tuple[ModelPool, Grant | None]:
         """The model's pool, and the declined answer when the forwarder's replica is not
         less loaded than its bound; NotFound when the marker names no routable replica."""
-        replica_id, generation, below = parse_marker(marker)
+        replica_id, generation, below = marker.replica, marker.gen, marker.below
         pool = self._router.index.existing(model)
         current = pool.replicas.get(replica_id) if pool is not None else None
         if (
@@ -413,7 +411,7 @@ class ClusterRouter:
             return here
         owner = lease_id.partition(SEP)[0]
         host = self.membership.view.hosts.get(owner)
-        if host is None or forwarded_marker(metadata) is not None:
+        if host is None or of_metadata(metadata) is not None:
             # Its host left the cluster (or was reaped): its leases ended with it.
             return False
         try:
@@ -444,7 +442,7 @@ class ClusterRouter:
             return here
         owner = lease_id.partition(SEP)[0]
         host = self.membership.view.hosts.get(owner)
-        if host is None or forwarded_marker(metadata) is not None:
+        if host is None or of_metadata(metadata) is not None:
             raise NotFound(
                 f"lease {lease_id[:80]!r}: its host {owner[:64]!r} is not in the "
                 "cluster, and its leases ended with it; Route again"
@@ -459,7 +457,7 @@ class ClusterRouter:
         target = host or self.host_id
         if target != self.host_id:
             peer = self.membership.view.hosts.get(target)
-            if forwarded_marker(metadata) is not None or peer is None:
+            if of_metadata(metadata) is not None or peer is None:
                 raise NotFound(f"host {target[:64]!r} is not in the cluster")
             timeout = max(deadline - self._clock.monotonic(), 0.001)
             return await self.peers.load(Load(model, replicas, target, peer.address), timeout)
@@ -469,7 +467,7 @@ class ClusterRouter:
                 "name a node in Load.host"
             )
         self.membership.require(f"loading model {model!r}")
-        claim = claim_of(model, forwarded_marker(metadata))
+        claim = claim_of(model, of_metadata(metadata))
         if claim is not None:
             return await self._cold.load_claimed(model, [claim], deadline)
         return await self._cold.load_here(model, replicas, deadline)

@@ -12,20 +12,28 @@ A broken stream fails every call waiting on it with its status (the
 ended fails them with `StreamEnded`. A Route whose caller stopped waiting
 (cancelled, or past its limit) is released when its answer comes: a unary call cut
 after the owner had granted it lost the grant, its lease held until its TTL.
+
+The messages stay opaque here (anything with an `id`): forward.py builds them and
+says which answer is a grant to give back (`orphan`), so that it alone of the
+cluster speaks protobuf.
 """
 
 import asyncio
 import itertools
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
 
-from modeld._proto.modeld.v1 import modeld_pb2 as pb
 
-# Opens the stream with these requests: the stub's RouteStream, with the metadata.
-Opener = Callable[[AsyncIterator[pb.RouteStreamRequest]], Any]
-Requests = asyncio.Queue[pb.RouteStreamRequest | None]
+class Tagged(Protocol):
+    """A stream message: its id pairs an answer with its request."""
+
+    id: int
+
+
+Req = TypeVar("Req", bound=Tagged)
+Resp = TypeVar("Resp", bound=Tagged)
 ENDED = "the RouteStream ended; the next call opens a new one"
 
 
@@ -33,49 +41,59 @@ class StreamEnded(Exception):
     """The stream ended without an error status: `close`d, or ended by the peer."""
 
 
-class PeerStream:
-    def __init__(self, opener: Opener, *, closed_reason: str) -> None:
+class PeerStream(Generic[Req, Resp]):
+    def __init__(
+        self,
+        opener: Callable[[AsyncIterator[Req]], Any],
+        orphan: Callable[[Resp], Req | None],
+        *,
+        closed_reason: str,
+    ) -> None:
+        """`opener` opens the stream on these requests (the stub's RouteStream, with
+        its metadata); `orphan` is the request that gives back what an answer nobody
+        waits for any more granted (None: nothing to give back)."""
         self._opener = opener
+        self._orphan = orphan
         self._closed_reason = closed_reason
-        self._requests: Requests | None = None
+        self._requests: asyncio.Queue[Req | None] | None = None
         self._call: Any = None
         self._reader: asyncio.Task[None] | None = None
-        self._pending: dict[int, asyncio.Future[pb.RouteStreamResponse]] = {}
+        self._pending: dict[int, asyncio.Future[Resp]] = {}
         self._ids = itertools.count(1)
         self._closed = False
 
-    async def call(self, request: pb.RouteStreamRequest, limit_s: float) -> pb.RouteStreamResponse:
+    async def call(self, request: Req, limit_s: float) -> Resp:
         """The answer to `request` (its id is set here), within `limit_s` (TimeoutError)."""
         call_id = request.id = next(self._ids)
         # Waiting before the message is queued, in one loop turn with it: a reader that
         # ends after this fails this call too.
-        answer = self._pending[call_id] = asyncio.get_running_loop().create_future()
+        answer: asyncio.Future[Resp] = asyncio.get_running_loop().create_future()
+        self._pending[call_id] = answer
         try:
             self._open().put_nowait(request)
             async with asyncio.timeout(limit_s):
-                reply: pb.RouteStreamResponse = await answer
-            return reply
+                return await answer
         finally:
             self._pending.pop(call_id, None)
 
-    def _open(self) -> Requests:
+    def _open(self) -> asyncio.Queue[Req | None]:
         if self._closed:
             raise StreamEnded(self._closed_reason)
         if self._requests is None:
-            requests: Requests = asyncio.Queue()
+            requests: asyncio.Queue[Req | None] = asyncio.Queue()
             self._call = self._opener(_drain(requests))
             self._requests = requests
             self._reader = asyncio.get_running_loop().create_task(self._read(self._call, requests))
         return self._requests
 
-    async def _read(self, call: Any, requests: Requests) -> None:
+    async def _read(self, call: Any, requests: asyncio.Queue[Req | None]) -> None:
         error: Exception = StreamEnded(ENDED)
         try:
             async for answer in call:
                 waiter = self._pending.pop(answer.id, None)
                 if waiter is not None and not waiter.done():
                     waiter.set_result(answer)
-                elif (release := _orphan_release(answer)) is not None:
+                elif (release := self._orphan(answer)) is not None:
                     release.id = next(self._ids)
                     requests.put_nowait(release)
         except grpc.aio.AioRpcError as exc:
@@ -101,15 +119,6 @@ class PeerStream:
             await asyncio.gather(reader, return_exceptions=True)
 
 
-def _orphan_release(answer: pb.RouteStreamResponse) -> pb.RouteStreamRequest | None:
-    """The Release of a lease granted to a caller that is no longer waiting."""
-    if answer.WhichOneof("result") != "route" or not answer.route.lease_id:
-        return None
-    # Marked forwarded, as every call this modeld sends: the owner never forwards it on.
-    release = pb.ReleaseRequest(lease_id=answer.route.lease_id, forwarded="1")
-    return pb.RouteStreamRequest(release=release)
-
-
-async def _drain(requests: Requests) -> AsyncIterator[pb.RouteStreamRequest]:
+async def _drain(requests: asyncio.Queue[Req | None]) -> AsyncIterator[Req]:
     while (request := await requests.get()) is not None:
         yield request
