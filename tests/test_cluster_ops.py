@@ -193,7 +193,7 @@ def test_host_and_remote_replica_and_event_converters() -> None:
     )
     assert not unknown.HasField("heartbeat_age") and unknown.local
 
-    replica = convert.remote_replica_to_proto(_replica("r", "b", S.LOADING, generation=3))
+    replica = convert.replica_to_proto(_replica("r", "b", S.LOADING, generation=3).listed())
     assert (replica.id, replica.host_id, replica.state, replica.restarts, replica.pid) == (
         "r", "b", pb.LOADING, 3, 0
     )  # fmt: skip

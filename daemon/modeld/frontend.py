@@ -108,7 +108,7 @@ class LocalFrontend:
         return await self._catalog.delete(name)
 
     def replicas(self, model: str | None, *, local: bool) -> Listing:
-        return Listing("", self._router.replicas(model), [], self._router.queues.infos(model))
+        return Listing(self._router.replicas(model), self._router.queues.infos(model))
 
     def hosts(self) -> list[HostEntry]:
         raise FailedPrecondition(

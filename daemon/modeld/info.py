@@ -43,6 +43,8 @@ class ReplicaInfo:
     load_waiting: int | None = None
     load_running: int = 0
     kv_cache_usage: float | None = None
+    # The host that runs it, in a cluster ("" on one host).
+    host_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,12 +122,24 @@ class RemoteReplica:
     last_used: float  # wall clock seconds
     free_memory: int
 
+    def listed(self) -> ReplicaInfo:
+        """As ListReplicas shows it: what the host publishes (no pid, GPU, memory or probe)."""
+        return ReplicaInfo(
+            id=self.id,
+            model=self.model,
+            backend="",
+            state=self.state,
+            address=self.address,
+            in_flight=self.in_flight,
+            last_used=self.last_used or None,
+            restarts=self.generation,
+            host_id=self.host_id,
+        )
+
 
 class Listing(NamedTuple):
-    """ListReplicas: this host's replicas (tagged with `host_id`, "" alone), then other
-    hosts' as the view shows them, and this host's queues."""
+    """ListReplicas: this host's replicas, then other hosts' as the view shows them,
+    and this host's queues."""
 
-    host_id: str
-    mine: list[ReplicaInfo]
-    others: list[RemoteReplica]
+    replicas: list[ReplicaInfo]
     queues: list[QueueInfo]

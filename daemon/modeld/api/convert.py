@@ -10,7 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld.errors import InvalidArgument
-from modeld.info import Grant, HostEntry, LinkState, Listing, QueueInfo, RemoteReplica, ReplicaInfo
+from modeld.info import Grant, HostEntry, LinkState, Listing, QueueInfo, ReplicaInfo
 from modeld.ops.events import Event
 from modeld.ops.logstore import LogLine
 from modeld.spec import DEFAULT_QUEUE_MAX, BackendSpec, ModelSpec, Settings
@@ -103,8 +103,7 @@ def route_response(grant: Grant) -> pb.RouteResponse:
 def listing_to_proto(listing: Listing) -> pb.ListReplicasResponse:
     """This host's replicas and then the others', grouped by host (a stable sort:
     each host's in the order they came)."""
-    listed = [replica_to_proto(i, listing.host_id) for i in listing.mine]
-    listed += [remote_replica_to_proto(r) for r in listing.others]
+    listed = [replica_to_proto(i) for i in listing.replicas]
     listed.sort(key=lambda r: r.host_id)
     return pb.ListReplicasResponse(
         replicas=listed,
@@ -182,7 +181,7 @@ def queue_to_proto(info: QueueInfo) -> pb.ModelQueue:
     )
 
 
-def replica_to_proto(info: ReplicaInfo, host_id: str = "") -> pb.Replica:
+def replica_to_proto(info: ReplicaInfo) -> pb.Replica:
     return pb.Replica(
         id=info.id,
         model=info.model,
@@ -202,26 +201,12 @@ def replica_to_proto(info: ReplicaInfo, host_id: str = "") -> pb.Replica:
         last_probe_at=timestamp(info.last_probe_at),
         node_id=info.node_id,
         suspect=info.suspect,
-        host_id=host_id,
+        host_id=info.host_id,
         live_leases=info.live_leases,
         load_reported=info.load_waiting is not None,
         load_waiting=info.load_waiting or 0,
         load_running=info.load_running,
         kv_cache_usage=info.kv_cache_usage if info.kv_cache_usage is not None else -1.0,
-    )
-
-
-def remote_replica_to_proto(replica: RemoteReplica) -> pb.Replica:
-    """Another host's replica, from what it publishes: no pid, GPU, memory or probe."""
-    return pb.Replica(
-        id=replica.id,
-        model=replica.model,
-        state=state(replica.state),
-        address=replica.address,
-        in_flight=replica.in_flight,
-        last_used=timestamp(replica.last_used or None),
-        restarts=replica.generation,
-        host_id=replica.host_id,
     )
 
 

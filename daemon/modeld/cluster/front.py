@@ -204,9 +204,9 @@ class ClusterRouter:
     def replicas(self, model: str | None, *, local: bool) -> Listing:
         """This host's replicas from its router, then (unless `local`) other hosts'
         from the view."""
-        mine = self._router.replicas(model)
+        mine = [dataclasses.replace(i, host_id=self.host_id) for i in self._router.replicas(model)]
         if local:
-            return Listing(self.host_id, mine, [], [])
+            return Listing(mine, [])
         others = sorted(
             (
                 r
@@ -215,7 +215,7 @@ class ClusterRouter:
             ),
             key=lambda r: (r.model, r.id),
         )
-        return Listing(self.host_id, mine, others, [])
+        return Listing(mine + [r.listed() for r in others], [])
 
     def stats(self) -> ClusterStats:
         """What the cluster metrics read at scrape time."""
