@@ -217,7 +217,8 @@ class Daemon:
         )
         return creds, auth
 
-    def _build_router(self, catalog: Catalog, settings: SettingsStore) -> Router:
+    def _replica_deps(self) -> ReplicaDeps:
+        """What every replica is built with."""
         assert self.registry is not None
         deps = ReplicaDeps(
             clock=self.clock,
@@ -235,7 +236,10 @@ class Daemon:
         if self.config.cluster is not None:
             # Route hands these addresses to clients on other hosts.
             deps = dataclasses.replace(deps, host=self.config.cluster.backend_host)
+        return deps
 
+    def _build_router(self, catalog: Catalog, settings: SettingsStore) -> Router:
+        deps = self._replica_deps()
         models_dir = self.config.models_dir
 
         def factory(spec: ModelSpec, gpu_ids: tuple[int, ...], listener: Listener) -> Replica:

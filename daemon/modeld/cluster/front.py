@@ -103,50 +103,62 @@ class ClusterRouter:
         self.counters = ClusterCounters()
         self._forward_cap = max(1.0, min(5.0, cfg.host_ttl))
         # As the membership's: every round fits in one host_ttl/3.
-        timeout = max(min(cfg.host_ttl / 3, 5.0), 1.0)
-        self.specs = SharedSpecs(
+        self._db_timeout = max(min(cfg.host_ttl / 3, 5.0), 1.0)
+        self.specs, self.leader = self._shared(catalog)
+        self._cold, self._slots = self._starts(catalog, scale_ups)
+
+    def _shared(self, catalog: Catalog) -> tuple[SharedSpecs, Leader]:
+        """The cluster's model specs, and its leader (min_replicas)."""
+        cfg = self._cfg
+        specs = SharedSpecs(
             host_id=cfg.host_id,
             catalog=catalog,
             membership=self.membership,
             interval=cfg.host_ttl / 3,
-            timeout=timeout,
+            timeout=self._db_timeout,
         )
-        self.leader = Leader(
+        leader = Leader(
             host_id=cfg.host_id,
-            clock=clock,
+            clock=self._clock,
             membership=self.membership,
             catalog=catalog,
             peers=self.peers,
             interval=cfg.host_ttl / 3,
-            timeout=timeout,
+            timeout=self._db_timeout,
             placement=cfg.placement,
         )
-        claims = ClaimStore(self.membership.link, cfg.host_id, timeout)
-        self._cold = ColdStarts(
+        return specs, leader
+
+    def _starts(self, catalog: Catalog, scale_ups: ScaleUps) -> tuple[ColdStarts, SlotGate]:
+        """Starts under cluster-wide slots: cold Routes', and (the gate) every scale-up
+        of this host's router, placed cluster-wide."""
+        cfg = self._cfg
+        claims = ClaimStore(self.membership.link, cfg.host_id, self._db_timeout)
+        cold = ColdStarts(
             host_id=cfg.host_id,
             host_ttl=cfg.host_ttl,
             placement=cfg.placement,
-            router=router,
+            router=self._router,
             catalog=catalog,
             membership=self.membership,
             peers=self.peers,
             claims=claims,
-            clock=clock,
+            clock=self._clock,
             counters=self.counters,
             row_of=self._row_of,
         )
-        # Every start of this host's router (scale-up) under a slot, placed cluster-wide.
-        self._slots = SlotGate(
-            cold=self._cold,
+        slots = SlotGate(
+            cold=cold,
             claims=claims,
             membership=self.membership,
-            router=router,
+            router=self._router,
             catalog=catalog,
-            clock=clock,
+            clock=self._clock,
             claim_ttl=cfg.host_ttl * CLAIM_TTL_HOSTS,
             period=cfg.host_ttl / 3,
             requests=scale_ups,
         )
+        return cold, slots
 
     async def start(self) -> None:
         await self.membership.start()

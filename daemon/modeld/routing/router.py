@@ -21,7 +21,7 @@ batches (counters.py).
 """
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 import structlog
@@ -370,12 +370,7 @@ def build_router(
     stopper = Stopper(
         index=index, leases=leases, prober=prober, judge=judge, signal=signal, metrics=metrics
     )
-
-    async def stop_dead(replica: RoutedReplica, reason: str) -> None:
-        # Proven dead: its leases are gone with it, and a Free call would only time out.
-        await stopper.stop(replica, reason, True, 0.0, responsive=False)
-
-    judge.use_stop(stop_dead)
+    judge.use_stop(_stop_dead(stopper))
     lifecycle = Lifecycle(
         clock=clock,
         catalog=catalog,
@@ -404,3 +399,11 @@ def build_router(
         ),
         metrics=metrics,
     )
+
+
+def _stop_dead(stopper: Stopper) -> Callable[[RoutedReplica, str], Awaitable[None]]:
+    async def stop_dead(replica: RoutedReplica, reason: str) -> None:
+        # Proven dead: its leases are gone with it, and a Free call would only time out.
+        await stopper.stop(replica, reason, True, 0.0, responsive=False)
+
+    return stop_dead
