@@ -19,7 +19,6 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from modeld.ops.metrics import CLUSTER_COUNTERS
 from modeld.state import LIVE, ReplicaState
 
 if TYPE_CHECKING:
@@ -32,6 +31,25 @@ if TYPE_CHECKING:
         ReplicaCounts,
         Tally,
     )
+
+# ClusterCounters field → (metric name, help). Counters other streams increment.
+CLUSTER_COUNTERS = {
+    "forwards": ("modeld_cluster_forwards", "Routes forwarded to a replica on another host."),
+    "forward_retries": (
+        "modeld_cluster_forward_retries",
+        "Forwards that failed and were tried on another replica.",
+    ),
+    "claims_taken": ("modeld_cluster_claims_taken", "Cold-load claims this host took."),
+    "claims_taken_over": (
+        "modeld_cluster_claims_taken_over",
+        "Expired claims of another host this host took over.",
+    ),
+    "claims_lost": ("modeld_cluster_claims_lost", "Claims this host held and lost (fenced)."),
+    "placement_refusals": (
+        "modeld_cluster_placement_refusals",
+        "Placements refused (no eligible host, or the target's admission said no).",
+    ),
+}
 
 __all__ = ["CONTENT_TYPE_LATEST", "build_registry", "render"]
 
