@@ -1,6 +1,6 @@
 """Supervised background tasks: a task that dies is logged with its traceback and
 makes the daemon unhealthy, instead of silently stopping (lease expiry, the watchdog,
-counter flushes, the observer, and in a cluster its link, membership, leader, specs
+the observer, load scrapes, and in a cluster its link, membership, leader, specs
 and slot loops).
 
 The daemon owns one `TaskSupervisor`; `healthy()` feeds the systemd watchdog and the

@@ -1,1 +1,1 @@
-"""Routing: the Route hot path, leases, model pools, probes and counter flushing."""
+"""Routing: the Route hot path, leases, model pools and queues, probes, the health judge."""
