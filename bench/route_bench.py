@@ -29,6 +29,7 @@ something could not be measured.
 
 import argparse
 import asyncio
+import compileall
 import json
 import os
 import platform
@@ -45,6 +46,7 @@ import grpc
 
 import harness
 import latency_figures
+import modeld
 from harness import (
     CALL_LIMIT_S,
     HERE,
@@ -306,6 +308,10 @@ async def start_once(work: Path, logs: Path) -> dict[str, float]:
 
 async def startup(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
     """`args.starts` starts on one state directory (the first creates its database)."""
+    # A daemon installed by pip starts from the .pyc files written at install; an
+    # editable checkout under PYTHONDONTWRITEBYTECODE has none unless they are made
+    # (`make` does), and each start would time compiling modeld instead.
+    compileall.compile_dir(Path(modeld.__file__).parent, quiet=1)
     progress(f"{args.starts} daemon starts")
     with tempfile.TemporaryDirectory(prefix="modeld-start-") as tmp:
         runs = [await start_once(Path(tmp), logs) for _ in range(args.starts)]
