@@ -83,7 +83,9 @@ def _config_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(daemon_only: bool = False) -> argparse.ArgumentParser:
+    """Every verb, or with `daemon_only` just `serve` and `config`: enough to parse their
+    command lines, without importing the client verbs and the Python client they run on."""
     parser = _Parser(
         prog="modeld", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -95,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     show = cfg_sub.add_parser("show", help="print the effective configuration")
     _config_flags(show)
     show.set_defaults(func=_config_show)
+    if daemon_only:
+        return parser
     from modeld.cli.client import add_client_verbs
     from modeld.cli.gateway import add_gateway_verb
 
@@ -106,7 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     _Parser.json_errors = "--json" in argv
-    args = build_parser().parse_args(argv)
+    # A verb's own parser does all the parsing past its name, so `serve` and `config`
+    # parse alike without their siblings; sparing the daemon the client's imports.
+    daemon_only = argv[:1] in (["serve"], ["config"])
+    args = build_parser(daemon_only).parse_args(argv)
     try:
         code: int = args.func(args)
     except (ConfigError, RegistryError) as exc:
