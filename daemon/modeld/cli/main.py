@@ -61,9 +61,13 @@ def _load_config(args: argparse.Namespace) -> config.Config:
 def _serve(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
     logconfig.configure(cfg.log_level, cfg.log_format)
+    from modeld.supervisor.containment import choose_soon
+
+    # The probe mostly waits on the kernel: it runs while the daemon's modules import.
+    containment = choose_soon(cfg.state_dir, cfg.containment, cfg.cgroup_dir)
     from modeld.cli.serve import run
 
-    return run(cfg)
+    return run(cfg, containment)
 
 
 def _config_show(args: argparse.Namespace) -> int:

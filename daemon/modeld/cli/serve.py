@@ -8,6 +8,7 @@ import asyncio
 import os
 import signal
 import sys
+from concurrent.futures import Future
 
 import structlog
 import uvloop
@@ -15,18 +16,20 @@ import uvloop
 from modeld.config import Config
 from modeld.errors import ConfigError, RegistryError
 from modeld.server import Daemon
+from modeld.supervisor.containment import Containment
 
 log = structlog.get_logger(__name__)
 EXIT_FAST = 130
 
 
-def run(cfg: Config) -> int:
+def run(cfg: Config, containment: Future[Containment] | None = None) -> int:
+    """`containment`: the mechanism, being chosen already (`choose_soon`)."""
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(_main(cfg))
+        return runner.run(_main(cfg, containment))
 
 
-async def _main(cfg: Config) -> int:
-    daemon = Daemon(cfg)
+async def _main(cfg: Config, containment: Future[Containment] | None) -> int:
+    daemon = Daemon(cfg, containment=containment)
     loop = asyncio.get_running_loop()
     signals_seen = 0
 
