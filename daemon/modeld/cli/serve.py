@@ -5,6 +5,7 @@ once and exits, so even an impatient operator leaves no orphans behind.
 """
 
 import asyncio
+import gc
 import os
 import signal
 import sys
@@ -57,5 +58,10 @@ async def _main(cfg: Config, containment: Future[Containment] | None) -> int:
         log.exception("daemon_start_failed")
         await daemon.shutdown()
         return 1
+    # What exists now lives as long as the daemon: frozen, no collection scans it again.
+    # The GC is turned back on for what the daemon makes from here (main turned it off
+    # for the start).
+    gc.freeze()
+    gc.enable()
     await daemon.run_until_stopped()
     return 0
