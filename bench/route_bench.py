@@ -15,7 +15,8 @@ subprocesses; this process is the client. It measures:
    and the time until every Route has its lease;
 4. the latency figures of bench/latency_figures.py (crash → FAILED, Health during
    an output flood, Ping with stalled followers), on a daemon of their own;
-5. daemon start → health SERVING and the idle daemon's RSS, over a few starts.
+5. daemon start → health SERVING and the idle daemon's RSS, over a few starts, from
+   compiled bytecode as a pip install has it (the port is polled, then health watched).
 
 On 2 cores the client (this process) competes with the daemon for CPU, so pairs/s
 ratios are squeezed towards 1 whenever the client is the bottleneck; the daemon's
