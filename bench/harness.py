@@ -135,7 +135,13 @@ class Server:
         self.stub = pb_grpc.ModelControlStub(self.channel)  # type: ignore[no-untyped-call]
 
     async def wait_health_serving(self) -> None:
-        """Until `grpc.health.v1` says SERVING (watched, not polled), or the process exits."""
+        """Until `grpc.health.v1` says SERVING (watched, not polled), or the process exits.
+
+        The port is polled first: gRPC waits ~100 ms between connection attempts
+        whatever the reconnect options say, so a channel that tried before the daemon
+        listened would add up to that to the figure, none of it the daemon's.
+        """
+        await self._unless_exited(self._listening())
         health = health_pb2_grpc.HealthStub(self.channel)  # type: ignore[no-untyped-call]
         watch = health.Watch(health_pb2.HealthCheckRequest(), wait_for_ready=True)
 
@@ -148,6 +154,17 @@ class Server:
             await self._unless_exited(serving())
         finally:
             watch.cancel()
+
+    async def _listening(self) -> None:
+        host, _, port = self.addr.rpartition(":")
+        while True:
+            try:
+                _, writer = await asyncio.open_connection(host, int(port))
+            except OSError:
+                await asyncio.sleep(0.001)
+                continue
+            writer.close()
+            return
 
     async def _unless_exited(self, work: Coroutine[Any, Any, None]) -> None:
         running = asyncio.ensure_future(work)

@@ -197,3 +197,17 @@ def test_default_address(tmp_path: Path) -> None:
     sock.touch()
     assert default_addr({}, sock) == f"unix://{sock}"
     assert default_addr({"MODELD_ADDR": "10.0.0.2:7000"}, sock) == "10.0.0.2:7000"
+
+
+def test_the_daemon_verbs_parse_alike_without_the_client_verbs() -> None:
+    # `modeld serve` and `config show` are parsed without the client verbs (their
+    # imports are start-up time); what they parse must not change for it.
+    lines = [
+        ["serve", "--config", "m.toml", "--listen", "a:1", "--listen", "b:2", "--log-level", "x"],
+        ["serve", "--state-dir", "s", "--models-dir", "m"],
+        ["config", "show", "--config", "m.toml"],
+    ]
+    for argv in lines:
+        assert vars(build_parser(daemon_only=True).parse_args(argv)) == vars(
+            build_parser().parse_args(argv)
+        ), argv

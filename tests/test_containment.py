@@ -15,7 +15,13 @@ from daemon_proc import pids_alive, start_daemon, write_config
 from modeld import config
 from modeld.errors import ConfigError
 from modeld.supervisor import sweep
-from modeld.supervisor.containment import Containment, Sentinel, choose, own_cgroup
+from modeld.supervisor.containment import (
+    Containment,
+    Sentinel,
+    choose,
+    choose_soon,
+    own_cgroup,
+)
 
 SLEEP = (sys.executable, "-c", "import time; time.sleep(60)")
 
@@ -66,6 +72,15 @@ def test_choose_falls_back_to_the_marker_or_refuses_when_forced(tmp_path: Path) 
     # One state_dir, one instance; another state_dir, another.
     assert choose(tmp_path / "state", "marker").instance == chosen.instance
     assert choose(tmp_path / "other", "marker").instance != chosen.instance
+
+
+def test_choose_soon_answers_as_choose_does_errors_included(tmp_path: Path) -> None:
+    not_a_cgroup = str(tmp_path / "plain-dir")
+    soon = choose_soon(tmp_path / "state", "auto", not_a_cgroup).result(timeout=30)
+    now = choose(tmp_path / "state", "auto", not_a_cgroup)
+    assert (soon.mechanism, soon.instance, soon.why) == (now.mechanism, now.instance, now.why)
+    refused = choose_soon(tmp_path / "state", "cgroup", not_a_cgroup).exception(timeout=30)
+    assert isinstance(refused, ConfigError) and "containment = cgroup, but" in str(refused)
 
 
 async def test_a_marker_box_holds_its_replica_only(

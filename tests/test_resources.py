@@ -10,6 +10,7 @@ from modeld.capacity.resources import (
     NvmlReader,
     SystemReader,
     make_reader,
+    nvml_missing,
     read_meminfo,
     write_fake,
 )
@@ -147,10 +148,30 @@ class FakeNvml:
         ]
 
 
+def loadable() -> str | None:
+    """The NVML library check of a host with the driver, for a FakeNvml to be used."""
+    return None
+
+
+def test_nvml_reader_without_the_nvml_library_never_imports_pynvml(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml(devices=2))
+    # The fake would be found; the reader never looks for it without the library.
+    assert not NvmlReader(lambda: "NVML Shared Library Not Found").available
+
+
+def test_nvml_missing_says_whether_the_library_loads() -> None:
+    why = nvml_missing("libmodeld-no-such-library.so.1")
+    assert why is not None and why.startswith("NVML Shared Library Not Found (")
+    assert "libmodeld-no-such-library.so.1" in why
+    assert nvml_missing("libc.so.6") is None
+
+
 def test_nvml_reader_without_the_library_reports_no_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     # A None entry in sys.modules makes `import pynvml` raise ImportError.
     monkeypatch.setitem(sys.modules, "pynvml", None)
-    reader = NvmlReader()
+    reader = NvmlReader(loadable)
     assert not reader.available
     assert reader.gpus() == ()
     assert reader.process_gpu_memory() == {}
@@ -160,7 +181,7 @@ def test_nvml_reader_without_the_library_reports_no_gpus(monkeypatch: pytest.Mon
 def test_nvml_reader_without_a_driver_reports_no_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = FakeNvml(init_error=FakeNvml.NVMLError("Driver Not Loaded"))
     monkeypatch.setitem(sys.modules, "pynvml", fake)
-    assert not NvmlReader().available
+    assert not NvmlReader(loadable).available
 
 
 def test_nvml_reader_with_zero_gpus_is_unavailable_and_shuts_down(
@@ -168,14 +189,14 @@ def test_nvml_reader_with_zero_gpus_is_unavailable_and_shuts_down(
 ) -> None:
     fake = FakeNvml(devices=0)
     monkeypatch.setitem(sys.modules, "pynvml", fake)
-    assert not NvmlReader().available
+    assert not NvmlReader(loadable).available
     assert fake.shutdowns == 1
 
 
 def test_nvml_reader_reads_gpus_and_process_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = FakeNvml(devices=2)
     monkeypatch.setitem(sys.modules, "pynvml", fake)
-    reader = NvmlReader()
+    reader = NvmlReader(loadable)
     assert reader.available
     assert reader.gpus() == (
         GpuView(0, "GPU-0", "Old Driver GPU", 24 * GIB, GIB),
@@ -190,7 +211,7 @@ def test_nvml_reader_leaves_out_a_failing_gpu_and_recovers(
 ) -> None:
     fake = FakeNvml(devices=2)
     monkeypatch.setitem(sys.modules, "pynvml", fake)
-    reader = NvmlReader()
+    reader = NvmlReader(loadable)
     fake.broken.add(0)
     assert [g.index for g in reader.gpus()] == [1]
     assert reader.process_gpu_memory() == {100: GIB}
@@ -206,7 +227,7 @@ def test_system_reader_combines_ram_and_gpus(
     monkeypatch.setitem(sys.modules, "pynvml", FakeNvml(devices=1))
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal: 4096 kB\nMemAvailable: 1024 kB\n")
-    reader = SystemReader(NvmlReader(), meminfo)
+    reader = SystemReader(NvmlReader(loadable), meminfo)
     assert reader.read() == HostView(
         4096 * 1024, 1024 * 1024, (GpuView(0, "GPU-0", "Old Driver GPU", 24 * GIB, GIB),)
     )

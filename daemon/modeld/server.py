@@ -1,7 +1,8 @@
 """The daemon's one lifecycle object: builds every component once, serves, shuts down.
 
 Start order: security settings checked, registry opened (a foreign or newer
-database is refused), the containment mechanism chosen, orphans of a previous
+database is refused), the containment mechanism chosen (`modeld serve` begins its
+probe before the daemon's imports, and it is taken here), orphans of a previous
 life stopped, the sentinel started (supervisor/containment.py), catalog and
 settings loaded, gRPC listening, health SERVING, min_replicas started, then
 READY=1 to systemd. Shutdown runs the same way backwards and stops every backend.
@@ -11,6 +12,7 @@ import asyncio
 import dataclasses
 import uuid
 from collections.abc import Coroutine
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -79,8 +81,12 @@ class Daemon:
         clock: Clock | None = None,
         spawner: Spawner | None = None,
         reader: ResourceReader | None = None,
+        containment: Future[Containment] | None = None,
     ) -> None:
         self.config = config
+        # Begun by `modeld serve` before the daemon's imports (`choose_soon`); taken at
+        # the point of the start where it would otherwise be chosen.
+        self._chosen = containment
         # Checked before anything is opened, so a refusal leaves nothing to undo.
         self._creds, self._auth = self._security()
         self.clock = clock or SystemClock()
@@ -158,9 +164,7 @@ class Daemon:
         )
         # After the registry: a database refused as not ours leaves the directory untouched.
         self._lock = InstanceLock(cfg.state_dir)
-        self.containment = containment = await asyncio.to_thread(
-            choose, cfg.state_dir, cfg.containment, cfg.cgroup_dir
-        )
+        self.containment = containment = await self._choose_containment()
         handled = await reap_orphans(registry, node_id=cfg.node_id, containment=containment)
         self._sentinel = Sentinel(containment, cfg.python)
         log.info("containment", sentinel_pid=self._sentinel.pid, **containment.describe())
@@ -174,6 +178,12 @@ class Daemon:
         settings = SettingsStore(registry, cfg.settings)
         await settings.load()
         return catalog, settings
+
+    async def _choose_containment(self) -> Containment:
+        if self._chosen is not None:
+            return await asyncio.wrap_future(self._chosen)
+        cfg = self.config
+        return await asyncio.to_thread(choose, cfg.state_dir, cfg.containment, cfg.cgroup_dir)
 
     def _responsive(self) -> bool:
         """False once a task the daemon cannot work without has died: systemd restarts us."""

@@ -21,9 +21,10 @@ sees while it runs (write it with `write_fake`, which replaces the file atomical
 A pid in "processes" but in no GPU's "pids" counts as listed on every GPU.
 """
 
+import ctypes
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -34,6 +35,8 @@ from modeld.policy.view import GpuView, HostView
 log = structlog.get_logger(__name__)
 
 MEMINFO = Path("/proc/meminfo")
+# The library pynvml's nvmlInit loads on Linux.
+NVML_LIBRARY = "libnvidia-ml.so.1"
 
 
 class ResourceReader(Protocol):
@@ -69,14 +72,31 @@ def read_meminfo(path: Path = MEMINFO) -> tuple[int, int]:
     return (total, available)
 
 
+def nvml_missing(library: str = NVML_LIBRARY) -> str | None:
+    """Why NVML's library cannot be loaded here, or None when it can.
+
+    Asked before pynvml is imported: importing it costs ~10 ms of every start, spent
+    for nothing on the hosts (most that run modeld without a GPU) that lack the driver.
+    """
+    try:
+        ctypes.CDLL(library)
+    except OSError as exc:
+        # pynvml's words for the same failure, then the loader's.
+        return f"NVML Shared Library Not Found ({exc})"
+    return None
+
+
 class NvmlReader:
     """GPU readings through NVML; `available` is False when there is nothing to read."""
 
-    def __init__(self) -> None:
+    def __init__(self, missing: Callable[[], str | None] = nvml_missing) -> None:
         self._nvml: Any = None
         # (index, handle, uuid, name): uuid and name never change, so they are read once.
         self._devices: list[tuple[int, Any, str, str]] = []
         self._failing: set[int] = set()
+        if (why := missing()) is not None:
+            log.info("nvml_unavailable", reason=why)
+            return
         try:
             import pynvml
 

@@ -12,8 +12,6 @@ from dataclasses import dataclass
 
 import grpc
 
-from modeld.client.errors import from_rpc
-
 EXIT_RPC_FAILED = 1
 EXIT_USAGE = 2
 
@@ -43,5 +41,9 @@ def usage(message: str) -> Failure:
 def of_rpc(exc: grpc.RpcError, addr: str) -> Failure:
     """A failed call, in the Python client's words (which say what to do when no
     modeld answers at `addr`)."""
+    # Imported here: `modeld serve` reports failures through this module too, and the
+    # Python client is start-up time the daemon does not need.
+    from modeld.client.errors import from_rpc
+
     error = from_rpc(exc, addr)
     return Failure(error.status.name, error.message, EXIT_RPC_FAILED)

@@ -5,9 +5,11 @@ once and exits, so even an impatient operator leaves no orphans behind.
 """
 
 import asyncio
+import gc
 import os
 import signal
 import sys
+from concurrent.futures import Future
 
 import structlog
 import uvloop
@@ -15,18 +17,20 @@ import uvloop
 from modeld.config import Config
 from modeld.errors import ConfigError, RegistryError
 from modeld.server import Daemon
+from modeld.supervisor.containment import Containment
 
 log = structlog.get_logger(__name__)
 EXIT_FAST = 130
 
 
-def run(cfg: Config) -> int:
+def run(cfg: Config, containment: Future[Containment] | None = None) -> int:
+    """`containment`: the mechanism, being chosen already (`choose_soon`)."""
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(_main(cfg))
+        return runner.run(_main(cfg, containment))
 
 
-async def _main(cfg: Config) -> int:
-    daemon = Daemon(cfg)
+async def _main(cfg: Config, containment: Future[Containment] | None) -> int:
+    daemon = Daemon(cfg, containment=containment)
     loop = asyncio.get_running_loop()
     signals_seen = 0
 
@@ -54,5 +58,10 @@ async def _main(cfg: Config) -> int:
         log.exception("daemon_start_failed")
         await daemon.shutdown()
         return 1
+    # What exists now lives as long as the daemon: frozen, no collection scans it again.
+    # The GC is turned back on for what the daemon makes from here (main turned it off
+    # for the start).
+    gc.freeze()
+    gc.enable()
     await daemon.run_until_stopped()
     return 0

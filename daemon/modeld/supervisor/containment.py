@@ -43,8 +43,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -194,6 +196,26 @@ def choose(state_dir: Path, mode: str = "auto", cgroup_dir: str = "") -> Contain
     if mode == "cgroup":
         raise ConfigError(f"containment = cgroup, but {problem}")
     return Containment.marker_only(instance, f"cgroup unusable: {problem}")
+
+
+def choose_soon(state_dir: Path, mode: str = "auto", cgroup_dir: str = "") -> Future[Containment]:
+    """`choose`, begun now in a thread of its own: the future holds its answer or its error.
+
+    The probe mostly waits on the kernel (moving a process into a cgroup waits out an
+    RCU grace period, up to ~20 ms), so `modeld serve` starts it before importing the
+    daemon and takes the answer where the daemon would have chosen. The thread is not
+    a daemon thread: an exit meanwhile waits for the probe to clean up after itself.
+    """
+    chosen: Future[Containment] = Future()
+
+    def probe() -> None:
+        try:
+            chosen.set_result(choose(state_dir, mode, cgroup_dir))
+        except Exception as exc:
+            chosen.set_exception(exc)
+
+    threading.Thread(target=probe, name="containment-probe").start()
+    return chosen
 
 
 def own_cgroup(self_cgroup: Path = _SELF_CGROUP, mountinfo: Path = _MOUNTINFO) -> Path | None:
