@@ -8,6 +8,7 @@ import pytest
 
 from backend_proc import BackendProc, running_backend
 from modeld._proto.backend import backend_pb2 as pb
+from modeld.load_options import LoadOptions, ModelLoad
 from modeld.supervisor.backend_client import (
     BackendCallError,
     GrpcBackend,
@@ -17,6 +18,11 @@ from modeld.supervisor.backend_client import (
     port_refuses,
 )
 from modeld.supervisor.process import free_port
+
+
+def load(*extra: str) -> ModelLoad:
+    """A LoadModel of no model file, with the echo backend's own options in `extra`."""
+    return ModelLoad("", "", "", LoadOptions({}, list(extra)))
 
 
 @pytest.fixture
@@ -104,13 +110,13 @@ async def test_grpc_calls_against_the_echo_backend(echo: BackendProc) -> None:
     assert await grpc_health_once(echo.addr, 1.0)
     client = GrpcBackend(echo.addr)
     try:
-        assert "loaded" in await client.load_model(pb.ModelOptions(), 2.0)
+        assert "loaded" in await client.load_model(load(), 2.0)
         assert (await client.status(1.0)).state == pb.StatusResponse.READY
         assert await client.free(1.0)
         with pytest.raises(BackendCallError, match="load failed on purpose"):
-            await client.load_model(pb.ModelOptions(Options=["fail=1"]), 2.0)
+            await client.load_model(load("fail=1"), 2.0)
         with pytest.raises(BackendCallError, match="DEADLINE_EXCEEDED"):
-            await client.load_model(pb.ModelOptions(Options=["load_delay=5"]), 0.1)
+            await client.load_model(load("load_delay=5"), 0.1)
     finally:
         await client.close()
 
@@ -149,7 +155,7 @@ async def test_a_slow_connection_handshake_does_not_fail_the_call(echo: BackendP
         address = f"127.0.0.1:{proxy.sockets[0].getsockname()[1]}"
         client = GrpcBackend(address)
         try:
-            assert "loaded" in await client.load_model(pb.ModelOptions(), 10.0)
+            assert "loaded" in await client.load_model(load(), 10.0)
         finally:
             await client.close()
         assert await grpc_health_once(address, 10.0)

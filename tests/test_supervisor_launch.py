@@ -7,6 +7,7 @@ import pytest
 from modeld.errors import InvalidArgument
 from modeld.load_options import FIELDS
 from modeld.spec import BackendSpec, ModelSpec
+from modeld.supervisor.backend_client import model_options
 from modeld.supervisor.launch import plan_launch
 
 BACKEND = BackendSpec(
@@ -63,7 +64,7 @@ def test_gpu_ids_set_cuda_visible_devices(models: Path) -> None:
 
 def test_no_model_file_means_empty_fields(models: Path) -> None:
     plan = plan_launch(spec(model_file=""), BACKEND, models, python="p", base_env={})
-    assert plan.model_file == "" and plan.load_options.ModelFile == ""
+    assert plan.model_file == "" and model_options(plan.load).ModelFile == ""
 
 
 @pytest.mark.parametrize("bad", ["../../etc/passwd", "/etc/passwd", "link/passwd", "sub/../../x"])
@@ -74,7 +75,7 @@ def test_model_file_must_stay_inside_models_dir(models: Path, bad: str) -> None:
 
 
 def test_options_map_to_typed_fields_and_the_rest_to_options(models: Path) -> None:
-    opts = plan_launch(
+    load = plan_launch(
         spec(
             context_size="4096",
             ngl="33",
@@ -101,7 +102,8 @@ def test_options_map_to_typed_fields_and_the_rest_to_options(models: Path) -> No
         models,
         python="p",
         base_env={},
-    ).load_options
+    ).load
+    opts = model_options(load)
     root = str(models.resolve())
     assert (opts.Model, opts.ModelFile, opts.ModelPath) == (
         "sub/m.gguf",

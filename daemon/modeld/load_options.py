@@ -114,6 +114,15 @@ class LoadOptions(NamedTuple):
     extra: list[str]  # "key:value" entries for ModelOptions.Options
 
 
+class ModelLoad(NamedTuple):
+    """What LoadModel asks a backend to load (the backend client puts it in protobuf)."""
+
+    model: str  # the spec's model_file, as written
+    model_file: str  # resolved: absolute and inside models_dir, or ""
+    models_dir: str
+    options: LoadOptions
+
+
 def parse(model: str, options: Iterable[tuple[str, str]]) -> LoadOptions:
     """Split and type-check a spec's options; raises InvalidArgument naming the option."""
     typed: dict[str, Value] = {}

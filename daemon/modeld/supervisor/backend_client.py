@@ -20,6 +20,7 @@ import grpc
 
 from modeld._proto.backend import backend_pb2 as pb
 from modeld._proto.backend import backend_pb2_grpc as pb_grpc
+from modeld.load_options import ModelLoad
 
 # gRPC's default reconnect backoff (1 s, growing) would make a probe sent a few
 # ms before the backend listens wait a second; the daemon paces probes itself.
@@ -108,10 +109,10 @@ class GrpcBackend:
             return False
         return True
 
-    async def load_model(self, options: pb.ModelOptions, limit_s: float) -> str:
+    async def load_model(self, load: ModelLoad, limit_s: float) -> str:
         """LoadModel; returns the backend's message, raises BackendCallError on any failure."""
         try:
-            result = await self._load(options, timeout=limit_s)
+            result = await self._load(model_options(load), timeout=limit_s)
         except grpc.aio.AioRpcError as exc:
             raise BackendCallError(f"LoadModel failed: {_rpc_error(exc)}") from None
         if not result.success:
@@ -208,3 +209,15 @@ class HttpBackend:
 
     async def close(self) -> None:
         """Nothing is kept open between probes."""
+
+
+def model_options(load: ModelLoad) -> pb.ModelOptions:
+    """LoadModel's request: documented options as typed fields, the rest as "key:value"."""
+    opts = pb.ModelOptions(Model=load.model, ModelFile=load.model_file, ModelPath=load.models_dir)
+    for field, value in load.options.typed.items():
+        if isinstance(value, list):
+            getattr(opts, field).extend(value)
+        else:
+            setattr(opts, field, value)
+    opts.Options.extend(load.options.extra)
+    return opts

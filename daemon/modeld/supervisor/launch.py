@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modeld import load_options
-from modeld._proto.backend import backend_pb2 as pb
 from modeld.errors import InvalidArgument
 from modeld.ops.logstore import MIN_MAX_LINE
 from modeld.spec import PLACEHOLDERS, BackendSpec, ModelSpec, resolve_model_file
@@ -31,7 +30,7 @@ class LaunchPlan:
     python: str
     env: Mapping[str, str]
     cwd: str | None
-    load_options: pb.ModelOptions
+    load: load_options.ModelLoad
 
     def argv(self, host: str, port: int) -> list[str]:
         values = {
@@ -82,18 +81,7 @@ def plan_launch(
         python=backend.python or python,
         env=env,
         cwd=backend.workdir or None,
-        load_options=model_options(spec, model_file, str(root)),
+        load=load_options.ModelLoad(
+            spec.model_file, model_file, str(root), load_options.parse(spec.name, spec.options)
+        ),
     )
-
-
-def model_options(spec: ModelSpec, model_file: str, models_dir: str) -> pb.ModelOptions:
-    """LoadModel's request: documented options as typed fields, the rest as "key:value"."""
-    parsed = load_options.parse(spec.name, spec.options)
-    opts = pb.ModelOptions(Model=spec.model_file, ModelFile=model_file, ModelPath=models_dir)
-    for field, value in parsed.typed.items():
-        if isinstance(value, list):
-            getattr(opts, field).extend(value)
-        else:
-            setattr(opts, field, value)
-    opts.Options.extend(parsed.extra)
-    return opts

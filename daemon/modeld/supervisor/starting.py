@@ -131,9 +131,7 @@ class StartSequence:
         self.hooks.hold_client(client)
         limit = max(self.race.ceiling_left(), 0.001)
         try:
-            message = await self.race.run(
-                child, client.load_model(plan.load_options, limit), "load"
-            )
+            message = await self.race.run(child, client.load_model(plan.load, limit), "load")
         except BackendCallError as exc:
             raise StartFailed("load", str(exc)) from None
         self.deps.logs.note(self.replica_id, f"model loaded: {message}")
