@@ -231,11 +231,13 @@ class ClusterRouter:
 
     def stats(self) -> ClusterStats:
         """What the cluster metrics read at scrape time."""
+        link = self.membership.link
         return ClusterStats(
-            counters=dataclasses.asdict(self.counters),
+            counters={**dataclasses.asdict(self.counters), **link.counts()},
             view_age=self.membership.view_age(),
             host_replicas=host_replica_counts(self.membership.view),
             hosts=host_state_counts(self.hosts()),
+            db_connections=int(link.up),
         )
 
     # Route

@@ -165,6 +165,11 @@ class _ClusterCollector(Collector):
             "Seconds since the cluster view was last read in full from the database.",
         )
         age.add_metric([], stats.view_age)
+        connections = GaugeMetricFamily(
+            "modeld_cluster_db_connections",
+            "Connections to the cluster database this modeld holds now.",
+        )
+        connections.add_metric([], stats.db_connections)
         per_host = GaugeMetricFamily(
             "modeld_cluster_host_replicas",
             "Replicas by host and state, as this modeld's view shows them.",
@@ -179,7 +184,7 @@ class _ClusterCollector(Collector):
         )
         for state_name, count in sorted(stats.hosts.items()):
             hosts.add_metric([state_name], count)
-        return [*families, age, per_host, hosts]
+        return [*families, age, connections, per_host, hosts]
 
 
 class _BackendLoadCollector(Collector):

@@ -88,6 +88,7 @@ class ClusterStats:
     view_age: float  # seconds since the last full resync of the view
     host_replicas: Mapping[str, Mapping[str, int]]  # host_id → state → replicas
     hosts: Mapping[str, int]  # host state (alive, suspect, expired) → hosts
+    db_connections: int = 0  # connections to the cluster database open now
 
 
 ClusterSource = Callable[[], ClusterStats]
@@ -108,6 +109,19 @@ CLUSTER_COUNTERS = {
     "placement_refusals": (
         "modeld_cluster_placement_refusals",
         "Placements refused (no eligible host, or the target's admission said no).",
+    ),
+    # The link's own (cluster/link.py), counted without asking the database.
+    "db_transactions": (
+        "modeld_cluster_db_transactions",
+        "Transactions this modeld ran on the cluster database (committed or rolled back).",
+    ),
+    "db_notifications": (
+        "modeld_cluster_db_notifications",
+        "Notifications this modeld heard from the cluster database.",
+    ),
+    "db_connects": (
+        "modeld_cluster_db_connects",
+        "Connections this modeld opened to the cluster database (1 + reconnects).",
     ),
 }
 
