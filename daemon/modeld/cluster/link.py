@@ -11,7 +11,7 @@ Session state lives on this connection and dies with it, which is the point:
 - the host's liveness lock (`HOST_LOCK`, keyed by its epoch, taken where it
   registers; membership.py): PostgreSQL releases it the moment a killed modeld's
   socket closes, which is how the cluster hears of a death in under a second;
-- the leader lock (leader.py);
+- the leader lock (election.py), its tries folded into the heartbeat (membership.py);
 - LISTEN (channels registered with `listen`, added again on every connect).
 
 What the link runs is counted, for the metrics (`counts`), without asking the
