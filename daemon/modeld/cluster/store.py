@@ -121,9 +121,10 @@ _DEAD = f"""dead AS (
 )"""
 _MARK_DEAD = "WITH " + _DEAD.format(on="true", but="''") + " SELECT host_id FROM dead"
 
-# The heartbeat ($3 host, $4 epoch, $5 ttl) and resync in one statement, and with them,
-# by ballot (election.py), the election's part ($6) and for the leader the death
-# check ($7 whether it runs; never on its own row, which this statement renews).
+# The heartbeat ($3 host, $4 epoch, $5 ttl) and resync ($1, $2) in one statement, and
+# with them, by ballot (election.py), the election's part: TRY, a follower's try ($6
+# its session's name); HOLD, the leader's check and its death check ($6 whether it
+# runs; never on the leader's own row, which this statement renews).
 _HB = """hb AS (
     UPDATE modeld_hosts SET lease_expires_at = now() + make_interval(secs => $5),
         gone = false,
