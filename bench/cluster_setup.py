@@ -27,6 +27,17 @@ from backend_proc import free_port  # noqa: E402
 from daemon_proc import ECHO_CATALOG  # noqa: E402
 
 DEFAULT_DSN = "postgresql://root@127.0.0.1:5432/postgres"
+# Every port handed out in this run: a port free a moment ago may be handed out again
+# before its daemon binds it (a hundred daemons take a minute to start).
+_HANDED_OUT: set[int] = set()
+
+
+def unused_port() -> int:
+    """A free port no other daemon of this run was given."""
+    while (port := free_port()) in _HANDED_OUT:
+        pass
+    _HANDED_OUT.add(port)
+    return port
 
 
 def server_dsn() -> str:
@@ -59,9 +70,9 @@ def host_config(
     """Write `folder`/modeld.toml for cluster host `host` (the echo catalog, then
     `models`; `metrics`: a metrics listener, see `metrics_address`); returns its path
     and the daemon's address."""
-    addr = f"127.0.0.1:{free_port()}"
+    addr = f"127.0.0.1:{unused_port()}"
     (folder / "models").mkdir(parents=True, exist_ok=True)
-    listen = f'metrics_listen = "127.0.0.1:{free_port()}"\n' if metrics else ""
+    listen = f'metrics_listen = "127.0.0.1:{unused_port()}"\n' if metrics else ""
     text = (
         listen + f'listen = ["{addr}"]\nstate_dir = "{folder / "state"}"\n'
         f'models_dir = "{folder / "models"}"\nlog_level = "info"\n'
