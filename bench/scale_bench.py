@@ -6,7 +6,8 @@ else postgresql://root@127.0.0.1:5432/postgres, its default settings), and:
 
 - connections: pg_stat_activity rows of that database, per host (application_name);
 - idle tx/s: pg_stat_database.xact_commit + xact_rollback over `--idle` seconds with
-  no requests, one host_ttl after the views converged (this script's own reads
+  no requests, once start-up is over (a host_ttl with no notification heard, at
+  most `--settle` seconds after the views converged; this script's own reads
   subtracted), per host;
 - the same two as every daemon counts them itself (modeld_cluster_db_transactions_total
   and modeld_cluster_db_connections on its /metrics; no database connection needed):
@@ -178,6 +179,23 @@ async def own_counts(daemons: list[DaemonProc]) -> list[tuple[float, dict[str, f
     return await asyncio.gather(*(one(d) for d in daemons))
 
 
+async def settle(daemons: list[DaemonProc], quiet_s: float, limit_s: float) -> float | None:
+    """Seconds until start-up is over: every host registered, every view read in full
+    and no daemon heard a notification for `quiet_s` (capacity published: on one
+    machine every daemon reads the same RAM, and a hundred starting daemons move it
+    past the hysteresis of all). None: not within `limit_s`; idle is measured then."""
+    began = time.monotonic()
+    heard = [s[HEARD] for _, s in await own_counts(daemons)]
+    while True:
+        await asyncio.sleep(quiet_s)  # the quiet time being checked, not a synchronisation
+        now = [s[HEARD] for _, s in await own_counts(daemons)]
+        if now == heard:
+            return round(time.monotonic() - began, 1)
+        if time.monotonic() - began > limit_s:
+            return None
+        heard = now
+
+
 def own_rates(
     before: list[tuple[float, dict[str, float]]], after: list[tuple[float, dict[str, float]]]
 ) -> tuple[float, float]:
@@ -193,8 +211,7 @@ async def measure_idle(
     args: argparse.Namespace, server: str, name: str, dsn: str, daemons: list[DaemonProc]
 ) -> dict[str, Any]:
     n = len(daemons)
-    # Start-up is over (every host registered, every view read in full) before idle counts.
-    await asyncio.sleep(args.host_ttl)
+    settled = await settle(daemons, args.host_ttl, args.settle)
     pids = [d.proc.pid for d in daemons]
     # What was announced meanwhile: on one machine every daemon reads the same RAM, so
     # a swing of free memory (other work) makes all of them publish at once. None: the
@@ -225,6 +242,7 @@ async def measure_idle(
         "cpu_percent_per_daemon_max": round(max(cpu), 2),
         "rss_mib_per_daemon_median": round(statistics.median(rss_mib(p) for p in pids), 1),
         "loadavg_idle_window": [round(x, 2) for x in load],
+        "settled_s": settled,
     }
     if ear is not None:
         after = await xact(server, name, rollbacks=True)
@@ -318,6 +336,9 @@ def cli() -> int:
     parser.add_argument("--hosts", default="10,30", help="comma-separated cluster sizes")
     parser.add_argument("--host-ttl", type=float, default=10.0)
     parser.add_argument("--idle", type=float, default=20.0, help="idle window, seconds")
+    parser.add_argument(
+        "--settle", type=float, default=120.0, help="most seconds to wait for a quiet start"
+    )
     return uvloop.run(main(parser.parse_args()))
 
 
