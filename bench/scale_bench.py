@@ -179,6 +179,14 @@ async def own_counts(daemons: list[DaemonProc]) -> list[tuple[float, dict[str, f
     return await asyncio.gather(*(one(d) for d in daemons))
 
 
+def process_figures(cpu: list[float], pids: list[int]) -> dict[str, float]:
+    return {
+        "cpu_percent_per_daemon_median": round(statistics.median(cpu), 2),
+        "cpu_percent_per_daemon_max": round(max(cpu), 2),
+        "rss_mib_per_daemon_median": round(statistics.median(rss_mib(p) for p in pids), 1),
+    }
+
+
 async def settle(daemons: list[DaemonProc], quiet_s: float, limit_s: float) -> float | None:
     """Seconds until start-up is over: every host registered, every view read in full
     and no daemon heard a notification for `quiet_s` (capacity published: on one
@@ -238,9 +246,7 @@ async def measure_idle(
         "idle_tx_per_s_daemons": round(own_tx, 2),
         "idle_tx_per_s_per_host_daemons": round(own_tx / n, 3),
         "idle_notifications_daemons": own_heard,
-        "cpu_percent_per_daemon_median": round(statistics.median(cpu), 2),
-        "cpu_percent_per_daemon_max": round(max(cpu), 2),
-        "rss_mib_per_daemon_median": round(statistics.median(rss_mib(p) for p in pids), 1),
+        **process_figures(cpu, pids),
         "loadavg_idle_window": [round(x, 2) for x in load],
         "settled_s": settled,
     }
