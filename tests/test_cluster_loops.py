@@ -29,7 +29,6 @@ LOOPS: dict[str, tuple[type, str]] = {
     "cluster-reread": (Membership, "_reread"),
     "cluster-publish": (Membership, "_publish"),
     "cluster-events": (Membership, "_follow_events"),
-    "cluster-leader": (Leader, "_run"),
     "cluster-deaths": (Leader, "_watch_deaths"),
     "cluster-specs": (SharedSpecs, "_run"),
     "cluster-slots": (SlotGate, "_keep_slots"),

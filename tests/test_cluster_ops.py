@@ -217,6 +217,7 @@ def test_cluster_metrics_are_read_at_scrape_time() -> None:
         view_age=0.75,
         host_replicas={"a": {"READY": 2}, "b": {}},
         hosts={"alive": 2, "suspect": 0, "expired": 0},
+        db_connections=1,
     )
     metrics.set_cluster_source(lambda: stats)
     samples = _samples(metrics.exposition().decode())
@@ -228,6 +229,8 @@ def test_cluster_metrics_are_read_at_scrape_time() -> None:
     assert samples[("modeld_cluster_host_replicas", (("host", "a"), ("state", "READY")))] == 2
     assert samples[("modeld_cluster_host_replicas", (("host", "b"), ("state", "READY")))] == 0
     assert samples[("modeld_cluster_hosts", (("state", "alive"),))] == 2
+    assert samples[("modeld_cluster_db_connections", ())] == 1
+    assert samples[("modeld_cluster_db_transactions_total", ())] == 0
 
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -375,6 +378,11 @@ async def _replicas_events_and_metrics(a: DaemonProc, b: DaemonProc, a_metrics: 
     assert samples[("modeld_cluster_host_replicas", (("host", "b"), ("state", "READY")))] == 1
     assert samples[("modeld_cluster_hosts", (("state", "expired"),))] == 0
     assert samples[("modeld_cluster_forwards_total", ())] >= 0
+    # The link counts what it runs: one connection, and at least a statement a round.
+    assert samples[("modeld_cluster_db_connections", ())] == 1
+    assert samples[("modeld_cluster_db_connects_total", ())] == 1
+    assert samples[("modeld_cluster_db_transactions_total", ())] > 0
+    assert samples[("modeld_cluster_db_notifications_total", ())] > 0
     # A resync every host_ttl/3; a loaded machine may be late.
     assert 0 <= samples[("modeld_cluster_view_staleness_seconds", ())] < 3 * HOST_TTL
     hosts_now = (await a.stub.ListHosts(pb.ListHostsRequest(), timeout=10)).hosts

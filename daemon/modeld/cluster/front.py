@@ -14,8 +14,9 @@ RenewLease reach the owner from any modeld. A Load on this host takes one of the
 model's max_replicas slots per replica it starts (a forwarded Load that carries a
 claim starts one replica under it).
 
-It also holds the cluster's leader election (leader.py: min_replicas across the
-cluster) and its shared model specs (specs.py: PutModel/DeleteModel).
+It also holds the cluster's leader (election.py: who leads, settled in the
+heartbeat rounds; leader.py: min_replicas across the cluster) and its shared model
+specs (specs.py: PutModel/DeleteModel).
 """
 
 import asyncio
@@ -123,7 +124,6 @@ class ClusterRouter:
             membership=self.membership,
             catalog=catalog,
             peers=self.peers,
-            interval=cfg.host_ttl / 3,
             timeout=self._db_timeout,
             placement=cfg.placement,
         )
@@ -231,11 +231,13 @@ class ClusterRouter:
 
     def stats(self) -> ClusterStats:
         """What the cluster metrics read at scrape time."""
+        link = self.membership.link
         return ClusterStats(
-            counters=dataclasses.asdict(self.counters),
+            counters={**dataclasses.asdict(self.counters), **link.counts()},
             view_age=self.membership.view_age(),
             host_replicas=host_replica_counts(self.membership.view),
             hosts=host_state_counts(self.hosts()),
+            db_connections=int(link.up),
         )
 
     # Route

@@ -11,8 +11,13 @@ Session state lives on this connection and dies with it, which is the point:
 - the host's liveness lock (`HOST_LOCK`, keyed by its epoch, taken where it
   registers; membership.py): PostgreSQL releases it the moment a killed modeld's
   socket closes, which is how the cluster hears of a death in under a second;
-- the leader lock (leader.py);
+- the leader lock (election.py), its tries folded into the heartbeat (membership.py);
 - LISTEN (channels registered with `listen`, added again on every connect).
+
+What the link runs is counted, for the metrics (`counts`), without asking the
+database: its transactions as PostgreSQL counts them (`pg_stat_database`'s
+xact_commit + xact_rollback: a statement outside BEGIN..COMMIT is one, a block is
+one), the notifications it heard, its connects, and whether it has a connection.
 
 A lost connection is reconnected with jittered exponential backoff
 (policy/reconnect.py), so a database that comes back to a hundred hosts sees their
@@ -87,6 +92,9 @@ class Link:
         # Monotonic time of the last (re)connect; bumped with each.
         self.back_at = clock.monotonic()
         self.generation = 0
+        # What `counts` reports; plain integers, bumped on the event loop.
+        self.transactions = 0
+        self.notifications = 0
         # The longest wait between two connects: the others' links, cut by the same
         # outage, are back at most this long after ours.
         self.cap = min(CAP_S, max(timeout, 1.0))
@@ -116,6 +124,14 @@ class Link:
                 await asyncio.wait_for(conn.close(), self._timeout)
             except (*DB_ERRORS, asyncio.CancelledError):
                 conn.terminate()
+
+    def counts(self) -> dict[str, int]:
+        """The link's counters (ops/metrics.py: modeld_cluster_db_*), by name."""
+        return {
+            "db_transactions": self.transactions,
+            "db_notifications": self.notifications,
+            "db_connects": self.generation,
+        }
 
     @property
     def up(self) -> bool:
@@ -222,16 +238,24 @@ class Link:
             command_timeout=self._timeout,
             server_settings=settings,
         )
+        conn.add_query_logger(_TransactionTally(self))
         try:
             if self._prepare is not None:
                 await self._prepare(conn)
             for channel, callback in self._listeners.items():
-                await conn.add_listener(channel, callback)
+                await conn.add_listener(channel, self._counted(callback))
         except BaseException:
             conn.terminate()
             raise
         conn.add_termination_listener(self._terminated)
         return conn
+
+    def _counted(self, callback: Listener) -> Listener:
+        def heard(conn: Any, pid: int, channel: str, payload: str) -> None:
+            self.notifications += 1
+            callback(conn, pid, channel, payload)
+
+        return heard
 
     def _terminated(self, conn: asyncpg.Connection) -> None:
         if conn is self._conn and not self._closing:
@@ -249,3 +273,23 @@ class Link:
             dead.terminate()
         log.warning("cluster_db_down", host_id=self._host, where=self.where, error=self._why)
         self._lost.set()
+
+
+class _TransactionTally:
+    """One connection's query log, replayed in order (asyncpg calls it after each query)
+    to count transactions as PostgreSQL does; O(1) a query."""
+
+    def __init__(self, link: Link) -> None:
+        self._link = link
+        self._in_block = False
+
+    def __call__(self, record: Any) -> None:
+        words = record.query.split(None, 2)[:2]
+        verb = words[0].rstrip(";").upper() if words else ""
+        if verb in ("BEGIN", "START"):
+            self._in_block = True
+            self._link.transactions += 1
+        elif verb in ("COMMIT", "END") or (verb == "ROLLBACK" and words[1:2] != ["TO"]):
+            self._in_block = False
+        elif not self._in_block:
+            self._link.transactions += 1

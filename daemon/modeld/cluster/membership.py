@@ -2,10 +2,12 @@
 
 One task per duty, each waiting on an event with a deadline:
 - `_keep_alive`: every host_ttl/3 renew the host row (or register a new epoch when
-  fenced) and resync, in one statement: only the hosts whose version moved since
-  the last resync, the leases running out, and a count/epoch-sum check that sends
-  the next round to a full reread when a host left unannounced; a full reread
-  after every (re)connect. Then reap one expired host.
+  fenced), resync and take part in the leader election (election.py), in one
+  statement: only the hosts whose version moved since the last resync, the leases
+  running out, a count/epoch-sum check that sends the next round to a full reread
+  when a host left unannounced, the follower's try of the leader lock or the
+  leader's check that it still holds it (and its death check); a full reread after
+  every (re)connect. Then reap one expired host. An idle host's one statement.
 - LISTEN on the host's one link (link.py): a notification names a host, which
   `_reread` reads again; a reconnect forces a full resync.
 - `_publish`: writes this host's replica rows, at once on a state change and at
@@ -21,6 +23,7 @@ after the link is back, because after an outage every host looks expired.
 import asyncio
 import contextlib
 import json
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
 from typing import Any
@@ -29,6 +32,7 @@ import asyncpg
 import structlog
 
 from modeld.clock import Clock
+from modeld.cluster.election import Ballot, Election
 from modeld.cluster.hostcap import worth_publishing
 from modeld.cluster.link import DB_ERRORS, Link
 from modeld.cluster.listing import view_events
@@ -107,6 +111,10 @@ class Membership:
         self._figures_published: HostFigures | None = None
         self._figures_checked = 0.0
         self._tasks: list[asyncio.Task[None]] = []
+        # The leader lock's rounds, held in the heartbeat's (`take_part`).
+        self._election: Election | None = None
+        # Monotonic time of the last death check (leader.py polls when one is due).
+        self._deaths_at = -math.inf
 
     # lifecycle
 
@@ -201,23 +209,37 @@ class Membership:
 
     # membership and the view
 
+    def take_part(self, election: Election) -> None:
+        """Hold `election`'s rounds in this host's heartbeat rounds (leader.py), from
+        a round now on."""
+        self._election = election
+        self._tick.set()
+
     async def _keep_alive(self) -> None:
         interval = self._cfg.host_ttl / 3
         while True:
-            if self.registered and not self._full:
-                await self._db(self._renew_and_resync)  # an idle round: one statement
-            else:
-                if self.registered:
-                    await self._db(self._heartbeat)
-                if not self.registered:
-                    # First start, or fenced: a new epoch, and this host's replicas again.
-                    await self._db(self._register)
-                await self._db(self._resync)
-            if self.link.up and self.registered:
-                await self._db(self._reap)
+            await self.keep_alive_round()
             self._tick.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._tick.wait(), interval)
+
+    async def keep_alive_round(self) -> None:
+        """Renew, resync and vote, in one statement when idle; then reap one expired host."""
+        voted = False
+        if self.registered and not self._full:
+            voted = await self._db(self._renew_and_resync)
+        else:
+            if self.registered:
+                await self._db(self._heartbeat)
+            if not self.registered:
+                # First start, or fenced: a new epoch, and this host's replicas again.
+                await self._db(self._register)
+            await self._db(self._resync)
+        if not voted and self._election is not None:
+            # No vote in a heartbeat (or it failed): the election's own statements.
+            await self._election.round(self.epoch, None)
+        if self.link.up and self.registered:
+            await self._db(self._reap)
 
     async def _register(self, store: Store) -> None:
         rows = self._rows()
@@ -253,11 +275,27 @@ class Membership:
         self.resynced_at = self._clock.monotonic()
 
     async def _renew_and_resync(self, store: Store) -> None:
-        assert self.epoch is not None
-        changes = await store.renew_and_read_since(
-            self.epoch, self._cfg.host_ttl, self._since(), self._near()
+        epoch = self.epoch
+        assert epoch is not None
+        election = self._election
+        ballot = None if election is None else election.ballot(epoch)
+        # The leader's death check rides on its heartbeat (one poll of leader.py fewer).
+        deaths = ballot is Ballot.HOLD and self.others_back()
+        if deaths:
+            self._deaths_at = self._clock.monotonic()
+        renewed = await store.renew_and_read_since(
+            epoch,
+            self._cfg.host_ttl,
+            self._since(),
+            self._near(),
+            ballot,
+            name="" if election is None else election.session_name(epoch),
+            deaths=deaths,
         )
-        await self._incremental(changes)
+        self._heard_dead(renewed.dead)
+        await self._incremental(renewed.changes)
+        if election is not None:
+            await election.round(epoch, renewed.vote)
 
     async def _incremental(self, changes: Changes) -> None:
         now = self._clock.monotonic()
@@ -291,12 +329,20 @@ class Membership:
             self._pending.add(host)
             self._reread_wake.set()
 
+    def death_check_due(self, period: float) -> float:
+        """Seconds until `period` has passed since the last death check (<= 0: due)."""
+        return self._deaths_at + period - self._clock.monotonic()
+
     async def mark_dead(self) -> None:
         """End the leases of hosts whose process is gone (leader.py runs it)."""
+        self._deaths_at = self._clock.monotonic()
         try:
             dead = await self._store.mark_dead()
         except DB_ERRORS:
             return  # the link says so; the next poll retries
+        self._heard_dead(dead)
+
+    def _heard_dead(self, dead: list[str]) -> None:
         for host in dead:
             log.warning("cluster_host_dead", host_id=host, reason="its database session ended")
             self._pending.add(host)

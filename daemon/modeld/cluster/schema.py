@@ -25,7 +25,7 @@ CHANNEL = "modeld_cluster"
 # Serialises migrations of concurrently starting modelds; distinct from the reap lock.
 MIGRATE_LOCK = 0x6D6F64656C64_01
 REAP_LOCK = 0x6D6F64656C64_02
-# Held for as long as a host is the leader, on its own connection (cluster/leader.py).
+# Held for as long as a host is the leader, on its own connection (cluster/election.py).
 LEADER_LOCK = 0x6D6F64656C64_03
 SPECS_CHANNEL = "modeld_models"
 # First key of each host's liveness lock, a session lock held on its one connection
@@ -33,6 +33,8 @@ SPECS_CHANNEL = "modeld_models"
 # that connection closes, so a lock nobody holds is a host whose process is gone.
 # Distinct from claims.CLAIM_LOCK, the other two-key advisory lock.
 HOST_LOCK = 0x6D6F6468
+# pg_locks shows every database's locks: only this database's are the cluster's.
+THIS_DB = "(SELECT oid FROM pg_database WHERE datname = current_database())"
 
 
 def host_key(epoch: int) -> int:

@@ -12,8 +12,9 @@ from typing import Any, NamedTuple
 
 import asyncpg
 
+from modeld.cluster.election import HOLD_COLUMNS, TRY_COLUMNS, TRY_FROM, Ballot, Vote
 from modeld.cluster.link import Link
-from modeld.cluster.schema import CHANNEL, HOST_LOCK, REAP_LOCK, host_key
+from modeld.cluster.schema import CHANNEL, HOST_LOCK, REAP_LOCK, THIS_DB, host_key
 from modeld.cluster.view import HostFigures
 from modeld.info import ReplicaInfo
 
@@ -106,29 +107,41 @@ WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND classid::bigint = $1
   AND objsubid = 2 AND objid::bigint <> $2
 """
 
-# pg_locks shows every database's locks: only this database's are the cluster's.
-THIS_DB = "(SELECT oid FROM pg_database WHERE datname = current_database())"
-_MARK_DEAD = f"""
-WITH dead AS (
+# The death check: hosts whose liveness lock nobody holds, their leases ended (and
+# each named on CHANNEL); `{on}` says when it runs, `{but}` which host it spares.
+_DEAD = f"""dead AS (
     UPDATE modeld_hosts h SET lease_expires_at = least(h.lease_expires_at, now()), gone = true,
         version = nextval('modeld_version')
-    WHERE NOT h.gone AND NOT EXISTS (
+    WHERE {{on}} AND NOT h.gone AND h.host_id <> {{but}} AND NOT EXISTS (
         SELECT 1 FROM pg_locks l
         WHERE l.locktype = 'advisory' AND l.database = {THIS_DB} AND l.granted
-          AND l.classid::bigint = $1 AND l.objid::bigint = h.epoch % 2147483648
+          AND l.classid::bigint = {HOST_LOCK} AND l.objid::bigint = h.epoch % 2147483648
           AND l.objsubid = 2)
-    RETURNING h.host_id
-)
-SELECT host_id, pg_notify($2, host_id) FROM dead
-"""
+    RETURNING h.host_id, pg_notify('{CHANNEL}', h.host_id)
+)"""
+_MARK_DEAD = "WITH " + _DEAD.format(on="true", but="''") + " SELECT host_id FROM dead"
 
-_RENEW_AND_SINCE = """WITH hb AS (
+# The heartbeat ($3 host, $4 epoch, $5 ttl) and resync ($1, $2) in one statement, and
+# with them, by ballot (election.py), the election's part: TRY, a follower's try ($6
+# its session's name); HOLD, the leader's check and its death check ($6 whether it
+# runs; never on the leader's own row, which this statement renews).
+_HB = """hb AS (
     UPDATE modeld_hosts SET lease_expires_at = now() + make_interval(secs => $5),
         gone = false,
         version = CASE WHEN gone THEN nextval('modeld_version') ELSE version END
     WHERE host_id = $3 AND epoch = $4
     RETURNING 1
-)""" + _SINCE.replace("/*renewed*/", "(SELECT count(*) FROM hb) > 0 AS renewed,")
+)"""
+_RENEWED = "(SELECT count(*) FROM hb) > 0 AS renewed,"
+_DEAD_LIST = "coalesce((SELECT json_agg(host_id) FROM dead), '[]') AS dead,"
+_ROUNDS: dict[Ballot | None, str] = {
+    None: f"WITH {_HB} {_SINCE.replace('/*renewed*/', _RENEWED)}",
+    Ballot.TRY: f"WITH {_HB} "
+    + _SINCE.replace("/*renewed*/", f"{_RENEWED} {TRY_COLUMNS},")
+    + f"\n{TRY_FROM}\n",
+    Ballot.HOLD: f"WITH {_HB}, {_DEAD.format(on='$6', but='$3')} "
+    + _SINCE.replace("/*renewed*/", f"{_RENEWED} {_DEAD_LIST} {HOLD_COLUMNS},"),
+}
 
 # Fenced as replica rows are: only this host's live row of this epoch.
 _FIGURES = """
@@ -167,6 +180,16 @@ class Changes:
     count: int
     epochs: int
     near: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Renewed:
+    """What a heartbeat round read: the changes, the election's vote (None: it carried
+    no ballot) and the hosts its death check found dead."""
+
+    changes: Changes
+    vote: Vote | None
+    dead: list[str]
 
 
 class Store:
@@ -316,14 +339,30 @@ class Store:
         return _changes(row)
 
     async def renew_and_read_since(
-        self, epoch: int, ttl: float, version: int, near: float
-    ) -> Changes:
-        """`heartbeat` and `read_since` in one statement: an idle host's one statement
-        per host_ttl/3."""
-        row = await self._link.fetchrow(_RENEW_AND_SINCE, version, near, self._host, epoch, ttl)
+        self,
+        epoch: int,
+        ttl: float,
+        version: int,
+        near: float,
+        ballot: Ballot | None = None,
+        *,
+        name: str = "",
+        deaths: bool = False,
+    ) -> Renewed:
+        """`heartbeat` and `read_since` in one statement, with the election's `ballot`
+        (TRY: the session's `name`) and, with HOLD, the death check when `deaths`: an
+        idle host's one statement per host_ttl/3."""
+        args: tuple[object, ...] = (version, near, self._host, epoch, ttl)
+        if ballot is Ballot.TRY:
+            args = (*args, name)
+        elif ballot is Ballot.HOLD:
+            args = (*args, deaths)
+        row = await self._link.fetchrow(_ROUNDS[ballot], *args)
         if row is None or not row["renewed"]:
             raise Fenced(self._host, epoch)
-        return _changes(row)
+        vote = None if ballot is None else Vote.of(ballot, row)
+        dead = json.loads(row["dead"]) if ballot is Ballot.HOLD else []
+        return Renewed(_changes(row), vote, dead)
 
     async def reap_one(self) -> str | None:
         """Delete the longest-expired host (its replicas go with it); one modeld at a time."""
@@ -351,7 +390,7 @@ class Store:
         """Hosts whose liveness lock nobody holds (their modeld's connection closed: it
         exited, or was killed) get their lease ended now, which frees their slots
         (claims.py) and takes them out of every view; one statement."""
-        rows = await self._link.fetch(_MARK_DEAD, HOST_LOCK, CHANNEL)
+        rows = await self._link.fetch(_MARK_DEAD)
         return [row["host_id"] for row in rows]
 
     async def leave(self, epoch: int) -> None:

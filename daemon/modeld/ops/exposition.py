@@ -49,6 +49,19 @@ CLUSTER_COUNTERS = {
         "modeld_cluster_placement_refusals",
         "Placements refused (no eligible host, or the target's admission said no).",
     ),
+    # The link's own (cluster/link.py), counted without asking the database.
+    "db_transactions": (
+        "modeld_cluster_db_transactions",
+        "Transactions this modeld ran on the cluster database (committed or rolled back).",
+    ),
+    "db_notifications": (
+        "modeld_cluster_db_notifications",
+        "Notifications this modeld heard from the cluster database.",
+    ),
+    "db_connects": (
+        "modeld_cluster_db_connects",
+        "Connections this modeld opened to the cluster database (1 + reconnects).",
+    ),
 }
 
 __all__ = ["CONTENT_TYPE_LATEST", "build_registry", "render"]
@@ -183,6 +196,11 @@ class _ClusterCollector(Collector):
             "Seconds since the cluster view was last read in full from the database.",
         )
         age.add_metric([], stats.view_age)
+        connections = GaugeMetricFamily(
+            "modeld_cluster_db_connections",
+            "Connections to the cluster database this modeld holds now.",
+        )
+        connections.add_metric([], stats.db_connections)
         per_host = GaugeMetricFamily(
             "modeld_cluster_host_replicas",
             "Replicas by host and state, as this modeld's view shows them.",
@@ -197,7 +215,7 @@ class _ClusterCollector(Collector):
         )
         for state_name, count in sorted(stats.hosts.items()):
             hosts.add_metric([state_name], count)
-        return [*families, age, per_host, hosts]
+        return [*families, age, connections, per_host, hosts]
 
 
 class _BackendLoadCollector(Collector):

@@ -88,6 +88,7 @@ class ClusterStats:
     view_age: float  # seconds since the last full resync of the view
     host_replicas: Mapping[str, Mapping[str, int]]  # host_id → state → replicas
     hosts: Mapping[str, int]  # host state (alive, suspect, expired) → hosts
+    db_connections: int = 0  # connections to the cluster database open now
 
 
 ClusterSource = Callable[[], ClusterStats]
