@@ -58,7 +58,7 @@ async def cold_route(
         monkeypatch.setattr(front, "_route_warm", warm)
         monkeypatch.setattr(front, "_start_here", start)
         try:
-            answer: Grant | Exception = await front.route("m", _now(front) + 30, "", ())
+            answer: Grant | Exception = await front.route("m", _now(front) + 30, "", "")
         except RetryRoute as exc:
             answer = exc
         return answer, starts

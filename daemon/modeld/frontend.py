@@ -9,8 +9,9 @@ Each call that can answer in the same loop turn has a `*_now` form returning Non
 when it must wait instead (a cold start; in a cluster, anything that may forward or
 reach the database), so that RouteStream answers the warm ones inline.
 
-`metadata` is the call's invocation metadata as (key, value) pairs: a cluster reads
-the marker of a call another modeld forwarded; one host ignores it.
+`forwarded` is the marker of a call another modeld forwarded ("" for any other
+call), as the API read it from the request or its metadata: a cluster reads it; one
+host ignores it.
 """
 
 from typing import Protocol
@@ -28,24 +29,22 @@ class Frontend(Protocol):
         """This host's id in a cluster, "" alone."""
         ...
 
-    def route_now(self, model: str, key: str, forwarded: str) -> Grant | None:
-        """`forwarded`: the marker the request message carries ("" without one)."""
-        ...
+    def route_now(self, model: str, key: str, forwarded: str) -> Grant | None: ...
 
-    async def route(self, model: str, deadline: float, key: str, metadata: object) -> Grant: ...
+    async def route(self, model: str, deadline: float, key: str, forwarded: str) -> Grant: ...
 
     def release_now(self, lease_id: str, outcome: str) -> bool | None: ...
 
-    async def release(self, lease_id: str, outcome: str, metadata: object) -> bool: ...
+    async def release(self, lease_id: str, outcome: str, forwarded: str) -> bool: ...
 
     def renew_now(self, lease_id: str) -> float | None:
         """The lease's new expiry (wall clock), or None: await `renew`."""
         ...
 
-    async def renew(self, lease_id: str, metadata: object) -> float: ...
+    async def renew(self, lease_id: str, forwarded: str) -> float: ...
 
     async def load(
-        self, model: str, replicas: int, host: str, deadline: float, metadata: object
+        self, model: str, replicas: int, host: str, deadline: float, forwarded: str
     ) -> list[ReplicaInfo]: ...
 
     async def put_model(self, spec: ModelSpec) -> ModelSpec: ...
@@ -79,23 +78,23 @@ class LocalFrontend:
         lease = self._router.route_now(model, key)
         return None if lease is None else lease.grant()
 
-    async def route(self, model: str, deadline: float, key: str, metadata: object) -> Grant:
+    async def route(self, model: str, deadline: float, key: str, forwarded: str) -> Grant:
         return (await self._router.route(model, deadline, key)).grant()
 
     def release_now(self, lease_id: str, outcome: str) -> bool:
         return self._router.release(lease_id, outcome)
 
-    async def release(self, lease_id: str, outcome: str, metadata: object) -> bool:
+    async def release(self, lease_id: str, outcome: str, forwarded: str) -> bool:
         return self._router.release(lease_id, outcome)
 
     def renew_now(self, lease_id: str) -> float:
         return self._router.renew(lease_id)
 
-    async def renew(self, lease_id: str, metadata: object) -> float:
+    async def renew(self, lease_id: str, forwarded: str) -> float:
         return self._router.renew(lease_id)
 
     async def load(
-        self, model: str, replicas: int, host: str, deadline: float, metadata: object
+        self, model: str, replicas: int, host: str, deadline: float, forwarded: str
     ) -> list[ReplicaInfo]:
         if host:
             raise FailedPrecondition("Load.host names a cluster host, but [cluster] is not set")

@@ -27,12 +27,16 @@ RELEASED = pb.ReleaseResponse(released=True)
 NOT_RELEASED = pb.ReleaseResponse(released=False)
 
 
-def _metadata(forwarded: str, context: Ctx) -> object:
-    """The call's metadata as the frontend reads it: a marker the message carries (a
-    call another modeld forwarded over a RouteStream) goes first, as if it were the
-    `modeld-forwarded` metadata of a unary call, so that both are read alike."""
-    metadata = context.invocation_metadata()
-    return ((FORWARDED, forwarded), *(metadata or ())) if forwarded else metadata
+def forwarded_of(field: str, context: Ctx) -> str:
+    """The marker of a call another modeld forwarded ("" for any other): the request's
+    `forwarded` field (over a RouteStream, where a message has no metadata), else the
+    call's `modeld-forwarded` metadata, so that both are read alike."""
+    if field:
+        return field
+    for key, value in context.invocation_metadata() or ():
+        if key == FORWARDED:
+            return value if isinstance(value, str) else value.decode()
+    return ""
 
 
 def _affinity_key(request: pb.RouteRequest) -> str:
@@ -85,7 +89,7 @@ class LeaseCalls:
         deadline = deadline_of(context, started, DEFAULT_WAIT)
         try:
             grant = await self._front.route(
-                model, deadline, request.affinity_key, _metadata(request.forwarded, context)
+                model, deadline, request.affinity_key, forwarded_of(request.forwarded, context)
             )
         except ModeldError as exc:
             self._counted(model, started, exc)
@@ -117,7 +121,7 @@ class LeaseCalls:
         if reply is not None:
             return reply
         released = await self._front.release(
-            request.lease_id, OUTCOMES[request.outcome], _metadata(request.forwarded, context)
+            request.lease_id, OUTCOMES[request.outcome], forwarded_of(request.forwarded, context)
         )
         return RELEASED if released else NOT_RELEASED
 
@@ -133,5 +137,7 @@ class LeaseCalls:
         reply = self.renew_now(request)
         if reply is not None:
             return reply
-        expires = await self._front.renew(request.lease_id, _metadata(request.forwarded, context))
+        expires = await self._front.renew(
+            request.lease_id, forwarded_of(request.forwarded, context)
+        )
         return pb.RenewLeaseResponse(lease_expires_at=convert.timestamp(expires))

@@ -7,7 +7,7 @@ import grpc
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld._proto.modeld.v1 import modeld_pb2_grpc as pb_grpc
 from modeld.api import convert
-from modeld.api.leasing import DEFAULT_WAIT, LeaseCalls
+from modeld.api.leasing import DEFAULT_WAIT, LeaseCalls, forwarded_of
 from modeld.api.pacing import Turnstile
 from modeld.api.routestream import RouteStreams
 from modeld.api.status import Ctx, bidi, deadline_of, stream, unary
@@ -133,9 +133,8 @@ class ModelControl(pb_grpc.ModelControlServicer):
             raise InvalidArgument(f"replicas must be 0..{MAX_REPLICAS_PER_LOAD}")
         model = self._model(request.model)
         deadline = deadline_of(context, self._clock.monotonic(), DEFAULT_WAIT)
-        metadata = context.invocation_metadata()
         infos = await self._front.load(
-            model, request.replicas or 1, request.host, deadline, metadata
+            model, request.replicas or 1, request.host, deadline, forwarded_of("", context)
         )
         return pb.LoadResponse(replicas=[convert.replica_to_proto(i) for i in infos])
 

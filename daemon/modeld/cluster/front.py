@@ -38,7 +38,7 @@ from modeld.cluster.forward import (
 )
 from modeld.cluster.leader import Leader
 from modeld.cluster.listing import Here, host_replica_counts, host_state_counts, list_hosts
-from modeld.cluster.marker import Marker, of_metadata, parse
+from modeld.cluster.marker import Marker, marker_of, parse
 from modeld.cluster.membership import FiguresFn, Membership
 from modeld.cluster.ownload import OwnLoad
 from modeld.cluster.slotgate import SlotGate
@@ -254,9 +254,9 @@ class ClusterRouter:
         lease = self._router.route_now(model, key)
         return None if lease is None else self._owner_grant(pool, lease)
 
-    async def route(self, model: str, deadline: float, key: str, metadata: object) -> Grant:
+    async def route(self, model: str, deadline: float, key: str, forwarded: str) -> Grant:
         """`key`: the affinity key; the replica on a host is picked by that host's ring."""
-        marker = of_metadata(metadata)
+        marker = marker_of(forwarded)
         if marker is not None:
             return await self._route_as_owner(model, marker, deadline, key)
         for starts in range(COLD_ROUTES + 1):
@@ -419,13 +419,13 @@ class ClusterRouter:
             return self._router.release(inner if sep else lease_id, outcome)
         return None
 
-    async def release(self, lease_id: str, outcome: str, metadata: object) -> bool:
+    async def release(self, lease_id: str, outcome: str, forwarded: str) -> bool:
         here = self.release_now(lease_id, outcome)
         if here is not None:
             return here
         owner = lease_id.partition(SEP)[0]
         host = self.membership.view.hosts.get(owner)
-        if host is None or of_metadata(metadata) is not None:
+        if host is None or forwarded:
             # Its host left the cluster (or was reaped): its leases ended with it.
             return False
         try:
@@ -450,13 +450,13 @@ class ClusterRouter:
             return self._router.renew(inner if sep else lease_id)
         return None
 
-    async def renew(self, lease_id: str, metadata: object) -> float:
+    async def renew(self, lease_id: str, forwarded: str) -> float:
         here = self.renew_now(lease_id)
         if here is not None:
             return here
         owner = lease_id.partition(SEP)[0]
         host = self.membership.view.hosts.get(owner)
-        if host is None or of_metadata(metadata) is not None:
+        if host is None or forwarded:
             raise NotFound(
                 f"lease {lease_id[:80]!r}: its host {owner[:64]!r} is not in the "
                 "cluster, and its leases ended with it; Route again"
@@ -466,12 +466,12 @@ class ClusterRouter:
     # Load
 
     async def load(
-        self, model: str, replicas: int, host: str, deadline: float, metadata: object
+        self, model: str, replicas: int, host: str, deadline: float, forwarded: str
     ) -> list[ReplicaInfo]:
         target = host or self.host_id
         if target != self.host_id:
             peer = self.membership.view.hosts.get(target)
-            if of_metadata(metadata) is not None or peer is None:
+            if forwarded or peer is None:
                 raise NotFound(f"host {target[:64]!r} is not in the cluster")
             timeout = max(deadline - self._clock.monotonic(), 0.001)
             return await self.peers.load(Load(model, replicas, target, peer.address), timeout)
@@ -481,7 +481,7 @@ class ClusterRouter:
                 "name a node in Load.host"
             )
         self.membership.require(f"loading model {model!r}")
-        claim = claim_of(model, of_metadata(metadata))
+        claim = claim_of(model, marker_of(forwarded))
         if claim is not None:
             return await self._cold.load_claimed(model, [claim], deadline)
         return await self._cold.load_here(model, replicas, deadline)

@@ -19,8 +19,6 @@ Release and RenewLease carry the version alone (`v=1`). A value in another forma
 
 from dataclasses import dataclass
 
-from modeld.info import FORWARDED
-
 VERSION = "1"
 
 
@@ -59,12 +57,9 @@ def parse(text: str) -> Marker:
     return Marker(replica, gen or 0, below, slot, claim)
 
 
-def of_metadata(metadata: object) -> Marker | None:
-    """The marker of a call's invocation metadata; None when no modeld forwarded it."""
-    for key, value in metadata or ():  # type: ignore[attr-defined]
-        if key == FORWARDED:
-            return parse(value if isinstance(value, str) else value.decode())
-    return None
+def marker_of(forwarded: str) -> Marker | None:
+    """The marker of a call ("" for one no modeld forwarded: None)."""
+    return parse(forwarded) if forwarded else None
 
 
 def _number(fields: dict[str, str], key: str) -> int | None:
