@@ -16,6 +16,7 @@ from modeld.cluster.marker import PLAIN, Marker
 from modeld.errors import NotFound, PeerUnreachable, Unavailable
 
 MARKED = Marker("r1", 0, 3).encode()
+PICKED = Marker("r1", 0).encode()
 ENV = {"MODELD_CLUSTER_DSN": "postgresql://db/x"}
 
 
@@ -130,35 +131,39 @@ async def owner() -> AsyncIterator[FakeOwner]:
     await fake.server.stop(None)
 
 
-async def test_forwarded_calls_share_one_stream_and_carry_the_marker(owner: FakeOwner) -> None:
-    peers = Peers(config.load(None, env=ENV))
+@pytest.fixture
+async def peers() -> AsyncIterator[Peers]:
+    forwarder = Peers(config.load(None, env=ENV))
+    yield forwarder
+    await forwarder.close()
+
+
+async def test_forwarded_calls_share_one_stream_and_carry_the_marker(
+    owner: FakeOwner, peers: Peers
+) -> None:
     address = f"127.0.0.1:{owner.port}"
-    try:
-        grant = await peers.route("b", address, "echo", MARKED, 5.0, key="k")
-        assert (grant.lease_id, grant.replica_id, grant.owner_in_flight) == ("b~1", "r1", 1)
-        assert await peers.release("b", address, grant.lease_id, "OK", 5.0)
-        with pytest.raises(NotFound, match="host b: lease 'b~9' is not held"):
-            await peers.renew("b", address, "b~9", 5.0)
-        route, release, renew = owner.received
-        assert (route.route.model, route.route.affinity_key) == ("echo", "k")
-        # The marker travels in the message, as the metadata marker of a unary call.
-        assert route.route.forwarded == MARKED
-        assert (release.release.lease_id, release.release.forwarded) == ("b~1", PLAIN)
-        assert renew.renew.forwarded == PLAIN
-        assert owner.streams == 1
-    finally:
-        await peers.close()
+    grant = await peers.route("b", address, "echo", MARKED, 5.0, key="k")
+    assert (grant.lease_id, grant.replica_id, grant.owner_in_flight) == ("b~1", "r1", 1)
+    assert await peers.release("b", address, grant.lease_id, "OK", 5.0)
+    with pytest.raises(NotFound, match="host b: lease 'b~9' is not held"):
+        await peers.renew("b", address, "b~9", 5.0)
+    route, release, renew = owner.received
+    assert (route.route.model, route.route.affinity_key) == ("echo", "k")
+    # The marker travels in the message, as the metadata marker of a unary call.
+    assert route.route.forwarded == MARKED
+    assert (release.release.lease_id, release.release.forwarded) == ("b~1", PLAIN)
+    assert renew.renew.forwarded == PLAIN
+    assert owner.streams == 1
 
 
 async def test_a_peer_that_dies_fails_the_calls_on_its_stream_and_the_next_reconnects(
-    owner: FakeOwner,
+    owner: FakeOwner, peers: Peers
 ) -> None:
     relay = Cut(owner.port)
     address = await relay.start()
-    peers = Peers(config.load(None, env=ENV))
     try:
         owner.hold = True
-        route = asyncio.create_task(peers.route("b", address, "echo", "r1:0", 30.0))
+        route = asyncio.create_task(peers.route("b", address, "echo", PICKED, 30.0))
         release = asyncio.create_task(peers.release("b", address, "b~7", "OK", 30.0))
         await owner.wait_for(2)
         relay.cut()
@@ -169,47 +174,42 @@ async def test_a_peer_that_dies_fails_the_calls_on_its_stream_and_the_next_recon
         with pytest.raises(PeerUnreachable, match="host b: "):
             await asyncio.wait_for(release, 20)
         owner.hold = False
-        grant = await peers.route("b", address, "echo", "r1:0", 10.0)
+        grant = await peers.route("b", address, "echo", PICKED, 10.0)
         assert grant.replica_id == "r1"
         assert owner.streams == 2
     finally:
-        await peers.close()
         relay.close()
 
 
-async def test_a_route_whose_caller_gave_up_is_released_when_granted(owner: FakeOwner) -> None:
-    peers = Peers(config.load(None, env=ENV))
+async def test_a_route_whose_caller_gave_up_is_released_when_granted(
+    owner: FakeOwner, peers: Peers
+) -> None:
     address = f"127.0.0.1:{owner.port}"
-    try:
-        owner.hold = True
-        route = asyncio.create_task(peers.route("b", address, "echo", "r1:0", 30.0))
-        await owner.wait_for(1)
-        route.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await route
-        owner.go.set()
-        # The lease the owner granted after all is released, on the same stream.
-        await owner.wait_for(2)
-        orphan = owner.received[1]
-        assert orphan.release.lease_id == f"b~{owner.received[0].id}"
-        assert orphan.release.forwarded == PLAIN
-    finally:
-        await peers.close()
+    owner.hold = True
+    route = asyncio.create_task(peers.route("b", address, "echo", PICKED, 30.0))
+    await owner.wait_for(1)
+    route.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await route
+    owner.go.set()
+    # The lease the owner granted after all is released, on the same stream.
+    await owner.wait_for(2)
+    orphan = owner.received[1]
+    assert orphan.release.lease_id == f"b~{owner.received[0].id}"
+    assert orphan.release.forwarded == PLAIN
 
 
-async def test_forget_cuts_the_calls_on_the_stream_of_a_departed_host(owner: FakeOwner) -> None:
-    peers = Peers(config.load(None, env=ENV))
+async def test_forget_cuts_the_calls_on_the_stream_of_a_departed_host(
+    owner: FakeOwner, peers: Peers
+) -> None:
     address = f"127.0.0.1:{owner.port}"
-    try:
-        owner.hold = True
-        route = asyncio.create_task(peers.route("b", address, "echo", "r1:0", 30.0))
-        release = asyncio.create_task(peers.release("b", address, "b~7", "OK", 30.0))
-        await owner.wait_for(2)
-        peers.forget(address)
-        with pytest.raises(PeerFailed, match="left the cluster"):
-            await asyncio.wait_for(route, 20)
-        with pytest.raises(Unavailable, match=r"host b: .* left the cluster") as cut:
-            await asyncio.wait_for(release, 20)
-        assert not isinstance(cut.value, PeerUnreachable)
-    finally:
-        await peers.close()
+    owner.hold = True
+    route = asyncio.create_task(peers.route("b", address, "echo", PICKED, 30.0))
+    release = asyncio.create_task(peers.release("b", address, "b~7", "OK", 30.0))
+    await owner.wait_for(2)
+    peers.forget(address)
+    with pytest.raises(PeerFailed, match="left the cluster"):
+        await asyncio.wait_for(route, 20)
+    with pytest.raises(Unavailable, match=r"host b: .* left the cluster") as cut:
+        await asyncio.wait_for(release, 20)
+    assert not isinstance(cut.value, PeerUnreachable)
