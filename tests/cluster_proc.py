@@ -172,6 +172,13 @@ async def load_on(via: DaemonProc, host: str, model: str = "echo") -> pb.Replica
     return replica
 
 
+async def load_seen(via: DaemonProc, host: str, limit_s: float = 20) -> pb.Replica:
+    """`load_on`, then until `via`'s view shows the replica READY on `host`."""
+    replica = await load_on(via, host)
+    await via.wait_log(sees_ready(host, replica.id), limit_s)
+    return replica
+
+
 async def until_db(
     dsn: str, sql: str, ok: Callable[[list[Any]], bool], limit_s: float
 ) -> list[Any]:

@@ -8,7 +8,7 @@ import dataclasses
 from pathlib import Path
 
 from backend_proc import free_port
-from cluster_proc import load_on, running_cluster, sees_ready
+from cluster_proc import load_seen, running_cluster
 from modeld.client import AsyncClient, Client
 
 
@@ -17,8 +17,7 @@ async def test_release_and_renew_reach_the_owner_even_with_the_forwarder_gone(
 ) -> None:
     async with running_cluster(tmp_path, pg_dsn, ["a", "b"]) as hosts:
         a, b = hosts["a"], hosts["b"]
-        replica = await load_on(a, "b")
-        await a.wait_log(sees_ready("b", replica.id), 20)
+        await load_seen(a, "b")
         sync_client, async_client = Client(a.addr, timeout=30), AsyncClient(a.addr, timeout=30)
         try:
             held = await asyncio.to_thread(sync_client.route, "echo")
@@ -40,8 +39,7 @@ async def test_an_unreachable_owner_is_asked_through_the_connected_modeld(
 ) -> None:
     async with running_cluster(tmp_path, pg_dsn, ["a", "b"]) as hosts:
         a = hosts["a"]
-        replica = await load_on(a, "b")
-        await a.wait_log(sees_ready("b", replica.id), 20)
+        await load_seen(a, "b")
         async with AsyncClient(a.addr, timeout=30) as client:
             held = await client.route("echo")
             # An owner address nothing listens on: the forwarder (a) still reaches b.

@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cluster_proc import load_on, running_cluster, sees_ready
+from cluster_proc import load_seen, running_cluster
 from daemon_proc import DaemonProc
 from modeld._proto.modeld.v1 import modeld_pb2 as pb
 from modeld.cluster.marker import PLAIN, Marker
@@ -69,8 +69,7 @@ async def test_forwarded_calls_reach_the_owner_and_a_clients_marker_is_read_alik
 ) -> None:
     async with running_cluster(tmp_path, pg_dsn, ["a", "b"]) as hosts:
         a, b = hosts["a"], hosts["b"]
-        replica = await load_on(a, "b")
-        await a.wait_log(sees_ready("b", replica.id), 20)
+        replica = await load_seen(a, "b")
         lease = await a.stub.Route(pb.RouteRequest(model="echo"), timeout=10)
         assert lease.lease_id.startswith("b~") and lease.replica_id == replica.id
         assert await held(b) == 1
