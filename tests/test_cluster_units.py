@@ -3,6 +3,7 @@
 import asyncio
 import json
 import socket
+from dataclasses import replace
 from pathlib import Path
 
 import asyncpg
@@ -154,6 +155,33 @@ def test_own_load_counts_forwards_owner_figures_and_releases_until_a_new_row() -
     assert own.extra([newer]) == {"x": -1}
     # Estimates never go below 0 (a release counted against a row that had it already).
     assert estimate(_replica("x", "h", 1, in_flight=0), {"x": -1}) == 0
+
+
+def test_own_load_keeps_leases_a_row_published_mid_burst_cannot_count() -> None:
+    # A router's burst over three idle replicas: each Route picks by estimate, is
+    # forwarded, and is answered with the owner's figure. After a's fourth lease its
+    # owner publishes a row written when it had 2: two of ours are not in it.
+    own = OwnLoad()
+    rows = {rid: _replica(rid, f"h{rid}", 1) for rid in "abc"}
+    held = dict.fromkeys("abc", 0)
+    for n in range(30):
+        chosen = pick_remote(rows.values(), own.extra(rows.values()))
+        assert chosen is not None
+        own.begin(chosen)
+        own.end(chosen)
+        held[chosen.id] += 1
+        own.granted(chosen, f"{chosen.id}~{n}")
+        own.observed(chosen, held[chosen.id])
+        if chosen.id == "a" and held["a"] == 4:
+            rows["a"] = replace(rows["a"], in_flight=2, last_used=101.0)
+        # A re-read of an unchanged row (another host's change was notified) is no news.
+        rows["b"] = replace(rows["b"])
+        extra = own.extra(rows.values())
+        assert {rid: estimate(r, extra) for rid, r in rows.items()} == held
+    assert sorted(held.values()) == [10, 10, 10]
+    # A row that counts every lease: nothing of ours is carried past it.
+    rows["a"] = replace(rows["a"], in_flight=10, last_used=102.0)
+    assert own.extra([rows["a"]]) == {"a": 0}
 
 
 def test_route_target_keeps_the_local_replica_unless_a_remote_has_fewer() -> None:

@@ -7,13 +7,15 @@ through it) since the replica's row was last read. Each answer to a forwarded
 Route also carries the owner's own figure, which counts everyone's leases (the
 owner's local ones, other forwarders'): it is a floor under the estimate, never
 added to it, since answers to concurrent forwards arrive in any order and may
-count forwards still pending here. A new row resets both, since the owner's
-published figure then includes them.
+count forwards still pending here. A new row (new figures, not a re-read of the
+same ones) starts both again, keeping only those of our leases it may lack: it was
+written before it reached us, so leases granted meanwhile are not in it, at most as
+many as the owner's last answered figure exceeds it by.
 """
 
 from collections import Counter, OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from modeld.info import RemoteReplica
 
@@ -37,6 +39,13 @@ class _Since:
 
     def released(self) -> "_Since":
         return _Since(self.row, self.ours - 1, None if self.floor is None else self.floor - 1)
+
+    def rebased(self, row: RemoteReplica) -> "_Since":
+        """Ours carried over to `row`, which replaced `self.row`."""
+        if self.floor is None:
+            return _Since(row)
+        lacking = self.floor + self.row.in_flight - row.in_flight
+        return _Since(row, max(0, min(self.ours, lacking)))
 
 
 class OwnLoad:
@@ -90,4 +99,10 @@ class OwnLoad:
 
     def _current(self, row: RemoteReplica) -> _Since:
         since = self._since.get(row.id)
-        return since if since is not None and since.row is row else _Since(row)
+        if since is None:
+            return _Since(row)
+        if since.row is not row:
+            # A re-read of the same figures (another change was notified) is no news.
+            fresh = since.rebased(row) if since.row != row else replace(since, row=row)
+            since = self._since[row.id] = fresh
+        return since
