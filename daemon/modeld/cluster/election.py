@@ -114,6 +114,14 @@ class Vote:
             bool(row["holder_live"]),
         )
 
+    @property
+    def contestable(self) -> bool:
+        """A TRY that failed may still win: the lock was released meanwhile, or the host
+        row of its holder's epoch is no longer live."""
+        return self.holder_pid is None or (
+            not self.holder_live and _epoch_of(self.holder_name) is not None
+        )
+
 
 class Election:
     """The leader lock on this host's link; `round` settles one round of the election,
@@ -183,9 +191,7 @@ class Election:
             return
         if vote.got:
             self._become(epoch)  # taken by the statement that renewed this host's row
-        elif vote.holder_pid is None or (
-            not vote.holder_live and _epoch_of(vote.holder_name) is not None
-        ):
+        elif vote.contestable:
             # Released meanwhile, or its holder is dead: statements of their own (rare).
             async with self._link.acquire() as conn:
                 if await self._won(conn, epoch, vote):
@@ -241,7 +247,7 @@ class Election:
         """End the holder's session when its host's row of its epoch has expired."""
         if vote.holder_pid is None:
             return True  # released meanwhile
-        if _epoch_of(vote.holder_name) is None or vote.holder_live:
+        if not vote.contestable:
             return False
         wait_ms = int(self._timeout * 500)
         ended = await conn.fetchval("SELECT pg_terminate_backend($1, $2)", vote.holder_pid, wait_ms)
